@@ -1,0 +1,36 @@
+"""big_mm: JAX/Flax multimodal pretraining (contrastive, generative, masked)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="big_mm",
+    version="0.1.0",
+    description="JAX/Flax multimodal pretraining: SigLIP, CLIP, LiT and more, sharded from a CPU to a TPU pod.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["big_mm", "big_mm.*"]),
+    install_requires=[
+        "jax>=0.6,<0.12",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "grain>=0.2.10,<0.3",
+        "array_record>=0.7",
+        "tensorflow-datasets>=4.9.7,<5",
+        "sentencepiece>=0.2,<0.3",
+        "ml_collections>=1.0,<2",
+        "clu>=0.0.12",
+        "numpy>=1.26",
+        "pillow>=10",
+        "scikit-learn>=1.4",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "transformers>=4.50",
+            "safetensors>=0.4",
+        ],
+    },
+)
