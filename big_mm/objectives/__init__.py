@@ -1,0 +1,10 @@
+"""Objectives: each builds `loss_fn(params, batch, rng) -> (loss, metrics)` and predict fns."""
+from big_mm.objectives.contrastive import Contrastive
+
+OBJECTIVES = {"contrastive": Contrastive}
+
+
+def get_objective(name: str):
+  if name not in OBJECTIVES:
+    raise ValueError(f"Unknown objective.name {name!r}; valid: {sorted(OBJECTIVES)}")
+  return OBJECTIVES[name]

@@ -1,0 +1,304 @@
+"""Config loading: `path.py:arg` strings, `--config.a.b=value` overrides, validation, durations.
+
+A recipe file defines `get_config(arg=None)` returning an `ml_collections.ConfigDict`.
+`load()` merges it onto `defaults()` (the schema: every valid key with its default),
+applies command-line overrides, validates and locks the result. Any key that is not
+in the schema fails here, before any compute, naming the key and the closest valid ones.
+Sections listed in `FREE_FORM` (model kwargs, eval definitions) are validated by their
+consumers (the model constructor, `EVAL_SCHEMAS`) instead.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import math
+import os
+import sys
+from typing import Any, Iterable
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# Sections whose keys are not fixed by the schema: checked by their consumers.
+FREE_FORM = ("model", "evals")
+DURATION_UNITS = ("steps", "epochs", "examples")
+
+OBJECTIVE_NAMES = ("contrastive",)
+OBJECTIVE_LOSSES = ("sigmoid", "softmax")
+OBJECTIVE_STRATEGIES = ("local", "all_gather", "ring")
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+
+# Per-evaluator-type keys (with defaults). `every_*` durations and `split` are common.
+_EVAL_COMMON = dict(type=None, split="test", batch_size=256, every_steps=None, every_epochs=None,
+                    every_examples=None, pp_image=None, data=None)
+EVAL_SCHEMAS = {
+    "zeroshot": dict(_EVAL_COMMON, classnames=(), templates=("{}",)),
+    "retrieval": dict(_EVAL_COMMON, ks=(1, 5, 10)),
+}
+
+
+class ConfigError(ValueError):
+  """A config that cannot run: the message says which key and what to do."""
+
+
+def defaults() -> ConfigDict:
+  """The schema: every valid top-level key, with its default value."""
+  c = ConfigDict()
+  c.seed = 0
+  c.batch_size = 256
+  c.total_steps = None
+  c.total_epochs = None
+  c.total_examples = None
+  c.log_every_steps = 50
+
+  c.model_name = "two_towers"
+  c.model = ConfigDict()  # kwargs of the model class (FREE_FORM)
+
+  c.objective = ConfigDict(dict(name="contrastive", loss="sigmoid", strategy="all_gather"))
+
+  c.optim = ConfigDict(dict(
+      name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4, clip_norm=1.0,
+      wd_mask=r".*/kernel$",
+      lr_mults=((".*", 1.0),),
+      schedule=ConfigDict(dict(name="cosine", warmup_steps=None, warmup_epochs=None,
+                               warmup_examples=None, end_lr_fraction=0.0, timescale=10_000,
+                               cooldown_steps=0)),
+      adafactor=ConfigDict(dict(decay_rate=0.8, beta2_cap=0.999, momentum=0.9,
+                                factored_min_dim=32, eps=1e-30)),
+  ))
+
+  c.input = ConfigDict(dict(
+      data="digits_captions", split="train", data_dir=None, tokenizer=None, text_len=16,
+      pp_image="decode|resize(224)|value_range(-1,1)", num_workers=0, prefetch=2, shuffle=True,
+  ))
+  c.evals = ConfigDict()  # {name: {type: ..., ...}} (FREE_FORM, checked against EVAL_SCHEMAS)
+
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = None  # None: big_mm.sharding.DEFAULT_RULES
+
+  c.checkpoint = ConfigDict(dict(every_steps=None, every_epochs=None, every_examples=None,
+                                 keep=3, async_save=True))
+  # Initialise (part of) the params from another run, e.g. LiT's pretrained image tower.
+  c.init = ConfigDict(dict(workdir=None, step=None, keys=".*"))
+  return c
+
+
+# ---------------------------------------------------------------------------------------
+# Arg strings: `configs/x.py:batch=32,img=B/16` -> get_config("batch=32,img=B/16").
+
+def parse_arg(arg: str | None, **defaults_: Any) -> ConfigDict:
+  """Parses a config file's `k=v,k2=v2` (or bare flag `k`) argument into a ConfigDict.
+
+  Values are converted to the type of the default given for that key; unknown keys fail.
+  """
+  out = ConfigDict(dict(defaults_))
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, eq, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults_:
+      raise ConfigError(f"Unknown config argument {key!r}; valid: {sorted(defaults_)}"
+                        f"{_suggest(key, defaults_)}")
+    default = defaults_[key]
+    if not eq:  # bare flag
+      value = True
+    elif isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes", "y")
+    elif default is not None:
+      value = type(default)(value)
+    out[key] = value
+  return out
+
+
+def _suggest(key: str, valid: Iterable[str]) -> str:
+  close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
+  return f". Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def load_file(spec: str) -> ConfigDict:
+  """Loads `path.py[:arg]` by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"Config file {path!r} not found (from --config {spec!r}). "
+                      "Give a path to a .py file defining get_config(), e.g. configs/demo.py.")
+  # Configs may import siblings (`from configs import common`): put the repo root on the path.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  module_spec = importlib.util.spec_from_file_location(
+      "big_mm_config_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"Config file {path!r} defines no get_config(arg=None).")
+  return module.get_config(arg or None) if arg else module.get_config()
+
+
+# ---------------------------------------------------------------------------------------
+# Merge onto the schema, overrides, validation.
+
+def _merge(base: ConfigDict, user: ConfigDict | dict, prefix: str) -> None:
+  for key, value in user.items():
+    path = f"{prefix}{key}"
+    if key not in base:
+      raise ConfigError(f"Unknown config key {path!r}{_suggest(key, base.keys())} "
+                        f"Valid keys under {prefix.rstrip('.') or 'the top level'}: "
+                        f"{sorted(base.keys())}")
+    if path in FREE_FORM:
+      base[key] = ConfigDict(_to_dict(value)) if value is not None else ConfigDict()
+    elif isinstance(base[key], ConfigDict) and isinstance(value, (ConfigDict, dict)):
+      _merge(base[key], value, path + ".")
+    else:
+      with base.ignore_type():
+        base[key] = value
+
+
+def _to_dict(value):
+  return value.to_dict() if isinstance(value, ConfigDict) else dict(value)
+
+
+def parse_value(text: str) -> Any:
+  """Command-line value: a Python literal where it parses as one, else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_override(config: ConfigDict, dotted: str, value: Any) -> None:
+  """`--config.optim.lr=1e-3`: sets an existing key (or any key inside a FREE_FORM section)."""
+  parts = dotted.split(".")
+  node, path = config, ""
+  for i, part in enumerate(parts):
+    path = f"{path}.{part}" if path else part
+    last = i == len(parts) - 1
+    in_free_form = parts[0] in FREE_FORM and i > 0
+    if part not in node:
+      if in_free_form:
+        if last:
+          node[part] = value
+          return
+        node[part] = ConfigDict()
+      else:
+        raise ConfigError(f"Unknown config key {path!r} in override --config.{dotted}"
+                          f"{_suggest(part, node.keys())} Valid keys here: {sorted(node.keys())}")
+    if last:
+      old = node[part]
+      if isinstance(old, ConfigDict):
+        raise ConfigError(f"--config.{dotted} names a section; set one of its keys: "
+                          f"{sorted(old.keys())}")
+      if isinstance(old, bool) and isinstance(value, str):
+        value = value.lower() in ("1", "true", "yes")
+      elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+      with node.ignore_type():
+        node[part] = value
+      return
+    node = node[part]
+
+
+def validate(config: ConfigDict) -> None:
+  """Checks values (not only keys). Raises ConfigError naming the key and valid choices."""
+  _one_duration(config, "total", required=True)
+  _one_duration(config.optim.schedule, "warmup", prefix="optim.schedule.")
+  _one_duration(config.checkpoint, "every", prefix="checkpoint.")
+  _choice("objective.name", config.objective.name, OBJECTIVE_NAMES)
+  _choice("objective.loss", config.objective.loss, OBJECTIVE_LOSSES)
+  _choice("objective.strategy", config.objective.strategy, OBJECTIVE_STRATEGIES)
+  _choice("optim.name", config.optim.name, OPTIMIZERS)
+  _choice("optim.schedule.name", config.optim.schedule.name, SCHEDULES)
+  if not isinstance(config.batch_size, int) or config.batch_size <= 0:
+    raise ConfigError(f"batch_size must be a positive integer, got {config.batch_size!r}.")
+  for axis, size in config.mesh.items():
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      raise ConfigError(f"mesh.{axis} must be a positive integer or -1 (the rest), got {size!r}.")
+  for name, ev in config.evals.items():
+    ev_type = ev.get("type")
+    if ev_type not in EVAL_SCHEMAS:
+      raise ConfigError(f"evals.{name}.type is {ev_type!r}; valid types: {sorted(EVAL_SCHEMAS)}.")
+    schema = EVAL_SCHEMAS[ev_type]
+    for key in ev.keys():
+      if key not in schema:
+        raise ConfigError(f"Unknown config key 'evals.{name}.{key}' for a {ev_type} evaluator"
+                          f"{_suggest(key, schema)} Valid keys: {sorted(schema)}")
+    _one_duration(ev, "every", prefix=f"evals.{name}.")
+
+
+def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+  if value not in valid:
+    raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(valid)}"
+                      f"{_suggest(str(value), valid)}")
+
+
+def _one_duration(section, name: str, *, prefix: str = "", required: bool = False) -> None:
+  given = [u for u in DURATION_UNITS if section.get(f"{name}_{u}") is not None]
+  if len(given) > 1:
+    raise ConfigError(f"Set only one of {', '.join(prefix + name + '_' + u for u in given)}.")
+  if required and not given:
+    raise ConfigError(f"No duration: set one of "
+                      f"{', '.join(prefix + name + '_' + u for u in DURATION_UNITS)}.")
+
+
+def resolve_steps(section, name: str, *, batch_size: int, num_examples: int | None,
+                  default: int | None = None) -> int | None:
+  """`{name}_steps|_epochs|_examples` in `section` -> a number of steps (or `default`)."""
+  steps = section.get(f"{name}_steps")
+  epochs = section.get(f"{name}_epochs")
+  examples = section.get(f"{name}_examples")
+  if steps is not None:
+    return int(steps)
+  if examples is not None:
+    return max(1, math.ceil(examples / batch_size))
+  if epochs is not None:
+    if not num_examples:
+      raise ConfigError(f"{name}_epochs needs the dataset size, which is unknown here; "
+                        f"give {name}_steps instead.")
+    return max(1, round(epochs * num_examples / batch_size))
+  return default
+
+
+def load(spec: str | ConfigDict, overrides: dict[str, Any] | None = None) -> ConfigDict:
+  """Config file spec (or a ConfigDict) + overrides -> a validated, locked ConfigDict."""
+  user = load_file(spec) if isinstance(spec, str) else spec
+  config = defaults()
+  _merge(config, user, "")
+  for dotted, value in (overrides or {}).items():
+    apply_override(config, dotted, value)
+  validate(config)
+  for ev_name in list(config.evals.keys()):
+    ev = config.evals[ev_name]
+    config.evals[ev_name] = ConfigDict({**EVAL_SCHEMAS[ev.type], **ev.to_dict()})
+  config.lock()
+  return config
+
+
+def parse_command_line(argv: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
+  """Splits `--flag=value` / `--flag value` args into (flags, config overrides).
+
+  `--config.a.b=v` go to overrides (parsed as Python literals where possible).
+  """
+  flags, overrides = {}, {}
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if not arg.startswith("--"):
+      raise ConfigError(f"Unexpected argument {arg!r}; flags look like --name=value.")
+    name, eq, value = arg[2:].partition("=")
+    if not eq:
+      if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+        value = "true"
+      else:
+        i += 1
+        value = argv[i]
+    if name.startswith("config."):
+      overrides[name[len("config."):]] = parse_value(value)
+    else:
+      flags[name] = value
+    i += 1
+  return flags, overrides

@@ -1,0 +1,72 @@
+"""Shared evaluator plumbing: embedding a whole held-out split, in order, under the mesh."""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from big_mm import sharding
+from big_mm.input import pipeline
+
+
+def eval_input_config(config, ev):
+  """The training input config with the evaluator's overrides (data, pp_image)."""
+  input_cfg = config.input.copy_and_resolve_references()
+  with input_cfg.unlocked():
+    if ev.get("data"):
+      input_cfg.data = ev.data
+    if ev.get("pp_image"):
+      input_cfg.pp_image = ev.pp_image
+    input_cfg.split = ev.split
+  return input_cfg
+
+
+def round_batch(batch_size: int, mesh) -> int:
+  shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh)) * jax.process_count()
+  return max(shards, math.ceil(batch_size / shards) * shards)
+
+
+class Embedder:
+  """Jitted image / text embedding functions bound to a mesh (built once per run)."""
+
+  def __init__(self, objective, mesh):
+    self.mesh = mesh
+    batch = sharding.batch_sharding(mesh)
+    self.embed_images = jax.jit(objective.embed_images, out_shardings=batch)
+    self.embed_texts = jax.jit(objective.embed_texts, out_shardings=batch)
+
+  def texts(self, params, tokens: np.ndarray, batch_size: int) -> np.ndarray:
+    """Embeds host int32 tokens [N, L] in padded, sharded batches; returns [N, D]."""
+    batch_size = round_batch(batch_size, self.mesh)
+    out = []
+    for start in range(0, len(tokens), batch_size):
+      chunk = tokens[start:start + batch_size]
+      padded = np.zeros((batch_size,) + tokens.shape[1:], tokens.dtype)
+      padded[:len(chunk)] = chunk
+      arr = jax.device_put(padded, sharding.batch_sharding(self.mesh))
+      out.append(np.asarray(jax.device_get(self.embed_texts(params, arr)))[:len(chunk)])
+    return np.concatenate(out)
+
+  def split(self, params, input_cfg, batch_size: int, *, images=True, texts=True):
+    """Embeds a whole split in order: dict with zimg, ztxt, label (where present)."""
+    batch_size = round_batch(batch_size, self.mesh)
+    parts = {"zimg": [], "ztxt": [], "label": []}
+    for batch in pipeline.make_eval_batches(input_cfg, input_cfg.split, batch_size,
+                                            sharding.batch_sharding(self.mesh)):
+      mask = np.asarray(_gather(batch["mask"])).astype(bool)
+      if images:
+        parts["zimg"].append(_gather(self.embed_images(params, batch["image"]))[mask])
+      if texts:
+        parts["ztxt"].append(_gather(self.embed_texts(params, batch["text"]))[mask])
+      if "label" in batch:
+        parts["label"].append(_gather(batch["label"])[mask])
+    return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+
+def _gather(x):
+  """A global array as one host numpy array (all processes get all of it)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))

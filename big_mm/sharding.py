@@ -1,0 +1,167 @@
+"""Mesh, logical-axis rules, param and batch shardings, multi-host initialisation."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis (or tuple, or None). Flax uses each mesh axis at most once per
+# array, first rule first: activations' "batch" takes (data, fsdp) so their "embed" stays
+# unsharded, while params (which have no "batch") shard "embed" over fsdp.
+DEFAULT_RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("patch", None),
+    ("layers", None),
+)
+
+
+class ShardingError(ValueError):
+  """A mesh or batch layout that cannot work with the devices at hand."""
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """Resolves the config's axis sizes (one may be -1 = the rest) against the device count."""
+  sizes = {name: int(size) for name, size in mesh_cfg.items()}
+  rest = [name for name, size in sizes.items() if size == -1]
+  if len(rest) > 1:
+    raise ShardingError(f"Only one mesh axis may be -1; got {rest} in mesh {sizes}.")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if num_devices % fixed:
+    raise ShardingError(
+        f"Mesh {sizes} needs a multiple of {fixed} devices, but there are {num_devices}. "
+        f"Change config.mesh so the fixed axis sizes divide {num_devices}.")
+  if rest:
+    sizes[rest[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ShardingError(f"Mesh {sizes} uses {fixed} devices but there are {num_devices}; "
+                        "set one axis to -1 to take the rest.")
+  return sizes
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A GSPMD-style (Auto axes) mesh with the config's axes, in config order."""
+  devices = list(devices) if devices is not None else jax.devices()
+  sizes = mesh_shape(mesh_cfg, len(devices))
+  names = tuple(sizes)
+  return jax.make_mesh(tuple(sizes.values()), names, axis_types=(AxisType.Auto,) * len(names),
+                       devices=devices)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension over the data-parallel axes; the rest replicated."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, process_count: int | None = None) -> None:
+  process_count = process_count or jax.process_count()
+  shards = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+  if batch_size % shards:
+    raise ShardingError(
+        f"batch_size={batch_size} does not divide over the data axes "
+        f"{ {a: mesh.shape[a] for a in batch_axes(mesh)} } ({shards} shards). "
+        f"Use a multiple of {shards} or change config.mesh.")
+  if batch_size % process_count:
+    raise ShardingError(f"batch_size={batch_size} does not divide over {process_count} processes.")
+
+
+def rules(config_rules) -> tuple[tuple[str, Any], ...]:
+  if config_rules is None:
+    return DEFAULT_RULES
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config_rules)
+
+
+def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide a dimension (that dimension is then replicated)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    kept = []
+    for name in names:
+      size = mesh.shape[name]
+      if dim % (size * math.prod(mesh.shape[k] for k in kept)) == 0:
+        kept.append(name)
+    fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*fitted)
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, config_rules=None) -> Any:
+  """Shardings for a pytree produced by `jax.eval_shape(model.init, ...)` (boxed leaves).
+
+  Leaves without logical names (or with names that map nowhere) are replicated.
+  """
+  specs = nn.get_partition_spec(abstract_boxed)
+  mesh_specs = nn.logical_to_mesh(specs, rules(config_rules))
+  shapes = nn.meta.unbox(abstract_boxed)
+  return jax.tree.map(
+      lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),
+      mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def shardings_like(tree: Any, mesh: Mesh, params: Any, param_shardings: Any) -> Any:
+  """Shardings for optimizer state: a leaf whose key path ends with a param's path (and has
+  its shape) gets that param's sharding, as optax states mirror the param tree (adam's mu/nu).
+  Anything else (counts, factored statistics) is replicated.
+  """
+  by_path = {}
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(params),
+                                    jax.tree.leaves(param_shardings)):
+    by_path[_dict_keys(path)] = (tuple(leaf.shape), sharding)
+
+  def pick(path, leaf):
+    keys = _dict_keys(path)
+    for start in range(len(keys)):
+      shape_sharding = by_path.get(keys[start:])
+      if shape_sharding and shape_sharding[0] == tuple(getattr(leaf, "shape", ())):
+        return shape_sharding[1]
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` for multi-process runs; a no-op for single-process runs.
+
+  Explicit flags win; otherwise it is called when the environment names a coordinator
+  (JAX_COORDINATOR_ADDRESS), a SLURM job step with several tasks, or a multi-host TPU VM.
+  """
+  if coordinator_address or num_processes:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return
+  env = os.environ
+  multi_slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env
+  multi_tpu = len(env.get("TPU_WORKER_HOSTNAMES", "localhost").split(",")) > 1
+  if env.get("JAX_COORDINATOR_ADDRESS") or multi_slurm or multi_tpu:
+    jax.distributed.initialize()
+
+
+def host_local_to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

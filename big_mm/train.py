@@ -1,0 +1,314 @@
+"""The trainer: one loop for every recipe (a config names the model and the objective).
+
+    python -m big_mm.train --config configs/demo.py --workdir /tmp/demo [--config.optim.lr=1e-3]
+
+Reads top to bottom like a recipe: config -> mesh -> data -> model + objective ->
+sharded train state (restored if the workdir has a checkpoint) -> jitted step -> loop with
+metrics, evaluators and checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from big_mm import checkpoint as checkpoint_lib
+from big_mm import config as config_lib
+from big_mm import evaluators, metrics as metrics_lib, models, objectives, optim, sharding
+from big_mm.input import pipeline, sources
+from big_mm.input.tokenizer import Tokenizer
+
+log = logging.getLogger("big_mm")
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run (or a benchmark / evaluation) builds from a config before compute."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  model: Any
+  objective: Any
+  tokenizer: Tokenizer | None
+  num_train_examples: int | None
+  total_steps: int
+
+
+def build(config, *, num_train_examples: int | None = None) -> Setup:
+  """Config -> mesh, model, objective, tokenizer, durations. Fails fast on bad configs."""
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.batch_size, mesh)
+  model = models.get_model(config.model_name, **config.model.to_dict())
+  tokenizer = Tokenizer(config.input.tokenizer) if config.input.tokenizer else None
+  text_cfg = config.model.get("text", {}) or {}
+  vocab = text_cfg.get("vocab_size")
+  if tokenizer is not None and vocab is not None and vocab != tokenizer.vocab_size:
+    raise config_lib.ConfigError(
+        f"model.text.vocab_size={vocab} but the tokenizer {config.input.tokenizer!r} has "
+        f"{tokenizer.vocab_size} pieces; set model.text.vocab_size={tokenizer.vocab_size}.")
+  objective = objectives.get_objective(config.objective.name)(config, model, mesh)
+  total_steps = config_lib.resolve_steps(config, "total", batch_size=config.batch_size,
+                                         num_examples=num_train_examples)
+  return Setup(config, mesh, model, objective, tokenizer, num_train_examples, total_steps)
+
+
+def resolve_every(section, setup: Setup, default=None):
+  return config_lib.resolve_steps(section, "every", batch_size=setup.config.batch_size,
+                                  num_examples=setup.num_train_examples, default=default)
+
+
+def abstract_inputs(batch: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of one example (batch of 1) for model init."""
+  return {k: jax.ShapeDtypeStruct((1,) + tuple(v.shape[1:]), v.dtype)
+          for k, v in batch.items() if k in ("image", "text")}
+
+
+@dataclasses.dataclass
+class TrainState:
+  """How the train state is built, laid out and updated (the state itself is a plain dict
+  {"params", "opt", "step", "rng"} so checkpoints are ordinary pytrees)."""
+  init: Callable[[jax.Array], dict]
+  abstract: dict
+  shardings: dict
+  tx: optax.GradientTransformation
+  schedule: Callable
+
+
+def make_train_state(setup: Setup, example: dict[str, jax.ShapeDtypeStruct]) -> TrainState:
+  config, mesh = setup.config, setup.mesh
+
+  def init_params(rng):
+    dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()}
+    return setup.model.init({"params": rng}, dummy["image"], dummy["text"], train=False)["params"]
+
+  with use_mesh(setup):
+    abstract_boxed = jax.eval_shape(init_params, jax.random.key(0))
+    param_shardings = sharding.logical_shardings(abstract_boxed, mesh, config.sharding_rules)
+  abstract_params = nn.meta.unbox(abstract_boxed)
+  tx, schedule = optim.make_optimizer(config.optim, abstract_params, setup.total_steps)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = sharding.replicated(mesh)
+  state_shardings = {
+      "params": param_shardings,
+      "opt": sharding.shardings_like(abstract_opt, mesh, abstract_params, param_shardings),
+      "step": replicated,
+      "rng": replicated,
+  }
+
+  def init(rng):
+    params_rng, train_rng = jax.random.split(rng)
+    params = nn.meta.unbox(init_params(params_rng))
+    return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(train_rng)}
+
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shardings)
+  return TrainState(jax.jit(init, out_shardings=state_shardings), abstract, state_shardings,
+                    tx, schedule)
+
+
+def make_train_step(setup: Setup, ts: TrainState):
+  """jit(step) with the state's shardings in and out, the old state donated."""
+  objective = setup.objective
+
+  def step_fn(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
+    (loss, aux), grads = grad_fn(state["params"], batch, rng)
+    updates, opt = ts.tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "lr": ts.schedule(state["step"]),
+               "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+               **aux}
+    return {**state, "params": params, "opt": opt, "step": state["step"] + 1}, metrics
+
+  batch_sharding = sharding.batch_sharding(setup.mesh)
+  return jax.jit(step_fn, in_shardings=(ts.shardings, batch_sharding),
+                 out_shardings=(ts.shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=(0,))
+
+
+def use_mesh(setup: Setup):
+  """Context for tracing: the mesh and logical-axis rules for activation constraints."""
+  import contextlib
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(setup.mesh))
+  stack.enter_context(nn.logical_axis_rules(sharding.rules(setup.config.sharding_rules)))
+  return stack
+
+
+def load_init(config, ts: TrainState, state: dict) -> dict:
+  """`config.init`: copies params whose path matches `init.keys` from another run's checkpoint
+  (e.g. LiT's pretrained image tower); shapes must agree."""
+  import re
+  if not config.init.workdir:
+    return state
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(config.init.workdir, "checkpoints"),
+                                     keep=1, save_every_steps=None, async_save=False,
+                                     create=False)
+  step = config.init.step if config.init.step is not None else ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"config.init.workdir={config.init.workdir!r} has no checkpoint.")
+  loaded = ckpt.restore_params(step)
+  ckpt.close()
+  pattern = re.compile(config.init.keys)
+  flat_loaded = {"/".join(str(k.key) for k in p): v
+                 for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
+  copied = []
+
+  def take(path, current, target_sharding):
+    name = "/".join(str(k.key) for k in path)
+    if not pattern.fullmatch(name):
+      return current
+    if name not in flat_loaded:
+      raise ValueError(f"init: param {name!r} matches init.keys={config.init.keys!r} but is not "
+                       f"in the checkpoint of {config.init.workdir!r}.")
+    value = flat_loaded[name]
+    if tuple(value.shape) != tuple(current.shape):
+      raise ValueError(f"init: param {name!r} has shape {tuple(value.shape)} in the checkpoint "
+                       f"but {tuple(current.shape)} in this model.")
+    copied.append(name)
+    return jax.device_put(np.asarray(value, current.dtype), target_sharding)
+
+  params = jax.tree_util.tree_map_with_path(take, state["params"], ts.shardings["params"])
+  if not copied:
+    raise ValueError(f"init.keys={config.init.keys!r} matched no parameter.")
+  log.info("Initialised %d params from %s step %d", len(copied), config.init.workdir, step)
+  # The optimizer state was built for the random init; rebuild it for the loaded params.
+  opt = jax.jit(ts.tx.init, out_shardings=ts.shardings["opt"])(params)
+  return {**state, "params": params, "opt": opt}
+
+
+class _StopRequest:
+  """SIGTERM / SIGINT: finish the current step, checkpoint, exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not in the main thread (e.g. under some test runners)
+        pass
+
+  def _handle(self, signum, frame):
+    del frame
+    log.warning("Received signal %d: saving a checkpoint at the next step boundary.", signum)
+    self.requested = True
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train(config, workdir: str) -> dict[str, float]:
+  """Runs (or resumes) training in `workdir`. Returns the last logged and eval metrics."""
+  num_train = sources.num_examples(config.input.data, config.input.split, config.input.data_dir)
+  setup = build(config, num_train_examples=num_train)
+  is_main = jax.process_index() == 0
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+      save_every_steps=resolve_every(config.checkpoint, setup), async_save=config.checkpoint.async_save)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  eval_every = {name: resolve_every(ev, setup) for name, ev in config.evals.items()}
+  log_every = config.log_every_steps
+
+  batch_sharding = sharding.batch_sharding(setup.mesh)
+  data = pipeline.make_train_iterator(config.input, global_batch_size=config.batch_size,
+                                      seed=config.seed, sharding=batch_sharding)
+  first_batch = next(data)
+  ts = make_train_state(setup, abstract_inputs(first_batch))
+  with use_mesh(setup):
+    start = ckpt.latest_step()
+    if start is not None:
+      state, data_state = ckpt.restore(start, ts.abstract)
+      data.set_state(data_state)
+      first_batch = None
+      log.info("Resumed from %s at step %d", ckpt.directory, start)
+    else:
+      start = 0
+      state = load_init(config, ts, ts.init(jax.random.key(config.seed)))
+    if is_main:
+      log.info("Parameters:\n%s", optim.describe(config.optim, state["params"]))
+    train_step = make_train_step(setup, ts)
+    embedder = evaluators.Embedder(setup.objective, setup.mesh)
+
+    progress = metrics_lib.Progress(setup.total_steps, start_step=start, log=log.info)
+    throughput = metrics_lib.Throughput()
+    stop = _StopRequest()
+    last: dict[str, float] = {}
+
+    def run_evals(step, names):
+      results = {}
+      for name in names:
+        results.update(evaluators.run(name, config.evals[name], embedder=embedder,
+                                      params=state["params"], config=config,
+                                      tokenizer=setup.tokenizer))
+      if results:
+        writer.write(step, results)
+        log.info("step %d evals: %s", step,
+                 ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+      return results
+
+    try:
+      for step in range(start + 1, setup.total_steps + 1):
+        with throughput.data_wait():
+          batch = first_batch if first_batch is not None else next(data)
+        first_batch = None
+        state, step_metrics = train_step(state, batch)
+        done = step == setup.total_steps
+        if step % log_every == 0 or done or step == start + 1:
+          host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          host.update(throughput.step_done(step, config.batch_size))
+          host.update({f"data/{k}": float(v) for k, v in data.stats().items()})
+          if not np.isfinite(host["loss"]):
+            ckpt.wait()
+            raise FloatingPointError(
+                f"Loss is {host['loss']} at step {step}; the last checkpoint is kept in "
+                f"{ckpt.directory}. Lower optim.lr or check the data.")
+          writer.write(step, host)
+          progress.update(step, host)
+          last.update(host)
+        due = [n for n, every in eval_every.items() if (every and step % every == 0) or done]
+        last.update(run_evals(step, due))
+        ckpt.save(step, state, data.get_state(), force=done or stop.requested)
+        if stop.requested:
+          log.warning("Stopped at step %d after saving; run again to resume.", step)
+          break
+    finally:
+      stop.restore()
+      ckpt.close()
+      writer.close()
+  return last
+
+
+def main(argv: list[str]) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  flags, overrides = config_lib.parse_command_line(argv)
+  unknown = set(flags) - {"config", "workdir", "coordinator_address", "num_processes", "process_id"}
+  if unknown or "config" not in flags or "workdir" not in flags:
+    print(__doc__ if not unknown else f"Unknown flags {sorted(unknown)}.\n{__doc__}", file=sys.stderr)
+    return 2
+  sharding.maybe_initialize_distributed(
+      flags.get("coordinator_address"),
+      int(flags["num_processes"]) if "num_processes" in flags else None,
+      int(flags["process_id"]) if "process_id" in flags else None)
+  config = config_lib.load(flags["config"], overrides)
+  results = train(config, flags["workdir"])
+  log.info("Done. %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())
+                                    if k.startswith("eval/")))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Recipe configs: one file per recipe, each with get_config(arg)."""

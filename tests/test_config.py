@@ -1,0 +1,80 @@
+"""Config loading, overrides, validation and durations."""
+import pytest
+
+from big_mm import config as config_lib
+from big_mm.config import ConfigError
+
+
+def _demo(**overrides):
+  return config_lib.load("configs/demo.py", overrides)
+
+
+def test_demo_loads_locked_with_defaults_filled():
+  c = _demo()
+  assert c.batch_size == 128 and c.total_steps == 600
+  assert c.optim.b2 == 0.95 and c.optim.eps == 1e-8  # from the file / from the schema
+  assert c.evals.zeroshot.batch_size == 256  # eval schema default filled in
+  with pytest.raises(AttributeError):
+    c.new_key = 1
+
+
+def test_arg_string_and_overrides():
+  c = config_lib.load("configs/demo.py:loss=softmax,steps=7",
+                      {"optim.lr": 1, "model.image.pool": "gap", "mesh.fsdp": 2})
+  assert c.objective.loss == "softmax" and c.total_steps == 7
+  assert c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
+  assert c.model.image.pool == "gap" and c.mesh.fsdp == 2
+
+
+def test_unknown_override_names_closest_key():
+  with pytest.raises(ConfigError, match=r"'optim.lrr'.*Did you mean 'lr'"):
+    _demo(**{"optim.lrr": 0.1})
+
+
+def test_unknown_key_in_file(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("import ml_collections\n"
+                  "def get_config():\n"
+                  "  return ml_collections.ConfigDict(dict(total_steps=1, optim=dict(warmup=3)))\n")
+  with pytest.raises(ConfigError, match=r"'optim.warmup'.*Valid keys under optim"):
+    config_lib.load(str(path))
+
+
+def test_unknown_config_arg():
+  with pytest.raises(ConfigError, match="Unknown config argument 'stpes'.*'steps'"):
+    config_lib.load("configs/demo.py:stpes=3")
+
+
+def test_bad_values():
+  with pytest.raises(ConfigError, match="objective.loss='sigmod'.*sigmoid"):
+    _demo(**{"objective.loss": "sigmod"})
+  with pytest.raises(ConfigError, match="Set only one of total_steps, total_epochs"):
+    _demo(total_epochs=2)
+  with pytest.raises(ConfigError, match="evals.zeroshot.every_step'.*every_steps"):
+    _demo(**{"evals.zeroshot.every_step": 3})
+  with pytest.raises(ConfigError, match="not found"):
+    config_lib.load("configs/nope.py")
+
+
+def test_durations():
+  c = config_lib.ConfigDict(dict(total_steps=None, total_epochs=2.5, total_examples=None))
+  assert config_lib.resolve_steps(c, "total", batch_size=100, num_examples=1000) == 25
+  c = config_lib.ConfigDict(dict(total_steps=None, total_epochs=None, total_examples=1001))
+  assert config_lib.resolve_steps(c, "total", batch_size=100, num_examples=None) == 11
+  c = config_lib.ConfigDict(dict(every_steps=None, every_epochs=None, every_examples=None))
+  assert config_lib.resolve_steps(c, "every", batch_size=8, num_examples=10, default=None) is None
+
+
+def test_command_line_parsing():
+  flags, overrides = config_lib.parse_command_line(
+      ["--config", "configs/demo.py:steps=3", "--workdir=/tmp/x", "--config.optim.lr=2e-3",
+       "--config.model.image.patch_size=(2,2)", "--config.input.pp_image=decode|resize(8)"])
+  assert flags == {"config": "configs/demo.py:steps=3", "workdir": "/tmp/x"}
+  assert overrides == {"optim.lr": 2e-3, "model.image.patch_size": (2, 2),
+                       "input.pp_image": "decode|resize(8)"}
+
+
+@pytest.mark.parametrize("name", ["demo", "siglip_b16", "clip_b16", "lit_b16"])
+def test_every_recipe_config_is_valid(name):
+  c = config_lib.load(f"configs/{name}.py")
+  assert c.model_name == "two_towers"
