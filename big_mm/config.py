@@ -67,7 +67,8 @@ def defaults() -> ConfigDict:
                                warmup_examples=None, end_lr_fraction=0.0, timescale=10_000,
                                cooldown_steps=0)),
       adafactor=ConfigDict(dict(decay_rate=0.8, beta2_cap=0.999, momentum=0.9,
-                                factored_min_dim=32, eps=1e-30)),
+                                factored_min_dim=32, eps=1e-30, clipping_threshold=None,
+                                momentum_dtype="bfloat16", decay_offset=0)),
   ))
 
   c.input = ConfigDict(dict(

@@ -41,11 +41,12 @@ class Setup:
   tokenizer: Tokenizer | None
   num_train_examples: int | None
   total_steps: int
+  optim_cfg: Any  # config.optim with the warmup duration resolved to steps
 
 
-def build(config, *, num_train_examples: int | None = None) -> Setup:
+def build(config, *, num_train_examples: int | None = None, devices=None) -> Setup:
   """Config -> mesh, model, objective, tokenizer, durations. Fails fast on bad configs."""
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch_size(config.batch_size, mesh)
   model = models.get_model(config.model_name, **config.model.to_dict())
   tokenizer = Tokenizer(config.input.tokenizer) if config.input.tokenizer else None
@@ -58,7 +59,14 @@ def build(config, *, num_train_examples: int | None = None) -> Setup:
   objective = objectives.get_objective(config.objective.name)(config, model, mesh)
   total_steps = config_lib.resolve_steps(config, "total", batch_size=config.batch_size,
                                          num_examples=num_train_examples)
-  return Setup(config, mesh, model, objective, tokenizer, num_train_examples, total_steps)
+  optim_cfg = config.optim.copy_and_resolve_references()
+  with optim_cfg.unlocked():
+    optim_cfg.schedule.warmup_steps = config_lib.resolve_steps(
+        config.optim.schedule, "warmup", batch_size=config.batch_size,
+        num_examples=num_train_examples, default=0)
+    optim_cfg.schedule.warmup_epochs = optim_cfg.schedule.warmup_examples = None
+  return Setup(config, mesh, model, objective, tokenizer, num_train_examples, total_steps,
+               optim_cfg)
 
 
 def resolve_every(section, setup: Setup, default=None):
@@ -94,7 +102,7 @@ def make_train_state(setup: Setup, example: dict[str, jax.ShapeDtypeStruct]) -> 
     abstract_boxed = jax.eval_shape(init_params, jax.random.key(0))
     param_shardings = sharding.logical_shardings(abstract_boxed, mesh, config.sharding_rules)
   abstract_params = nn.meta.unbox(abstract_boxed)
-  tx, schedule = optim.make_optimizer(config.optim, abstract_params, setup.total_steps)
+  tx, schedule = optim.make_optimizer(setup.optim_cfg, abstract_params, setup.total_steps)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = sharding.replicated(mesh)
   state_shardings = {
@@ -154,8 +162,8 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
   if not config.init.workdir:
     return state
   ckpt = checkpoint_lib.Checkpointer(os.path.join(config.init.workdir, "checkpoints"),
-                                     keep=1, save_every_steps=None, async_save=False,
-                                     create=False)
+                                     keep=None, save_every_steps=1, async_save=False,
+                                     read_only=True)
   step = config.init.step if config.init.step is not None else ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"config.init.workdir={config.init.workdir!r} has no checkpoint.")
@@ -211,14 +219,18 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def train(config, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) training in `workdir`. Returns the last logged and eval metrics."""
+def train(config, workdir: str, *, devices=None) -> dict[str, float]:
+  """Runs (or resumes) training in `workdir` on `devices` (default: all).
+
+  Returns the last logged and eval metrics.
+  """
   num_train = sources.num_examples(config.input.data, config.input.split, config.input.data_dir)
-  setup = build(config, num_train_examples=num_train)
+  setup = build(config, num_train_examples=num_train, devices=devices)
   is_main = jax.process_index() == 0
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-      save_every_steps=resolve_every(config.checkpoint, setup), async_save=config.checkpoint.async_save)
+      save_every_steps=resolve_every(config.checkpoint, setup, default=setup.total_steps),
+      async_save=config.checkpoint.async_save)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   eval_every = {name: resolve_every(ev, setup) for name, ev in config.evals.items()}
   log_every = config.log_every_steps
