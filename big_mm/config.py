@@ -73,7 +73,8 @@ def defaults() -> ConfigDict:
 
   c.input = ConfigDict(dict(
       data="digits_captions", split="train", data_dir=None, tokenizer=None, text_len=16,
-      pp_image="decode|resize(224)|value_range(-1,1)", num_workers=0, prefetch=2, shuffle=True,
+      pp_image="decode|resize(224)|value_range(-1,1)", num_workers=0, num_threads=2, prefetch=2,
+      shuffle=True,
   ))
   c.evals = ConfigDict()  # {name: {type: ..., ...}} (FREE_FORM, checked against EVAL_SCHEMAS)
 
@@ -83,7 +84,7 @@ def defaults() -> ConfigDict:
   c.checkpoint = ConfigDict(dict(every_steps=None, every_epochs=None, every_examples=None,
                                  keep=3, async_save=True))
   # Initialise (part of) the params from another run, e.g. LiT's pretrained image tower.
-  c.init = ConfigDict(dict(workdir=None, step=None, keys=".*"))
+  c.init = ConfigDict(dict(workdir=None, step=None, include=".*"))
   return c
 
 

@@ -53,7 +53,8 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A GSPMD-style (Auto axes) mesh with the config's axes, in config order."""
+  """A GSPMD-style (Auto axes) mesh with the config's axes, in config order, over `devices`
+  (default: all devices)."""
   devices = list(devices) if devices is not None else jax.devices()
   sizes = mesh_shape(mesh_cfg, len(devices))
   names = tuple(sizes)
@@ -93,17 +94,24 @@ def rules(config_rules) -> tuple[tuple[str, Any], ...]:
 
 
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """Drops mesh axes that do not divide a dimension (that dimension is then replicated)."""
+  """Drops mesh axes of size 1 and axes that do not divide a dimension (replicated instead)."""
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
     kept = []
     for name in names:
       size = mesh.shape[name]
-      if dim % (size * math.prod(mesh.shape[k] for k in kept)) == 0:
+      if size > 1 and dim % (size * math.prod(mesh.shape[k] for k in kept)) == 0:
         kept.append(name)
     fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return P(*fitted)
+
+
+def unbox(tree: Any) -> Any:
+  """Flax logical-partitioning boxes -> plain values (no sharding constraint applied)."""
+  return jax.tree.map(
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.LogicallyPartitioned)
+      else nn.meta.unbox(x), tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, config_rules=None) -> Any:
@@ -113,7 +121,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, config_rules=None) -> Any
   """
   specs = nn.get_partition_spec(abstract_boxed)
   mesh_specs = nn.logical_to_mesh(specs, rules(config_rules))
-  shapes = nn.meta.unbox(abstract_boxed)
+  shapes = unbox(abstract_boxed)
   return jax.tree.map(
       lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),
       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))

@@ -101,7 +101,7 @@ def make_train_state(setup: Setup, example: dict[str, jax.ShapeDtypeStruct]) -> 
   with use_mesh(setup):
     abstract_boxed = jax.eval_shape(init_params, jax.random.key(0))
     param_shardings = sharding.logical_shardings(abstract_boxed, mesh, config.sharding_rules)
-  abstract_params = nn.meta.unbox(abstract_boxed)
+  abstract_params = sharding.unbox(abstract_boxed)
   tx, schedule = optim.make_optimizer(setup.optim_cfg, abstract_params, setup.total_steps)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = sharding.replicated(mesh)
@@ -114,7 +114,7 @@ def make_train_state(setup: Setup, example: dict[str, jax.ShapeDtypeStruct]) -> 
 
   def init(rng):
     params_rng, train_rng = jax.random.split(rng)
-    params = nn.meta.unbox(init_params(params_rng))
+    params = sharding.unbox(init_params(params_rng))
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(train_rng)}
 
@@ -156,7 +156,7 @@ def use_mesh(setup: Setup):
 
 
 def load_init(config, ts: TrainState, state: dict) -> dict:
-  """`config.init`: copies params whose path matches `init.keys` from another run's checkpoint
+  """`config.init`: copies params whose path matches `init.include` from another run's checkpoint
   (e.g. LiT's pretrained image tower); shapes must agree."""
   import re
   if not config.init.workdir:
@@ -169,7 +169,7 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
     raise FileNotFoundError(f"config.init.workdir={config.init.workdir!r} has no checkpoint.")
   loaded = ckpt.restore_params(step)
   ckpt.close()
-  pattern = re.compile(config.init.keys)
+  pattern = re.compile(config.init.include)
   flat_loaded = {"/".join(str(k.key) for k in p): v
                  for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
   copied = []
@@ -179,7 +179,7 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
     if not pattern.fullmatch(name):
       return current
     if name not in flat_loaded:
-      raise ValueError(f"init: param {name!r} matches init.keys={config.init.keys!r} but is not "
+      raise ValueError(f"init: param {name!r} matches init.include={config.init.include!r} but is not "
                        f"in the checkpoint of {config.init.workdir!r}.")
     value = flat_loaded[name]
     if tuple(value.shape) != tuple(current.shape):
@@ -190,7 +190,7 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
 
   params = jax.tree_util.tree_map_with_path(take, state["params"], ts.shardings["params"])
   if not copied:
-    raise ValueError(f"init.keys={config.init.keys!r} matched no parameter.")
+    raise ValueError(f"init.include={config.init.include!r} matched no parameter.")
   log.info("Initialised %d params from %s step %d", len(copied), config.init.workdir, step)
   # The optimizer state was built for the random init; rebuild it for the loaded params.
   opt = jax.jit(ts.tx.init, out_shardings=ts.shardings["opt"])(params)

@@ -44,7 +44,7 @@ def get_config(arg=None):
   c.optim = dict(name="adamw", lr=1e-3, wd=10.0, clip_norm=1.0,
                  lr_mults=((r"img/.*", 0.0), (r".*", 1.0)),
                  schedule=dict(name="cosine", warmup_steps=max(100, int(0.03 * arg.steps))))
-  c.init = dict(workdir=arg.init or None, keys=r"img/.*")
+  c.init = dict(workdir=arg.init or None, include=r"img/.*")
   c.evals = common.paper_evals(pp, every_steps=2_000)
   c.checkpoint = dict(every_steps=1_000, keep=3)
   return c

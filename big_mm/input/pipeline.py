@@ -1,0 +1,346 @@
+"""Input pipelines (grain): an endless, checkpointable training iterator and eval batches.
+
+Training data order. The epoch-e order of the N examples is a seeded permutation
+(`grain.experimental.index_shuffle`, seed derived from (seed, e)); epochs are
+concatenated into one endless global stream, and process p of P reads stream positions
+p, p+P, p+2P, ... (disjoint, together covering every epoch). Each step a process takes
+the next global_batch_size/P good examples. Random preprocessing draws from an rng
+seeded by (seed, epoch, example index), so batches do not depend on num_workers or
+threads. Bad records (`BadRecord`, unreadable records) are skipped before batching
+and counted per reason (`it.stats()`); batch shapes never change.
+
+  it = make_train_iterator(config.input, global_batch_size=256, seed=0, sharding=s)
+  batch = next(it)              # {"image": f32 [B,H,W,3], "text": i32 [B,L]} global arrays
+  state = it.get_state()        # JSON-serialisable; it.set_state(state) resumes exactly
+
+  for batch in make_eval_batches(config.input, "test", 256, s):   # padded, with "mask"
+    ...
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from big_mm.input import preprocess
+from big_mm.input import sources
+from big_mm.input import tokenizer as tokenizer_lib
+
+_SKIP = "__skip__"  # Key of the marker element standing for a skipped record.
+_MAX_STREAM = 2**62
+
+
+def _get(cfg, key, default=None):
+  """Reads a key from a ConfigDict / dict / object, with a default."""
+  if isinstance(cfg, dict):
+    return cfg.get(key, default)
+  try:
+    return cfg[key] if key in cfg else default  # ConfigDict
+  except TypeError:
+    return getattr(cfg, key, default)
+
+
+def _u32(*xs: int) -> int:
+  """A 32-bit seed mixed from integers (for index_shuffle)."""
+  return int(np.random.SeedSequence([int(x) % 2**63 for x in xs]).generate_state(1)[0])
+
+
+def _example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+  return np.random.default_rng([int(seed) % 2**63, int(epoch), int(index)])
+
+
+class _Example:
+  """Loads + preprocesses one example: dict of numpy arrays or a skip marker. Picklable."""
+
+  def __init__(self, source, pp: str, tok, text_len: int, *, image_key="image",
+               text_key="text", label_key="label", keep_label=False):
+    self.source, self.pp, self.tok, self.text_len = source, preprocess.Preprocessor(pp), tok, text_len
+    self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
+    self.keep_label = keep_label
+
+  def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+    try:
+      ex = self.source[index]
+    except Exception as e:  # A corrupt record in the file.
+      return {_SKIP: "read", "_detail": f"{type(e).__name__}: {e}", "_index": index}
+    try:
+      image = self.pp(ex[self.image_key], rng)
+    except preprocess.BadRecord as e:
+      return {_SKIP: e.reason, "_detail": str(e), "_index": index}
+    out = {"image": np.asarray(image, np.float32)}
+    if self.tok is not None and self.text_key in ex:
+      out["text"] = self.tok.encode([ex[self.text_key]], self.text_len)[0]
+    if self.keep_label and self.label_key in ex:
+      out["label"] = np.asarray(ex[self.label_key], np.int32)
+    return out
+
+
+class _TrainElement:
+  """Local stream position k -> processed example of this process's endless stream."""
+
+  def __init__(self, example: _Example, n: int, seed: int, shuffle: bool,
+               process_index: int, process_count: int):
+    self.example, self.n, self.seed, self.shuffle = example, n, seed, shuffle
+    self.p, self.pc = process_index, process_count
+
+  def position(self, k: int) -> tuple[int, int]:
+    """-> (epoch, example index) of local stream position k."""
+    epoch, pos = divmod(int(k) * self.pc + self.p, self.n)
+    if self.shuffle and self.n > 1:
+      pos = int(grain.experimental.index_shuffle(
+          pos, max_index=self.n - 1, seed=_u32(self.seed, epoch), rounds=4))
+    return epoch, pos
+
+  def __call__(self, k: int):
+    epoch, index = self.position(k)
+    return self.example.load(index, _example_rng(self.seed, epoch, index))
+
+
+def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  out = {}
+  for k in examples[0]:
+    shapes = {e[k].shape for e in examples}
+    if len(shapes) > 1:
+      raise ValueError(f"Examples have different {k!r} shapes {sorted(shapes)}; the pp "
+                       f"string must end in a fixed size (e.g. resize(224) or "
+                       f"central_crop(224)).")
+    out[k] = np.stack([e[k] for e in examples])
+  return out
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding):
+  import jax  # pylint: disable=g-import-not-at-top
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _process_layout(global_batch_size, process_index, process_count):
+  import jax  # pylint: disable=g-import-not-at-top
+  pi = jax.process_index() if process_index is None else int(process_index)
+  pc = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= pi < pc:
+    raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
+  if global_batch_size % pc:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                     f"process_count={pc}")
+  return pi, pc, global_batch_size // pc
+
+
+def _check_sharding(sharding, pc):
+  import jax  # pylint: disable=g-import-not-at-top
+  if sharding is not None and pc != jax.process_count():
+    raise ValueError(
+        f"process_count={pc} differs from jax.process_count()={jax.process_count()}: "
+        f"simulated processes can only produce local numpy batches (sharding=None).")
+
+
+def _mark_flags_parsed():
+  try:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+  except ImportError:
+    pass
+
+
+def _tokenizer(input_cfg):
+  path = _get(input_cfg, "tokenizer")
+  return tokenizer_lib.Tokenizer(path) if path else None
+
+
+class TrainIterator:
+  """Endless iterator of global batches with exact, JSON-serialisable state."""
+
+  def __init__(self, input_cfg, *, global_batch_size: int, seed: int, sharding,
+               process_index=None, process_count=None):
+    self.process_index, self.process_count, self.local_batch_size = _process_layout(
+        global_batch_size, process_index, process_count)
+    _check_sharding(sharding, self.process_count)
+    self.global_batch_size, self.seed, self.sharding = global_batch_size, int(seed), sharding
+    name, split = _get(input_cfg, "data"), _get(input_cfg, "split", "train")
+    source = sources.open_source(name, split, _get(input_cfg, "data_dir"))
+    self.num_examples = len(source)
+    if self.num_examples == 0:
+      raise ValueError(f"{name!r} split {split!r} is empty")
+    self._element = _TrainElement(
+        _Example(source, _get(input_cfg, "pp_image"), _tokenizer(input_cfg),
+                 int(_get(input_cfg, "text_len", 16))),
+        self.num_examples, self.seed, bool(_get(input_cfg, "shuffle", True)),
+        self.process_index, self.process_count)
+    prefetch = int(_get(input_cfg, "prefetch", 0) or 0)
+    num_workers = int(_get(input_cfg, "num_workers", 0) or 0)
+    num_threads = int(_get(input_cfg, "num_threads", 2) or 1)
+    ds = grain.MapDataset.range(_MAX_STREAM).map(self._element)
+    ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=num_threads,
+        prefetch_buffer_size=max(prefetch * self.local_batch_size, num_threads, 1)))
+    if num_workers > 0:
+      _mark_flags_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=num_workers,
+          per_worker_buffer_size=max(prefetch * self.local_batch_size, 1)))
+    self._ds = ds
+    self._it = iter(ds)
+    self._skipped: collections.Counter = collections.Counter()
+    self._step = 0
+
+  def __iter__(self):
+    return self
+
+  def next_local(self) -> dict[str, np.ndarray]:
+    """The next batch of this process as numpy arrays (local_batch_size examples)."""
+    examples = []
+    while len(examples) < self.local_batch_size:
+      ex = next(self._it)
+      if _SKIP in ex:
+        reason = ex[_SKIP]
+        if not self._skipped[reason]:
+          logging.warning("Skipping bad record %s (%s); further ones are only counted "
+                          "in stats().", ex.get("_index"), ex.get("_detail"))
+        self._skipped[reason] += 1
+        continue
+      examples.append(ex)
+    self._step += 1
+    return _stack(examples)
+
+  def __next__(self):
+    batch = self.next_local()
+    return batch if self.sharding is None else _to_global(batch, self.sharding)
+
+  def stats(self) -> dict[str, int]:
+    """Counts of skipped records by reason, {"skipped/<reason>": n} (0 if none)."""
+    return {f"skipped/{k}": v for k, v in sorted(self._skipped.items())}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"grain": self._it.get_state(), "step": self._step,
+            "skipped": dict(self._skipped), "seed": self.seed,
+            "process_index": self.process_index, "process_count": self.process_count,
+            "global_batch_size": self.global_batch_size}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for k in ("seed", "process_index", "process_count", "global_batch_size"):
+      if k in state and state[k] != getattr(self, k):
+        raise ValueError(f"Iterator state is for {k}={state[k]}, this iterator has "
+                         f"{k}={getattr(self, k)}; data order would not resume exactly.")
+    self._it.set_state(state["grain"])
+    self._step = int(state.get("step", 0))
+    self._skipped = collections.Counter(state.get("skipped", {}))
+
+  @property
+  def epoch(self) -> float:
+    """Epochs consumed (approximate when records were skipped)."""
+    return self._step * self.global_batch_size / self.num_examples
+
+  def close(self):
+    close = getattr(self._it, "close", None)
+    if close:
+      close()
+
+
+def make_train_iterator(input_cfg, *, global_batch_size: int, seed: int, sharding,
+                        process_index=None, process_count=None) -> TrainIterator:
+  """Endless shuffled training batches; see the module docstring.
+
+  `sharding`: a NamedSharding over the batch axes -> batches of global jax.Arrays; None
+  -> this process's numpy batches. process_index/count default to jax's (override only
+  to simulate other processes, with sharding=None).
+  """
+  return TrainIterator(input_cfg, global_batch_size=global_batch_size, seed=seed,
+                       sharding=sharding, process_index=process_index,
+                       process_count=process_count)
+
+
+class _EvalElement:
+  """Local position -> example (with mask 1), or padding/bad record (mask 0)."""
+
+  def __init__(self, example: _Example, n, global_batch, local_batch, process_index, seed):
+    self.example, self.n = example, n
+    self.gb, self.lb, self.p, self.seed = global_batch, local_batch, process_index, seed
+    self._template = None
+
+  def index(self, k: int) -> int:
+    step, j = divmod(int(k), self.lb)
+    return step * self.gb + self.p * self.lb + j
+
+  def template(self):
+    if self._template is None:
+      for i in range(self.n):
+        ex = self.example.load(i, _example_rng(self.seed, 0, i))
+        if _SKIP not in ex:
+          self._template = {k: np.zeros_like(v) for k, v in ex.items()}
+          break
+      else:
+        raise ValueError("Every example of the eval split is a bad record.")
+    return self._template
+
+  def __call__(self, k: int):
+    i = self.index(k)
+    if i >= self.n:
+      return dict(self.template(), mask=np.int32(0), _pad=True)
+    ex = self.example.load(i, _example_rng(self.seed, 0, i))
+    if _SKIP in ex:
+      return dict(self.template(), mask=np.int32(0), **{_SKIP: ex[_SKIP]})
+    return dict(ex, mask=np.int32(1))
+
+
+class EvalBatches:
+  """Re-iterable, ordered, padded batches over a whole split, with a `mask` field.
+
+  Global batch s holds examples [s*B, (s+1)*B) (process p the p-th contiguous chunk);
+  positions past the end are zero padding with mask 0. Bad records also get mask 0
+  and are counted in stats().
+  """
+
+  def __init__(self, input_cfg, split, batch_size, sharding, *, pp_image=None,
+               process_index=None, process_count=None):
+    self.process_index, self.process_count, self.local_batch_size = _process_layout(
+        batch_size, process_index, process_count)
+    _check_sharding(sharding, self.process_count)
+    self.batch_size, self.sharding = batch_size, sharding
+    source = sources.open_source(_get(input_cfg, "data"), split, _get(input_cfg, "data_dir"))
+    self.num_examples = len(source)
+    pp = pp_image or _get(input_cfg, "pp_image_eval") or _get(input_cfg, "pp_image")
+    self._element = _EvalElement(
+        _Example(source, pp, _tokenizer(input_cfg), int(_get(input_cfg, "text_len", 16)),
+                 keep_label=True),
+        self.num_examples, batch_size, self.local_batch_size, self.process_index,
+        int(_get(input_cfg, "seed", 0) or 0))
+    self.num_threads = int(_get(input_cfg, "num_threads", 2) or 1)
+    self._skipped: collections.Counter = collections.Counter()
+
+  def __len__(self) -> int:
+    return -(-self.num_examples // self.batch_size)
+
+  def iter_local(self) -> Iterator[dict[str, np.ndarray]]:
+    self._skipped = collections.Counter()
+    self._element.template()
+    ds = grain.MapDataset.range(len(self) * self.local_batch_size).map(self._element)
+    it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
+                                                   prefetch_buffer_size=self.local_batch_size)))
+    for _ in range(len(self)):
+      examples = [next(it) for _ in range(self.local_batch_size)]
+      for ex in examples:
+        if _SKIP in ex:
+          self._skipped[ex.pop(_SKIP)] += 1
+        ex.pop("_pad", None)
+      yield _stack(examples)
+
+  def __iter__(self):
+    for batch in self.iter_local():
+      yield batch if self.sharding is None else _to_global(batch, self.sharding)
+
+  def stats(self) -> dict[str, int]:
+    return {f"skipped/{k}": v for k, v in sorted(self._skipped.items())}
+
+
+def make_eval_batches(input_cfg, split: str, batch_size: int, sharding, **kwargs) -> EvalBatches:
+  """All of `split` in order, padded to full batches, with `mask` (and `label`).
+
+  Uses `pp_image=` if given, else input_cfg.pp_image_eval if set, else input_cfg.pp_image
+  (random ops then use a fixed per-example rng). kwargs: pp_image, process_index,
+  process_count.
+  """
+  return EvalBatches(input_cfg, split, batch_size, sharding, **kwargs)

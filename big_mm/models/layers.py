@@ -1,0 +1,310 @@
+"""Transformer building blocks shared by the ViT and text towers.
+
+Parameter names and shapes follow big_vision (`models/vit.py`), so released
+checkpoints load without renaming:
+
+  MlpBlock:      Dense_0/{kernel [D, M], bias [M]}, Dense_1/{kernel [M, D], bias [D]}
+  MultiHeadDotProductAttention:
+                 {query,key,value}/{kernel [D, H, Dh], bias [H, Dh]},
+                 out/{kernel [H, Dh, D], bias [D]}
+  Encoder1DBlock: LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0
+  Encoder:       encoderblock_{i}/... (scan=False) or encoderblock/... with a leading
+                 `layers` axis of size depth (scan=True); encoder_norm
+  MAPHead:       probe [1, 1, D], MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0
+
+Every parameter is created through `nn.with_logical_partitioning` with the logical
+axis names of docs/CONTRACTS.md (embed, mlp, heads, kv, vocab, patch, layers,
+length); activations are constrained to ("batch", "length", "embed") at block
+boundaries. `dtype` is the compute dtype ("float32", "bfloat16" or a jnp dtype);
+parameters are always stored in float32.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_mm.kernels import attention as attention_kernels
+
+Dtype = Any
+ACT_AXES = ("batch", "length", "embed")
+REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots",
+                  "checkpoint_dots_with_no_batch_dims")
+
+
+def to_dtype(dtype) -> jnp.dtype:
+  """'float32' / 'bfloat16' / jnp dtype / None -> jnp.dtype (None -> float32)."""
+  if dtype is None:
+    return jnp.dtype(jnp.float32)
+  try:
+    return jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"Invalid dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'.") from None
+
+
+def logical(init, names):
+  """Wraps an initializer so its param carries logical axis names."""
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def constrain(x):
+  """Activation sharding constraint at block boundaries ([B, L, D] only)."""
+  if x.ndim == 3:
+    return nn.with_logical_constraint(x, ACT_AXES)
+  return x
+
+
+def remat_policy_fn(name: Optional[str]):
+  """'none'/None -> no remat (returns False); else the jax.checkpoint_policies entry."""
+  if name is None or name == "none":
+    return False
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None or not callable(policy) or name.startswith("_"):
+    valid = [n for n in REMAT_POLICIES if n == "none" or hasattr(jax.checkpoint_policies, n)]
+    raise ValueError(f"Unknown remat_policy {name!r}; valid: {valid} "
+                     "(or any jax.checkpoint_policies name).")
+  # Policies that take arguments (e.g. save_only_these_names) are factories, not policies.
+  if name.startswith("save_") or name.startswith("offload_"):
+    raise ValueError(f"remat_policy {name!r} needs arguments; use one of {REMAT_POLICIES}.")
+  return policy
+
+
+def _layernorm(dtype, name=None):
+  return nn.LayerNorm(
+      dtype=dtype, param_dtype=jnp.float32, name=name,
+      scale_init=logical(nn.initializers.ones, ("embed",)),
+      bias_init=logical(nn.initializers.zeros, ("embed",)))
+
+
+class MlpBlock(nn.Module):
+  """Dense_0 -> gelu -> dropout -> Dense_1 (big_vision MlpBlock)."""
+  mlp_dim: Optional[int] = None  # default 4 * width
+  dropout: float = 0.0
+  dtype: Dtype = "float32"
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    dtype = to_dtype(self.dtype)
+    d = x.shape[-1]
+    mlp_dim = self.mlp_dim or 4 * d
+    x = nn.Dense(mlp_dim, dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=logical(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+                 bias_init=logical(nn.initializers.normal(stddev=1e-6), ("mlp",)))(x)
+    if x.ndim == 3:
+      x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
+    x = nn.gelu(x)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic)
+    x = nn.Dense(d, dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=logical(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+                 bias_init=logical(nn.initializers.normal(stddev=1e-6), ("embed",)))(x)
+    return x
+
+
+class DenseGeneral(nn.Module):
+  """`nn.DenseGeneral` for attention projections: same param names, shapes and init.
+
+  Contracts the last `in_axes` input dims with the first `in_axes` kernel dims.
+  Why not nn.DenseGeneral: in flax 0.12 it calls a logically partitioned initializer
+  on the *flattened* kernel shape and unboxes it there, which applies a sharding
+  constraint of the wrong rank as soon as a mesh is active during init. Here the
+  initializer also sees the flattened 2-D shape (so fan-in/fan-out, hence the init
+  scale, match flax/big_vision) but the logical box wraps the reshaped kernel.
+  """
+  features: Tuple[int, ...]
+  in_axes: int
+  kernel_axes: Tuple[Optional[str], ...]
+  bias_axes: Tuple[Optional[str], ...]
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Dtype = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    features = tuple(self.features)
+    in_shape = tuple(x.shape[x.ndim - self.in_axes:])
+    flat = (int(np.prod(in_shape)), int(np.prod(features)))
+
+    def kinit(key, shape, dtype=jnp.float32):
+      return jnp.reshape(self.kernel_init(key, flat, dtype), shape)
+
+    def binit(key, shape, dtype=jnp.float32):
+      return jnp.reshape(self.bias_init(key, (flat[1],), dtype), shape)
+
+    kernel = self.param("kernel", logical(kinit, self.kernel_axes), in_shape + features,
+                        jnp.float32)
+    bias = self.param("bias", logical(binit, self.bias_axes), features, jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=to_dtype(self.dtype))
+    y = jnp.tensordot(x, kernel, axes=self.in_axes)
+    return y + bias
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Drop-in for flax's MultiHeadDotProductAttention (same param names/shapes).
+
+  Calls `big_mm.kernels.attention.dot_product_attention` with `implementation`.
+  Projections use `DenseGeneral` below (flax's nn.DenseGeneral layout and init).
+  `mask`: boolean broadcastable to [B, H, Lq, Lk] (True = attend).
+  """
+  num_heads: int
+  qkv_features: Optional[int] = None
+  out_features: Optional[int] = None
+  causal: bool = False
+  implementation: str = "xla"
+  dtype: Dtype = "float32"
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv=None, mask=None, deterministic: bool = True):
+    del deterministic  # no attention-weight dropout (big_vision default rate 0).
+    dtype = to_dtype(self.dtype)
+    if inputs_kv is None:
+      inputs_kv = inputs_q
+    features = self.qkv_features or inputs_q.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(f"Attention width {features} is not divisible by num_heads={self.num_heads}.")
+    head_dim = features // self.num_heads
+    out_features = self.out_features or inputs_q.shape[-1]
+
+    def proj(name):
+      return DenseGeneral(features=(self.num_heads, head_dim), in_axes=1,
+                          kernel_axes=("embed", "heads", "kv"), bias_axes=("heads", "kv"),
+                          dtype=dtype, name=name)
+
+    q = proj("query")(inputs_q)
+    k = proj("key")(inputs_kv)
+    v = proj("value")(inputs_kv)
+    qkv_axes = ("batch", "length", "heads", "kv")
+    q, k, v = (nn.with_logical_constraint(t, qkv_axes) for t in (q, k, v))
+    y = attention_kernels.dot_product_attention(
+        q, k, v, mask=mask, causal=self.causal, implementation=self.implementation)
+    y = DenseGeneral(features=(out_features,), in_axes=2, kernel_axes=("heads", "kv", "embed"),
+                     bias_axes=("embed",), dtype=dtype, name="out")(y)
+    return y
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block. Returns (x, None) so it can be the body of nn.scan."""
+  mlp_dim: Optional[int] = None
+  num_heads: int = 12
+  dropout: float = 0.0
+  causal: bool = False
+  attn_implementation: str = "xla"
+  dtype: Dtype = "float32"
+
+  @nn.compact
+  def __call__(self, x, mask=None, deterministic: bool = True):
+    x = constrain(x)
+    y = _layernorm(self.dtype)(x)
+    y = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, causal=self.causal,
+        implementation=self.attn_implementation, dtype=self.dtype)(y, y, mask=mask)
+    y = constrain(y)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = x + y
+    y = _layernorm(self.dtype)(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)(y, deterministic)
+    y = constrain(y)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = constrain(x + y)
+    return x, None
+
+
+class Encoder(nn.Module):
+  """Stack of Encoder1DBlocks + final LayerNorm (`encoder_norm`).
+
+  scan=True: one `encoderblock` whose params have a leading `layers` axis of size
+  depth (nn.scan); scan=False: `encoderblock_{i}`. remat_policy: "none" (no
+  rematerialisation) or a `jax.checkpoint_policies` name applied with nn.remat.
+  `mask` (boolean, broadcastable to [B, H, L, L]) is passed to every block.
+  Returns (encoded, out) with out["pre_ln"] the output before `encoder_norm`.
+  """
+  depth: int
+  mlp_dim: Optional[int] = None
+  num_heads: int = 12
+  dropout: float = 0.0
+  causal: bool = False
+  scan: bool = False
+  remat_policy: str = "none"
+  attn_implementation: str = "xla"
+  dtype: Dtype = "float32"
+
+  @nn.compact
+  def __call__(self, x, mask=None, deterministic: bool = True):
+    out = {}
+    policy = remat_policy_fn(self.remat_policy)
+    block = Encoder1DBlock
+    if policy is not False:
+      # static_argnums counts `self`: (self, x, mask, deterministic).
+      block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(3,), policy=policy)
+    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+              causal=self.causal, attn_implementation=self.attn_implementation, dtype=self.dtype)
+    if self.scan:
+      x, _ = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(name="encoderblock", **kw)(x, mask, deterministic)
+    else:
+      for i in range(self.depth):
+        x, _ = block(name=f"encoderblock_{i}", **kw)(x, mask, deterministic)
+    out["pre_ln"] = x
+    x = _layernorm(self.dtype, name="encoder_norm")(x)
+    return constrain(x), out
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling with a learned probe (big_vision MAPHead).
+
+  `mask`: optional boolean [B, L] key mask (True = real token) so pads are ignored.
+  """
+  mlp_dim: Optional[int] = None
+  num_heads: int = 12
+  attn_implementation: str = "xla"
+  dtype: Dtype = "float32"
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    n, _, d = x.shape
+    probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")),
+                       (1, 1, d), jnp.float32)
+    probe = jnp.tile(probe, [n, 1, 1]).astype(x.dtype)
+    attn_mask = None if mask is None else jnp.asarray(mask, bool)[:, None, None, :]
+    x = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, implementation=self.attn_implementation,
+        dtype=self.dtype)(probe, x, mask=attn_mask)
+    y = _layernorm(self.dtype)(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype)(y)
+    return x[:, 0]
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
+                     dtype=jnp.float32) -> jax.Array:
+  """2-D sin-cos position embedding [1, h*w, width] (MoCo v3 / big_vision)."""
+  if width % 4:
+    raise ValueError(f"sincos2d position embedding needs width divisible by 4; got {width}.")
+  y, x = jnp.mgrid[:h, :w]
+  omega = jnp.arange(width // 4) / max(width // 4 - 1, 1)
+  omega = 1. / (temperature ** omega)
+  y = jnp.einsum("m,d->md", y.flatten(), omega)
+  x = jnp.einsum("m,d->md", x.flatten(), omega)
+  pe = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+  return jnp.asarray(pe, dtype)[None, :, :]
+
+
+def learned_posemb(module: nn.Module, name: str, length: int, width: int) -> jax.Array:
+  """Learned position embedding param [1, length, width], init N(0, 1/sqrt(width))."""
+  return module.param(
+      name, logical(nn.initializers.normal(stddev=1 / np.sqrt(width)), (None, "length", "embed")),
+      (1, length, width), jnp.float32)
+
+
+def get_posemb(module: nn.Module, typ: str, seqshape, width: int, name: str, dtype=jnp.float32):
+  """"learn" -> param `name` [1, prod(seqshape), width]; "sincos2d" -> fixed table."""
+  if typ == "learn":
+    return learned_posemb(module, name, int(np.prod(seqshape)), width).astype(dtype)
+  if typ == "sincos2d":
+    return posemb_sincos_2d(*seqshape, width, dtype=dtype)
+  raise ValueError(f"Unknown posemb type {typ!r}; valid: 'learn', 'sincos2d'.")

@@ -1,0 +1,111 @@
+"""Text transformer, parameter-compatible with big_vision `proj/image_text/text_transformer.py`.
+
+Param tree:
+  Embed_0/embedding [vocab_size, D]
+  pos_embedding [1, L, D]
+  Encoder_0/encoderblock_{i}/... , Encoder_0/encoder_norm
+  MAPHead_0/...      (pool="map")
+  head/{kernel, bias} (num_classes set)
+
+Input: int32 tokens [B, L], 0 = pad (docs/CONTRACTS.md), EOS appended.
+
+Padding. `pad_mask=False` (default, as big_vision): pad tokens are attended to like
+any other token, which keeps released big_vision checkpoints numerically identical.
+`pad_mask=True`: keys at pad positions are masked out in every layer, so outputs do
+not depend on how much padding follows. Independently of `pad_mask`, pooling always
+ignores pads: "last" takes the token at the last non-pad position (with sticky EOS
+this is the EOS), "mean" averages over non-pad tokens, "map" masks pad keys.
+`causal=True` adds a causal mask (token i sees only tokens <= i).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from big_mm.models import layers
+from big_mm.models.vit import resolve_arch
+
+POOL_TYPES = ("last", "first", "mean", "map", "none")
+
+
+def last_token_index(text):
+  """Index of the last non-pad (nonzero) token per row; 0 for an all-pad row."""
+  pos = jnp.arange(text.shape[1], dtype=jnp.int32)[None, :]
+  return jnp.max(jnp.where(text != 0, pos, 0), axis=1)
+
+
+class TextTransformer(nn.Module):
+  """Text encoder. Architecture from `variant` ("S", "B", "L", "So400m", ...; a
+  "/patch" suffix is accepted and ignored); explicit fields override it."""
+  variant: Optional[str] = None
+  width: Optional[int] = None        # default (no variant): 512 / 12 / 2048 / 8
+  depth: Optional[int] = None
+  mlp_dim: Optional[int] = None
+  num_heads: Optional[int] = None
+  vocab_size: int = 32_000
+  num_classes: Optional[int] = None  # head output size; None/0 = no head (big_vision name)
+  pool: str = "last"                 # "last" | "first" | "mean" | "map" | "none"
+  causal: bool = False
+  pad_mask: bool = False
+  dropout: float = 0.0
+  scan: bool = False
+  remat_policy: str = "none"
+  attn_implementation: str = "xla"
+  dtype: Any = "float32"
+
+  def arch(self) -> dict:
+    a = resolve_arch(self, dict(width=512, depth=12, mlp_dim=2048, num_heads=8))
+    a.pop("patch_size", None)
+    return a
+
+  @nn.compact
+  def __call__(self, text, *, train: bool = False):
+    if self.pool not in POOL_TYPES:
+      raise ValueError(f"Unknown pool {self.pool!r}; valid: {POOL_TYPES}.")
+    if text.ndim != 2:
+      raise ValueError(f"text must be int tokens [batch, length]; got shape {tuple(text.shape)}.")
+    a = self.arch()
+    dtype = layers.to_dtype(self.dtype)
+    out = {}
+    nonpad = text != 0
+    x = out["embedded"] = nn.Embed(
+        num_embeddings=self.vocab_size, features=a["width"], dtype=dtype,
+        param_dtype=jnp.float32,
+        embedding_init=layers.logical(nn.linear.default_embed_init, ("vocab", "embed")),
+    )(text)
+    n, l, d = x.shape
+    x = x + layers.learned_posemb(self, "pos_embedding", l, d).astype(x.dtype)
+    x = layers.constrain(x)
+    x = nn.Dropout(rate=self.dropout)(x, not train)
+    mask = nonpad[:, None, None, :] if self.pad_mask else None
+    x, enc_out = layers.Encoder(
+        depth=a["depth"], mlp_dim=a["mlp_dim"], num_heads=a["num_heads"], dropout=self.dropout,
+        causal=self.causal, scan=self.scan, remat_policy=self.remat_policy,
+        attn_implementation=self.attn_implementation, dtype=self.dtype,
+    )(x, mask, deterministic=not train)
+    out.update(enc_out)
+    out["transformed"] = x
+
+    if self.pool == "last":
+      idx = last_token_index(text)
+      x = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+    elif self.pool == "first":
+      x = x[:, 0]
+    elif self.pool == "mean":
+      w = nonpad.astype(jnp.float32)[..., None]
+      x = (jnp.sum(x.astype(jnp.float32) * w, axis=1)
+           / jnp.maximum(jnp.sum(w, axis=1), 1.0)).astype(x.dtype)
+    elif self.pool == "map":
+      x = layers.MAPHead(num_heads=a["num_heads"], mlp_dim=a["mlp_dim"],
+                         attn_implementation=self.attn_implementation,
+                         dtype=self.dtype)(x, mask=nonpad)
+    out["pre_logits"] = x
+
+    if self.num_classes:
+      x = out["logits"] = nn.Dense(
+          self.num_classes, dtype=dtype, param_dtype=jnp.float32, name="head",
+          kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", None)),
+          bias_init=layers.logical(nn.initializers.zeros, (None,)))(x)
+    return x, out

@@ -1,0 +1,184 @@
+"""Vision Transformer, parameter-compatible with big_vision `models/vit.py`.
+
+Param tree (pool="map", num_classes set):
+  embedding/{kernel [p, p, 3, D], bias [D]}     conv patch embedding
+  pos_embedding [1, N, D]                       (posemb="learn")
+  cls [1, 1, D]                                 (pool="tok")
+  Transformer/encoderblock_{i}/... , Transformer/encoder_norm
+  MAPHead_0/...                                 (pool="map")
+  head/{kernel [D, num_classes], bias}           (num_classes set)
+
+`ViT(...)(image, train=False) -> (x, out)` where x is the head output (or the pooled
+features without a head; the tokens for pool="none") and out holds "stem",
+"with_posemb", "encoded", "head_input", "pre_logits", "pre_logits_2d", "logits".
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from big_mm.models import layers
+
+# RECIPES.md section 1 (big_vision decode_variant): name -> (width, depth, mlp_dim, num_heads).
+VARIANTS = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "g-opt": (1536, 40, 6144, 16),
+}
+POOL_TYPES = ("map", "gap", "tok", "0", "none")
+POSEMB_TYPES = ("learn", "sincos2d")
+
+
+def decode_variant(variant: Optional[str]) -> dict:
+  """'B/16' -> {width, depth, mlp_dim, num_heads, patch_size=(16, 16)}; 'B' -> no patch_size.
+
+  None -> {}. Raises ValueError naming the valid variants.
+  """
+  if variant is None:
+    return {}
+  if not isinstance(variant, str):
+    raise ValueError(f"variant must be a string like 'B/16'; got {variant!r}.")
+  name, patch = variant, None
+  if "/" in variant:
+    name, patch = variant.split("/", 1)
+  if name not in VARIANTS:
+    close = difflib.get_close_matches(name, list(VARIANTS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"Unknown variant {variant!r}.{hint} Valid variants: {', '.join(VARIANTS)} "
+        "optionally followed by '/<patch size>', e.g. 'B/16', 'So400m/14'.")
+  width, depth, mlp_dim, num_heads = VARIANTS[name]
+  out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+  if patch is not None:
+    try:
+      p = int(patch)
+      if p <= 0:
+        raise ValueError
+    except ValueError:
+      raise ValueError(f"Invalid patch size {patch!r} in variant {variant!r}; "
+                       "expected a positive integer as in 'B/16'.") from None
+    out["patch_size"] = (p, p)
+  return out
+
+
+def resolve_arch(module, defaults: dict) -> dict:
+  """Variant values, overridden by explicit non-None fields, else `defaults`."""
+  arch = dict(defaults)
+  arch.update(decode_variant(module.variant))
+  for k in defaults:
+    v = getattr(module, k)
+    if v is not None:
+      arch[k] = v
+  if arch.get("mlp_dim") is None:
+    arch["mlp_dim"] = 4 * arch["width"]
+  return arch
+
+
+def check_kwargs(cls, kwargs: dict, what: str) -> None:
+  """Raises TypeError naming bad keys of `kwargs` for module class `cls`."""
+  valid = sorted(f for f in cls.__dataclass_fields__ if f not in ("parent", "name"))
+  for k in kwargs:
+    if k not in valid:
+      close = difflib.get_close_matches(k, valid, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise TypeError(f"Invalid {what} option {k!r}.{hint} Valid options: {', '.join(valid)}.")
+
+
+class ViT(nn.Module):
+  """ViT. Architecture from `variant` (e.g. "B/16"); explicit fields override it."""
+  variant: Optional[str] = None
+  width: Optional[int] = None        # default (no variant): B/16
+  depth: Optional[int] = None
+  mlp_dim: Optional[int] = None      # default 4 * width
+  num_heads: Optional[int] = None
+  patch_size: Optional[Union[int, Sequence[int]]] = None
+  num_classes: Optional[int] = None  # head output size; None/0 = no head (big_vision name)
+  posemb: str = "learn"              # "learn" | "sincos2d"
+  pool: str = "gap"                  # "map" | "gap" | "tok" | "0" | "none"
+  rep_size: Union[int, bool] = False
+  head_zeroinit: bool = True
+  dropout: float = 0.0
+  scan: bool = False
+  remat_policy: str = "none"
+  attn_implementation: str = "xla"
+  dtype: Any = "float32"             # compute dtype; params stay float32
+
+  def arch(self) -> dict:
+    a = resolve_arch(self, dict(width=768, depth=12, mlp_dim=None, num_heads=12,
+                                patch_size=(16, 16)))
+    p = a["patch_size"]
+    a["patch_size"] = (int(p), int(p)) if isinstance(p, int) else tuple(int(i) for i in p)
+    return a
+
+  @nn.compact
+  def __call__(self, image, *, train: bool = False):
+    if self.pool not in POOL_TYPES:
+      raise ValueError(f"Unknown pool {self.pool!r}; valid: {POOL_TYPES}.")
+    a = self.arch()
+    dtype = layers.to_dtype(self.dtype)
+    out = {}
+    image = jnp.asarray(image, dtype)
+    x = out["stem"] = nn.Conv(
+        a["width"], a["patch_size"], strides=a["patch_size"], padding="VALID",
+        dtype=dtype, param_dtype=jnp.float32, name="embedding",
+        kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+        bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(image)
+    n, h, w, c = x.shape
+    x = jnp.reshape(x, [n, h * w, c])
+    x = out["with_posemb"] = x + layers.get_posemb(self, self.posemb, (h, w), c, "pos_embedding",
+                                                   x.dtype)
+    if self.pool == "tok":
+      cls = self.param("cls", layers.logical(nn.initializers.zeros, (None, None, "embed")),
+                       (1, 1, c), jnp.float32)
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
+    x = layers.constrain(x)
+    x = nn.Dropout(rate=self.dropout)(x, not train)
+    x, enc_out = layers.Encoder(
+        depth=a["depth"], mlp_dim=a["mlp_dim"], num_heads=a["num_heads"], dropout=self.dropout,
+        scan=self.scan, remat_policy=self.remat_policy,
+        attn_implementation=self.attn_implementation, dtype=self.dtype,
+        name="Transformer")(x, deterministic=not train)
+    out["encoder"] = enc_out
+    encoded = out["encoded"] = x
+
+    if self.pool == "map":
+      x = out["head_input"] = layers.MAPHead(
+          num_heads=a["num_heads"], mlp_dim=a["mlp_dim"],
+          attn_implementation=self.attn_implementation, dtype=self.dtype)(x)
+    elif self.pool == "gap":
+      x = out["head_input"] = jnp.mean(x, axis=1)
+    elif self.pool == "0":
+      x = out["head_input"] = x[:, 0]
+    elif self.pool == "tok":
+      x = out["head_input"] = x[:, 0]
+      encoded = encoded[:, 1:]
+    # "none": x stays the token sequence.
+
+    x_2d = jnp.reshape(encoded, [n, h, w, -1])
+    if self.rep_size:
+      rep = a["width"] if self.rep_size is True else int(self.rep_size)
+      hid = nn.Dense(rep, dtype=dtype, param_dtype=jnp.float32, name="pre_logits",
+                     kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                     bias_init=layers.logical(nn.initializers.zeros, ("mlp",)))
+      x_2d = nn.tanh(hid(x_2d))
+      x = nn.tanh(hid(x))
+    out["pre_logits_2d"] = x_2d
+    out["pre_logits"] = x
+
+    if self.num_classes:
+      kinit = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+      head = nn.Dense(self.num_classes, dtype=dtype, param_dtype=jnp.float32, name="head",
+                      kernel_init=layers.logical(kinit, ("embed", None)),
+                      bias_init=layers.logical(nn.initializers.zeros, (None,)))
+      out["logits_2d"] = head(x_2d)
+      x = out["logits"] = head(x)
+    return x, out

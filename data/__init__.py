@@ -1,0 +1,1 @@
+"""Dataset builders and small bundled data (the demo's `digits_captions`)."""

@@ -1,0 +1,46 @@
+"""Builds the demo data: the `digits_captions` TFDS dataset and its tokenizer.
+
+  python data/build_demo.py [--data_dir DIR] [--tokenizer_out data/digits_spm.model]
+
+`--data_dir` defaults to TFDS's default (`$TFDS_DATA_DIR` or ~/tensorflow_datasets).
+No TensorFlow needed. Deterministic: building twice gives identical records.
+The tokenizer is only trained with `--tokenizer` (data/digits_spm.model is committed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+from data import digits_captions  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tools import make_tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+DEFAULT_TOKENIZER = os.path.join(_ROOT, "data", "digits_spm.model")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--data_dir", default=None,
+                 help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  p.add_argument("--tokenizer", action="store_true",
+                 help=f"also (re)train the tokenizer into --tokenizer_out")
+  p.add_argument("--tokenizer_out", default=DEFAULT_TOKENIZER)
+  args = p.parse_args(argv)
+  builder = digits_captions.build(args.data_dir)
+  print(f"digits_captions: {builder.data_dir}")
+  for split, info in builder.info.splits.items():
+    print(f"  {split}: {info.num_examples} examples")
+  if args.tokenizer or not os.path.exists(args.tokenizer_out):
+    path = make_tokenizer.train_from_tfds(
+        "digits_captions", split="train", data_dir=args.data_dir,
+        out=args.tokenizer_out, **make_tokenizer.DEMO_SETTINGS)
+    print(f"tokenizer: {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

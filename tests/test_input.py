@@ -1,0 +1,334 @@
+"""Tests of the input stack: demo dataset, tokenizer, pp ops, train/eval pipelines."""
+import glob
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
+
+from big_mm.input import pipeline, preprocess, sources, tokenizer  # pylint: disable=wrong-import-position
+from data import digits_captions  # pylint: disable=wrong-import-position
+
+TOKENIZER = os.path.join(ROOT, "data", "digits_spm.model")
+PP_TRAIN = "decode|resize(36)|random_crop(32)|flip_lr|value_range(-1,1)"
+
+
+def _cfg(data_dir, **kw):
+  cfg = dict(data="digits_captions", split="train", data_dir=data_dir, tokenizer=TOKENIZER,
+             text_len=12, pp_image=PP_TRAIN, num_workers=0, prefetch=1, shuffle=True)
+  cfg.update(kw)
+  return cfg
+
+
+# ---- dataset -------------------------------------------------------------------------
+
+def test_builder_splits(data_dir):
+  tr = sources.open_source("digits_captions", "train", data_dir)
+  te = sources.open_source("digits_captions", "test", data_dir)
+  assert (len(tr), len(te)) == (1497, 300)
+  assert sources.num_examples("digits_captions", "test", data_dir) == 300
+  ids_tr = {int(tr[i]["id"]) for i in range(len(tr))}
+  ids_te = [int(te[i]["id"]) for i in range(len(te))]
+  assert len(set(ids_te)) == 300 and not ids_tr & set(ids_te)
+  assert ids_tr | set(ids_te) == set(range(1797))
+  labels = [int(te[i]["label"]) for i in range(len(te))]
+  assert np.bincount(labels).tolist() == [30] * 10  # Stratified.
+  ex = te[0]
+  assert isinstance(ex["image"], bytes) and ex["image"][:4] == b"\x89PNG"
+  assert isinstance(ex["text"], str)
+  assert np.asarray(Image.open(io.BytesIO(ex["image"]))).shape == (32, 32, 3)
+  word, num = digits_captions.WORDS[int(ex["label"])], str(int(ex["label"]))
+  assert word in ex["text"].split() or num in ex["text"].split()
+  assert ex["text"] == digits_captions.caption(int(ex["label"]), int(ex["id"]))
+  assert sources.label_names("digits_captions", data_dir)[7] == "seven"
+  assert "tensorflow" not in sys.modules
+
+
+def test_builder_deterministic(data_dir, tmp_path):
+  digits_captions.build(str(tmp_path))
+  files = sorted(glob.glob(os.path.join(data_dir, "digits_captions", "1.0.0", "*.array_record*")))
+  assert len(files) == 2
+  for f in files:
+    other = os.path.join(tmp_path, "digits_captions", "1.0.0", os.path.basename(f))
+    with open(f, "rb") as a, open(other, "rb") as b:
+      assert a.read() == b.read(), f
+
+
+def test_missing_dataset_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"digits_captions.*build_demo.py"):
+    sources.open_source("digits_captions", "train", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"tfds build mnist"):
+    sources.open_source("mnist", "train", str(tmp_path))
+
+
+# ---- tokenizer -----------------------------------------------------------------------
+
+def test_tokenizer():
+  tok = tokenizer.Tokenizer(TOKENIZER)
+  assert (tok.pad_id, tok.eos_id) == (0, 1) and 10 < tok.vocab_size <= 128
+  texts = ["a photo of the number seven", "handwritten 7"]
+  ids = tok.encode(texts, 16)
+  assert ids.dtype == np.int32 and ids.shape == (2, 16)
+  for row in ids:
+    n = int(np.argmax(row == tok.eos_id))
+    assert row[n] == 1 and (row[n + 1:] == 0).all() and (row[:n] > 1).all()
+  assert tok.decode(ids) == texts
+  short = tok.encode(texts, 3)
+  assert short.shape == (2, 3) and (short[:, -1] == tok.eos_id).all()
+  assert (short[:, :2] == ids[:, :2]).all()
+  assert tok.encode("handwritten 7", 1).tolist() == [[1]]
+  import pickle  # pylint: disable=g-import-not-at-top
+  assert (pickle.loads(pickle.dumps(tok)).encode(texts, 16) == ids).all()
+
+
+def test_tokenizer_missing(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"nope\.model.*make_tokenizer\.py"):
+    tokenizer.Tokenizer(str(tmp_path / "nope.model"))
+
+
+def test_make_tokenizer_deterministic(tmp_path):
+  from tools import make_tokenizer  # pylint: disable=g-import-not-at-top
+  texts = [digits_captions.caption(i % 10, i) for i in range(300)]
+  a = make_tokenizer.train(texts, str(tmp_path / "a.model"), **make_tokenizer.DEMO_SETTINGS)
+  b = make_tokenizer.train(texts, str(tmp_path / "b.model"), **make_tokenizer.DEMO_SETTINGS)
+  assert open(a, "rb").read() == open(b, "rb").read()
+  tok = tokenizer.Tokenizer(a)
+  assert (tok.pad_id, tok.eos_id) == (0, 1)
+
+
+# ---- preprocessing -------------------------------------------------------------------
+
+@pytest.mark.parametrize("pp,match", [
+    ("decode|rezise(32)", r"Unknown pp op 'rezise'.*Valid ops:.*resize\(size\)"),
+    ("decode|resize(32, 3)", r"resize\(size\)"),
+    ("decode|resize(-2)", r"positive"),
+    ("decode|resize(x)", r"literals.*resize\(size\)"),
+    ("decode|value_range(-1)", r"value_range\(lo, hi"),
+    ("decode|random_crop(32", r"missing '\)'"),
+    ("resize(32)|decode", r"first op"),
+    ("", r"non-empty"),
+])
+def test_parse_pp_errors(pp, match):
+  with pytest.raises(ValueError, match=match):
+    preprocess.parse_pp(pp)
+
+
+def _encode(img, fmt):
+  buf = io.BytesIO()
+  img.save(buf, format=fmt)
+  return buf.getvalue()
+
+
+def test_decode_modes():
+  rng = np.random.default_rng(0)
+  grey = Image.fromarray(np.full((5, 7), 100, np.uint8), "L")
+  rgba = Image.fromarray(np.dstack([np.full((5, 7, 3), 50, np.uint8),
+                                    np.full((5, 7), 255, np.uint8)]), "RGBA")
+  cmyk = Image.new("CMYK", (7, 5), (0, 0, 0, 0))  # White.
+  ops = preprocess.parse_pp("decode")
+  for data, expect in [(_encode(grey, "PNG"), 100), (_encode(rgba, "PNG"), 50),
+                       (_encode(cmyk, "JPEG"), 255), (_encode(grey.convert("RGB"), "JPEG"), 100)]:
+    out = preprocess.apply_pp(ops, data, rng)
+    assert out.shape == (5, 7, 3) and out.dtype == np.uint8
+    assert abs(int(np.median(out)) - expect) <= 2
+  with pytest.raises(preprocess.BadRecord) as e:
+    preprocess.apply_pp(ops, b"\x89PNG not really", rng)
+  assert e.value.reason == "decode"
+
+
+def test_pp_ops():
+  img = np.arange(40 * 30 * 3, dtype=np.uint8).reshape(40, 30, 3)
+  data = _encode(Image.fromarray(img), "PNG")
+  pp = preprocess.Preprocessor("decode|resize(36)|random_crop(32)|flip_lr|value_range(-1,1)")
+  a = pp(data, np.random.default_rng(1))
+  b = pp(data, np.random.default_rng(1))
+  assert a.shape == (32, 32, 3) and a.dtype == np.float32
+  assert (a == b).all() and a.min() >= -1 and a.max() <= 1
+  c = preprocess.apply_pp(preprocess.parse_pp("decode|central_crop((20, 10))"), data, None)
+  assert (c == img[10:30, 10:20]).all()
+  with pytest.raises(preprocess.BadRecord, match="too_small"):
+    preprocess.apply_pp(preprocess.parse_pp("decode|random_crop(64)"), data,
+                        np.random.default_rng(0))
+  r = preprocess.apply_pp(preprocess.parse_pp("decode|resize_small(20)"), data, None)
+  assert r.shape == (27, 20, 3)
+
+
+# ---- training iterator ---------------------------------------------------------------
+
+class _IdTextSource:
+  """A source whose text is the example index (to read back which examples came)."""
+
+  def __init__(self, base, corrupt=()):
+    self.base, self.corrupt = base, set(corrupt)
+
+  def __len__(self):
+    return len(self.base)
+
+  def __getitem__(self, i):
+    ex = dict(self.base[i], text=str(i))
+    if i in self.corrupt:
+      ex["image"] = b"garbage"
+    return ex
+
+
+@pytest.fixture
+def id_source(monkeypatch):
+  """Patches sources.open_source; returns a dict to set `corrupt` indices."""
+  opts = {"corrupt": ()}
+  real = sources.open_source
+  monkeypatch.setattr(sources, "open_source",
+                      lambda *a, **k: _IdTextSource(real(*a, **k), opts["corrupt"]))
+  return opts
+
+
+def _ids(tok, batch):
+  return [int(t) for t in tok.decode(batch["text"])]
+
+
+def test_train_global_arrays(data_dir):
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = NamedSharding(mesh, P("data"))
+  it = pipeline.make_train_iterator(_cfg(data_dir), global_batch_size=16, seed=0,
+                                    sharding=sharding)
+  b = next(it)
+  assert set(b) == {"image", "text"}
+  assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.float32
+  assert b["text"].shape == (16, 12) and b["text"].dtype == np.int32
+  for v in b.values():
+    assert isinstance(v, jax.Array) and v.sharding == sharding
+    assert len(v.addressable_shards) == 8 and v.addressable_shards[0].data.shape[0] == 2
+  assert float(b["image"].min()) >= -1 and float(b["image"].max()) <= 1
+  assert ((np.asarray(b["text"]) == 1).sum(1) == 1).all()  # One EOS each.
+  with pytest.raises(ValueError, match=r"global_batch_size=10.*process_count=4"):
+    pipeline.make_train_iterator(_cfg(data_dir), global_batch_size=10, seed=0,
+                                 sharding=None, process_index=0, process_count=4)
+
+
+def test_train_processes_cover_epochs(data_dir, id_source):
+  del id_source
+  tok = tokenizer.Tokenizer(TOKENIZER)
+  cfg = _cfg(data_dir, split="test", pp_image="decode|value_range(0,1)")  # 300 examples.
+  seen = []
+  for p in range(2):
+    it = pipeline.make_train_iterator(cfg, global_batch_size=20, seed=3, sharding=None,
+                                      process_index=p, process_count=2)
+    seen.append([_ids(tok, next(it)) for _ in range(30)])  # Two epochs.
+    assert seen[-1][0].__len__() == 10
+  for epoch in range(2):
+    e0 = sum(seen[0][15 * epoch:15 * (epoch + 1)], [])
+    e1 = sum(seen[1][15 * epoch:15 * (epoch + 1)], [])
+    assert not set(e0) & set(e1)
+    assert sorted(e0 + e1) == list(range(300))
+  assert sum(seen[0][:15], []) != sum(seen[0][15:], [])  # Reshuffled every epoch.
+
+
+def test_train_determinism_and_seed(data_dir):
+  def first(seed):
+    it = pipeline.make_train_iterator(_cfg(data_dir), global_batch_size=8, seed=seed,
+                                      sharding=None)
+    return [next(it) for _ in range(2)]
+  a, b, c = first(0), first(0), first(1)
+  for x, y in zip(a, b):
+    assert (x["image"] == y["image"]).all() and (x["text"] == y["text"]).all()
+  assert not (a[0]["text"] == c[0]["text"]).all()
+
+
+def test_train_resume_mid_epoch(data_dir):
+  cfg = _cfg(data_dir)
+  it = pipeline.make_train_iterator(cfg, global_batch_size=8, seed=0, sharding=None)
+  for _ in range(3):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  want = [next(it) for _ in range(3)]
+  it2 = pipeline.make_train_iterator(cfg, global_batch_size=8, seed=0, sharding=None)
+  it2.set_state(state)
+  got = [next(it2) for _ in range(3)]
+  for x, y in zip(want, got):
+    assert (x["image"] == y["image"]).all() and (x["text"] == y["text"]).all()
+  bad = dict(state, seed=5)
+  with pytest.raises(ValueError, match="seed"):
+    it2.set_state(bad)
+
+
+def test_train_workers_match_in_process(data_dir):
+  its = [pipeline.make_train_iterator(_cfg(data_dir, num_workers=w), global_batch_size=8,
+                                      seed=0, sharding=None) for w in (0, 1)]
+  try:
+    for _ in range(2):
+      x, y = next(its[0]), next(its[1])
+      assert (x["image"] == y["image"]).all() and (x["text"] == y["text"]).all()
+    state = json.loads(json.dumps(its[1].get_state()))
+    x = next(its[0])
+    its[1].set_state(state)
+    y = next(its[1])
+    assert (x["image"] == y["image"]).all() and (x["text"] == y["text"]).all()
+  finally:
+    for it in its:
+      it.close()
+
+
+def test_train_skips_corrupt(data_dir, id_source):
+  id_source["corrupt"] = set(range(0, 300, 7))  # 43 bad of 300.
+  tok = tokenizer.Tokenizer(TOKENIZER)
+  it = pipeline.make_train_iterator(_cfg(data_dir, split="test"), global_batch_size=16,
+                                    seed=0, sharding=None)
+  ids = []
+  for _ in range(16):  # 256 = every good example (257) but one.
+    b = next(it)
+    assert b["image"].shape == (16, 32, 32, 3) and b["text"].shape == (16, 12)
+    ids += _ids(tok, b)
+  assert not set(ids) & id_source["corrupt"] and len(set(ids)) == 256
+  # Every position read so far was a good example or a counted bad one.
+  state = it.get_state()
+  n_bad = state["grain"]["next_index"] - 256
+  assert n_bad >= 42 and it.stats() == {"skipped/decode": n_bad}
+  assert state["skipped"] == {"decode": n_bad}
+
+
+# ---- eval batches --------------------------------------------------------------------
+
+def test_eval_batches(data_dir, id_source):
+  del id_source
+  tok = tokenizer.Tokenizer(TOKENIZER)
+  cfg = _cfg(data_dir, pp_image="decode|value_range(-1,1)")
+  ev = pipeline.make_eval_batches(cfg, "test", 64, None)
+  batches = list(ev)
+  assert len(ev) == len(batches) == 5
+  ids, labels = [], []
+  for b in batches:
+    assert set(b) == {"image", "text", "label", "mask"}
+    assert b["image"].shape == (64, 32, 32, 3) and b["label"].dtype == np.int32
+    m = b["mask"].astype(bool)
+    ids += [int(t) for t, k in zip(tok.decode(b["text"]), m) if k]
+    labels += b["label"][m].tolist()
+  assert ids == list(range(300))
+  assert int(sum(b["mask"].sum() for b in batches)) == 300
+  assert batches[-1]["mask"].tolist() == [1] * 44 + [0] * 20
+  src = sources.open_source("digits_captions", "test", data_dir)
+  assert labels == [int(src[i]["label"]) for i in range(300)]
+  # Two processes: contiguous halves of every global batch.
+  halves = [list(pipeline.make_eval_batches(cfg, "test", 64, None, process_index=p,
+                                            process_count=2)) for p in range(2)]
+  for s in range(5):
+    for k in ("image", "mask", "label"):
+      full = np.concatenate([halves[0][s][k], halves[1][s][k]])
+      assert (full == batches[s][k]).all()
+
+
+def test_eval_global_arrays(data_dir):
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = NamedSharding(mesh, P("data"))
+  ev = pipeline.make_eval_batches(_cfg(data_dir, pp_image="decode|value_range(-1,1)"),
+                                  "test", 128, sharding)
+  b = next(iter(ev))
+  assert b["mask"].shape == (128,) and b["label"].sharding == sharding

@@ -1,0 +1,416 @@
+"""Tests for big_mm.models (ViT, text transformer, two towers) and kernels.attention.
+
+Tiny configs (width 32, depth 2, 16x16 images with 8x8 patches) to stay fast on CPU.
+"""
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+from jax.sharding import PartitionSpec
+
+from big_mm.kernels import attention as attn
+from big_mm.models import MODELS, get_model, layers
+from big_mm.models.text import TextTransformer, last_token_index
+from big_mm.models.two_towers import TwoTowers
+from big_mm.models.vit import ViT, decode_variant
+
+TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4)
+IMG = dict(TINY, patch_size=8, pool="map")
+TXT = dict(TINY, vocab_size=50)
+LOGICAL_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "layers", "length", None}
+
+
+def _images(b=2, seed=0):
+  return jax.random.normal(jax.random.PRNGKey(seed), (b, 16, 16, 3), jnp.float32)
+
+
+def _text():
+  return jnp.array([[5, 6, 7, 2, 0, 0], [3, 9, 2, 0, 0, 0]], jnp.int32)
+
+
+def _flat(tree):
+  return {"/".join(k): v for k, v in flatten_dict(tree).items()}
+
+
+@pytest.fixture(scope="module")
+def two_towers():
+  model = TwoTowers(image=IMG, text=TXT, out_dim=(16, 24), temperature_init=10.0, bias_init=-10.0)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), _images(), _text())
+  params = nn.unbox(variables)["params"]
+  outs = jax.jit(lambda p, i, t: model.apply({"params": p}, i, t))(params, _images(), _text())
+  return model, params, outs
+
+
+def test_param_names_and_shapes(two_towers):
+  _, params, _ = two_towers
+  flat = {k: v.shape for k, v in _flat(params).items()}
+  expected = {
+      "t": (1,), "b": (1,),
+      "img/embedding/kernel": (8, 8, 3, 32),
+      "img/embedding/bias": (32,),
+      "img/pos_embedding": (1, 4, 32),
+      "img/Transformer/encoderblock_0/LayerNorm_0/scale": (32,),
+      "img/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel": (32, 4, 8),
+      "img/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/bias": (4, 8),
+      "img/Transformer/encoderblock_1/MultiHeadDotProductAttention_0/out/kernel": (4, 8, 32),
+      "img/Transformer/encoderblock_1/MultiHeadDotProductAttention_0/out/bias": (32,),
+      "img/Transformer/encoderblock_1/LayerNorm_1/bias": (32,),
+      "img/Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel": (32, 64),
+      "img/Transformer/encoderblock_1/MlpBlock_0/Dense_1/kernel": (64, 32),
+      "img/Transformer/encoder_norm/scale": (32,),
+      "img/MAPHead_0/probe": (1, 1, 32),
+      "img/MAPHead_0/MultiHeadDotProductAttention_0/key/kernel": (32, 4, 8),
+      "img/MAPHead_0/LayerNorm_0/scale": (32,),
+      "img/MAPHead_0/MlpBlock_0/Dense_1/bias": (32,),
+      "img/head/kernel": (32, 16),
+      "txt/Embed_0/embedding": (50, 32),
+      "txt/pos_embedding": (1, 6, 32),
+      "txt/Encoder_0/encoderblock_1/MultiHeadDotProductAttention_0/value/kernel": (32, 4, 8),
+      "txt/Encoder_0/encoder_norm/scale": (32,),
+      "txt/head/kernel": (32, 24),
+  }
+  for k, shape in expected.items():
+    assert k in flat, f"missing {k}"
+    assert flat[k] == shape, (k, flat[k], shape)
+  assert not any("encoderblock_2" in k for k in flat)
+  assert not any(k.startswith("img/cls") for k in flat)  # only for pool="tok"
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
+
+
+def test_outputs_normalised_and_scalars(two_towers):
+  _, params, (zimg, ztxt, out) = two_towers
+  assert zimg.shape == (2, 16) and ztxt.shape == (2, 24)
+  assert zimg.dtype == jnp.float32 and ztxt.dtype == jnp.float32
+  np.testing.assert_allclose(np.linalg.norm(zimg, axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(ztxt, axis=-1), 1.0, rtol=1e-5)
+  assert out["t"].shape == () and out["b"].shape == ()
+  np.testing.assert_allclose(out["t"], 10.0, rtol=1e-5)
+  np.testing.assert_allclose(out["t/parameterized"], np.log(10.0), rtol=1e-5)
+  np.testing.assert_allclose(out["b"], -10.0)
+  np.testing.assert_allclose(params["t"], [np.log(10.0)], rtol=1e-6)
+  assert "img/encoded" in out and "img/pre_logits" in out and "txt/pre_logits" in out
+  assert out["img/encoded"].shape == (2, 4, 32)
+  assert out["img/pre_logits"].shape == (2, 32)
+
+
+def test_either_input_may_be_none(two_towers):
+  model, params, (zimg, ztxt, _) = two_towers
+  zi, zt, out = model.apply({"params": params}, _images(), None)
+  assert zt is None and not any(k.startswith("txt/") for k in out)
+  np.testing.assert_allclose(zi, zimg, atol=1e-6)
+  zi, zt, out = model.apply({"params": params}, None, _text())
+  assert zi is None and not any(k.startswith("img/") for k in out)
+  np.testing.assert_allclose(zt, ztxt, atol=1e-6)
+
+
+def test_bias_none_gives_zero_b():
+  model = TwoTowers(image=IMG, text=TXT, out_dim=8)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), _images(), _text())
+  assert nn.unbox(shapes)["params"]["b"].shape == (1,)
+  p = nn.unbox(model.init(jax.random.PRNGKey(0), None, _text()))["params"]
+  np.testing.assert_array_equal(p["b"], [0.0])
+  np.testing.assert_allclose(p["t"], [0.0])  # temperature_init 1.0
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_param_has_logical_partition_spec(scan):
+  model = TwoTowers(image=dict(IMG, scan=scan), text=dict(TXT, scan=scan, pool="map"),
+                    out_dim=8)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), _images(), _text())
+  specs = _flat(nn.get_partition_spec(shapes)["params"])
+  arrays = _flat(nn.unbox(shapes)["params"])
+  assert specs.keys() == arrays.keys()
+  for k, spec in specs.items():
+    assert isinstance(spec, PartitionSpec), (k, spec)
+    assert len(spec) == arrays[k].ndim, (k, spec, arrays[k].shape)
+    assert set(spec) <= LOGICAL_NAMES, (k, spec)
+  if scan:
+    k = "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"
+    assert specs[k] == PartitionSpec("layers", "embed", "heads", "kv")
+    assert arrays[k].shape == (2, 32, 4, 8)
+  else:
+    assert specs["txt/Embed_0/embedding"] == PartitionSpec("vocab", "embed")
+    assert specs["img/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"] == PartitionSpec(
+        "embed", "mlp")
+
+
+def _stack_blocks(tree, depth):
+  """Unstacked encoderblock_{i} -> stacked `encoderblock` (leading layers axis)."""
+  tree = dict(tree)
+  blocks = [tree.pop(f"encoderblock_{i}") for i in range(depth)]
+  tree["encoderblock"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return tree
+
+
+def test_scan_and_remat_match_loop():
+  img = _images()
+  base = ViT(**dict(IMG, pool="gap", num_classes=8, head_zeroinit=False))
+  params = nn.unbox(base.init(jax.random.PRNGKey(1), img))["params"]
+  ref, ref_out = base.apply({"params": params}, img)
+  stacked = dict(params, Transformer=_stack_blocks(params["Transformer"], 2))
+
+  scanned = ViT(**dict(IMG, pool="gap", num_classes=8, scan=True))
+  shapes = nn.unbox(jax.eval_shape(scanned.init, jax.random.PRNGKey(0), img))["params"]
+  assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, stacked)
+  got, got_out = scanned.apply({"params": stacked}, img)
+  np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(got_out["encoded"], ref_out["encoded"], atol=1e-5, rtol=1e-5)
+
+  # Remat changes memory, not values (forward and gradient), with and without scan.
+  def loss(model, p):
+    return jnp.sum(model.apply({"params": p}, img)[0] ** 2)
+  g_ref = jax.grad(lambda p: loss(base, p))(params)
+  for scan, p in ((False, params), (True, stacked)):
+    for policy in ("nothing_saveable", "dots_saveable"):
+      m = ViT(**dict(IMG, pool="gap", num_classes=8, scan=scan, remat_policy=policy))
+      np.testing.assert_allclose(m.apply({"params": p}, img)[0], ref, atol=1e-5, rtol=1e-5)
+      if policy == "nothing_saveable":
+        g = jax.grad(lambda q: loss(m, q))(p)
+        if scan:
+          g = dict(g, Transformer=dict(g["Transformer"]))
+          gref = dict(g_ref, Transformer=_stack_blocks(g_ref["Transformer"], 2))
+        else:
+          gref = g_ref
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gref)):
+          np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+  # The comparison can fail: different params give different outputs.
+  other = nn.unbox(base.init(jax.random.PRNGKey(2), img))["params"]
+  assert not np.allclose(base.apply({"params": other}, img)[0], ref, atol=1e-5)
+
+
+def test_bad_remat_policy():
+  m = ViT(**dict(IMG, remat_policy="nothing_savable"))
+  with pytest.raises(ValueError, match="nothing_saveable"):
+    m.init(jax.random.PRNGKey(0), _images())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_causal_text(causal):
+  model = TextTransformer(**TXT, pool="none", causal=causal)
+  a = jnp.array([[5, 6, 7, 8, 9, 10]], jnp.int32)
+  b = a.at[0, 4:].set(jnp.array([20, 21]))  # change tokens after position 3
+  p = model.init(jax.random.PRNGKey(0), a)
+  xa, _ = model.apply(p, a)
+  xb, _ = model.apply(p, b)
+  assert xa.shape == (1, 6, 32)
+  assert not np.allclose(xa[:, 4:], xb[:, 4:], atol=1e-4)
+  if causal:
+    np.testing.assert_allclose(xa[:, :4], xb[:, :4], atol=1e-5)
+  else:  # bidirectional: earlier positions see later tokens (shows the test can fail)
+    assert not np.allclose(xa[:, :4], xb[:, :4], atol=1e-4)
+
+
+def test_last_token_pooling():
+  text = jnp.array([[5, 6, 7, 2, 0, 0], [3, 2, 0, 0, 0, 0], [4, 4, 4, 4, 4, 2],
+                    [0, 0, 0, 0, 0, 0]], jnp.int32)
+  np.testing.assert_array_equal(last_token_index(text), [3, 1, 5, 0])
+  model = TextTransformer(**TXT, pool="last")
+  p = model.init(jax.random.PRNGKey(0), text)
+  x, out = model.apply(p, text)
+  tr = out["transformed"]
+  for i, j in enumerate([3, 1, 5, 0]):
+    np.testing.assert_allclose(x[i], tr[i, j], atol=1e-6)
+  assert not np.allclose(x[0], tr[0, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("pool", ["last", "mean", "map"])
+def test_pad_mask_makes_pooling_independent_of_padding(pool):
+  short = jnp.array([[5, 6, 7, 2]], jnp.int32)
+  long = jnp.array([[5, 6, 7, 2, 0, 0, 0, 0]], jnp.int32)
+
+  def pooled(pad_mask, toks):
+    m = TextTransformer(**TXT, pool=pool, pad_mask=pad_mask, num_classes=8,
+                        scan=pool == "mean")  # the mask also goes through nn.scan
+    # Posemb length differs, so init on the long sequence and slice for the short one.
+    p = nn.unbox(m.init(jax.random.PRNGKey(0), long))["params"]
+    p = dict(p, pos_embedding=p["pos_embedding"][:, :toks.shape[1]])
+    return m.apply({"params": p}, toks)[0]
+
+  np.testing.assert_allclose(pooled(True, short), pooled(True, long), atol=1e-5)
+  # Default (big_vision) behaviour attends to pads, so padding changes the result.
+  assert not np.allclose(pooled(False, short), pooled(False, long), atol=1e-5)
+
+
+def _naive_attention(q, k, v, mask):
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  b, lq, h, d = q.shape
+  out = np.zeros_like(q)
+  for bi in range(b):
+    for hi in range(h):
+      s = q[bi, :, hi] @ k[bi, :, hi].T / np.sqrt(d)
+      m = np.broadcast_to(mask, (b, h, lq, k.shape[1]))[bi, hi]
+      s = np.where(m, s, -np.inf)
+      e = np.exp(s - s.max(-1, keepdims=True))
+      out[bi, :, hi] = (e / e.sum(-1, keepdims=True)) @ v[bi, :, hi]
+  return out
+
+
+def test_attention_reference_matches_naive():
+  kq, kk, kv, km = jax.random.split(jax.random.PRNGKey(0), 4)
+  b, lq, lk, h, d = 2, 5, 7, 3, 4
+  q = jax.random.normal(kq, (b, lq, h, d))
+  k = jax.random.normal(kk, (b, lk, h, d))
+  v = jax.random.normal(kv, (b, lk, h, d))
+  mask = jax.random.bernoulli(km, 0.7, (b, 1, lq, lk)).at[..., 0].set(True)
+  np.testing.assert_allclose(attn.dot_product_attention(q, k, v, mask=mask),
+                             _naive_attention(q, k, v, mask), atol=1e-5)
+  full = np.ones((1, 1, lq, lk), bool)
+  np.testing.assert_allclose(attn.dot_product_attention(q, k, v), _naive_attention(q, k, v, full),
+                             atol=1e-5)
+  causal = np.tril(np.ones((lq, lk), bool), k=lk - lq)[None, None]
+  np.testing.assert_allclose(attn.dot_product_attention(q, k, v, causal=True),
+                             _naive_attention(q, k, v, causal), atol=1e-5)
+  np.testing.assert_allclose(attn.dot_product_attention(q, k, v, mask=mask, causal=True),
+                             _naive_attention(q, k, v, np.logical_and(mask, causal)), atol=1e-5)
+  # Key-padding mask of shape [B, 1, 1, Lk].
+  kpm = jnp.arange(lk)[None, None, None, :] < jnp.array([3, 6])[:, None, None, None]
+  np.testing.assert_allclose(attn.dot_product_attention(q, k, v, mask=kpm),
+                             _naive_attention(q, k, v, kpm), atol=1e-5)
+  # bf16 in -> bf16 out, close to the float32 result.
+  o16 = attn.dot_product_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                                   v.astype(jnp.bfloat16), mask=mask)
+  assert o16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(o16.astype(np.float32), _naive_attention(q, k, v, mask), atol=5e-2)
+
+
+def test_attention_errors():
+  q = jnp.zeros((1, 2, 2, 4))
+  with pytest.raises(ValueError, match="'xla'"):
+    attn.dot_product_attention(q, q, q, implementation="pallas_tpu_typo")
+  with pytest.raises(ValueError, match="broadcast"):
+    attn.dot_product_attention(q, q, q, mask=jnp.ones((1, 1, 3, 2), bool))
+  with pytest.raises(ValueError, match="rank 4"):
+    attn.dot_product_attention(q[0], q[0], q[0])
+
+
+def test_bf16_compute_keeps_float32_params():
+  model = TwoTowers(image=dict(IMG, dtype="bfloat16"), text=dict(TXT, dtype=jnp.bfloat16),
+                    out_dim=8)
+  variables = model.init(jax.random.PRNGKey(0), _images(), _text())
+  params = nn.unbox(variables)["params"]
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  zimg, ztxt, out = model.apply({"params": params}, _images(), _text())
+  assert out["img/encoded"].dtype == jnp.bfloat16
+  assert out["txt/transformed"].dtype == jnp.bfloat16
+  assert zimg.dtype == jnp.float32 and ztxt.dtype == jnp.float32
+  assert np.all(np.isfinite(zimg)) and np.all(np.isfinite(ztxt))
+  np.testing.assert_allclose(np.linalg.norm(zimg, axis=-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool,posemb", [("tok", "sincos2d"), ("gap", "learn"),
+                                              ("none", "learn")])
+def test_vit_pool_and_posemb(pool, posemb):
+  model = ViT(**dict(IMG, pool=pool, posemb=posemb))
+  variables = model.init(jax.random.PRNGKey(0), _images())
+  flat = _flat(nn.unbox(variables)["params"])
+  assert ("cls" in flat) == (pool == "tok")
+  assert ("pos_embedding" in flat) == (posemb == "learn")
+  x, out = model.apply(variables, _images())
+  assert out["encoded"].shape == (2, 4 + (pool == "tok"), 32)
+  assert out["pre_logits_2d"].shape == (2, 2, 2, 32)
+  assert x.shape == ((2, 4, 32) if pool == "none" else (2, 32))
+
+
+def test_posemb_sincos_2d_values():
+  pe = layers.posemb_sincos_2d(2, 3, 8)
+  assert pe.shape == (1, 6, 8)
+  # Position (y=1, x=2) -> index 5; first quarter is sin(x * omega), omega = [1, 1e-4].
+  np.testing.assert_allclose(pe[0, 5, :2], np.sin([2.0, 2e-4]), rtol=1e-5)
+  np.testing.assert_allclose(pe[0, 5, 4:6], np.sin([1.0, 1e-4]), rtol=1e-5)
+
+
+def test_decode_variant_table():
+  assert decode_variant("B/16") == dict(width=768, depth=12, mlp_dim=3072, num_heads=12,
+                                        patch_size=(16, 16))
+  assert decode_variant("So400m/14") == dict(width=1152, depth=27, mlp_dim=4304, num_heads=16,
+                                             patch_size=(14, 14))
+  assert decode_variant("L") == dict(width=1024, depth=24, mlp_dim=4096, num_heads=16)
+  assert decode_variant(None) == {}
+  with pytest.raises(ValueError, match=r"Unknown variant 'X/16'.*So400m"):
+    decode_variant("X/16")
+  with pytest.raises(ValueError, match="Did you mean 'So400m'"):
+    decode_variant("So400M/14")
+  with pytest.raises(ValueError, match="patch size"):
+    decode_variant("B/x")
+
+
+def test_variant_with_overrides():
+  # Explicit fields override the variant; the rest comes from the table.
+  m = ViT(variant="B/16", width=32, depth=1, mlp_dim=64, num_heads=4)
+  assert m.arch() == dict(width=32, depth=1, mlp_dim=64, num_heads=4, patch_size=(16, 16))
+  t = TextTransformer(variant="So400m", depth=2)
+  assert t.arch() == dict(width=1152, depth=2, mlp_dim=4304, num_heads=16)
+  assert TextTransformer().arch() == dict(width=512, depth=12, mlp_dim=2048, num_heads=8)
+
+
+def test_invalid_kwargs_messages():
+  with pytest.raises(TypeError, match=r"'pool_type'.*Did you mean 'pool'.*Valid options"):
+    TwoTowers(image=dict(IMG, pool_type="map"), text=TXT)
+  with pytest.raises(TypeError, match=r"model.text.*'vocab'.*vocab_size"):
+    TwoTowers(image=IMG, text=dict(TXT, vocab=100))
+  with pytest.raises(TypeError, match="temperature_init"):
+    get_model("two_towers", image=IMG, text=TXT, temperature=10.0)
+  with pytest.raises(ValueError, match=r"Unknown model 'two_tower'.*two_towers"):
+    get_model("two_tower")
+  assert MODELS == {"two_towers": TwoTowers}
+  with pytest.raises(ValueError, match=r"Unknown pool 'avg'"):
+    ViT(**dict(IMG, pool="avg")).init(jax.random.PRNGKey(0), _images())
+
+
+def test_dropout_train_mode_scan_and_remat():
+  img = _images()
+  for scan, policy in ((False, "none"), (True, "nothing_saveable")):
+    m = ViT(**dict(IMG, pool="gap", dropout=0.5, scan=scan, remat_policy=policy))
+    v = m.init(jax.random.PRNGKey(0), img)
+    ev1, _ = m.apply(v, img)
+    ev2, _ = m.apply(v, img, train=False)
+    np.testing.assert_array_equal(ev1, ev2)
+    tr1, _ = m.apply(v, img, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    tr2, _ = m.apply(v, img, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    tr3, _ = m.apply(v, img, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    np.testing.assert_array_equal(tr1, tr2)
+    assert not np.allclose(tr1, ev1, atol=1e-4) and not np.allclose(tr1, tr3, atol=1e-4)
+
+
+def test_sharded_init_and_apply_match_single_device():
+  from jax.sharding import AxisType
+  mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+  rules = (("batch", "data"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
+           ("embed", None), ("kv", None), ("length", None), ("layers", None), ("patch", None))
+  model = TwoTowers(image=dict(IMG, scan=True), text=dict(TXT, vocab_size=64), out_dim=8)
+  imgs, text = _images(b=8), jnp.tile(_text(), (4, 1))
+  init = lambda: model.init(jax.random.PRNGKey(0), imgs, text)
+  ref_params = nn.unbox(init())["params"]
+  ref = model.apply({"params": ref_params}, imgs, text)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    specs = nn.get_partition_spec(jax.eval_shape(init))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    params = nn.unbox(jax.jit(init, out_shardings=shardings)())["params"]
+    k = "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"
+    assert _flat(params)[k].sharding.spec == PartitionSpec(None, None, "tensor", None)
+    zimg, ztxt, _ = jax.jit(lambda p, i, t: model.apply({"params": p}, i, t))(params, imgs, text)
+  np.testing.assert_allclose(zimg, ref[0], atol=1e-5)
+  np.testing.assert_allclose(ztxt, ref[1], atol=1e-5)
+
+
+def test_attention_module_matches_flax_mha():
+  """Same params -> same outputs as flax's MultiHeadDotProductAttention (big_vision uses it)."""
+  kx, ky = jax.random.split(jax.random.PRNGKey(3))
+  xq = jax.random.normal(kx, (2, 3, 32))
+  xkv = jax.random.normal(ky, (2, 5, 32))
+  mask = jnp.arange(5)[None, None, None, :] < jnp.array([2, 5])[:, None, None, None]
+  ours = layers.MultiHeadDotProductAttention(num_heads=4)
+  theirs = nn.MultiHeadDotProductAttention(num_heads=4)
+  p_ours = nn.unbox(ours.init(jax.random.PRNGKey(0), xq, xkv))
+  p_theirs = theirs.init(jax.random.PRNGKey(0), xq, xkv)
+  assert (jax.tree.map(jnp.shape, p_ours) == jax.tree.map(jnp.shape, p_theirs))
+  # Same init distribution (xavier on the flattened kernel): compare the spread.
+  for name in ("query", "out"):
+    np.testing.assert_allclose(np.std(p_ours["params"][name]["kernel"]),
+                               np.std(p_theirs["params"][name]["kernel"]), rtol=0.2)
+  for m in (None, mask):
+    np.testing.assert_allclose(ours.apply(p_theirs, xq, xkv, mask=m),
+                               theirs.apply(p_theirs, xq, xkv, mask=m), atol=1e-5)

@@ -1,0 +1,207 @@
+"""The trainer end to end: sharded layouts equal one device, exact resume, LiT, bad input."""
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from big_mm import config as config_lib
+from big_mm import sharding, train
+from big_mm.input import pipeline
+from conftest import TOKENIZER
+
+
+def tiny_config(data_dir, **changes):
+  """The demo recipe shrunk: width 32, depth 1, batch 16, no evaluators."""
+  user = config_lib.load_file("configs/demo.py")
+  user.batch_size = 16
+  user.total_steps = 6
+  user.log_every_steps = 1
+  user.input.data_dir = data_dir
+  user.input.tokenizer = TOKENIZER
+  user.input.text_len = 8
+  user.model.image.update(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=(8, 8))
+  user.model.text.update(width=32, depth=1, mlp_dim=64, num_heads=2)
+  user.model.out_dim = 16
+  user.evals = {}
+  user.optim.schedule.warmup_steps = 2
+  # Attention key biases have an exactly-zero true gradient (softmax is shift-invariant); with
+  # Adam's eps=1e-8 their float32 rounding noise becomes +-lr updates that differ between
+  # layouts. A larger eps keeps the parameter comparison meaningful.
+  user.optim.eps = 1e-6
+  user.checkpoint = dict(every_steps=2, keep=5)
+  for key, value in changes.items():
+    node = user
+    *parents, leaf = key.split(".")
+    for p in parents:
+      if p not in node:
+        node[p] = {}
+      node = node[p]
+    node[leaf] = value
+  return config_lib.load(user)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def run_steps(config, devices, batches):
+  """Trains on the given host batches with `config.mesh` over `devices`; returns losses and
+  the final params (host arrays)."""
+  setup = train.build(config, devices=devices)
+  placed = [{k: jax.device_put(v, sharding.batch_sharding(setup.mesh)) for k, v in b.items()}
+            for b in batches]
+  ts = train.make_train_state(setup, train.abstract_inputs(placed[0]))
+  with train.use_mesh(setup):
+    state = ts.init(jax.random.key(0))
+    step = train.make_train_step(setup, ts)
+    losses = []
+    for batch in placed:
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state["params"]), ts.shardings["params"]
+
+
+@pytest.fixture(scope="module")
+def host_batches(data_dir):
+  config = tiny_config(data_dir)
+  it = pipeline.make_train_iterator(config.input, global_batch_size=16, seed=0, sharding=None)
+  return [{k: v for k, v in next(it).items() if k in ("image", "text")} for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def single_device_run(data_dir, host_batches):
+  config = tiny_config(data_dir, mesh=dict(data=1, fsdp=1, tensor=1))
+  return run_steps(config, jax.devices()[:1], host_batches)
+
+
+@pytest.mark.parametrize("mesh,loss,strategy", [
+    (dict(data=8, fsdp=1, tensor=1), "sigmoid", "all_gather"),   # DP
+    (dict(data=1, fsdp=8, tensor=1), "sigmoid", "ring"),         # FSDP
+    (dict(data=1, fsdp=4, tensor=2), "sigmoid", "ring"),         # FSDP x TP
+])
+def test_sharded_layouts_match_one_device(data_dir, host_batches, single_device_run,
+                                          mesh, loss, strategy):
+  ref_losses, ref_params, _ = single_device_run
+  config = tiny_config(data_dir, mesh=mesh, **{"objective.loss": loss,
+                                                "objective.strategy": strategy})
+  losses, params, shardings = run_steps(config, jax.devices(), host_batches)
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  assert losses[-1] != losses[0]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               params, ref_params)
+  # The layout is really the one asked for (not silently replicated).
+  spec = shardings["txt"]["Encoder_0"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"].spec
+  assert set(spec) - {None} == {a for a in ("fsdp", "tensor") if mesh[a] > 1}
+
+
+def test_softmax_loss_trains_sharded(data_dir, host_batches):
+  single = tiny_config(data_dir, mesh=dict(data=1, fsdp=1, tensor=1),
+                       **{"objective.loss": "softmax", "model.bias_init": None})
+  sharded = tiny_config(data_dir, mesh=dict(data=2, fsdp=4, tensor=1),
+                        **{"objective.loss": "softmax", "objective.strategy": "ring",
+                           "model.bias_init": None})
+  ref, _, _ = run_steps(single, jax.devices()[:1], host_batches)
+  got, _, _ = run_steps(sharded, jax.devices(), host_batches)
+  np.testing.assert_allclose(got, ref, rtol=2e-5)
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _interrupting_iterator(monkeypatch, after_batches, action):
+  """Makes the trainer's data iterator call `action` when asked for batch `after_batches`+1."""
+  real = pipeline.make_train_iterator
+
+  def make(*args, **kwargs):
+    it = real(*args, **kwargs)
+    real_next = type(it).__next__
+    calls = {"n": 0}
+
+    class Wrapped(type(it)):
+      def __next__(self):
+        calls["n"] += 1
+        if calls["n"] == after_batches + 1:
+          action()
+        return real_next(self)
+
+    it.__class__ = Wrapped
+    return it
+
+  monkeypatch.setattr(pipeline, "make_train_iterator", make)
+
+
+def _final_params(workdir, config):
+  from big_mm import checkpoint
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every_steps=1,
+                                 read_only=True)
+  params = ckpt.restore_params(config.total_steps)
+  ckpt.close()
+  return jax.device_get(params)
+
+
+def test_crash_and_resume_is_exact(data_dir, tmp_path, monkeypatch):
+  config = tiny_config(data_dir)
+  straight = str(tmp_path / "straight")
+  train.train(config, straight)
+  # Crash while fetching the batch of step 4 (the last checkpoint is step 2), then resume.
+  resumed = str(tmp_path / "resumed")
+
+  def crash():
+    raise _Interrupt()
+
+  with monkeypatch.context() as m:
+    _interrupting_iterator(m, 3, crash)
+    with pytest.raises(_Interrupt):
+      train.train(config, resumed)
+  train.train(config, resumed)
+  a, b = _final_params(straight, config), _final_params(resumed, config)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  losses_straight = {r["step"]: r["loss"] for r in read_metrics(straight)}
+  losses_resumed = {r["step"]: r["loss"] for r in read_metrics(resumed)}  # steps 3 logged twice
+  assert losses_resumed == losses_straight
+
+
+def test_sigterm_saves_and_resumes(data_dir, tmp_path, monkeypatch):
+  config = tiny_config(data_dir, **{"checkpoint.every_steps": 100})
+  workdir = str(tmp_path / "run")
+  with monkeypatch.context() as m:
+    _interrupting_iterator(m, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    train.train(config, workdir)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert steps == [3]  # the step in flight when the signal came was finished and saved
+  train.train(config, workdir)
+  assert read_metrics(workdir)[-1]["step"] == config.total_steps
+
+
+def test_lit_loads_and_freezes_image_tower(data_dir, tmp_path):
+  pretrained = str(tmp_path / "pretrained")
+  train.train(tiny_config(data_dir, total_steps=2), pretrained)
+  lit = tiny_config(data_dir, total_steps=3, **{
+      "optim.lr_mults": ((r"img/.*", 0.0), (r".*", 1.0)),
+      "init.workdir": pretrained, "init.include": r"img/.*",
+      "objective.loss": "softmax", "model.bias_init": None})
+  workdir = str(tmp_path / "lit")
+  train.train(lit, workdir)
+  before = _final_params(pretrained, tiny_config(data_dir, total_steps=2))
+  after = _final_params(workdir, lit)
+  jax.tree.map(np.testing.assert_array_equal, after["img"], before["img"])
+  assert not np.array_equal(after["txt"]["Embed_0"]["embedding"],
+                            before["txt"]["Embed_0"]["embedding"])
+
+
+def test_bad_inputs_fail_fast_with_helpful_messages(data_dir, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(OSError, match="cannot be created or written"):
+    train.train(tiny_config(data_dir), str(blocker / "workdir"))
+  with pytest.raises(sharding.ShardingError, match="batch_size=12 does not divide"):
+    train.build(tiny_config(data_dir, batch_size=12))
+  with pytest.raises(config_lib.ConfigError, match="vocab_size=99 but the tokenizer"):
+    train.build(tiny_config(data_dir, **{"model.text.vocab_size": 99}))
+  with pytest.raises(FileNotFoundError, match="build_demo.py"):
+    train.train(tiny_config(str(tmp_path / "empty")), str(tmp_path / "w"))
