@@ -305,7 +305,11 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  # force: absl (imported by grain / orbax) installs its own root handler. Libraries log at
+  # WARNING and up; big_mm's own progress at INFO.
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  log.setLevel(logging.INFO)
   flags, overrides = config_lib.parse_command_line(argv)
   unknown = set(flags) - {"config", "workdir", "coordinator_address", "num_processes", "process_id"}
   if unknown or "config" not in flags or "workdir" not in flags:

@@ -1,0 +1,69 @@
+"""Runs a config's evaluators on a trained checkpoint (no training).
+
+    python -m big_mm.evaluate --config configs/demo.py --workdir /tmp/big_mm_demo [--step N]
+
+Prints the metrics and appends them to WORKDIR/metrics.jsonl at the checkpoint's step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import jax
+
+from big_mm import checkpoint as checkpoint_lib
+from big_mm import config as config_lib
+from big_mm import evaluators, metrics as metrics_lib, train
+from big_mm.input import pipeline
+
+log = logging.getLogger("big_mm")
+
+
+def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
+  if not config.evals:
+    raise config_lib.ConfigError("The config defines no evaluators (config.evals is empty).")
+  setup = train.build(config)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=None,
+                                     save_every_steps=1, read_only=True)
+  step = step if step is not None else ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir!r}; train first with big_mm.train.")
+  # One eval batch gives the input shapes the model was built with.
+  name, ev = next(iter(config.evals.items()))
+  batches = pipeline.make_eval_batches(evaluators.common.eval_input_config(config, ev),
+                                       ev.split, evaluators.common.round_batch(1, setup.mesh),
+                                       None)
+  ts = train.make_train_state(setup, train.abstract_inputs(next(iter(batches))))
+  with train.use_mesh(setup):
+    state, _ = ckpt.restore(step, ts.abstract)
+    ckpt.close()
+    embedder = evaluators.Embedder(setup.objective, setup.mesh)
+    results = {}
+    for name, ev in config.evals.items():
+      results.update(evaluators.run(name, ev, embedder=embedder, params=state["params"],
+                                    config=config, tokenizer=setup.tokenizer))
+  with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
+    writer.write(step, results)
+  return results
+
+
+def main(argv: list[str]) -> int:
+  # force: absl (imported by grain / orbax) installs its own root handler. Libraries log at
+  # WARNING and up; big_mm's own progress at INFO.
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  log.setLevel(logging.INFO)
+  flags, overrides = config_lib.parse_command_line(argv)
+  if set(flags) - {"config", "workdir", "step"} or not {"config", "workdir"} <= set(flags):
+    print(__doc__, file=sys.stderr)
+    return 2
+  config = config_lib.load(flags["config"], overrides)
+  results = evaluate(config, flags["workdir"], int(flags["step"]) if "step" in flags else None)
+  for key, value in sorted(results.items()):
+    print(f"{key}: {value:.4f}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
