@@ -29,6 +29,9 @@ from big_mm.input import pipeline, sources
 from big_mm.input.tokenizer import Tokenizer
 
 log = logging.getLogger("big_mm")
+# Shown on the console progress line (everything goes to metrics.jsonl and TensorBoard).
+PROGRESS_KEYS = ("loss", "lr", "t", "b", "grad_norm", "examples_per_sec", "step_time",
+                 "data_wait_fraction")
 
 
 @dataclasses.dataclass
@@ -251,6 +254,8 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
       start = 0
       state = load_init(config, ts, ts.init(jax.random.key(config.seed)))
     if is_main:
+      log.info("Training %d steps of batch %d on mesh %s; workdir %s", setup.total_steps,
+               config.batch_size, dict(setup.mesh.shape), workdir)
       log.info("Parameters:\n%s", optim.describe(config.optim, state["params"]))
     train_step = make_train_step(setup, ts)
     embedder = evaluators.Embedder(setup.objective, setup.mesh)
@@ -289,7 +294,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
                 f"Loss is {host['loss']} at step {step}; the last checkpoint is kept in "
                 f"{ckpt.directory}. Lower optim.lr or check the data.")
           writer.write(step, host)
-          progress.update(step, host)
+          progress.update(step, {k: host[k] for k in PROGRESS_KEYS if k in host})
           last.update(host)
         due = [n for n, every in eval_every.items() if (every and step % every == 0) or done]
         last.update(run_evals(step, due))

@@ -13,8 +13,10 @@ Padding. `pad_mask=False` (default, as big_vision): pad tokens are attended to l
 any other token, which keeps released big_vision checkpoints numerically identical.
 `pad_mask=True`: keys at pad positions are masked out in every layer, so outputs do
 not depend on how much padding follows. Independently of `pad_mask`, pooling always
-ignores pads: "last" takes the token at the last non-pad position (with sticky EOS
-this is the EOS), "mean" averages over non-pad tokens, "map" masks pad keys.
+ignores pads, except "last_position": "last" takes the token at the last non-pad position (with sticky EOS
+this is the EOS), "mean" averages over non-pad tokens, "map" masks pad keys. "last_position" takes the literal last position (index -1, a pad
+when the text is shorter than L) as big_vision's and Hugging Face SigLIP's text towers do;
+use it for models meant to be exported to transformers.SiglipModel.
 `causal=True` adds a causal mask (token i sees only tokens <= i).
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 from big_mm.models import layers
 from big_mm.models.vit import resolve_arch
 
-POOL_TYPES = ("last", "first", "mean", "map", "none")
+POOL_TYPES = ("last", "last_position", "first", "mean", "map", "none")
 
 
 def last_token_index(text):
@@ -46,9 +48,10 @@ class TextTransformer(nn.Module):
   num_heads: Optional[int] = None
   vocab_size: int = 32_000
   num_classes: Optional[int] = None  # head output size; None/0 = no head (big_vision name)
-  pool: str = "last"                 # "last" | "first" | "mean" | "map" | "none"
+  pool: str = "last"                 # "last" | "last_position" | "first" | "mean" | "map" | "none"
   causal: bool = False
   pad_mask: bool = False
+  head_bias: bool = True             # False: head without bias (CLIP / open_clip projections)
   dropout: float = 0.0
   scan: bool = False
   remat_policy: str = "none"
@@ -91,6 +94,8 @@ class TextTransformer(nn.Module):
     if self.pool == "last":
       idx = last_token_index(text)
       x = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+    elif self.pool == "last_position":
+      x = x[:, -1]
     elif self.pool == "first":
       x = x[:, 0]
     elif self.pool == "mean":
@@ -106,6 +111,7 @@ class TextTransformer(nn.Module):
     if self.num_classes:
       x = out["logits"] = nn.Dense(
           self.num_classes, dtype=dtype, param_dtype=jnp.float32, name="head",
+          use_bias=self.head_bias,
           kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", None)),
           bias_init=layers.logical(nn.initializers.zeros, (None,)))(x)
     return x, out

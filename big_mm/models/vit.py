@@ -4,6 +4,7 @@ Param tree (pool="map", num_classes set):
   embedding/{kernel [p, p, 3, D], bias [D]}     conv patch embedding
   pos_embedding [1, N, D]                       (posemb="learn")
   cls [1, 1, D]                                 (pool="tok")
+  norm_pre/{scale, bias}                        (pre_norm=True: CLIP's LayerNorm before the encoder)
   Transformer/encoderblock_{i}/... , Transformer/encoder_norm
   MAPHead_0/...                                 (pool="map")
   head/{kernel [D, num_classes], bias}           (num_classes set)
@@ -106,6 +107,8 @@ class ViT(nn.Module):
   pool: str = "gap"                  # "map" | "gap" | "tok" | "0" | "none"
   rep_size: Union[int, bool] = False
   head_zeroinit: bool = True
+  head_bias: bool = True             # False: head without bias (CLIP / open_clip projections)
+  pre_norm: bool = False             # LayerNorm "norm_pre" before the encoder (CLIP's ln_pre)
   dropout: float = 0.0
   scan: bool = False
   remat_policy: str = "none"
@@ -140,6 +143,8 @@ class ViT(nn.Module):
       cls = self.param("cls", layers.logical(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, c), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
+    if self.pre_norm:
+      x = layers._layernorm(self.dtype, name="norm_pre")(x)
     x = layers.constrain(x)
     x = nn.Dropout(rate=self.dropout)(x, not train)
     x, enc_out = layers.Encoder(
@@ -177,6 +182,7 @@ class ViT(nn.Module):
     if self.num_classes:
       kinit = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
       head = nn.Dense(self.num_classes, dtype=dtype, param_dtype=jnp.float32, name="head",
+                      use_bias=self.head_bias,
                       kernel_init=layers.logical(kinit, ("embed", None)),
                       bias_init=layers.logical(nn.initializers.zeros, (None,)))
       out["logits_2d"] = head(x_2d)

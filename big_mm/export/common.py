@@ -1,0 +1,132 @@
+"""Shared helpers for export / import: flat '/'-path trees, scan layouts, model kwargs, errors."""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+class ExportError(ValueError):
+  """A model that cannot be represented in the target format, or bad input files."""
+
+
+def flatten(tree: Any) -> dict[str, np.ndarray]:
+  """Nested dict of arrays -> {'a/b/c': np.ndarray} (float32 kept as is, on the host)."""
+  if isinstance(tree, Mapping) and tree and not any(isinstance(v, Mapping)
+                                                     for v in tree.values()):
+    return {str(k): np.asarray(jax.device_get(v)) for k, v in tree.items()}  # already flat
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    key = "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+    out[key] = np.asarray(jax.device_get(leaf))
+  return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  tree: dict = {}
+  for key, value in flat.items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+_SCANNED = re.compile(r"^(.*)/encoderblock/(.*)$")
+
+
+def unstack_layers(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """scan=True layout (`.../encoderblock/...` with a leading layers axis) -> `encoderblock_{i}`."""
+  out = {}
+  for k, v in flat.items():
+    m = _SCANNED.match(k)
+    if m:
+      for i in range(v.shape[0]):
+        out[f"{m.group(1)}/encoderblock_{i}/{m.group(2)}"] = np.asarray(v[i])
+    else:
+      out[k] = v
+  return out
+
+
+_BLOCK = re.compile(r"^(.*)/encoderblock_(\d+)/(.*)$")
+
+
+def stack_layers(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`encoderblock_{i}` layout -> scan=True layout (leading layers axis)."""
+  groups: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+  out = {}
+  for k, v in flat.items():
+    m = _BLOCK.match(k)
+    if m:
+      groups.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = v
+    else:
+      out[k] = v
+  for (prefix, rest), by_layer in groups.items():
+    out[f"{prefix}/encoderblock/{rest}"] = np.stack([by_layer[i] for i in sorted(by_layer)])
+  return out
+
+
+def num_layers(flat: Mapping[str, np.ndarray], prefix: str) -> int:
+  ids = {int(m.group(2)) for k in flat for m in [_BLOCK.match(k)] if m and m.group(1) == prefix}
+  if ids and ids != set(range(len(ids))):
+    raise ExportError(f"{prefix}: encoder blocks are not numbered 0..n-1: {sorted(ids)}.")
+  return len(ids)
+
+
+def model_kwargs(config) -> dict:
+  """config.model (ConfigDict or dict) -> plain dict of TwoTowers kwargs."""
+  m = config.model if hasattr(config, "model") else config
+  m = m.to_dict() if hasattr(m, "to_dict") else dict(m)
+  m = dict(m)
+  m["image"] = dict(m.get("image") or {})
+  m["text"] = dict(m.get("text") or {})
+  return m
+
+
+def resolved_arch(model_kwargs_: Mapping) -> tuple[dict, dict, tuple]:
+  """(image options, text options, (img_dim, txt_dim)) with every default filled in, as the
+  modules themselves resolve them (variants, mlp_dim = 4 * width, TwoTowers head defaults)."""
+  from big_mm.models.text import TextTransformer
+  from big_mm.models.two_towers import TwoTowers
+  from big_mm.models.vit import ViT
+  tt = TwoTowers(**{k: v for k, v in model_kwargs_.items()})
+  img_dim, txt_dim = tt._out_dims()
+  vit = ViT(**{"num_classes": img_dim, "head_zeroinit": False, **dict(tt.image or {})})
+  txt = TextTransformer(**{"num_classes": txt_dim, **dict(tt.text or {})})
+
+  def opts(mod, arch):
+    fields = {f: getattr(mod, f) for f in mod.__dataclass_fields__ if f not in ("parent", "name")}
+    fields.update(arch)
+    return fields
+
+  return opts(vit, vit.arch()), opts(txt, txt.arch()), (img_dim, txt_dim)
+
+
+def check_refusals(problems: list[str], target: str) -> None:
+  if problems:
+    raise ExportError(
+        f"This big_mm model cannot be exported exactly to {target}; it would compute something "
+        "different. Differences:\n  - " + "\n  - ".join(problems) +
+        "\n(Use --format npz to keep every big_mm option.)")
+
+
+def compare_keys(have: Mapping[str, Any], want: Mapping[str, tuple], what: str) -> None:
+  """Raises ExportError listing missing / unexpected keys and shape mismatches."""
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  shapes = [f"{k}: got {tuple(np.shape(have[k]))}, expected {tuple(want[k])}"
+            for k in sorted(set(want) & set(have))
+            if tuple(np.shape(have[k])) != tuple(want[k])]
+  if missing or extra or shapes:
+    lines = []
+    if missing:
+      lines.append(f"missing ({len(missing)}): {missing[:20]}")
+    if extra:
+      lines.append(f"unexpected ({len(extra)}): {extra[:20]}")
+    if shapes:
+      lines.append(f"shape mismatches ({len(shapes)}): {shapes[:20]}")
+    raise ExportError(f"{what} does not match:\n  " + "\n  ".join(lines))

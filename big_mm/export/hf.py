@@ -1,0 +1,486 @@
+"""Hugging Face transformers export / import: SigLIP (SiglipModel) and CLIP (CLIPModel).
+
+  export_hf(params, model_kwargs, "out_dir", arch="siglip", tokenizer="data/digits_spm.model")
+  flat, model_kwargs = import_hf("out_dir")        # big_mm '/'-paths -> np.ndarray
+
+What maps (exactly; anything else is refused with the list of differences):
+
+SigLIP (`transformers.SiglipModel`), usually big_mm `objective.loss="sigmoid"`:
+  image: pool="map", no image head (out_dim=(0 or None, D)): HF SigLIP's image embedding is
+         the MAP head output itself; rep_size off, pre_norm off, square patches and grid;
+         posemb "learn" or "sincos2d" (the fixed table is written as position_embedding).
+  text:  pool="last_position" (the literal last position, as HF / big_vision), not causal;
+         a head with or without bias (none: identity head when widths agree);
+         pad_mask=False -> the tokenizer returns no attention_mask (pads attended, as in big_mm);
+         pad_mask=True  -> it returns one (pads masked as keys, as in big_mm).
+  t -> logit_scale (both log-scale), b -> logit_bias.
+CLIP (`transformers.CLIPModel`), usually `objective.loss="softmax"`:
+  image: pool="tok" and pre_norm=True (CLIP's pre_layrnorm); head without bias (head_bias=False,
+         or an exactly-zero bias), or no head when widths agree (identity projection). The patch
+         embedding bias (CLIP has none) is folded into the position embedding, the class token
+         gets a zero position embedding: the same function, reparameterised.
+  text:  causal=True, pool="last" (the EOS position; HF pools at the first eos_token_id=1);
+         head without bias as for the image.
+  t -> logit_scale; b must be 0 (CLIP has no logit bias; a softmax loss never moves it).
+Both: activations are tanh-GELU ("gelu_pytorch_tanh"), LayerNorm eps 1e-6, float32 weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+from big_mm.export import common
+from big_mm.export.common import ExportError
+
+ARCHS = ("siglip", "clip")
+LN_EPS = 1e-6
+ACT = "gelu_pytorch_tanh"  # flax nn.gelu defaults to the tanh approximation.
+
+
+# ---- rules: (big_mm names, HF names, big_mm->HF, HF->big_mm) -------------------------------
+
+class Rule:
+  def __init__(self, bm, hf, fwd, inv):
+    self.bm, self.hf, self.fwd, self.inv = list(bm), list(hf), fwd, inv
+
+
+def _same(bm, hf):
+  return Rule([bm], [hf], lambda a: [a[0]], lambda a: [a[0]])
+
+
+def _dense(bm, hf, bias=True):
+  rules = [Rule([f"{bm}/kernel"], [f"{hf}.weight"], lambda a: [a[0].T], lambda a: [a[0].T])]
+  if bias:
+    rules.append(_same(f"{bm}/bias", f"{hf}.bias"))
+  return rules
+
+
+def _ln(bm, hf):
+  return [_same(f"{bm}/scale", f"{hf}.weight"), _same(f"{bm}/bias", f"{hf}.bias")]
+
+
+def _attn(bm, hf, heads):
+  rules = []
+  for b, h in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+    rules.append(Rule([f"{bm}/{b}/kernel"], [f"{hf}.{h}.weight"],
+                      lambda a: [a[0].reshape(a[0].shape[0], -1).T],
+                      lambda a: [a[0].T.reshape(a[0].shape[1], heads, -1)]))
+    rules.append(Rule([f"{bm}/{b}/bias"], [f"{hf}.{h}.bias"],
+                      lambda a: [a[0].reshape(-1)], lambda a: [a[0].reshape(heads, -1)]))
+  rules.append(Rule([f"{bm}/out/kernel"], [f"{hf}.out_proj.weight"],
+                    lambda a: [a[0].reshape(-1, a[0].shape[-1]).T],
+                    lambda a: [a[0].T.reshape(heads, -1, a[0].shape[0])]))
+  rules.append(_same(f"{bm}/out/bias", f"{hf}.out_proj.bias"))
+  return rules
+
+
+def _mlp(bm, hf):
+  return _dense(f"{bm}/Dense_0", f"{hf}.fc1") + _dense(f"{bm}/Dense_1", f"{hf}.fc2")
+
+
+def _encoder(bm, hf, depth, heads):
+  rules = []
+  for i in range(depth):
+    b, h = f"{bm}/encoderblock_{i}", f"{hf}.layers.{i}"
+    rules += _ln(f"{b}/LayerNorm_0", f"{h}.layer_norm1")
+    rules += _attn(f"{b}/MultiHeadDotProductAttention_0", f"{h}.self_attn", heads)
+    rules += _ln(f"{b}/LayerNorm_1", f"{h}.layer_norm2")
+    rules += _mlp(f"{b}/MlpBlock_0", f"{h}.mlp")
+  return rules
+
+
+def _map_head(bm, hf, heads):
+  att = f"{bm}/MultiHeadDotProductAttention_0"
+  qkv = ("query", "key", "value")
+
+  def fwd_w(a):
+    return [np.concatenate([k.reshape(k.shape[0], -1).T for k in a])]
+
+  def inv_w(a):
+    d = a[0].shape[1]
+    return [w.T.reshape(d, heads, -1) for w in np.split(a[0], 3)]
+
+  rules = [_same(f"{bm}/probe", f"{hf}.probe"),
+           Rule([f"{att}/{n}/kernel" for n in qkv], [f"{hf}.attention.in_proj_weight"],
+                fwd_w, inv_w),
+           Rule([f"{att}/{n}/bias" for n in qkv], [f"{hf}.attention.in_proj_bias"],
+                lambda a: [np.concatenate([b.reshape(-1) for b in a])],
+                lambda a: [b.reshape(heads, -1) for b in np.split(a[0], 3)]),
+           Rule([f"{att}/out/kernel"], [f"{hf}.attention.out_proj.weight"],
+                lambda a: [a[0].reshape(-1, a[0].shape[-1]).T],
+                lambda a: [a[0].T.reshape(heads, -1, a[0].shape[0])]),
+           _same(f"{att}/out/bias", f"{hf}.attention.out_proj.bias")]
+  rules += _ln(f"{bm}/LayerNorm_0", f"{hf}.layernorm")
+  rules += _mlp(f"{bm}/MlpBlock_0", f"{hf}.mlp")
+  return rules
+
+
+def _conv(bm, hf, bias=True):
+  rules = [Rule([f"{bm}/kernel"], [f"{hf}.weight"], lambda a: [a[0].transpose(3, 2, 0, 1)],
+                lambda a: [a[0].transpose(2, 3, 1, 0)])]
+  if bias:
+    rules.append(_same(f"{bm}/bias", f"{hf}.bias"))
+  return rules
+
+
+def _posemb(bm, hf):
+  return Rule([bm], [hf], lambda a: [a[0][0]], lambda a: [a[0][None]])
+
+
+def _text_common(img_or_txt_prefix, hf, a):
+  return [_same("txt/Embed_0/embedding", f"{hf}.embeddings.token_embedding.weight"),
+          _posemb("txt/pos_embedding", f"{hf}.embeddings.position_embedding.weight")]
+
+
+def siglip_rules(img: Mapping, txt: Mapping, txt_head_bias: bool = True) -> list[Rule]:
+  v, t = "vision_model", "text_model"
+  rules = _conv("img/embedding", f"{v}.embeddings.patch_embedding")
+  rules.append(_posemb("img/pos_embedding", f"{v}.embeddings.position_embedding.weight"))
+  rules += _encoder("img/Transformer", f"{v}.encoder", img["depth"], img["num_heads"])
+  rules += _ln("img/Transformer/encoder_norm", f"{v}.post_layernorm")
+  rules += _map_head("img/MAPHead_0", f"{v}.head", img["num_heads"])
+  rules += _text_common("txt", t, txt)
+  rules += _encoder("txt/Encoder_0", f"{t}.encoder", txt["depth"], txt["num_heads"])
+  rules += _ln("txt/Encoder_0/encoder_norm", f"{t}.final_layer_norm")
+  rules += _dense("txt/head", f"{t}.head", bias=txt_head_bias)
+  rules += [_same("t", "logit_scale"), _same("b", "logit_bias")]
+  return rules
+
+
+def clip_rules(img: Mapping, txt: Mapping) -> list[Rule]:
+  v, t = "vision_model", "text_model"
+
+  def fwd_emb(a):  # kernel, bias, cls, pos -> patch weight, class_embedding, position table
+    kernel, bias, cls, pos = a
+    table = np.concatenate([np.zeros_like(pos[0, :1]), pos[0] + bias[None]], axis=0)
+    return [kernel.transpose(3, 2, 0, 1), cls.reshape(-1), table]
+
+  def inv_emb(a):
+    weight, cls, table = a
+    return [weight.transpose(2, 3, 1, 0), np.zeros(weight.shape[0], weight.dtype),
+            (cls + table[0])[None, None], table[None, 1:]]
+
+  rules = [Rule(["img/embedding/kernel", "img/embedding/bias", "img/cls", "img/pos_embedding"],
+                [f"{v}.embeddings.patch_embedding.weight", f"{v}.embeddings.class_embedding",
+                 f"{v}.embeddings.position_embedding.weight"], fwd_emb, inv_emb)]
+  rules += _ln("img/norm_pre", f"{v}.pre_layrnorm")
+  rules += _encoder("img/Transformer", f"{v}.encoder", img["depth"], img["num_heads"])
+  rules += _ln("img/Transformer/encoder_norm", f"{v}.post_layernorm")
+  rules += _dense("img/head", "visual_projection", bias=False)
+  rules += _text_common("txt", t, txt)
+  rules += _encoder("txt/Encoder_0", f"{t}.encoder", txt["depth"], txt["num_heads"])
+  rules += _ln("txt/Encoder_0/encoder_norm", f"{t}.final_layer_norm")
+  rules += _dense("txt/head", "text_projection", bias=False)
+  rules.append(Rule(["t"], ["logit_scale"], lambda a: [a[0].reshape(())],
+                    lambda a: [a[0].reshape(1)]))  # CLIP's logit_scale is a scalar
+  return rules
+
+
+# ---- what maps ------------------------------------------------------------------------------
+
+def _square(img, problems):
+  p = img["patch_size"]
+  if p[0] != p[1]:
+    problems.append(f"image.patch_size={tuple(p)} is not square (HF supports square patches).")
+
+
+def siglip_problems(img, txt, dims, flat) -> list[str]:
+  problems = []
+  if img["pool"] != "map":
+    problems.append(f"image.pool={img['pool']!r}: HF SigLIP pools images with a MAP head only "
+                    "(vision_use_head); use pool='map'.")
+  if dims[0]:
+    problems.append(f"image head (out_dim image={dims[0]}): HF SigLIP's image embedding is the "
+                    "MAP output with no projection; use out_dim=(0, D) with D = image width.")
+  if img.get("rep_size"):
+    problems.append("image.rep_size (tanh pre-logits layer) has no HF SigLIP counterpart.")
+  if img.get("pre_norm"):
+    problems.append("image.pre_norm=True: HF SigLIP has no LayerNorm before the encoder.")
+  _square(img, problems)
+  if txt["pool"] != "last_position":
+    hint = (" big_mm 'last' pools the last non-pad token; HF pools index -1 of the max_length-"
+            "padded text." if txt["pool"] == "last" else "")
+    problems.append(f"text.pool={txt['pool']!r}: HF SigLIP pools the literal last position; "
+                    f"use text.pool='last_position'.{hint}")
+  if txt.get("causal"):
+    problems.append("text.causal=True: HF SigLIP's text tower is bidirectional.")
+  txt_out = dims[1] or txt["width"]
+  if txt_out != img["width"]:
+    problems.append(f"embedding sizes differ: image {img['width']} (MAP output) vs text {txt_out}.")
+  return problems
+
+
+def clip_problems(img, txt, dims, flat) -> list[str]:
+  problems = []
+  if img["pool"] != "tok":
+    problems.append(f"image.pool={img['pool']!r}: HF CLIP pools the class token; use pool='tok'.")
+  if not img.get("pre_norm"):
+    problems.append("image.pre_norm=False: HF CLIP applies pre_layrnorm before the encoder; "
+                    "train with model.image.pre_norm=True.")
+  if img.get("rep_size"):
+    problems.append("image.rep_size (tanh pre-logits layer) has no HF CLIP counterpart.")
+  _square(img, problems)
+  if not txt.get("causal"):
+    problems.append("text.causal=False: HF CLIP's text tower is causal; use text.causal=True.")
+  if txt["pool"] != "last":
+    problems.append(f"text.pool={txt['pool']!r}: HF CLIP pools the EOS token; use pool='last'.")
+  for tower, key in (("image", "img/head/bias"), ("text", "txt/head/bias")):
+    if key in flat and np.any(flat[key] != 0):
+      problems.append(f"{tower} head has a non-zero bias ({key}); CLIP projections have no bias "
+                      f"(train with model.{tower}.head_bias=False).")
+  img_out, txt_out = dims[0] or img["width"], dims[1] or txt["width"]
+  if img_out != txt_out:
+    problems.append(f"embedding sizes differ: image {img_out} vs text {txt_out}.")
+  if "b" in flat and np.any(flat["b"] != 0):
+    problems.append(f"b={float(flat['b'].reshape(-1)[0])} != 0: HF CLIP has no logit bias.")
+  return problems
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+def _expected_shapes(model_kwargs, image_size, text_len):
+  import jax
+  import jax.numpy as jnp
+
+  from big_mm.models.two_towers import TwoTowers
+  model = TwoTowers(**model_kwargs)
+  img = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  txt = jnp.zeros((1, text_len), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), img, txt))["params"]
+  from big_mm import sharding
+  return {"/".join(str(p.key) for p in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(sharding.unbox(shapes))}
+
+
+def _identity_head(flat, name, width):
+  flat[f"{name}/kernel"] = np.eye(width, dtype=np.float32)
+  flat[f"{name}/bias"] = np.zeros(width, np.float32)
+
+
+def prepare(params, model_kwargs: Mapping, arch: str, *, image_size: Optional[int] = None):
+  """Checks that `params` fit `model_kwargs` and that `arch` can represent them exactly.
+
+  Returns (flat params ready for the rules, img options, txt options, dims, image_size,
+  text_len). Raises ExportError listing what differs.
+  """
+  if arch not in ARCHS:
+    raise ExportError(f"Unknown HF architecture {arch!r}; valid: {ARCHS}.")
+  kwargs = common.model_kwargs(model_kwargs)
+  img, txt, dims = common.resolved_arch(kwargs)
+  flat = common.unstack_layers(common.flatten(params))
+  img_k = {**kwargs, "image": {**kwargs["image"], "scan": False},
+           "text": {**kwargs["text"], "scan": False}}
+  p = img["patch_size"]
+  if "img/pos_embedding" in flat:
+    n = flat["img/pos_embedding"].shape[1]
+    grid = int(round(np.sqrt(n)))
+    if grid * grid != n:
+      raise ExportError(f"img/pos_embedding has {n} positions, not a square grid; HF needs "
+                        "square images.")
+    if image_size is not None and image_size != grid * p[0]:
+      raise ExportError(f"image_size={image_size} but the position embedding is for "
+                        f"{grid * p[0]} pixels.")
+    image_size = grid * p[0]
+  if image_size is None:
+    raise ExportError("image_size is needed for posemb='sincos2d' (no position parameter to "
+                      "read it from); pass image_size= (tools/export.py reads it from the "
+                      "config's eval pp_image).")
+  if "txt/pos_embedding" not in flat:
+    raise ExportError("params have no txt/pos_embedding: HF SigLIP/CLIP need both towers.")
+  text_len = flat["txt/pos_embedding"].shape[1]
+  common.compare_keys(flat, _expected_shapes(img_k, image_size, text_len),
+                      "The parameters given for export vs. the model config")
+  problems = (siglip_problems if arch == "siglip" else clip_problems)(img, txt, dims, flat)
+  common.check_refusals(problems, "transformers." + ("SiglipModel" if arch == "siglip"
+                                                     else "CLIPModel"))
+  flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+  if img["posemb"] == "sincos2d":
+    from big_mm.models import layers
+    g = image_size // p[0]
+    flat["img/pos_embedding"] = np.asarray(layers.posemb_sincos_2d(g, g, img["width"]))
+  if arch == "siglip" and not dims[1]:
+    _identity_head(flat, "txt/head", txt["width"])
+  if arch == "clip":
+    for tower, opts, d in (("img", img, dims[0]), ("txt", txt, dims[1])):
+      if not d:
+        _identity_head(flat, f"{tower}/head", opts["width"])
+      flat.pop(f"{tower}/head/bias", None)
+    flat.pop("b", None)
+  return flat, img, txt, dims, image_size, text_len
+
+
+def hf_config(arch, img, txt, dims, image_size, text_len, vocab_size) -> dict:
+  def tower(o):
+    return dict(hidden_size=o["width"], intermediate_size=o["mlp_dim"],
+                num_hidden_layers=o["depth"], num_attention_heads=o["num_heads"],
+                hidden_act=ACT, layer_norm_eps=LN_EPS, attention_dropout=0.0)
+  vision = dict(tower(img), image_size=image_size, patch_size=img["patch_size"][0],
+                num_channels=3)
+  text = dict(tower(txt), vocab_size=vocab_size, max_position_embeddings=text_len,
+              pad_token_id=0, eos_token_id=1, bos_token_id=None)
+  if arch == "siglip":
+    text["projection_size"] = dims[1] or txt["width"]
+    vision["vision_use_head"] = True
+    return dict(model_type="siglip", architectures=["SiglipModel"], text_config=text,
+                vision_config=vision)
+  proj = dims[0] or img["width"]
+  return dict(model_type="clip", architectures=["CLIPModel"], text_config=text,
+              vision_config=vision, projection_dim=proj, logit_scale_init_value=2.6592)
+
+
+def to_hf_state_dict(flat, rules) -> dict[str, np.ndarray]:
+  out = {}
+  for r in rules:
+    missing = [n for n in r.bm if n not in flat]
+    if missing:
+      raise ExportError(f"params lack {missing} (needed for {r.hf}).")
+    for name, value in zip(r.hf, r.fwd([flat[n] for n in r.bm])):
+      out[name] = np.ascontiguousarray(np.asarray(value, np.float32))
+  used = {n for r in rules for n in r.bm}
+  left = sorted(set(flat) - used)
+  if left:
+    raise ExportError(f"params not mapped to the HF model (would be silently dropped): {left}")
+  return out
+
+
+def export_hf(params, model_kwargs: Mapping, out_dir: str, *, arch: str = "siglip",
+              tokenizer: Optional[str] = None, image_size: Optional[int] = None,
+              do_lower_case: bool = False) -> str:
+  """Writes config.json + model.safetensors (+ tokenizer / processor files when `tokenizer`,
+  a SentencePiece .model path, is given) loadable with `SiglipModel/CLIPModel.from_pretrained`.
+  """
+  from safetensors.numpy import save_file
+  flat, img, txt, dims, image_size, text_len = prepare(params, model_kwargs, arch,
+                                                       image_size=image_size)
+  if arch == "siglip":
+    rules = siglip_rules(img, txt, txt_head_bias="txt/head/bias" in flat)
+    if "txt/head/bias" not in flat:  # head_bias=False: HF's head always has a bias.
+      flat["txt/head/bias"] = np.zeros(flat["txt/head/kernel"].shape[1], np.float32)
+      rules = siglip_rules(img, txt)
+  else:
+    rules = clip_rules(img, txt)
+  state = to_hf_state_dict(flat, rules)
+  vocab = flat["txt/Embed_0/embedding"].shape[0]
+  cfg = hf_config(arch, img, txt, dims, image_size, text_len, vocab)
+  cfg["big_mm"] = dict(text_pad_mask=bool(txt.get("pad_mask")), image_posemb=img["posemb"])
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+  save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  if tokenizer:
+    write_processor(out_dir, tokenizer, image_size=image_size, text_len=text_len,
+                    pad_mask=bool(txt.get("pad_mask")), do_lower_case=do_lower_case)
+  return out_dir
+
+
+def write_processor(out_dir, tokenizer_path, *, image_size, text_len, pad_mask, do_lower_case):
+  """SiglipTokenizer over the run's SentencePiece model + a PIL image processor matching
+  big_mm's eval preprocessing `resize(image_size)|value_range(-1,1)` (bilinear, mean=std=0.5).
+
+  The tokenizer pads with id 0 (big_mm's pad) to max_length=text_len and appends EOS (id 1).
+  With pad_mask=False it returns no attention_mask, so pads are attended as in big_mm.
+  """
+  from transformers import SiglipTokenizer
+  shutil.copyfile(tokenizer_path, os.path.join(out_dir, "spiece.model"))
+  input_names = ["input_ids", "attention_mask"] if pad_mask else ["input_ids"]
+  tok = SiglipTokenizer(os.path.join(out_dir, "spiece.model"), pad_token="<pad>",
+                        eos_token="</s>", unk_token="<unk>", model_max_length=text_len,
+                        do_lower_case=do_lower_case, model_input_names=input_names)
+  tok.save_pretrained(out_dir)
+  image_proc = dict(
+      image_processor_type="SiglipImageProcessor", processor_class="SiglipProcessor",
+      do_resize=True, size={"height": image_size, "width": image_size}, resample=2,  # bilinear
+      do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True)
+  with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+    json.dump(image_proc, f, indent=2)
+  with open(os.path.join(out_dir, "processor_config.json"), "w") as f:
+    json.dump({"processor_class": "SiglipProcessor"}, f, indent=2)
+
+
+# ---- import ---------------------------------------------------------------------------------
+
+def _hf_to_options(cfg: Mapping, arch: str) -> dict:
+  v, t = cfg["vision_config"], cfg["text_config"]
+  for c, what in ((v, "vision"), (t, "text")):
+    act = c.get("hidden_act", "gelu_pytorch_tanh" if arch == "siglip" else "quick_gelu")
+    if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+      raise ExportError(f"HF {what} hidden_act={act!r}: big_mm's MLP uses tanh-GELU; importing "
+                        "would change the function.")
+    eps = c.get("layer_norm_eps", 1e-6 if arch == "siglip" else 1e-5)
+    if abs(eps - LN_EPS) > 1e-12:
+      raise ExportError(f"HF {what} layer_norm_eps={eps}: big_mm's LayerNorm uses 1e-6.")
+
+  def tower(c):
+    return dict(width=c["hidden_size"], depth=c["num_hidden_layers"],
+                mlp_dim=c["intermediate_size"], num_heads=c["num_attention_heads"])
+  image = dict(tower(v), patch_size=(v["patch_size"], v["patch_size"]), posemb="learn")
+  text = dict(tower(t), vocab_size=t["vocab_size"])
+  extra = cfg.get("big_mm", {})
+  if arch == "siglip":
+    if not v.get("vision_use_head", True):
+      raise ExportError("HF SigLIP vision_use_head=False has no big_mm equivalent.")
+    image["pool"] = "map"
+    text.update(pool="last_position", pad_mask=bool(extra.get("text_pad_mask", False)))
+    return dict(image=image, text=text, out_dim=(0, t.get("projection_size", t["hidden_size"])),
+                temperature_init=1.0, bias_init=0.0)
+  eos = t.get("eos_token_id")
+  if eos == 2:
+    raise ExportError("HF CLIP with eos_token_id=2 pools at argmax(input_ids) (legacy); big_mm "
+                      "pools at the last non-pad token. Not imported.")
+  image.update(pool="tok", pre_norm=True, head_bias=False)
+  text.update(pool="last", causal=True, head_bias=False,
+              pad_mask=bool(extra.get("text_pad_mask", False)))
+  return dict(image=image, text=text, out_dim=cfg["projection_dim"], temperature_init=1.0,
+              bias_init=None)
+
+
+def import_hf(path: str) -> tuple[dict[str, np.ndarray], dict]:
+  """HF SiglipModel / CLIPModel directory (config.json + model.safetensors) ->
+  (flat big_mm params, TwoTowers kwargs). Only safetensors are read (never pickles)."""
+  from safetensors.numpy import load_file
+  cfg_path, st_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+  for p in (cfg_path, st_path):
+    if not os.path.isfile(p):
+      raise ExportError(f"{path!r} is not an HF model directory: {os.path.basename(p)} missing "
+                        "(only safetensors weights are read; pytorch_model.bin is refused).")
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  arch = cfg.get("model_type")
+  if arch not in ARCHS:
+    raise ExportError(f"{path!r}: model_type={arch!r}; big_mm imports {ARCHS}.")
+  state = load_file(st_path)
+  state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+  kwargs = _hf_to_options(cfg, arch)
+  img, txt, dims = common.resolved_arch(kwargs)
+  rules = siglip_rules(img, txt) if arch == "siglip" else clip_rules(img, txt)
+  expected_hf = {n for r in rules for n in r.hf}
+  if arch == "clip" and "logit_bias" in state:
+    expected_hf.add("logit_bias")
+  missing = sorted(expected_hf - set(state))
+  extra = sorted(set(state) - expected_hf)
+  if missing or extra:
+    raise ExportError(f"{st_path}: weights do not match the {arch} config:\n  missing "
+                      f"({len(missing)}): {missing[:20]}\n  unexpected ({len(extra)}): {extra[:20]}")
+  flat = {}
+  for r in rules:
+    try:
+      values = r.inv([np.asarray(state[n], np.float32) for n in r.hf])
+    except ValueError as e:
+      raise ExportError(f"{r.hf}: cannot convert ({e}); shapes "
+                        f"{[tuple(state[n].shape) for n in r.hf]}.") from None
+    for name, value in zip(r.bm, values):
+      flat[name] = np.asarray(value, np.float32)
+  if arch == "clip":
+    flat["b"] = np.zeros((1,), np.float32)
+  t_cfg, v_cfg = cfg["text_config"], cfg["vision_config"]
+  image_size = v_cfg["image_size"]
+  common.compare_keys(flat, _expected_shapes(kwargs, image_size,
+                                             t_cfg["max_position_embeddings"]),
+                      f"Weights of {path!r} converted to big_mm vs. the big_mm model")
+  return flat, kwargs
