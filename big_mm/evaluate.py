@@ -49,11 +49,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
-  # force: absl (imported by grain / orbax) installs its own root handler. Libraries log at
-  # WARNING and up; big_mm's own progress at INFO.
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S", force=True)
-  log.setLevel(logging.INFO)
+  metrics_lib.setup_logging()
   flags, overrides = config_lib.parse_command_line(argv)
   if set(flags) - {"config", "workdir", "step"} or not {"config", "workdir"} <= set(flags):
     print(__doc__, file=sys.stderr)

@@ -36,6 +36,7 @@ import datetime
 import glob
 import json
 import math
+import logging
 import numbers
 import os
 import struct
@@ -536,3 +537,13 @@ def compiled_flops(compiled: Any) -> Optional[float]:
   except TypeError:
     return None
   return total if found else None
+
+
+def setup_logging() -> None:
+  """Console logging for the command-line tools: big_mm at INFO, libraries at WARNING.
+
+  `force`: absl (imported by grain / orbax) installs its own root handler.
+  """
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  logging.getLogger("big_mm").setLevel(logging.INFO)

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -310,11 +309,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
-  # force: absl (imported by grain / orbax) installs its own root handler. Libraries log at
-  # WARNING and up; big_mm's own progress at INFO.
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S", force=True)
-  log.setLevel(logging.INFO)
+  metrics_lib.setup_logging()
   flags, overrides = config_lib.parse_command_line(argv)
   unknown = set(flags) - {"config", "workdir", "coordinator_address", "num_processes", "process_id"}
   if unknown or "config" not in flags or "workdir" not in flags:

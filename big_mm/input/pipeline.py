@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import sys
 from typing import Any, Iterator
 
 import grain
