@@ -10,8 +10,8 @@ Usage in the trainer::
 
     ckpt = Checkpointer(workdir + "/checkpoints", keep=3, save_every_steps=1000)
     abstract = jax.eval_shape(init) with shardings   # ShapeDtypeStructs + .sharding
-    if (step := ckpt.latest_step()) is not None:
-      state, data_state = ckpt.restore(step, abstract)   # restored already sharded
+    if (got := ckpt.restore_latest_good(abstract)) is not None:  # skips corrupt steps
+      step, state, data_state = got                       # restored already sharded
     ...
     ckpt.save(step, state, data_state=it.get_state())     # no-op off the interval
     ...
@@ -34,28 +34,90 @@ Notes:
   storage runs in a background thread; the next `save()`, `wait()` and `close()`
   wait for it. A step directory only appears under its final name once committed,
   so `latest_step()` never names a partial checkpoint.
+* Integrity: once orbax has committed a step (a sync save returned; an async one
+  finished, noticed at the next `save()`, `wait()`, `close()` or restore), process 0
+  writes ``DIRECTORY/<step>/big_mm_manifest.json``: the relative path, size and
+  zlib.crc32 of every file in the step (atomically: tmp file + os.replace).
+  `verify(step)` re-checks them; `restore()` refuses a step that fails (ValueError)
+  and `restore_latest_good()` falls back to the newest step that passes, with a
+  warning per rejected step, or raises RuntimeError if none does. A step without
+  a manifest (the process died between orbax's commit and the manifest, or a
+  checkpoint written before manifests existed) counts as not good; use
+  `write_manifest(step)` to adopt such a step after checking it by hand.
+  Remote paths (gs://...): no manifests are written and `verify` checks nothing
+  (object stores have their own checksums); orbax read errors still make
+  `restore_latest_good` fall back.
 * Multi-host: call every method on every process (orbax synchronises them).
+  Integrity decisions are process 0's (its verify result is broadcast), so all
+  processes restore the same step.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 import uuid
+import zlib
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["Checkpointer", "CheckpointDirectoryError", "STATE_ITEM", "DATA_ITEM"]
+__all__ = ["Checkpointer", "CheckpointDirectoryError", "CheckpointCorruptError",
+           "CheckpointMismatchError", "STATE_ITEM", "DATA_ITEM", "MANIFEST_NAME"]
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+MANIFEST_NAME = "big_mm_manifest.json"
+_MANIFEST_FORMAT = 1
+_CHUNK = 1 << 20
 _MAX_LISTED = 20
 
 
 class CheckpointDirectoryError(OSError):
   """The checkpoint directory cannot be created or written."""
+
+
+class CheckpointCorruptError(ValueError):
+  """A checkpoint step is incomplete or corrupt (fails `Checkpointer.verify`)."""
+
+
+class CheckpointMismatchError(ValueError):
+  """The stored tree structure / shapes differ from the expected train state
+  (a config change, not corruption: never skipped by `restore_latest_good`)."""
+
+
+def _crc32_file(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _is_manifest_file(rel: str) -> bool:
+  return rel == MANIFEST_NAME or rel.startswith(MANIFEST_NAME + ".tmp")
+
+
+def _list_files(step_dir: str) -> list[str]:
+  """'/'-joined paths of all files under `step_dir`, relative to it, sorted; the
+  manifest (and a leftover temporary manifest) excluded."""
+  out = []
+  for root, dirs, files in os.walk(step_dir):
+    dirs.sort()
+    for name in files:
+      rel = os.path.relpath(os.path.join(root, name), step_dir).replace(os.sep, "/")
+      if not _is_manifest_file(rel):
+        out.append(rel)
+  return sorted(out)
+
+
+def _capped(items: list[str]) -> list[str]:
+  if len(items) <= _MAX_LISTED:
+    return items
+  return items[:_MAX_LISTED] + [f"... and {len(items) - _MAX_LISTED} more"]
 
 
 def _is_remote(path: str) -> bool:
@@ -182,6 +244,9 @@ class Checkpointer:
     )
     self._mngr = ocp.CheckpointManager(
         directory, options=options, handler_registry=registry)
+    self.read_only = bool(read_only)
+    # Steps this instance saved whose manifest is not written yet (in flight).
+    self._pending_manifests: list[int] = []
 
   # -- queries -------------------------------------------------------------
 
@@ -191,6 +256,11 @@ class Checkpointer:
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
+
+  def reached_preemption(self, step: int) -> bool:
+    """True once the JAX preemption-sync service says every process reached its preemption
+    point (multi-host TPU/GPU maintenance events); the trainer then saves and exits."""
+    return self._mngr.reached_preemption(int(step))
 
   def should_save(self, step: int) -> bool:
     return self._mngr.should_save(int(step))
@@ -203,9 +273,11 @@ class Checkpointer:
 
     Returns True if a save was started. A step that already has a checkpoint
     is not overwritten (returns False), so a final forced save at a step that
-    was just saved periodically is harmless.
+    was just saved periodically is harmless. Also writes the manifest of any
+    earlier async save that has finished since (never blocks on one in flight).
     """
     step = int(step)
+    self._flush_manifests(block=False)
     if step in self._mngr.all_steps():
       logging.info("Checkpoint for step %d already exists in %s; not saving.",
                    step, self.directory)
@@ -220,7 +292,145 @@ class Checkpointer:
     if saved:
       logging.info("Saving checkpoint for step %d to %s%s.", step, self.directory,
                    " (async)" if self.async_save else "")
+      # orbax waited for the previous save before starting this one, so earlier
+      # pending steps are committed. Skip those this save's cleanup will delete
+      # (keep-N) so we never write into a directory being removed.
+      earlier, self._pending_manifests = self._pending_manifests, [step]
+      kept = set(self._steps_kept_after(step))
+      self._write_manifests([s for s in earlier if s in kept])
+      self._flush_manifests(block=False)  # sync save: committed already
     return bool(saved)
+
+  # -- integrity -------------------------------------------------------------
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(int(step)))
+
+  def _manifests_enabled(self) -> bool:
+    return not _is_remote(self.directory) and not self.read_only
+
+  def _steps_kept_after(self, step: int) -> list[int]:
+    steps = sorted(set(int(s) for s in self._mngr.all_steps()) | {int(step)})
+    return steps if self.keep is None else steps[-int(self.keep):]
+
+  def _flush_manifests(self, block: bool) -> None:
+    """Writes manifests for pending steps once orbax has finished them. With
+    block=False, returns at once if a save is still in flight."""
+    if not self._pending_manifests:
+      return
+    if not block and self._mngr.is_saving_in_progress():
+      return
+    steps, self._pending_manifests = self._pending_manifests, []
+    self._mngr.wait_until_finished()  # raises if the background save failed
+    self._write_manifests(steps)
+
+  def _write_manifests(self, steps: Sequence[int]) -> None:
+    if not steps or not self._manifests_enabled() or jax.process_index() != 0:
+      return
+    for step in steps:
+      if not os.path.isdir(self._step_dir(step)):  # deleted (keep-N) or never committed
+        continue
+      try:
+        self.write_manifest(step)
+      except FileNotFoundError as e:  # removed while we read it
+        logging.info("Checkpoint step %d vanished while writing its manifest: %s",
+                     step, e)
+
+  def write_manifest(self, step: int) -> dict:
+    """Writes DIRECTORY/<step>/big_mm_manifest.json for the files now in the step
+    directory (atomically) and returns it. Called automatically after each save
+    commits; call it by hand only to adopt a step you have checked otherwise
+    (e.g. written before manifests existed). Local paths only."""
+    if _is_remote(self.directory):
+      raise ValueError(f"Manifests are only supported on local paths, not {self.directory!r}.")
+    step = int(step)
+    step_dir = self._step_dir(step)
+    t0 = time.perf_counter()
+    files = {}
+    for rel in _list_files(step_dir):
+      path = os.path.join(step_dir, rel)
+      files[rel] = {"size": os.path.getsize(path), "crc32": _crc32_file(path)}
+    manifest = {"format": _MANIFEST_FORMAT, "step": step, "files": files}
+    final = os.path.join(step_dir, MANIFEST_NAME)
+    tmp = f"{final}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+      with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, final)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    try:  # make the rename durable
+      fd = os.open(step_dir, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    except OSError:
+      pass
+    logging.info("Wrote manifest for checkpoint step %d (%d files, %d bytes) in %.3fs.",
+                 step, len(files), sum(v["size"] for v in files.values()),
+                 time.perf_counter() - t0)
+    return manifest
+
+  def verify(self, step: int) -> list[str]:
+    """Problems with checkpoint `step` ([] = good): a missing/unreadable manifest,
+    and files missing, of the wrong size or checksum, or not in the manifest.
+
+    Reads every file of the step (crc32, ~GB/s). On remote paths (gs://...) no
+    manifests exist and this returns [] (nothing checked).
+    """
+    step = int(step)
+    if _is_remote(self.directory):
+      return []
+    step_dir = self._step_dir(step)
+    if not os.path.isdir(step_dir):
+      return [f"step directory {step_dir} does not exist"]
+    manifest_path = os.path.join(step_dir, MANIFEST_NAME)
+    if not os.path.exists(manifest_path):
+      return ["no manifest (the save may not have finished)"]
+    try:
+      with open(manifest_path) as f:
+        manifest = json.load(f)
+      expected = manifest["files"]
+      if not isinstance(expected, dict):
+        raise TypeError("'files' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      return [f"manifest unreadable: {type(e).__name__}: {e}"]
+    problems = []
+    present = set(_list_files(step_dir))
+    for rel in sorted(expected):
+      want = expected[rel]
+      path = os.path.join(step_dir, rel)
+      if rel not in present:
+        problems.append(f"missing file {rel}")
+        continue
+      try:
+        size = os.path.getsize(path)
+        if size != want["size"]:
+          problems.append(f"size mismatch {rel}: {size} bytes, manifest says {want['size']}")
+        elif _crc32_file(path) != want["crc32"]:
+          problems.append(f"checksum mismatch {rel} (same size {size}; contents changed)")
+      except OSError as e:
+        problems.append(f"unreadable file {rel}: {type(e).__name__}: {e}")
+    for rel in sorted(present - set(expected)):
+      problems.append(f"extra file {rel} (not in manifest)")
+    return _capped(problems)
+
+  def _agreed_problems(self, step: int) -> list[str]:
+    """`verify(step)` as decided by process 0, so all processes agree."""
+    problems = self.verify(step) if jax.process_index() == 0 else []
+    if jax.process_count() > 1:
+      import numpy as np
+      from jax.experimental import multihost_utils
+      bad = int(multihost_utils.broadcast_one_to_all(np.int32(1 if problems else 0)))
+      if bad and not problems:
+        problems = ["rejected by process 0's integrity check (see its log)"]
+      elif not bad:
+        problems = []
+    return problems
 
   # -- restore -------------------------------------------------------------
 
@@ -244,21 +454,7 @@ class Checkpointer:
     tree = getattr(meta, "tree", meta)
     return _flat_shapes(tree, is_leaf=_is_metadata_leaf)
 
-  def restore(self, step: Optional[int], abstract_state: Any
-              ) -> tuple[Any, Optional[dict]]:
-    """Restores (state, data_state) at `step` (None = latest).
-
-    `abstract_state`: pytree of jax.ShapeDtypeStruct with `.sharding` set, e.g.
-    ``jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-    jax.eval_shape(init), shardings)``. The state is returned as jax.Arrays with
-    those shardings and dtypes. data_state is None if none was saved.
-
-    Raises ValueError if the step does not exist (listing available steps) or if
-    the stored tree structure / shapes differ from `abstract_state` (naming the
-    mismatched parameter paths and shapes).
-    """
-    self._mngr.wait_until_finished()
-    step = self._check_step(step)
+  def _check_abstract(self, abstract_state: Any) -> None:
     missing_sharding = [
         _path_str(p) for p, x in
         jax.tree_util.tree_flatten_with_path(abstract_state)[0]
@@ -268,15 +464,15 @@ class Checkpointer:
           "abstract_state leaves need a .sharding so the state is restored "
           f"directly sharded; missing for: {missing_sharding[:_MAX_LISTED]}")
 
-    stored = self.stored_shapes(step)
-    wanted = _flat_shapes(abstract_state)
-    problems = _tree_mismatches(stored, wanted)
+  def _check_shapes(self, step: int, abstract_state: Any) -> None:
+    problems = _tree_mismatches(self.stored_shapes(step), _flat_shapes(abstract_state))
     if problems:
-      raise ValueError(
+      raise CheckpointMismatchError(
           f"Checkpoint step {step} in {self.directory!r} does not match the "
           "expected train state (tree structure or shapes differ; did the model "
           "or optimizer config change?):\n" + "\n".join(problems))
 
+  def _read(self, step: int, abstract_state: Any) -> tuple[Any, Optional[dict]]:
     item_names = set(self._mngr.item_metadata(step).keys())
     items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
     has_data = DATA_ITEM in item_names
@@ -286,10 +482,95 @@ class Checkpointer:
     data_state = restored[DATA_ITEM] if has_data else None
     return restored[STATE_ITEM], data_state
 
+  def _corrupt_error(self, step: int, problems: Sequence[str]) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"Checkpoint step {step} in {self.directory!r} is incomplete or corrupt:\n"
+        + "\n".join(f"  {p}" for p in problems)
+        + "\nUse restore_latest_good() to fall back to an earlier good step.")
+
+  def restore(self, step: Optional[int], abstract_state: Any
+              ) -> tuple[Any, Optional[dict]]:
+    """Restores (state, data_state) at `step` (None = latest).
+
+    `abstract_state`: pytree of jax.ShapeDtypeStruct with `.sharding` set, e.g.
+    ``jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+    jax.eval_shape(init), shardings)``. The state is returned as jax.Arrays with
+    those shardings and dtypes. data_state is None if none was saved.
+
+    Raises ValueError if the step does not exist (listing available steps),
+    CheckpointCorruptError (a ValueError) if it fails `verify` (listing the
+    problems; no fallback, see `restore_latest_good`), or
+    CheckpointMismatchError (a ValueError) if the stored tree structure / shapes
+    differ from `abstract_state` (naming the mismatched parameter paths and shapes).
+    """
+    self._flush_manifests(block=True)
+    step = self._check_step(step)
+    self._check_abstract(abstract_state)
+    problems = self._agreed_problems(step)
+    if problems:
+      raise self._corrupt_error(step, problems)
+    self._check_shapes(step, abstract_state)
+    return self._read(step, abstract_state)
+
+  def restore_latest_good(self, abstract_state: Any
+                          ) -> Optional[tuple[int, Any, Optional[dict]]]:
+    """Restores the newest checkpoint step that is intact: (step, state, data_state).
+
+    Walks committed steps newest first. A step that fails `verify` (no manifest,
+    missing / truncated / changed / extra files) or whose files orbax fails to
+    read is skipped with a WARNING naming the step and why, and the previous one
+    is tried. Returns None if there are no checkpoints at all. Raises RuntimeError
+    listing every step tried and why it was rejected if none is good, and
+    CheckpointMismatchError (a ValueError) at once if an intact step's tree
+    structure / shapes differ from `abstract_state` (a config change, not
+    corruption). `abstract_state` as for `restore`.
+    """
+    self._flush_manifests(block=True)
+    self._check_abstract(abstract_state)
+    steps = self.all_steps()
+    if not steps:
+      return None
+    rejected: list[tuple[int, list[str]]] = []
+    for step in reversed(steps):
+      problems = self._agreed_problems(step)
+      if not problems:
+        try:
+          self._check_shapes(step, abstract_state)  # mismatch: propagates
+          state, data_state = self._read(step, abstract_state)
+        except CheckpointMismatchError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          problems = [f"reading it failed: {type(e).__name__}: {e}"]
+      if problems:
+        logging.warning(
+            "Checkpoint step %d in %s is incomplete or corrupt; skipping it and "
+            "trying the previous one:\n%s", step, self.directory,
+            "\n".join(f"  {p}" for p in problems))
+        rejected.append((step, problems))
+        continue
+      if rejected:
+        logging.warning(
+            "Restored checkpoint step %d from %s, falling back past rejected newer "
+            "step(s) %s.", step, self.directory, [s for s, _ in rejected])
+      return step, state, data_state
+    lines = []
+    for step, problems in rejected:
+      lines.append(f"  step {step}:")
+      lines.extend(f"    {p}" for p in problems)
+    raise RuntimeError(
+        f"No good checkpoint in {self.directory!r}: all {len(rejected)} step(s) "
+        "are incomplete or corrupt:\n" + "\n".join(lines) +
+        "\nRefusing to load them. Move the directory aside to start from scratch, "
+        "or repair / restore a step from a backup.")
+
   def restore_params(self, step: Optional[int] = None) -> Any:
     """The `params` subtree stored at `step`, replicated, whatever the rest of that run's
     state (optimizer, ...) was: for initialising one run from another (e.g. LiT)."""
+    self._flush_manifests(block=True)
     step = self._check_step(step)
+    problems = self._agreed_problems(step)
+    if problems:
+      raise self._corrupt_error(step, problems)
     meta = self._mngr.item_metadata(step)[STATE_ITEM]
     tree = getattr(meta, "tree", meta)
     if "params" not in tree:
@@ -306,13 +587,17 @@ class Checkpointer:
   # -- lifecycle -----------------------------------------------------------
 
   def wait(self) -> None:
-    """Blocks until pending async saves are committed."""
+    """Blocks until pending async saves are committed (and their manifests written)."""
     self._mngr.wait_until_finished()
+    self._flush_manifests(block=True)
 
   def close(self) -> None:
-    """Waits for pending saves and releases orbax resources."""
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for pending saves, writes their manifests, releases orbax resources."""
+    try:
+      self._mngr.wait_until_finished()
+      self._flush_manifests(block=True)
+    finally:
+      self._mngr.close()
 
   def __enter__(self) -> "Checkpointer":
     return self

@@ -29,6 +29,7 @@ OBJECTIVE_NAMES = ("contrastive",)
 OBJECTIVE_LOSSES = ("sigmoid", "softmax")
 OBJECTIVE_STRATEGIES = ("local", "all_gather", "ring")
 OPTIMIZERS = ("adamw", "adafactor")
+NAN_POLICIES = ("skip", "stop")
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 
 # Per-evaluator-type keys (with defaults). `every_*` durations and `split` are common.
@@ -53,6 +54,9 @@ def defaults() -> ConfigDict:
   c.total_epochs = None
   c.total_examples = None
   c.log_every_steps = 50
+  # A step with a non-finite loss or gradient never updates the params. "skip": count it and
+  # go on; "stop": save the last good state and stop (checked at every logged step).
+  c.nan_policy = "stop"
 
   c.model_name = "two_towers"
   c.model = ConfigDict()  # kwargs of the model class (FREE_FORM)
@@ -214,6 +218,7 @@ def validate(config: ConfigDict) -> None:
   _choice("objective.loss", config.objective.loss, OBJECTIVE_LOSSES)
   _choice("objective.strategy", config.objective.strategy, OBJECTIVE_STRATEGIES)
   _choice("optim.name", config.optim.name, OPTIMIZERS)
+  _choice("nan_policy", config.nan_policy, NAN_POLICIES)
   _choice("optim.schedule.name", config.optim.schedule.name, SCHEDULES)
   if not isinstance(config.batch_size, int) or config.batch_size <= 0:
     raise ConfigError(f"batch_size must be a positive integer, got {config.batch_size!r}.")

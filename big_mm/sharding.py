@@ -154,21 +154,27 @@ def _dict_keys(path) -> tuple[str, ...]:
 
 def maybe_initialize_distributed(coordinator_address: str | None = None,
                                  num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
+                                 process_id: int | None = None, *,
+                                 heartbeat_timeout_s: int = 100) -> None:
   """`jax.distributed.initialize` for multi-process runs; a no-op for single-process runs.
 
   Explicit flags win; otherwise it is called when the environment names a coordinator
   (JAX_COORDINATOR_ADDRESS), a SLURM job step with several tasks, or a multi-host TPU VM.
+  A process that stops answering for `heartbeat_timeout_s` makes the others fail instead of
+  waiting forever. `BIG_MM_CPU_COLLECTIVES=gloo` enables cross-process CPU collectives
+  (local multi-process testing, see tools/launch_local.py).
   """
-  if coordinator_address or num_processes:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
-    return
   env = os.environ
+  if env.get("BIG_MM_CPU_COLLECTIVES"):
+    jax.config.update("jax_cpu_collectives_implementation", env["BIG_MM_CPU_COLLECTIVES"])
   multi_slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env
   multi_tpu = len(env.get("TPU_WORKER_HOSTNAMES", "localhost").split(",")) > 1
-  if env.get("JAX_COORDINATOR_ADDRESS") or multi_slurm or multi_tpu:
-    jax.distributed.initialize()
+  if not (coordinator_address or num_processes or env.get("JAX_COORDINATOR_ADDRESS")
+          or multi_slurm or multi_tpu):
+    return
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
 def host_local_to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

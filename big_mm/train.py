@@ -2,6 +2,10 @@
 
     python -m big_mm.train --config configs/demo.py --workdir /tmp/demo [--config.optim.lr=1e-3]
 
+Multi-process: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I (automatic
+on multi-host TPU VMs and SLURM); --heartbeat_timeout_s=S (default 100) bounds how long the
+others wait for a dead process.
+
 Reads top to bottom like a recipe: config -> mesh -> data -> model + objective ->
 sharded train state (restored if the workdir has a checkpoint) -> jitted step -> loop with
 metrics, evaluators and checkpoints.
@@ -67,6 +71,10 @@ def build(config, *, num_train_examples: int | None = None, devices=None) -> Set
         config.optim.schedule, "warmup", batch_size=config.batch_size,
         num_examples=num_train_examples, default=0)
     optim_cfg.schedule.warmup_epochs = optim_cfg.schedule.warmup_examples = None
+  if optim_cfg.schedule.warmup_steps > total_steps:
+    raise config_lib.ConfigError(
+        f"The warmup ({optim_cfg.schedule.warmup_steps} steps) is longer than the run "
+        f"({total_steps} steps): shorten optim.schedule.warmup_* or lengthen total_*.")
   return Setup(config, mesh, model, objective, tokenizer, num_train_examples, total_steps,
                optim_cfg)
 
@@ -112,13 +120,17 @@ def make_train_state(setup: Setup, example: dict[str, jax.ShapeDtypeStruct]) -> 
       "opt": sharding.shardings_like(abstract_opt, mesh, abstract_params, param_shardings),
       "step": replicated,
       "rng": replicated,
+      "nonfinite": {k: replicated for k in ("count", "last_step", "loss", "grad_norm")},
   }
 
   def init(rng):
     params_rng, train_rng = jax.random.split(rng)
     params = sharding.unbox(init_params(params_rng))
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(train_rng)}
+            "rng": jax.random.key_data(train_rng),
+            "nonfinite": {"count": jnp.zeros((), jnp.int32), "last_step": jnp.zeros((), jnp.int32),
+                          "loss": jnp.zeros((), jnp.float32),
+                          "grad_norm": jnp.zeros((), jnp.float32)}}
 
   abstract = jax.eval_shape(init, jax.random.key(0))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -137,10 +149,22 @@ def make_train_step(setup: Setup, ts: TrainState):
     (loss, aux), grads = grad_fn(state["params"], batch, rng)
     updates, opt = ts.tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "lr": ts.schedule(state["step"]),
-               "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient never reaches the params: the update is skipped and
+    # recorded; the host then applies config.nan_policy (skip: go on; stop: save and stop).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    bad = state["nonfinite"]
+    nonfinite = {"count": bad["count"] + (~finite).astype(jnp.int32),
+                 "last_step": jnp.where(finite, bad["last_step"], state["step"] + 1),
+                 "loss": jnp.where(finite, bad["loss"], loss),
+                 "grad_norm": jnp.where(finite, bad["grad_norm"], grad_norm)}
+    params = keep(params, state["params"])
+    metrics = {"loss": loss, "lr": ts.schedule(state["step"]), "grad_norm": grad_norm,
+               "param_norm": optax.global_norm(params), "nonfinite_skipped": nonfinite["count"],
                **aux}
-    return {**state, "params": params, "opt": opt, "step": state["step"] + 1}, metrics
+    return {**state, "params": params, "opt": keep(opt, state["opt"]),
+            "step": state["step"] + 1, "nonfinite": nonfinite}, metrics
 
   batch_sharding = sharding.batch_sharding(setup.mesh)
   return jax.jit(step_fn, in_shardings=(ts.shardings, batch_sharding),
@@ -243,9 +267,10 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
   first_batch = next(data)
   ts = make_train_state(setup, abstract_inputs(first_batch))
   with use_mesh(setup):
-    start = ckpt.latest_step()
-    if start is not None:
-      state, data_state = ckpt.restore(start, ts.abstract)
+    # The newest checkpoint that verifies (a corrupt or unfinished one is skipped, loudly).
+    restored = ckpt.restore_latest_good(ts.abstract)
+    if restored is not None:
+      start, state, data_state = restored
       data.set_state(data_state)
       first_batch = None
       log.info("Resumed from %s at step %d", ckpt.directory, start)
@@ -259,10 +284,12 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
     train_step = make_train_step(setup, ts)
     embedder = evaluators.Embedder(setup.objective, setup.mesh)
 
-    progress = metrics_lib.Progress(setup.total_steps, start_step=start, log=log.info)
+    progress = metrics_lib.Progress(setup.total_steps, start_step=start,
+                                    log=log.info if is_main else (lambda line: None))
     throughput = metrics_lib.Throughput()
     stop = _StopRequest()
     last: dict[str, float] = {}
+    skipped_reported = int(jax.device_get(state["nonfinite"]["count"]))
 
     def run_evals(step, names):
       results = {}
@@ -272,8 +299,9 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
                                       tokenizer=setup.tokenizer))
       if results:
         writer.write(step, results)
-        log.info("step %d evals: %s", step,
-                 ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+        if is_main:
+          log.info("step %d evals: %s", step,
+                   ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
       return results
 
     try:
@@ -287,18 +315,27 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
           host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           host.update(throughput.step_done(step, config.batch_size))
           host.update({f"data/{k}": float(v) for k, v in data.stats().items()})
-          if not np.isfinite(host["loss"]):
-            ckpt.wait()
-            raise FloatingPointError(
-                f"Loss is {host['loss']} at step {step}; the last checkpoint is kept in "
-                f"{ckpt.directory}. Lower optim.lr or check the data.")
           writer.write(step, host)
+          if host["nonfinite_skipped"] > skipped_reported:
+            skipped_reported = int(host["nonfinite_skipped"])
+            bad = {k: float(v) for k, v in jax.device_get(state["nonfinite"]).items()}
+            message = (f"{skipped_reported} update(s) skipped for a non-finite loss or "
+                       f"gradient; the last at step {int(bad['last_step'])} "
+                       f"(loss={bad['loss']}, grad_norm={bad['grad_norm']}).")
+            if config.nan_policy == "stop":
+              ckpt.save(step, state, data.get_state(), force=True)
+              ckpt.wait()
+              raise FloatingPointError(
+                  f"{message} nan_policy='stop': the last good state is saved in "
+                  f"{ckpt.directory} at step {step}. Lower optim.lr, check the data, or set "
+                  "nan_policy='skip'.")
+            log.warning("%s Continuing (nan_policy='skip').", message)
           progress.update(step, {k: host[k] for k in PROGRESS_KEYS if k in host})
           last.update(host)
         due = [n for n, every in eval_every.items() if (every and step % every == 0) or done]
         last.update(run_evals(step, due))
         ckpt.save(step, state, data.get_state(), force=done or stop.requested)
-        if stop.requested:
+        if stop.requested or ckpt.reached_preemption(step):
           log.warning("Stopped at step %d after saving; run again to resume.", step)
           break
     finally:
@@ -311,18 +348,21 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
 def main(argv: list[str]) -> int:
   metrics_lib.setup_logging()
   flags, overrides = config_lib.parse_command_line(argv)
-  unknown = set(flags) - {"config", "workdir", "coordinator_address", "num_processes", "process_id"}
+  unknown = set(flags) - {"config", "workdir", "coordinator_address", "num_processes",
+                          "process_id", "heartbeat_timeout_s"}
   if unknown or "config" not in flags or "workdir" not in flags:
     print(__doc__ if not unknown else f"Unknown flags {sorted(unknown)}.\n{__doc__}", file=sys.stderr)
     return 2
+  config = config_lib.load(flags["config"], overrides)  # config errors before anything else
   sharding.maybe_initialize_distributed(
       flags.get("coordinator_address"),
       int(flags["num_processes"]) if "num_processes" in flags else None,
-      int(flags["process_id"]) if "process_id" in flags else None)
-  config = config_lib.load(flags["config"], overrides)
+      int(flags["process_id"]) if "process_id" in flags else None,
+      heartbeat_timeout_s=int(flags.get("heartbeat_timeout_s", 100)))
   results = train(config, flags["workdir"])
-  log.info("Done. %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())
-                                    if k.startswith("eval/")))
+  if jax.process_index() == 0:
+    log.info("Done. %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())
+                                      if k.startswith("eval/")))
   return 0
 
 

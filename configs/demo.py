@@ -40,7 +40,7 @@ def get_config(arg=None):
   c.objective = dict(name="contrastive", loss=arg.loss, strategy="all_gather")
 
   c.optim = dict(name="adamw", lr=3e-3, b1=0.9, b2=0.95, wd=1e-4, clip_norm=1.0,
-                 schedule=dict(name="cosine", warmup_steps=50))
+                 schedule=dict(name="cosine", warmup_steps=min(50, arg.steps // 10)))
 
   eval_pp = "decode|resize(32)|value_range(-1,1)"
   c.evals = dict(

@@ -1,5 +1,4 @@
 """The trainer end to end: sharded layouts equal one device, exact resume, LiT, bad input."""
-import json
 import os
 import signal
 
@@ -10,42 +9,7 @@ import pytest
 from big_mm import config as config_lib
 from big_mm import sharding, train
 from big_mm.input import pipeline
-from conftest import TOKENIZER
-
-
-def tiny_config(data_dir, **changes):
-  """The demo recipe shrunk: width 32, depth 1, batch 16, no evaluators."""
-  user = config_lib.load_file("configs/demo.py")
-  user.batch_size = 16
-  user.total_steps = 6
-  user.log_every_steps = 1
-  user.input.data_dir = data_dir
-  user.input.tokenizer = TOKENIZER
-  user.input.text_len = 8
-  user.model.image.update(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=(8, 8))
-  user.model.text.update(width=32, depth=1, mlp_dim=64, num_heads=2)
-  user.model.out_dim = 16
-  user.evals = {}
-  user.optim.schedule.warmup_steps = 2
-  # Attention key biases have an exactly-zero true gradient (softmax is shift-invariant); with
-  # Adam's eps=1e-8 their float32 rounding noise becomes +-lr updates that differ between
-  # layouts. A larger eps keeps the parameter comparison meaningful.
-  user.optim.eps = 1e-6
-  user.checkpoint = dict(every_steps=2, keep=5)
-  for key, value in changes.items():
-    node = user
-    *parents, leaf = key.split(".")
-    for p in parents:
-      if p not in node:
-        node[p] = {}
-      node = node[p]
-    node[leaf] = value
-  return config_lib.load(user)
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+from conftest import read_metrics, tiny_config
 
 
 def run_steps(config, devices, batches):

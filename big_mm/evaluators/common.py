@@ -44,8 +44,10 @@ class Embedder:
       chunk = tokens[start:start + batch_size]
       padded = np.zeros((batch_size,) + tokens.shape[1:], tokens.dtype)
       padded[:len(chunk)] = chunk
-      arr = jax.device_put(padded, sharding.batch_sharding(self.mesh))
-      out.append(np.asarray(jax.device_get(self.embed_texts(params, arr)))[:len(chunk)])
+      # Every process holds the same prompts: each takes its own devices' rows.
+      arr = jax.make_array_from_callback(padded.shape, sharding.batch_sharding(self.mesh),
+                                         lambda index: padded[index])
+      out.append(_gather(self.embed_texts(params, arr))[:len(chunk)])
     return np.concatenate(out)
 
   def split(self, params, input_cfg, batch_size: int, *, images=True, texts=True):

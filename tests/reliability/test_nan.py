@@ -1,0 +1,49 @@
+"""NaN/Inf policy: a poisoned batch never reaches the params; skip counts it, stop saves and
+stops, naming the step and the offending values."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import faults
+from big_mm import train
+from conftest import read_metrics, tiny_config
+
+
+def poison(batch):
+  image = np.array(batch["image"])
+  image[0, 0, 0, 0] = np.nan
+  return {**batch, "image": jax.device_put(image, batch["image"].sharding)}
+
+
+def test_skip_policy_skips_and_counts(data_dir, tmp_path, monkeypatch):
+  config = tiny_config(data_dir, nan_policy="skip")
+  workdir = str(tmp_path / "run")
+  with monkeypatch.context() as m:
+    faults.on_batch(m, 3, poison)
+    train.train(config, workdir)
+  records = {r["step"]: r for r in read_metrics(workdir) if "loss" in r}
+  assert np.isnan(records[3]["loss"])
+  assert records[2]["nonfinite_skipped"] == 0 and records[6]["nonfinite_skipped"] == 1
+  assert np.isfinite(records[6]["loss"])
+  # The skipped step left the params untouched; the steps around it did update them.
+  assert records[3]["param_norm"] == records[2]["param_norm"]
+  assert records[4]["param_norm"] != records[3]["param_norm"]
+  assert all(np.isfinite(records[s]["param_norm"]) for s in records)
+
+
+def test_stop_policy_saves_last_good_state_and_reports(data_dir, tmp_path, monkeypatch):
+  config = tiny_config(data_dir, nan_policy="stop", **{"checkpoint.every_steps": 100})
+  workdir = str(tmp_path / "run")
+  with monkeypatch.context() as m:
+    faults.on_batch(m, 3, poison)
+    with pytest.raises(FloatingPointError, match=r"last at step 3 \(loss=nan"):
+      train.train(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+  from big_mm import checkpoint
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every_steps=1,
+                                 read_only=True)
+  params = ckpt.restore_params(3)
+  ckpt.close()
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

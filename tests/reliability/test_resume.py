@@ -1,0 +1,61 @@
+"""Kill at several steps, resume: bit-for-bit equal to an uninterrupted run; resume onto a
+different number of devices; an incompatible checkpoint is refused with the params named."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import faults
+from big_mm import checkpoint, train
+from conftest import read_metrics, tiny_config
+
+
+def final_params(workdir, step):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every_steps=1,
+                                 read_only=True)
+  params = jax.device_get(ckpt.restore_params(step))
+  ckpt.close()
+  return params
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  train.train(tiny_config(data_dir), workdir)
+  return workdir
+
+
+@pytest.mark.parametrize("crash_at_batch", [2, 5, 6])
+def test_kill_and_resume_is_bit_exact(data_dir, tmp_path, monkeypatch, straight, crash_at_batch):
+  config = tiny_config(data_dir)
+  workdir = str(tmp_path / "run")
+  with monkeypatch.context() as m:
+    faults.on_batch(m, crash_at_batch, lambda batch: (_ for _ in ()).throw(faults.Crash()))
+    with pytest.raises(faults.Crash):
+      train.train(config, workdir)
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert saved == [s for s in (2, 4) if s < crash_at_batch]  # nothing after the crash
+  train.train(config, workdir)
+  jax.tree.map(np.testing.assert_array_equal, final_params(workdir, 6),
+               final_params(straight, 6))
+  losses = {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+  assert losses == {r["step"]: r["loss"] for r in read_metrics(straight) if "loss" in r}
+
+
+def test_resume_on_fewer_devices(data_dir, tmp_path, monkeypatch, straight):
+  config = tiny_config(data_dir)
+  workdir = str(tmp_path / "run")
+  with monkeypatch.context() as m:
+    faults.on_batch(m, 5, lambda batch: (_ for _ in ()).throw(faults.Crash()))
+    with pytest.raises(faults.Crash):
+      train.train(config, workdir)  # 8 devices, checkpoint at step 4
+  train.train(config, workdir, devices=jax.devices()[:4])  # steps 5-6 on 4 devices
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               final_params(workdir, 6), final_params(straight, 6))
+
+
+def test_incompatible_checkpoint_names_the_params(data_dir, tmp_path, straight):
+  wider = tiny_config(data_dir, **{"model.out_dim": 24})
+  with pytest.raises(ValueError, match=r"shape mismatch params/img/head/kernel.*\(32, 16\)"):
+    train.train(wider, straight)
