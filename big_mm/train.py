@@ -183,21 +183,35 @@ def use_mesh(setup: Setup):
 
 def load_init(config, ts: TrainState, state: dict) -> dict:
   """`config.init`: copies params whose path matches `init.include` from another run's checkpoint
-  (e.g. LiT's pretrained image tower); shapes must agree."""
+  (`init.workdir`, e.g. LiT's pretrained image tower) or from an exported / foreign model
+  (`init.path`: a Hugging Face SiglipModel / CLIPModel directory or a big_vision-style .npz,
+  read by big_mm.export.load_params); shapes must agree."""
   import re
-  if not config.init.workdir:
+  path = config.init.get("path")
+  if not config.init.workdir and not path:
     return state
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(config.init.workdir, "checkpoints"),
-                                     keep=None, save_every_steps=1, async_save=False,
-                                     read_only=True)
-  step = config.init.step if config.init.step is not None else ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"config.init.workdir={config.init.workdir!r} has no checkpoint.")
-  loaded = ckpt.restore_params(step)
-  ckpt.close()
+  if config.init.workdir and path:
+    raise ValueError("Set config.init.workdir (a big_mm run) or config.init.path (an HF "
+                     "directory or .npz), not both.")
+  if path:
+    from big_mm import export
+    scan = any(any(str(getattr(k, "key", "")) == "encoderblock" for k in p)
+               for p, _ in jax.tree_util.tree_leaves_with_path(state["params"]))
+    flat_loaded = export.load_params(path, scan=scan)
+    source, step = path, None
+  else:
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(config.init.workdir, "checkpoints"),
+                                       keep=None, save_every_steps=1, async_save=False,
+                                       read_only=True)
+    step = config.init.step if config.init.step is not None else ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"config.init.workdir={config.init.workdir!r} has no checkpoint.")
+    loaded = ckpt.restore_params(step)
+    ckpt.close()
+    flat_loaded = {"/".join(str(k.key) for k in p): v
+                   for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
+    source = config.init.workdir
   pattern = re.compile(config.init.include)
-  flat_loaded = {"/".join(str(k.key) for k in p): v
-                 for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
   copied = []
 
   def take(path, current, target_sharding):
@@ -206,10 +220,10 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
       return current
     if name not in flat_loaded:
       raise ValueError(f"init: param {name!r} matches init.include={config.init.include!r} but is not "
-                       f"in the checkpoint of {config.init.workdir!r}.")
+                       f"in {source!r}.")
     value = flat_loaded[name]
     if tuple(value.shape) != tuple(current.shape):
-      raise ValueError(f"init: param {name!r} has shape {tuple(value.shape)} in the checkpoint "
+      raise ValueError(f"init: param {name!r} has shape {tuple(value.shape)} in {source!r} "
                        f"but {tuple(current.shape)} in this model.")
     copied.append(name)
     return jax.device_put(np.asarray(value, current.dtype), target_sharding)
@@ -217,7 +231,8 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
   params = jax.tree_util.tree_map_with_path(take, state["params"], ts.shardings["params"])
   if not copied:
     raise ValueError(f"init.include={config.init.include!r} matched no parameter.")
-  log.info("Initialised %d params from %s step %d", len(copied), config.init.workdir, step)
+  log.info("Initialised %d params from %s%s", len(copied), source,
+           "" if step is None else f" step {step}")
   # The optimizer state was built for the random init; rebuild it for the loaded params.
   opt = jax.jit(ts.tx.init, out_shardings=ts.shardings["opt"])(params)
   return {**state, "params": params, "opt": opt}

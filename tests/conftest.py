@@ -58,3 +58,19 @@ def tiny_config(data_dir, **changes):
 def read_metrics(workdir):
   from big_mm import metrics
   return metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+@pytest.fixture(scope="session")
+def trained_demo(data_dir, tmp_path_factory):
+  """The README's demo as a user runs it (the CLI, one CPU device, 600 steps), trained once
+  per session: (workdir, the finished process)."""
+  import subprocess
+  workdir = tmp_path_factory.mktemp("demo") / "run"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a laptop
+  proc = subprocess.run(
+      [sys.executable, "-m", "big_mm.train", "--config", "configs/demo.py",
+       "--workdir", str(workdir), f"--config.input.data_dir={data_dir}",
+       "--config.evals.retrieval.every_steps=600", "--config.evals.zeroshot.every_steps=600"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc

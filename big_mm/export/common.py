@@ -129,4 +129,4 @@ def compare_keys(have: Mapping[str, Any], want: Mapping[str, tuple], what: str) 
       lines.append(f"unexpected ({len(extra)}): {extra[:20]}")
     if shapes:
       lines.append(f"shape mismatches ({len(shapes)}): {shapes[:20]}")
-    raise ExportError(f"{what} does not match:\n  " + "\n  ".join(lines))
+    raise ExportError(f"{what} differ:\n  " + "\n  ".join(lines))

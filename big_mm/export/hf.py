@@ -94,8 +94,8 @@ def _encoder(bm, hf, depth, heads):
   return rules
 
 
-def _map_head(bm, hf, heads):
-  att = f"{bm}/MultiHeadDotProductAttention_0"
+def _packed_attn(att, hf, heads):
+  """big_mm attention <-> torch.nn.MultiheadAttention (packed in_proj_weight [3D, D])."""
   qkv = ("query", "key", "value")
 
   def fwd_w(a):
@@ -105,16 +105,19 @@ def _map_head(bm, hf, heads):
     d = a[0].shape[1]
     return [w.T.reshape(d, heads, -1) for w in np.split(a[0], 3)]
 
-  rules = [_same(f"{bm}/probe", f"{hf}.probe"),
-           Rule([f"{att}/{n}/kernel" for n in qkv], [f"{hf}.attention.in_proj_weight"],
-                fwd_w, inv_w),
-           Rule([f"{att}/{n}/bias" for n in qkv], [f"{hf}.attention.in_proj_bias"],
-                lambda a: [np.concatenate([b.reshape(-1) for b in a])],
-                lambda a: [b.reshape(heads, -1) for b in np.split(a[0], 3)]),
-           Rule([f"{att}/out/kernel"], [f"{hf}.attention.out_proj.weight"],
-                lambda a: [a[0].reshape(-1, a[0].shape[-1]).T],
-                lambda a: [a[0].T.reshape(heads, -1, a[0].shape[0])]),
-           _same(f"{att}/out/bias", f"{hf}.attention.out_proj.bias")]
+  return [Rule([f"{att}/{n}/kernel" for n in qkv], [f"{hf}.in_proj_weight"], fwd_w, inv_w),
+          Rule([f"{att}/{n}/bias" for n in qkv], [f"{hf}.in_proj_bias"],
+               lambda a: [np.concatenate([b.reshape(-1) for b in a])],
+               lambda a: [b.reshape(heads, -1) for b in np.split(a[0], 3)]),
+          Rule([f"{att}/out/kernel"], [f"{hf}.out_proj.weight"],
+               lambda a: [a[0].reshape(-1, a[0].shape[-1]).T],
+               lambda a: [a[0].T.reshape(heads, -1, a[0].shape[0])]),
+          _same(f"{att}/out/bias", f"{hf}.out_proj.bias")]
+
+
+def _map_head(bm, hf, heads):
+  rules = [_same(f"{bm}/probe", f"{hf}.probe")]
+  rules += _packed_attn(f"{bm}/MultiHeadDotProductAttention_0", f"{hf}.attention", heads)
   rules += _ln(f"{bm}/LayerNorm_0", f"{hf}.layernorm")
   rules += _mlp(f"{bm}/MlpBlock_0", f"{hf}.mlp")
   return rules
@@ -262,7 +265,8 @@ def _identity_head(flat, name, width):
   flat[f"{name}/bias"] = np.zeros(width, np.float32)
 
 
-def prepare(params, model_kwargs: Mapping, arch: str, *, image_size: Optional[int] = None):
+def prepare(params, model_kwargs: Mapping, arch: str, *, image_size: Optional[int] = None,
+            check: bool = True):
   """Checks that `params` fit `model_kwargs` and that `arch` can represent them exactly.
 
   Returns (flat params ready for the rules, img options, txt options, dims, image_size,
@@ -294,9 +298,11 @@ def prepare(params, model_kwargs: Mapping, arch: str, *, image_size: Optional[in
     raise ExportError("params have no txt/pos_embedding: HF SigLIP/CLIP need both towers.")
   text_len = flat["txt/pos_embedding"].shape[1]
   common.compare_keys(flat, _expected_shapes(img_k, image_size, text_len),
-                      "The parameters given for export vs. the model config")
+                      "The parameters to export and the model built from the config (is it the "
+                      "run's --config with the same overrides?)")
   problems = (siglip_problems if arch == "siglip" else clip_problems)(img, txt, dims, flat)
-  common.check_refusals(problems, "transformers." + ("SiglipModel" if arch == "siglip"
+  if check:
+    common.check_refusals(problems, "transformers." + ("SiglipModel" if arch == "siglip"
                                                      else "CLIPModel"))
   flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
   if img["posemb"] == "sincos2d":
@@ -340,7 +346,7 @@ def to_hf_state_dict(flat, rules) -> dict[str, np.ndarray]:
     if missing:
       raise ExportError(f"params lack {missing} (needed for {r.hf}).")
     for name, value in zip(r.hf, r.fwd([flat[n] for n in r.bm])):
-      out[name] = np.ascontiguousarray(np.asarray(value, np.float32))
+      out[name] = np.array(value, np.float32, order="C")  # (ascontiguousarray makes 0-d 1-d)
   used = {n for r in rules for n in r.bm}
   left = sorted(set(flat) - used)
   if left:
@@ -482,5 +488,6 @@ def import_hf(path: str) -> tuple[dict[str, np.ndarray], dict]:
   image_size = v_cfg["image_size"]
   common.compare_keys(flat, _expected_shapes(kwargs, image_size,
                                              t_cfg["max_position_embeddings"]),
-                      f"Weights of {path!r} converted to big_mm vs. the big_mm model")
+                      f"The weights of {path!r} converted to big_mm and the big_mm model of its "
+                      "config.json")
   return flat, kwargs

@@ -1,0 +1,380 @@
+"""Export / import verified against Hugging Face transformers (PyTorch, CPU, float32)."""
+import io
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from big_mm import config as config_lib  # noqa: E402
+from big_mm import export, sharding  # noqa: E402
+from big_mm.export import ExportError  # noqa: E402
+from big_mm.input.tokenizer import Tokenizer  # noqa: E402
+from big_mm.models.two_towers import TwoTowers  # noqa: E402
+from conftest import ROOT, TOKENIZER  # noqa: E402
+
+TOL = 1e-4
+TEXTS = ["a photo of the number seven", "handwritten 7", "the digit one two three four five six"]
+TOWER = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
+
+
+def siglip_kwargs(image=None, text=None, **kw):
+  return dict(image={**TOWER, "patch_size": (8, 8), "pool": "map", **(image or {})},
+              text={**TOWER, "vocab_size": 128, "pool": "last_position", **(text or {})},
+              **{"out_dim": (0, 32), "temperature_init": 10.0, "bias_init": -10.0, **kw})
+
+
+def clip_kwargs(image=None, text=None, **kw):
+  return dict(image={**TOWER, "patch_size": (8, 8), "pool": "tok", "pre_norm": True,
+                     "head_bias": False, **(image or {})},
+              text={**TOWER, "vocab_size": 128, "pool": "last", "causal": True,
+                    "head_bias": False, **(text or {})},
+              **{"out_dim": 24, "temperature_init": 10.0, "bias_init": None, **kw})
+
+
+def random_params(kwargs, image_size=32, text_len=16, seed=0):
+  """Random values of the model's param shapes (numpy: no XLA compile), with LayerNorm scales,
+  biases and probes away from their trivial init so every mapping is exercised."""
+  model = TwoTowers(**kwargs)
+  shapes = jax.eval_shape(lambda: sharding.unbox(model.init(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
+      jnp.zeros((1, text_len), jnp.int32))["params"]))
+  rng = np.random.RandomState(seed)
+  flat = {}
+  for path, s in jax.tree_util.tree_leaves_with_path(shapes):
+    name = "/".join(p.key for p in path)
+    shape = tuple(s.shape)
+    if name.endswith("scale"):
+      value = 1 + 0.1 * rng.randn(*shape)
+    elif name in ("t", "b"):
+      value = np.full(shape, np.log(10.0) if name == "t" else -10.0)
+    elif name.endswith("kernel"):
+      value = rng.randn(*shape) / np.sqrt(np.prod(shape[:-1]))
+    else:  # biases, embeddings, position embeddings, probe, cls
+      value = 0.1 * rng.randn(*shape)
+    flat[name] = value.astype(np.float32)
+  if kwargs.get("bias_init") is None:
+    flat["b"] = np.zeros_like(flat["b"])  # softmax-trained models keep b = 0
+  return export.unflatten(flat)
+
+
+def apply(kwargs, params, img, txt):
+  return TwoTowers(**kwargs).apply({"params": params}, img, txt)
+
+
+def images(n=3, size=32, seed=0):
+  return np.random.RandomState(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def compare(kwargs, params, out_dir, arch, image_size=32, text_len=16):
+  """Exports, loads with transformers, checks embeddings / logits; returns max diffs."""
+  export.export_hf(params, kwargs, out_dir, arch=arch, tokenizer=TOKENIZER, image_size=image_size)
+  model = transformers.AutoModel.from_pretrained(out_dir).eval()
+  assert type(model).__name__ == ("SiglipModel" if arch == "siglip" else "CLIPModel")
+  tok = transformers.AutoTokenizer.from_pretrained(out_dir)
+  enc = tok(TEXTS, padding="max_length", max_length=text_len, truncation=True,
+            return_tensors="pt")
+  ours = Tokenizer(TOKENIZER).encode(TEXTS, text_len)
+  np.testing.assert_array_equal(enc["input_ids"].numpy(), ours)  # real padded inputs
+  assert (ours == 0).any(), "the comparison must include padding"
+  img = images(size=image_size)
+  zimg, ztxt, out = apply(kwargs, params, img, ours)
+  with torch.no_grad():
+    o = model(pixel_values=torch.from_numpy(img).permute(0, 3, 1, 2), **enc)
+  logits = np.asarray(zimg) @ np.asarray(ztxt).T * float(out["t"])
+  if arch == "siglip":
+    logits = logits + float(out["b"])
+  diffs = {"image": np.abs(o.image_embeds.numpy() - np.asarray(zimg)).max(),
+           "text": np.abs(o.text_embeds.numpy() - np.asarray(ztxt)).max(),
+           "logits": np.abs(o.logits_per_image.numpy() - logits).max()}
+  for k, d in diffs.items():
+    assert d < TOL, (k, d)
+  return diffs
+
+
+SIGLIP_CASES = {
+    "p8_learn": {},
+    "p4_sincos_padmask_nobias": dict(image={"patch_size": (4, 4), "posemb": "sincos2d"},
+                                     text={"pad_mask": True, "head_bias": False}),
+    "depth2_scan_nohead": dict(image={"scan": True, "depth": 2},
+                               text={"scan": True, "depth": 2}, out_dim=(0, 0)),
+}
+
+
+@pytest.mark.parametrize("case", list(SIGLIP_CASES))
+def test_siglip_matches_transformers(case, tmp_path):
+  kwargs = siglip_kwargs(**SIGLIP_CASES[case])
+  params = random_params(kwargs)
+  diffs = compare(kwargs, params, str(tmp_path / "hf"), "siglip")
+  print(case, diffs)
+  cfg = json.load(open(tmp_path / "hf" / "config.json"))
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  has_mask = "attention_mask" in tok("x")
+  assert has_mask == bool(kwargs["text"].get("pad_mask", False))
+  assert cfg["text_config"]["max_position_embeddings"] == 16
+
+
+CLIP_CASES = {
+    "p8_heads": {},
+    "p4_sincos_noheads": dict(image={"patch_size": (4, 4), "posemb": "sincos2d"},
+                              text={"pad_mask": True}, out_dim=0),
+}
+
+
+@pytest.mark.parametrize("case", list(CLIP_CASES))
+def test_clip_matches_transformers(case, tmp_path):
+  kwargs = clip_kwargs(**CLIP_CASES[case])
+  params = random_params(kwargs)
+  print(case, compare(kwargs, params, str(tmp_path / "hf"), "clip"))
+
+
+def test_round_trips(tmp_path):
+  kwargs = siglip_kwargs(image={"depth": 2}, text={"depth": 2})
+  params = random_params(kwargs)
+  flat = export.flatten(params)
+  export.export_hf(params, kwargs, str(tmp_path / "hf"), arch="siglip")
+  back, back_kwargs = export.load_params(str(tmp_path / "hf"), with_model_kwargs=True)
+  assert set(back) == set(flat)
+  for k in flat:
+    np.testing.assert_array_equal(back[k], flat[k], err_msg=k)
+  # The derived kwargs build the same model: identical outputs.
+  img, txt = images(), Tokenizer(TOKENIZER).encode(TEXTS, 16)
+  a = apply(kwargs, params, img, txt)
+  b = apply(back_kwargs, export.unflatten(back), img, txt)
+  np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+  np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+  export.export_npz(params, str(tmp_path / "m.npz"))
+  back = export.load_params(str(tmp_path / "m.npz"))
+  assert set(back) == set(flat) and all(np.array_equal(back[k], flat[k]) for k in flat)
+  scanned = export.load_params(str(tmp_path / "m.npz"), scan=True)
+  assert scanned["img/Transformer/encoderblock/LayerNorm_0/scale"].shape == (2, 32)
+
+  # CLIP: the patch-embedding bias is folded into the position embedding (CLIP's conv has no
+  # bias); every other parameter comes back identical, and the function is the same.
+  kwargs = clip_kwargs()
+  params = random_params(kwargs)
+  flat = export.flatten(params)
+  export.export_hf(params, kwargs, str(tmp_path / "clip"), arch="clip")
+  back, back_kwargs = export.load_params(str(tmp_path / "clip"), with_model_kwargs=True)
+  assert set(back) == set(flat)
+  changed = sorted(k for k in flat if not np.array_equal(back[k], flat[k]))
+  assert changed == ["img/cls", "img/embedding/bias", "img/pos_embedding"] or changed == [
+      "img/embedding/bias", "img/pos_embedding"], changed
+  a = apply(kwargs, params, img, txt)
+  b = apply(back_kwargs, export.unflatten(back), img, txt)
+  assert np.abs(np.asarray(a[0]) - np.asarray(b[0])).max() < 1e-5
+
+
+def test_refuses_what_does_not_map(tmp_path):
+  demo = siglip_kwargs(text={"pool": "last"}, out_dim=32)  # the demo's options
+  with pytest.raises(ExportError) as e:
+    export.export_hf(random_params(demo), demo, str(tmp_path / "a"), arch="siglip")
+  msg = str(e.value)
+  assert "text.pool='last'" in msg and "last_position" in msg and "image head" in msg
+  no_pre = clip_kwargs(image={"pre_norm": False, "head_bias": True})
+  with pytest.raises(ExportError) as e:
+    export.export_hf(random_params(no_pre), no_pre, str(tmp_path / "b"), arch="clip")
+  assert "pre_norm" in str(e.value) and "non-zero bias" in str(e.value)
+  sig = siglip_kwargs()
+  with pytest.raises(ExportError, match="b=.* != 0"):
+    export.export_hf(random_params(sig), sig, str(tmp_path / "c"), arch="clip")
+  assert not os.path.exists(tmp_path / "a")  # nothing half-written
+
+
+def test_bad_inputs(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  kwargs = siglip_kwargs()
+  params = random_params(kwargs)
+  # Params that do not fit the config.
+  flat = export.flatten(params)
+  del flat["txt/head/bias"]
+  flat["img/extra"] = np.zeros(3, np.float32)
+  with pytest.raises(ExportError, match=r"(?s)missing.*txt/head/bias.*unexpected.*img/extra"):
+    export.export_hf(flat, kwargs, str(tmp_path / "x"), arch="siglip")
+  # HF directory with a missing / extra / misshapen weight.
+  d = str(tmp_path / "hf")
+  export.export_hf(params, kwargs, d, arch="siglip")
+  st = os.path.join(d, "model.safetensors")
+  good = load_file(st)
+  bad = dict(good)
+  bad.pop("logit_bias")
+  bad["vision_model.foo"] = np.zeros(2, np.float32)
+  save_file(bad, st)
+  with pytest.raises(ExportError, match=r"(?s)missing.*logit_bias.*unexpected.*vision_model.foo"):
+    export.load_params(d)
+  bad = dict(good)
+  bad["text_model.head.weight"] = np.zeros((16, 32), np.float32)
+  save_file(bad, st)
+  with pytest.raises(ExportError, match="txt/head/kernel: got \\(32, 16\\), expected \\(32, 32\\)"):
+    export.load_params(d)
+  # Pickles are never loaded.
+  np.save(str(tmp_path / "obj.npy"), np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  np.savez(str(tmp_path / "obj.npz"), a=np.array([{"a": 1}], dtype=object))
+  with pytest.raises(ExportError, match="pickle"):
+    export.load_params(str(tmp_path / "obj.npz"))
+  with pytest.raises(ExportError, match="pickled"):
+    export.load_params(str(tmp_path / "pytorch_model.bin"))
+
+
+def open_clip_expected(depth_v, depth_t, d=32, mlp=64, patches=16, text_len=16, proj=24):
+  """open_clip native CLIP state-dict keys / shapes (open_clip/model.py, transformer.py)."""
+  def blocks(prefix, depth):
+    out = {}
+    for i in range(depth):
+      b = f"{prefix}.resblocks.{i}"
+      out.update({f"{b}.ln_1.weight": (d,), f"{b}.ln_1.bias": (d,),
+                  f"{b}.attn.in_proj_weight": (3 * d, d), f"{b}.attn.in_proj_bias": (3 * d,),
+                  f"{b}.attn.out_proj.weight": (d, d), f"{b}.attn.out_proj.bias": (d,),
+                  f"{b}.ln_2.weight": (d,), f"{b}.ln_2.bias": (d,),
+                  f"{b}.mlp.c_fc.weight": (mlp, d), f"{b}.mlp.c_fc.bias": (mlp,),
+                  f"{b}.mlp.c_proj.weight": (d, mlp), f"{b}.mlp.c_proj.bias": (d,)})
+    return out
+  return {"visual.conv1.weight": (d, 3, 8, 8), "visual.class_embedding": (d,),
+          "visual.positional_embedding": (patches + 1, d), "visual.ln_pre.weight": (d,),
+          "visual.ln_pre.bias": (d,), **blocks("visual.transformer", depth_v),
+          "visual.ln_post.weight": (d,), "visual.ln_post.bias": (d,), "visual.proj": (d, proj),
+          "token_embedding.weight": (128, d), "positional_embedding": (text_len, d),
+          **blocks("transformer", depth_t), "ln_final.weight": (d,), "ln_final.bias": (d,),
+          "text_projection": (d, proj), "logit_scale": (), "logit_bias": ()}
+
+
+def test_open_clip_layout(tmp_path):
+  """open_clip_torch 3.3.0 cannot be imported here (it needs torchvision, which has no CPU
+  wheel in this environment), so the layout is checked against open_clip's documented
+  names; test_open_clip_matches runs the real model where open_clip imports."""
+  from safetensors.numpy import load_file
+  kwargs = clip_kwargs()
+  d = str(tmp_path / "oc")
+  export.export_open_clip(random_params(kwargs), kwargs, d, image_size=32, tokenizer=TOKENIZER)
+  state = load_file(os.path.join(d, "open_clip_model.safetensors"))
+  assert {k: tuple(v.shape) for k, v in state.items()} == open_clip_expected(1, 1)
+  cfg = json.load(open(os.path.join(d, "open_clip_config.json")))
+  m = cfg["model_cfg"]
+  assert m["embed_dim"] == 24 and m["quick_gelu"] is False
+  assert m["vision_cfg"]["act_kwargs"] == {"approximate": "tanh"}
+  assert m["text_cfg"]["norm_kwargs"] == {"eps": 1e-6}
+  assert m["text_cfg"]["pool_type"] == "eos" and m["text_cfg"]["eos_id"] == 1
+  assert m["text_cfg"]["no_causal_mask"] is False and m["vision_cfg"]["no_ln_pre"] is False
+  assert cfg["preprocess_cfg"]["mean"] == [0.5] * 3 and cfg["preprocess_cfg"]["size"] == [32, 32]
+  demo = siglip_kwargs(text={"pool": "last"})
+  with pytest.raises(ExportError, match="image.pool='map'"):
+    export.export_open_clip(random_params(demo), demo, str(tmp_path / "x"), image_size=32)
+
+
+def test_open_clip_matches(tmp_path):
+  open_clip = pytest.importorskip("open_clip")
+  for kwargs in (clip_kwargs(),
+                 clip_kwargs(image={"pre_norm": False}, bias_init=-5.0,
+                             text={"head_bias": True, "causal": False, "pool": "last_position"})):
+    params = random_params(kwargs)
+    d = str(tmp_path / "oc")
+    export.export_open_clip(params, kwargs, d, image_size=32)
+    model = open_clip.create_model("local-dir:" + d).eval()
+    img, txt = images(), Tokenizer(TOKENIZER).encode(TEXTS, 16)
+    zimg, ztxt, _ = apply(kwargs, params, img, txt)
+    with torch.no_grad():
+      a = model.encode_image(torch.from_numpy(img).permute(0, 3, 1, 2), normalize=True)
+      b = model.encode_text(torch.from_numpy(txt).long(), normalize=True)
+    assert np.abs(a.numpy() - np.asarray(zimg)).max() < TOL
+    assert np.abs(b.numpy() - np.asarray(ztxt)).max() < TOL
+
+
+def test_processor_matches_big_mm_preprocessing(tmp_path, data_dir):
+  from PIL import Image
+
+  from big_mm.input import preprocess, sources
+  kwargs = siglip_kwargs()
+  d = str(tmp_path / "hf")
+  export.export_hf(random_params(kwargs), kwargs, d, arch="siglip", tokenizer=TOKENIZER)
+  proc = transformers.AutoProcessor.from_pretrained(d)
+  assert type(proc).__name__ == "SiglipProcessor"
+  src = sources.open_source("digits_captions", "test", data_dir)
+  ex = src[0]
+  pp = preprocess.parse_pp("decode|resize(32)|value_range(-1,1)")
+  ours = preprocess.apply_pp(pp, ex["image"], np.random.default_rng(0))
+  # A non-square, differently sized image exercises the resize too.
+  raw = Image.open(io.BytesIO(bytes(ex["image"]))).convert("RGB").resize((40, 27))
+  ours_resized = preprocess.apply_pp(pp, np.asarray(raw), np.random.default_rng(0))
+  for pil, want in ((Image.open(io.BytesIO(bytes(ex["image"]))), ours), (raw, ours_resized)):
+    got = proc(images=pil, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    assert np.abs(got - want).max() < 1e-5
+  texts = ["a photo of the number seven", "the digit " + "nine " * 20]  # one truncated
+  got = proc(text=texts, padding="max_length", truncation=True, return_tensors="np")
+  np.testing.assert_array_equal(got["input_ids"], Tokenizer(TOKENIZER).encode(texts, 16))
+
+
+@pytest.fixture(scope="module")
+def demo_run(trained_demo, data_dir):
+  """The README demo (configs/demo.py, 600 steps), trained once per session by conftest."""
+  workdir, _ = trained_demo
+  config = config_lib.load(os.path.join(ROOT, "configs", "demo.py"),
+                           {"input.data_dir": data_dir})
+  return config, str(workdir)
+
+
+def test_demo_zeroshot_predictions_match(demo_run, tmp_path, data_dir):
+  """Trained tiny demo -> tools/export.py -> transformers zero-shot == big_mm's evaluator."""
+  import sys
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import export as export_tool
+  from PIL import Image
+
+  from big_mm import evaluators, models, objectives
+  from big_mm.evaluators import common, zeroshot
+  from big_mm.input import sources
+  config, workdir = demo_run
+  out = str(tmp_path / "hf")
+  with pytest.raises(ValueError, match=r"No checkpoint for step 3\b.*\[400, 600\]"):
+    export_tool.run(config, workdir, "hf", out, step=3)
+  export_tool.run(config, workdir, "hf", out)  # latest: 600
+  export_tool.run(config, workdir, "npz", str(tmp_path / "m.npz"), step=400)
+  assert "img/MAPHead_0/probe" in export.load_params(str(tmp_path / "m.npz"))
+  assert export_tool.main(["--workdir", workdir]) == 2  # usage
+  assert export_tool.check_pp(config.evals.zeroshot.pp_image) is None
+  assert "central_crop" in export_tool.check_pp("decode|resize(36)|central_crop(32)")
+
+  params, _ = export_tool.restore_params(workdir, 600)
+  mesh = sharding.make_mesh(config.mesh)
+  model = models.get_model(config.model_name, **config.model.to_dict())
+  embedder = evaluators.Embedder(objectives.get_objective("contrastive")(config, model, mesh),
+                                 mesh)
+  ev = config.evals.zeroshot
+  tok = Tokenizer(TOKENIZER)
+  classes = zeroshot.class_embeddings(embedder, params, tok, list(ev.classnames),
+                                      list(ev.templates), config.input.text_len, 64)
+  data = embedder.split(params, common.eval_input_config(config, ev), 64, texts=False)
+  ours = np.argmax(data["zimg"] @ classes.T, axis=-1)
+
+  hf = transformers.AutoModel.from_pretrained(out).eval()
+  proc = transformers.AutoProcessor.from_pretrained(out)
+  prompts = [t.format(c) for c in ev.classnames for t in ev.templates]
+  src = sources.open_source("digits_captions", "test", data_dir)
+  pil = [Image.open(io.BytesIO(bytes(src[i]["image"]))) for i in range(len(src))]
+  with torch.no_grad():
+    inputs = proc(text=prompts, images=pil, padding="max_length", return_tensors="pt")
+    zt = hf.get_text_features(input_ids=inputs["input_ids"])
+    zt = getattr(zt, "pooler_output", zt)
+    zi = hf.get_image_features(pixel_values=inputs["pixel_values"])
+    zi = getattr(zi, "pooler_output", zi)
+  zt = torch.nn.functional.normalize(zt, dim=-1).numpy().reshape(len(ev.classnames),
+                                                                   len(ev.templates), -1)
+  zt = zt.mean(1)
+  zt /= np.linalg.norm(zt, axis=-1, keepdims=True)
+  zi = torch.nn.functional.normalize(zi, dim=-1).numpy()
+  theirs = np.argmax(zi @ zt.T, axis=-1)
+  assert len(theirs) == len(ours) == 300
+  np.testing.assert_array_equal(theirs, ours)
+  # Stronger than equal argmaxes: the whole score matrix and the embeddings agree.
+  score_diff = np.abs(zi @ zt.T - data["zimg"] @ classes.T).max()
+  diffs = (np.abs(zi - data["zimg"]).max(), np.abs(zt - classes).max(), score_diff)
+  print("demo zero-shot: max |diff| image, class embeddings, scores", diffs,
+        "accuracy", float(np.mean(ours == data["label"])))
+  assert max(diffs) < TOL
+  # The demo really learned: transformers' zero-shot accuracy clears the demo's bar too.
+  assert np.mean(theirs == data["label"]) >= 0.8
