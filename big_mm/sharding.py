@@ -155,11 +155,15 @@ def _dict_keys(path) -> tuple[str, ...]:
 def maybe_initialize_distributed(coordinator_address: str | None = None,
                                  num_processes: int | None = None,
                                  process_id: int | None = None, *,
+                                 force: bool = False,
                                  heartbeat_timeout_s: int = 100) -> None:
-  """`jax.distributed.initialize` for multi-process runs; a no-op for single-process runs.
+  """`jax.distributed.initialize` for multi-process runs; a no-op for single-process runs
+  (where it would fail).
 
-  Explicit flags win; otherwise it is called when the environment names a coordinator
-  (JAX_COORDINATOR_ADDRESS), a SLURM job step with several tasks, or a multi-host TPU VM.
+  It is called when given a coordinator or process count, when `force` (`--distributed`:
+  let JAX detect the cluster, e.g. on a Cloud TPU VM pod slice), or when the environment
+  names a coordinator (JAX_COORDINATOR_ADDRESS), a SLURM job step with several tasks, or
+  several TPU workers (TPU_WORKER_HOSTNAMES).
   A process that stops answering for `heartbeat_timeout_s` makes the others fail instead of
   waiting forever. `BIG_MM_CPU_COLLECTIVES=gloo` enables cross-process CPU collectives
   (local multi-process testing, see tools/launch_local.py).
@@ -169,7 +173,7 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
     jax.config.update("jax_cpu_collectives_implementation", env["BIG_MM_CPU_COLLECTIVES"])
   multi_slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env
   multi_tpu = len(env.get("TPU_WORKER_HOSTNAMES", "localhost").split(",")) > 1
-  if not (coordinator_address or num_processes or env.get("JAX_COORDINATOR_ADDRESS")
+  if not (force or coordinator_address or num_processes or env.get("JAX_COORDINATOR_ADDRESS")
           or multi_slurm or multi_tpu):
     return
   jax.distributed.initialize(coordinator_address=coordinator_address,

@@ -2,9 +2,10 @@
 
     python -m big_mm.train --config configs/demo.py --workdir /tmp/demo [--config.optim.lr=1e-3]
 
-Multi-process: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I (automatic
-on multi-host TPU VMs and SLURM); --heartbeat_timeout_s=S (default 100) bounds how long the
-others wait for a dead process.
+Multi-process: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I, or
+--distributed to let JAX detect the cluster (Cloud TPU pod slices, SLURM, ...); SLURM job
+steps with several tasks are detected without it. --heartbeat_timeout_s=S (default 100)
+bounds how long the others wait for a dead process.
 
 Reads top to bottom like a recipe: config -> mesh -> data -> model + objective ->
 sharded train state (restored if the workdir has a checkpoint) -> jitted step -> loop with
@@ -364,7 +365,7 @@ def main(argv: list[str]) -> int:
   metrics_lib.setup_logging()
   flags, overrides = config_lib.parse_command_line(argv)
   unknown = set(flags) - {"config", "workdir", "coordinator_address", "num_processes",
-                          "process_id", "heartbeat_timeout_s"}
+                          "process_id", "heartbeat_timeout_s", "distributed"}
   if unknown or "config" not in flags or "workdir" not in flags:
     print(__doc__ if not unknown else f"Unknown flags {sorted(unknown)}.\n{__doc__}", file=sys.stderr)
     return 2
@@ -373,6 +374,7 @@ def main(argv: list[str]) -> int:
       flags.get("coordinator_address"),
       int(flags["num_processes"]) if "num_processes" in flags else None,
       int(flags["process_id"]) if "process_id" in flags else None,
+      force=flags.get("distributed", "false").lower() in ("1", "true", "yes"),
       heartbeat_timeout_s=int(flags.get("heartbeat_timeout_s", 100)))
   results = train(config, flags["workdir"])
   if jax.process_index() == 0:
