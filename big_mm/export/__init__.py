@@ -13,9 +13,6 @@ Only safetensors, npz (allow_pickle=False) and orbax checkpoints are ever read.
 from __future__ import annotations
 
 import os
-from typing import Any
-
-import numpy as np
 
 from big_mm.export.common import ExportError, flatten, stack_layers, unflatten, unstack_layers
 from big_mm.export.hf import export_hf, import_hf

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-from typing import Any, Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
