@@ -13,9 +13,11 @@ metrics, evaluators and checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Any, Callable
@@ -175,7 +177,6 @@ def make_train_step(setup: Setup, ts: TrainState):
 
 def use_mesh(setup: Setup):
   """Context for tracing: the mesh and logical-axis rules for activation constraints."""
-  import contextlib
   stack = contextlib.ExitStack()
   stack.enter_context(jax.set_mesh(setup.mesh))
   stack.enter_context(nn.logical_axis_rules(sharding.rules(setup.config.sharding_rules)))
@@ -187,7 +188,6 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
   (`init.workdir`, e.g. LiT's pretrained image tower) or from an exported / foreign model
   (`init.path`: a Hugging Face SiglipModel / CLIPModel directory or a big_vision-style .npz,
   read by big_mm.export.load_params); shapes must agree."""
-  import re
   path = config.init.get("path")
   if not config.init.workdir and not path:
     return state
@@ -195,7 +195,7 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
     raise ValueError("Set config.init.workdir (a big_mm run) or config.init.path (an HF "
                      "directory or .npz), not both.")
   if path:
-    from big_mm import export
+    from big_mm import export  # torch-free, but only needed here
     scan = any(any(str(getattr(k, "key", "")) == "encoderblock" for k in p)
                for p, _ in jax.tree_util.tree_leaves_with_path(state["params"]))
     flat_loaded = export.load_params(path, scan=scan)

@@ -378,3 +378,31 @@ def test_demo_zeroshot_predictions_match(demo_run, tmp_path, data_dir):
   assert max(diffs) < TOL
   # The demo really learned: transformers' zero-shot accuracy clears the demo's bar too.
   assert np.mean(theirs == data["label"]) >= 0.8
+
+
+def test_run_starts_from_an_hf_export(demo_run, tmp_path):
+  """`config.init.path` = an exported HF SigLIP directory: the run starts from its params."""
+  import sys
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import export as export_tool
+  from big_mm import train
+  config, workdir = demo_run
+  hf_dir = export_tool.run(config, workdir, "hf", str(tmp_path / "hf"))
+  exported = export.load_params(hf_dir)
+  user = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py"))
+  user.input.data_dir = config.input.data_dir
+  user.total_steps = 1
+  user.evals = {}
+  user.init = dict(path=hf_dir, include=r"img/.*|t|b")
+  user.optim.lr_mults = ((r"img/.*|t|b", 0.0), (r".*", 1.0))  # loaded and kept as loaded
+  user.optim.schedule.warmup_steps = 0
+  run = str(tmp_path / "from_hf")
+  train.train(config_lib.load(user), run)
+  params, _ = export_tool.restore_params(run, 1)
+  flat = export.flatten(params)
+  loaded = [n for n in exported if n.startswith("img/") or n in ("t", "b")]
+  assert len(loaded) > 10
+  for name in loaded:
+    np.testing.assert_array_equal(flat[name], exported[name], err_msg=name)
+  # The text tower was not included: it starts from a fresh init, not the export.
+  assert not np.array_equal(flat["txt/Embed_0/embedding"], exported["txt/Embed_0/embedding"])
