@@ -284,7 +284,13 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
   ts = make_train_state(setup, abstract_inputs(first_batch))
   with use_mesh(setup):
     # The newest checkpoint that verifies (a corrupt or unfinished one is skipped, loudly).
-    restored = ckpt.restore_latest_good(ts.abstract)
+    try:
+      restored = ckpt.restore_latest_good(ts.abstract)
+    except checkpoint_lib.CheckpointMismatchError as e:
+      raise checkpoint_lib.CheckpointMismatchError(
+          f"{e}\nThe workdir {workdir!r} holds a run of a different model or optimizer. Use a new "
+          "--workdir, or to start a new run from this one's matching params set "
+          f"--config.init.workdir={workdir} (and init.include to pick them).") from None
     if restored is not None:
       start, state, data_state = restored
       data.set_state(data_state)

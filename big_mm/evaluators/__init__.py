@@ -2,6 +2,8 @@
 from big_mm.evaluators import retrieval, zeroshot
 from big_mm.evaluators.common import Embedder
 
+__all__ = ["EVALUATORS", "Embedder", "run"]
+
 EVALUATORS = {"zeroshot": zeroshot.evaluate, "retrieval": retrieval.evaluate}
 
 

@@ -21,7 +21,7 @@ TINY_FLAGS = [
     "--config.model.image.mlp_dim=64", "--config.model.image.num_heads=2",
     "--config.model.image.patch_size=(8,8)", "--config.model.text.width=32",
     "--config.model.text.depth=1", "--config.model.text.mlp_dim=64",
-    "--config.model.text.num_heads=2", "--config.model.out_dim=16",
+    "--config.model.text.num_heads=2", "--config.model.out_dim=(16,16)",
     "--config.optim.schedule.warmup_steps=2", "--config.optim.eps=1e-6",
     "--config.evals.zeroshot.every_steps=4", "--config.evals.retrieval.every_steps=4",
     "--config.checkpoint.every_steps=2",
