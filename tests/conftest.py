@@ -55,6 +55,17 @@ def tiny_config(data_dir, **changes):
   return config_lib.load(user)
 
 
+def final_params(workdir, step):
+  """The params a run saved at `step` (host arrays)."""
+  import jax
+  from big_mm import checkpoint
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every_steps=1,
+                                 read_only=True)
+  params = jax.device_get(ckpt.restore_params(step))
+  ckpt.close()
+  return params
+
+
 def read_metrics(workdir):
   from big_mm import metrics
   return metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))

@@ -1,7 +1,8 @@
-"""Kill at several steps, resume: bit-for-bit equal to an uninterrupted run; resume onto a
+"""Kill at several steps or SIGTERM, resume: bit-for-bit equal to an uninterrupted run; resume onto a
 different number of devices; an incompatible checkpoint is refused with the params named."""
 import os
 import random
+import signal
 
 import jax
 import numpy as np
@@ -9,15 +10,7 @@ import pytest
 
 import faults
 from big_mm import checkpoint, train
-from conftest import read_metrics, tiny_config
-
-
-def final_params(workdir, step):
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every_steps=1,
-                                 read_only=True)
-  params = jax.device_get(ckpt.restore_params(step))
-  ckpt.close()
-  return params
+from conftest import final_params, read_metrics, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -88,5 +81,19 @@ def test_corrupt_latest_checkpoint_falls_back(data_dir, tmp_path, straight, capl
     train.train(config, workdir)
   assert any("4" in r.getMessage() and "size mismatch" in r.getMessage()
              for r in caplog.records), [r.getMessage() for r in caplog.records]
+  jax.tree.map(np.testing.assert_array_equal, final_params(workdir, 6),
+               final_params(straight, 6))
+
+
+def test_sigterm_saves_at_the_step_boundary_and_resumes(data_dir, tmp_path, monkeypatch, straight):
+  config = tiny_config(data_dir, **{"checkpoint.every_steps": 100})
+  workdir = str(tmp_path / "run")
+  with monkeypatch.context() as m:
+    faults.on_batch(m, 3, lambda batch: os.kill(os.getpid(), signal.SIGTERM))
+    train.train(config, workdir)  # returns cleanly
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert saved == [3]  # the step in flight when the signal came was finished and saved
+  train.train(config, workdir)
+  assert read_metrics(workdir)[-1]["step"] == config.total_steps
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir, 6),
                final_params(straight, 6))
