@@ -152,7 +152,7 @@ def make_train_step(setup: Setup, ts: TrainState):
     (loss, aux), grads = grad_fn(state["params"], batch, rng)
     updates, opt = ts.tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient never reaches the params: the update is skipped and
     # recorded; the host then applies config.nan_policy (skip: go on; stop: save and stop).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -164,7 +164,7 @@ def make_train_step(setup: Setup, ts: TrainState):
                  "grad_norm": jnp.where(finite, bad["grad_norm"], grad_norm)}
     params = keep(params, state["params"])
     metrics = {"loss": loss, "lr": ts.schedule(state["step"]), "grad_norm": grad_norm,
-               "param_norm": optax.global_norm(params), "nonfinite_skipped": nonfinite["count"],
+               "param_norm": optax.tree.norm(params), "nonfinite_skipped": nonfinite["count"],
                **aux}
     return {**state, "params": params, "opt": keep(opt, state["opt"]),
             "step": state["step"] + 1, "nonfinite": nonfinite}, metrics
