@@ -356,7 +356,8 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
           last.update(host)
         due = [n for n, every in eval_every.items() if (every and step % every == 0) or done]
         last.update(run_evals(step, due))
-        ckpt.save(step, state, data.get_state(), force=done or stop.requested)
+        if done or stop.requested or ckpt.should_save(step):  # iterator state only when saving
+          ckpt.save(step, state, data.get_state(), force=True)
         if stop.requested or ckpt.reached_preemption(step):
           log.warning("Stopped at step %d after saving; run again to resume.", step)
           break
