@@ -1,6 +1,7 @@
 """Scaled dot-product attention: one public function with an `implementation=` switch.
 
-`dot_product_attention(q, k, v, *, mask=None, causal=False, implementation="xla")`
+`dot_product_attention(q, k, v, *, mask=None, causal=False, implementation="xla",
+                      prefix_len=None)`
 
 Layout (same as `jax.nn.dot_product_attention`):
   q: [B, Lq, H, D], k / v: [B, Lk, H, D]  ->  out [B, Lq, H, D] in q.dtype.
@@ -8,27 +9,54 @@ Layout (same as `jax.nn.dot_product_attention`):
     [B, 1, 1, Lk] for key padding); True = may attend.
   causal: query i attends to keys j <= i + (Lk - Lq) (aligned at the end, so
     Lq == Lk gives the usual lower-triangular mask).
+  prefix_len: [B] ints (or a scalar), prefix-LM attention; needs causal=True and adds
+    "keys j < prefix_len[b] are visible to every query" to the causal pattern. Same as
+    `mask=prefix_lm_mask(prefix_len, L)` with causal=False when Lq == Lk == L, but the
+    Pallas kernel gets it as a per-key vector (no L x L mask; causal block skipping is
+    off when prefix_len is given). `prefix_lm_mask` builds the dense boolean form, which every
+    implementation (the kernel included, as a general mask) accepts.
 
-Implementations:
+Implementations (all match "xla" in meaning; see tests/test_attention.py):
   "xla": plain-jnp reference. Logits and softmax are computed in float32 whatever
     the input dtype; the result is cast back to q.dtype. A query row whose keys are
     all masked out gets a uniform average over the keys (never NaN).
-  Pallas (TPU/GPU) and cuDNN kernels are added beside this reference later; they
-  must match it (see tests/test_models.py).
+  "pallas": flash attention (big_mm/kernels/flash_attention.py), forward and backward,
+    TPU (Mosaic) and GPU (Triton); on CPU it runs in interpret mode (tests only, slow).
+    dtypes float32/bfloat16/float16, head_dim in flash_attention.SUPPORTED_HEAD_DIMS.
+  "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPU only,
+    bfloat16/float16, head_dim a multiple of 8 up to 128. causal maps to is_causal when
+    Lq == Lk (else it is folded into the mask; cuDNN's own causal is top-left aligned);
+    masks and prefix_len are passed as a boolean mask. key_value_seq_lengths is not used:
+    `mask` is an array whose valid keys need not be a contiguous prefix. Not run in this
+    repository's tests (no GPU); that cuDNN matches the reference on fully masked rows
+    and NaN inputs is unverified.
+  "auto": CPU -> "xla". GPU -> "cudnn" when supported (see above), else "pallas" when
+    supported, else "xla". TPU -> "pallas" when supported, else "xla". The choice and
+    the reason are logged (logging.info) once per distinct choice.
+    No GPU or TPU was available when this rule was written, so it rests on documented
+    kernel support (cuDNN flash attention is NVIDIA's tuned kernel; Pallas flash avoids
+    the Lq x Lk logits in HBM), not on measurements; re-measure with
+    tools/benchmark_kernels.py and update the rule.
 
 Only depends on jax, so it can be imported without flax.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla",)
+from big_mm.kernels import flash_attention
+
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 
 # Large negative instead of -inf: fully masked rows give a uniform softmax, not NaN.
-_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+_MASK_VALUE = flash_attention.MASK_VALUE
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_CUDNN_MAX_HEAD_DIM = 128
+_logged_choices = set()
 
 
 def _check_inputs(q, k, v, mask):
@@ -78,13 +106,102 @@ def _attention_xla(q, k, v, mask, causal):
   return out.astype(q.dtype)
 
 
-def dot_product_attention(q, k, v, *, mask=None, causal=False, implementation="xla"):
+def prefix_lm_mask(prefix_len, length: int) -> jax.Array:
+  """Boolean [B, 1, L, L] prefix-LM mask: query i sees key j iff j <= i or j < prefix_len[b].
+
+  prefix_len: [B] ints or a scalar (then B = 1). Works as `mask=` with every
+  implementation; with causal=True, `prefix_len=prefix_len` gives the same attention
+  and lets the Pallas kernel avoid the L x L mask.
+  """
+  prefix_len = jnp.asarray(prefix_len, jnp.int32).reshape(-1)
+  i = jnp.arange(length)[:, None]
+  j = jnp.arange(length)[None, :]
+  return jnp.logical_or(j <= i, j[None] < prefix_len[:, None, None])[:, None]
+
+
+def _prefix_mask(prefix_len, b: int, lq: int, lk: int) -> jax.Array:
+  """Dense [B, 1, Lq, Lk] form of `causal` + `prefix_len` (end-aligned like causal)."""
+  prefix_len = jnp.broadcast_to(jnp.asarray(prefix_len, jnp.int32).reshape(-1), (b,))
+  return jnp.logical_or(causal_mask(lq, lk),
+                        jnp.arange(lk)[None, None, None, :] < prefix_len[:, None, None, None])
+
+
+def _cudnn_unsupported_reason(q, k, v) -> str | None:
+  if jax.default_backend() != "gpu":
+    return f"cuDNN attention needs an NVIDIA GPU; the default backend is {jax.default_backend()!r}"
+  if jnp.dtype(q.dtype) not in _CUDNN_DTYPES or not q.dtype == k.dtype == v.dtype:
+    return (f"cuDNN attention supports bfloat16/float16 q, k, v; got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}")
+  d = q.shape[-1]
+  if d % 8 or d > _CUDNN_MAX_HEAD_DIM:
+    return f"cuDNN attention needs head_dim a multiple of 8 up to {_CUDNN_MAX_HEAD_DIM}; got {d}"
+  return None
+
+
+def _attention_cudnn(q, k, v, mask, causal, prefix_len):
+  lq, lk = q.shape[1], k.shape[1]
+  if prefix_len is not None:
+    pm = _prefix_mask(prefix_len, q.shape[0], lq, lk)
+    mask = pm if mask is None else jnp.logical_and(mask, pm)
+    causal = False
+  elif causal and lq != lk:  # cuDNN's causal mask is top-left aligned; ours is end-aligned
+    cm = causal_mask(lq, lk)
+    mask = cm if mask is None else jnp.logical_and(mask, cm)
+    causal = False
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                      implementation="cudnn")
+
+
+def _choose_implementation(q, k, v) -> tuple[str, str]:
+  """(implementation, reason) for "auto"; the rule is in the module docstring."""
+  backend = jax.default_backend()
+  if backend == "gpu":
+    cudnn_reason = _cudnn_unsupported_reason(q, k, v)
+    if cudnn_reason is None:
+      return "cudnn", "GPU and cuDNN supports this dtype/head_dim"
+    pallas_reason = flash_attention.unsupported_reason(q, k, v)
+    if pallas_reason is None:
+      return "pallas", f"GPU, but {cudnn_reason}"
+    return "xla", f"GPU, but {cudnn_reason} and Pallas: {pallas_reason}"
+  if backend == "tpu":
+    pallas_reason = flash_attention.unsupported_reason(q, k, v)
+    if pallas_reason is None:
+      return "pallas", "TPU and the Pallas kernel supports this dtype/head_dim"
+    return "xla", f"TPU, but Pallas: {pallas_reason}"
+  return "xla", f"backend {backend!r} has no attention kernel (Pallas would only interpret)"
+
+
+def dot_product_attention(q, k, v, *, mask=None, causal=False, implementation="xla",
+                          prefix_len=None):
   """softmax(q k^T / sqrt(D) + mask) v.  See the module docstring for shapes."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"Unknown attention implementation {implementation!r}; valid implementations: "
         f"{', '.join(repr(i) for i in IMPLEMENTATIONS)}.")
   _check_inputs(q, k, v, mask)
+  if prefix_len is not None and not causal:
+    raise ValueError("prefix_len (prefix-LM attention) requires causal=True; or pass "
+                     "mask=prefix_lm_mask(prefix_len, length) instead.")
   if mask is not None:
     mask = jnp.asarray(mask, dtype=bool)
-  return _attention_xla(q, k, v, mask, bool(causal))
+  causal = bool(causal)
+  if implementation == "auto":
+    implementation, reason = _choose_implementation(q, k, v)
+    choice = (implementation, reason)
+    if choice not in _logged_choices:
+      _logged_choices.add(choice)
+      logging.info("dot_product_attention(implementation='auto') chose %r: %s.", *choice)
+  if implementation == "pallas":
+    return flash_attention.flash_attention(q, k, v, mask=mask, causal=causal,
+                                           prefix_len=prefix_len)
+  if implementation == "cudnn":
+    reason = _cudnn_unsupported_reason(q, k, v)
+    if reason is not None:
+      raise ValueError(f"implementation='cudnn' is unavailable: {reason}. Use 'xla' (any "
+                       "backend), 'pallas' (TPU/GPU) or 'auto'.")
+    return _attention_cudnn(q, k, v, mask, causal, prefix_len)
+  if prefix_len is not None:
+    pm = _prefix_mask(prefix_len, q.shape[0], q.shape[1], k.shape[1])
+    mask = pm if mask is None else jnp.logical_and(mask, pm)
+    causal = False
+  return _attention_xla(q, k, v, mask, causal)
