@@ -3,11 +3,13 @@
 Public API:
   sigmoid_loss(zimg, ztxt, t, b)            single-device full-batch reference (big_vision SigLIP)
   softmax_loss(zimg, ztxt, t, b=None)       single-device full-batch reference (CLIP, mean of 2 CEs)
-  contrastive_loss(zimg, ztxt, t, b, *, loss, strategy, mesh=None, batch_axes=("data", "fsdp"))
+  contrastive_loss(zimg, ztxt, t, b, *, loss, strategy, mesh=None, batch_axes=("data", "fsdp"),
+                   implementation="xla", kernel_config=None)
   batch_axes_of(mesh, batch_axes)           batch axes present in `mesh` (in the given order)
 
 `t` is the already exponentiated temperature (scalar), `b` the bias (scalar). Inputs are
-[B, D] embeddings (L2-normalised by the model); everything is computed in float32.
+[B, D] embeddings (L2-normalised by the model); everything is computed (xla) or accumulated
+(pallas, which takes bf16 embeddings as they are) in float32.
 
 Strategies for the global batch (batch dim sharded over `batch_axes` of `mesh`):
   "local"      the reference on the global arrays; XLA/GSPMD inserts the collectives.
@@ -19,7 +21,24 @@ Strategies for the global batch (batch dim sharded over `batch_axes` of `mesh`):
                Softmax keeps a running log-sum-exp per local image row (image->text) and a
                running log-sum-exp per text row that travels with the text shard (text->image).
 
-Autodiff notes (jax >= 0.7 shard_map with check_vma=True, the default): `psum` of a
+Implementations (`implementation=`):
+  "xla"     the jnp code above; the logits of a block (b x b ring, b x B all_gather, B x B
+            local) are materialised.
+  "pallas"  the fused kernels of big_mm/kernels/contrastive.py, which walk the logits tile by
+            tile and never materialise them (interpret mode on CPU). "local" runs the fused
+            full-batch loss (its blocks are custom_vjp'd). The sharded strategies are one
+            `jax.custom_vjp` around a forward and a hand-written backward shard_map (with
+            check_vma=False, which Pallas interpret mode needs; nothing is differentiated
+            through them): "all_gather" runs the fused block on the b x B slab(s) and
+            psum_scatters the gathered side's gradient; "ring" runs the fused blocks at each
+            ring step, and its backward runs the ring twice more (text shards with their final
+            lse travel, giving the image gradients, then image shards with theirs, giving the
+            text gradients) instead of saving every step's text shard, so per-device memory
+            is O(b*d + tile^2) whatever the global batch.
+            `kernel_config` (a big_mm.kernels.contrastive.KernelConfig) overrides the
+            per-backend tile sizes.
+
+Autodiff notes for "xla" (jax >= 0.7 shard_map with check_vma=True, the default): `psum` of a
 device-varying value gives a device-invariant result and transposes to `pvary` (no extra
 factor n); invariant inputs (t, b with spec P()) used with varying values are implicitly
 `pvary`'d, whose transpose is a `psum`, so their gradients are summed over devices;
@@ -28,14 +47,18 @@ Hence gradients of the returned replicated scalar equal the reference's exactly.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from big_mm.kernels import contrastive as kernels
+
 LOSSES = ("sigmoid", "softmax")
 STRATEGIES = ("local", "all_gather", "ring")
+IMPLEMENTATIONS = ("xla", "pallas")
 
 
 def _f32(*xs):
@@ -91,12 +114,15 @@ def batch_axes_of(mesh, batch_axes: Sequence[str] | str | None = ("data", "fsdp"
   return tuple(a for a in batch_axes if a in names)
 
 
-def _check(loss, strategy):
+def _check(loss, strategy, implementation="xla"):
   if loss not in LOSSES:
     raise ValueError(f"Unknown contrastive loss {loss!r}; valid: {', '.join(LOSSES)}")
   if strategy not in STRATEGIES:
     raise ValueError(
         f"Unknown contrastive strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"Unknown contrastive implementation {implementation!r}; "
+                     f"valid: {', '.join(IMPLEMENTATIONS)}")
 
 
 # ----------------------------------------------------------------------------- all_gather
@@ -191,19 +217,215 @@ def _ring_softmax(zimg, ztxt, t, b, *, axes, n_global, n_dev):
   return jax.lax.psum(local, axes) / (2.0 * n_global)
 
 
+# ----------------------------------------------------------------------------- pallas
+#
+# The sharded pallas strategies are a `jax.custom_vjp` around two shard_maps: a forward that
+# returns the loss plus O(b) residuals per device and a backward written out by hand from the
+# blocks' raw fwd/bwd halves (nothing is differentiated through the shard_map, so it runs with
+# check_vma=False, which Pallas interpret mode needs). Per-device functions below return
+# (loss, residuals) and (dzimg, dztxt, dt, db); `g` is the loss cotangent.
+
+
+def _pos_grads(zimg, ztxt, t, b, scale):
+  """Grads of scale * sum_i (t * sim(zimg_i, ztxt_i) + b): the positives of the softmax loss."""
+  def pos_sum(zi, zt, t, b):
+    return scale * jnp.sum(t * kernels.DOT_PRODUCT.diagonal(zi, zt) + b)
+  return jax.grad(pos_sum, argnums=(0, 1, 2, 3))(zimg, ztxt, t, b)
+
+
+def _add(*grads):
+  return tuple(sum(g) for g in zip(*grads))
+
+
+def _pallas_all_gather_sigmoid_fwd(zimg, ztxt, t, b, *, axes, n_global, cfg):
+  ztxt_all = jax.lax.all_gather(ztxt, axes, axis=0, tiled=True)  # [B, d]
+  offset = jax.lax.axis_index(axes) * zimg.shape[0]  # the positives: column offset + i
+  local = kernels.sigmoid_sum_fwd(zimg, ztxt_all, t, b, offset, config=cfg)
+  return jax.lax.psum(local, axes) / n_global, ()
+
+
+def _pallas_all_gather_sigmoid_bwd(zimg, ztxt, t, b, res, g, *, axes, n_global, cfg):
+  ztxt_all = jax.lax.all_gather(ztxt, axes, axis=0, tiled=True)
+  offset = jax.lax.axis_index(axes) * zimg.shape[0]
+  dzi, dzt_all, dt, db = kernels.sigmoid_sum_bwd(zimg, ztxt_all, t, b, offset, g / n_global,
+                                                 config=cfg)
+  dzt = jax.lax.psum_scatter(dzt_all, axes, scatter_dimension=0, tiled=True)
+  return dzi, dzt, jax.lax.psum(dt, axes), jax.lax.psum(db, axes)
+
+
+def _pallas_all_gather_softmax_fwd(zimg, ztxt, t, b, *, axes, n_global, cfg):
+  zimg_all = jax.lax.all_gather(zimg, axes, axis=0, tiled=True)
+  ztxt_all = jax.lax.all_gather(ztxt, axes, axis=0, tiled=True)
+  # Row lse of the local images vs all texts; column lse of all images vs the local texts.
+  lse_img, _ = kernels.lse_fwd(zimg, ztxt_all, t, b, cols=False, config=cfg)
+  _, lse_txt = kernels.lse_fwd(zimg_all, ztxt, t, b, rows=False, config=cfg)
+  pos = t * kernels.DOT_PRODUCT.diagonal(zimg, ztxt) + b
+  local = jnp.sum(lse_img) + jnp.sum(lse_txt) - 2.0 * jnp.sum(pos)
+  return jax.lax.psum(local, axes) / (2.0 * n_global), (lse_img, lse_txt)
+
+
+def _pallas_all_gather_softmax_bwd(zimg, ztxt, t, b, res, g, *, axes, n_global, cfg):
+  lse_img, lse_txt = res
+  gl = g / (2.0 * n_global)
+  zimg_all = jax.lax.all_gather(zimg, axes, axis=0, tiled=True)
+  ztxt_all = jax.lax.all_gather(ztxt, axes, axis=0, tiled=True)
+  filled = lambda v: jnp.full(v.shape, gl, jnp.float32)
+  dzi, dzt_all, dt_i, db_i = kernels.lse_bwd(zimg, ztxt_all, t, b, lse_img, None,
+                                             filled(lse_img), None, config=cfg)
+  dzi_all, dzt, dt_t, db_t = kernels.lse_bwd(zimg_all, ztxt, t, b, None, lse_txt,
+                                             None, filled(lse_txt), config=cfg)
+  scatter = lambda x: jax.lax.psum_scatter(x, axes, scatter_dimension=0, tiled=True)
+  dzi, dzt, dt, db = _add((dzi + scatter(dzi_all), dzt + scatter(dzt_all), dt_i + dt_t,
+                           db_i + db_t), _pos_grads(zimg, ztxt, t, b, -2.0 * gl))
+  return dzi, dzt, jax.lax.psum(dt, axes), jax.lax.psum(db, axes)
+
+
+def _pallas_ring_sigmoid_fwd(zimg, ztxt, t, b, *, axes, n_global, n_dev, cfg):
+  perm = _ring_perm(n_dev)
+  total = kernels.sigmoid_sum_fwd(zimg, ztxt, t, b, 0, config=cfg)  # the positives' block
+
+  def body(carry, _):
+    zt, total = carry
+    zt = jax.lax.ppermute(zt, axes, perm)
+    return (zt, total + kernels.sigmoid_sum_fwd(zimg, zt, t, b, None, config=cfg)), None
+
+  if n_dev > 1:
+    (_, total), _ = jax.lax.scan(body, (ztxt, total), None, length=n_dev - 1)
+  return jax.lax.psum(total, axes) / n_global, ()
+
+
+def _pallas_ring_softmax_fwd(zimg, ztxt, t, b, *, axes, n_global, n_dev, cfg):
+  perm = _ring_perm(n_dev)
+  lse_img, lse_txt = kernels.lse_fwd(zimg, ztxt, t, b, config=cfg)
+
+  def body(carry, _):
+    zt, lse_img, lse_txt = carry
+    # The text shard travels together with its own running log-sum-exp (text->image).
+    zt, lse_txt = jax.lax.ppermute((zt, lse_txt), axes, perm)
+    lse_i, lse_t = kernels.lse_fwd(zimg, zt, t, b, config=cfg)
+    return (zt, jnp.logaddexp(lse_img, lse_i), jnp.logaddexp(lse_txt, lse_t)), None
+
+  if n_dev > 1:
+    (_, lse_img, lse_txt), _ = jax.lax.scan(
+        body, (ztxt, lse_img, lse_txt), None, length=n_dev - 1)
+    lse_txt = jax.lax.ppermute(lse_txt, axes, perm)  # one more hop: back to its home device
+  pos = t * kernels.DOT_PRODUCT.diagonal(zimg, ztxt) + b
+  local = jnp.sum(lse_img) + jnp.sum(lse_txt) - 2.0 * jnp.sum(pos)
+  return jax.lax.psum(local, axes) / (2.0 * n_global), (lse_img, lse_txt)
+
+
+def _pallas_ring_bwd(zimg, ztxt, t, b, res, g, *, kind, axes, n_global, n_dev, cfg):
+  """The ring run twice more, so no step's shard has to be saved by the forward: first the
+  text shards travel (with their final lse) and each device accumulates its image rows'
+  gradient and dt, db; then the image shards travel (with theirs) and each device
+  accumulates its text rows' gradient. Only O(b*d) is live: a travelling shard, the one
+  arriving and the local accumulator."""
+  perm = _ring_perm(n_dev)
+  # g is the same on every device (the loss is replicated).
+  gl = g / (2.0 * n_global) if kind == "softmax" else g / n_global
+  if kind == "softmax":
+    lse_img, lse_txt = res
+    g_img = jnp.full(lse_img.shape, gl, jnp.float32)
+    g_txt = jnp.full(lse_txt.shape, gl, jnp.float32)
+
+  def image_rows(zt, lse_t, pos_offset, dzi):  # dzi + this block's dzimg (in place); dt, db
+    if kind == "sigmoid":
+      dzi, _, dt, db = kernels.sigmoid_sum_bwd(zimg, zt, t, b, pos_offset, gl, cols=False,
+                                               dzi_acc=dzi, config=cfg)
+    else:
+      dzi, _, dt, db = kernels.lse_bwd(zimg, zt, t, b, lse_img, lse_t, g_img, g_txt,
+                                       cols=False, dzi_acc=dzi, config=cfg)
+    return dzi, dt, db
+
+  def text_rows(zi, lse_i, pos_offset, dzt):  # dzt + this block's dztxt (in place)
+    if kind == "sigmoid":
+      return kernels.sigmoid_sum_bwd(zi, ztxt, t, b, pos_offset, gl, rows=False, dzt_acc=dzt,
+                                     config=cfg)[1]
+    return kernels.lse_bwd(zi, ztxt, t, b, lse_i, lse_txt, g_img, g_txt, rows=False,
+                           dzt_acc=dzt, config=cfg)[1]
+
+  # The shards travel with their final lse (softmax); sigmoid needs none: zeros ride along.
+  lse_t0 = lse_txt if kind == "softmax" else jnp.zeros(ztxt.shape[:1], jnp.float32)
+  lse_i0 = lse_img if kind == "softmax" else jnp.zeros(zimg.shape[:1], jnp.float32)
+  dzi, dt, db = image_rows(ztxt, lse_t0, 0, None)
+
+  def text_travels(carry, _):
+    zt, lse_t, dzi, dt, db = carry
+    zt, lse_t = jax.lax.ppermute((zt, lse_t), axes, perm)
+    dzi, ddt, ddb = image_rows(zt, lse_t, None, dzi)
+    return (zt, lse_t, dzi, dt + ddt, db + ddb), None
+
+  def image_travels(carry, _):
+    zi, lse_i, dzt = carry
+    zi, lse_i = jax.lax.ppermute((zi, lse_i), axes, perm)
+    return (zi, lse_i, text_rows(zi, lse_i, None, dzt)), None
+
+  if n_dev > 1:
+    (_, _, dzi, dt, db), _ = jax.lax.scan(
+        text_travels, (ztxt, lse_t0, dzi, dt, db), None, length=n_dev - 1)
+  dzt = text_rows(zimg, lse_i0, 0, None)
+  if n_dev > 1:
+    (_, _, dzt), _ = jax.lax.scan(image_travels, (zimg, lse_i0, dzt), None, length=n_dev - 1)
+  grads = (dzi, dzt, dt, db)
+  if kind == "softmax":
+    grads = _add(grads, _pos_grads(zimg, ztxt, t, b, -2.0 * gl))
+  dzi, dzt, dt, db = grads
+  return dzi, dzt, jax.lax.psum(dt, axes), jax.lax.psum(db, axes)
+
+
+_PALLAS_SHARDED = {  # (loss, strategy) -> (per-device fwd, per-device bwd)
+    ("sigmoid", "all_gather"): (_pallas_all_gather_sigmoid_fwd, _pallas_all_gather_sigmoid_bwd),
+    ("softmax", "all_gather"): (_pallas_all_gather_softmax_fwd, _pallas_all_gather_softmax_bwd),
+    ("sigmoid", "ring"): (_pallas_ring_sigmoid_fwd,
+                          functools.partial(_pallas_ring_bwd, kind="sigmoid")),
+    ("softmax", "ring"): (_pallas_ring_softmax_fwd,
+                          functools.partial(_pallas_ring_bwd, kind="softmax")),
+}
+
+
+def _pallas_sharded_loss(zimg, ztxt, t, b, *, loss, strategy, mesh, kw):
+  fwd_local, bwd_local = _PALLAS_SHARDED[(loss, strategy)]
+  spec = P(kw["axes"])
+  res_specs = {"sigmoid": (), "softmax": (spec, spec)}[loss]
+  smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+  fwd_sharded = smap(functools.partial(fwd_local, **kw),
+                     in_specs=(spec, spec, P(), P()), out_specs=(P(), res_specs))
+  bwd_sharded = smap(functools.partial(bwd_local, **kw),
+                     in_specs=(spec, spec, P(), P(), res_specs, P()),
+                     out_specs=(spec, spec, P(), P()))
+
+  @jax.custom_vjp
+  def sharded(zimg, ztxt, t, b):
+    return fwd_sharded(zimg, ztxt, t, b)[0]
+
+  def fwd(zimg, ztxt, t, b):
+    value, res = fwd_sharded(zimg, ztxt, t, b)
+    return value, (zimg, ztxt, t, b, res)
+
+  def bwd(saved, g):
+    zimg, ztxt, t, b, res = saved
+    dzi, dzt, dt, db = bwd_sharded(zimg, ztxt, t, b, res, g)
+    return dzi.astype(zimg.dtype), dzt.astype(ztxt.dtype), dt, db
+
+  sharded.defvjp(fwd, bwd)
+  return sharded(zimg, ztxt, t, b)
+
+
 _SHARDED = {
     ("sigmoid", "all_gather"): _all_gather_sigmoid,
     ("softmax", "all_gather"): _all_gather_softmax,
     ("sigmoid", "ring"): _ring_sigmoid,
     ("softmax", "ring"): _ring_softmax,
 }
+_FUSED = {"sigmoid": kernels.sigmoid_loss_fused, "softmax": kernels.softmax_loss_fused}
 
 
 # ----------------------------------------------------------------------------- public entry
 
 
 def contrastive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
-                     batch_axes: Sequence[str] | str = ("data", "fsdp")):
+                     batch_axes: Sequence[str] | str = ("data", "fsdp"),
+                     implementation: str = "xla", kernel_config=None):
   """Contrastive loss over the global batch; equals the full-batch reference (value and grads).
 
   Args:
@@ -213,19 +435,25 @@ def contrastive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
     loss: "sigmoid" | "softmax". strategy: "local" | "all_gather" | "ring".
     mesh: jax.sharding.Mesh; None means "local".
     batch_axes: mesh axes over which the batch is sharded; absent ones are ignored.
+    implementation: "xla" (jnp, materialises logit blocks) | "pallas" (fused kernels).
+    kernel_config: optional big_mm.kernels.contrastive.KernelConfig for "pallas" (tile sizes);
+      None picks the running backend's defaults.
   Returns:
     float32 scalar, replicated.
   """
-  _check(loss, strategy)
+  _check(loss, strategy, implementation)
   if b is None:
     if loss == "sigmoid":
       raise ValueError("sigmoid loss requires a bias b")
     b = 0.0
   axes = batch_axes_of(mesh, batch_axes)
   if strategy == "local" or mesh is None or not axes:
+    if implementation == "pallas":
+      return _FUSED[loss](zimg, ztxt, t, b, config=kernel_config)
     return _REFERENCES[loss](zimg, ztxt, t, b)
 
-  zimg, ztxt = _f32(zimg, ztxt)
+  if implementation == "xla":
+    zimg, ztxt = _f32(zimg, ztxt)  # the fused kernels take bf16 as is and accumulate in f32
   t, b = _scalar(t), _scalar(b)
   if t.shape != () or b.shape != ():
     raise ValueError(f"t and b must be scalars, got shapes {t.shape}, {b.shape}")
@@ -241,6 +469,9 @@ def contrastive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
   kw = dict(axes=axes, n_global=n_global)
   if strategy == "ring":
     kw["n_dev"] = n_dev
+  if implementation == "pallas":
+    kw["cfg"] = kernel_config
+    return _pallas_sharded_loss(zimg, ztxt, t, b, loss=loss, strategy=strategy, mesh=mesh, kw=kw)
   fn = _SHARDED[(loss, strategy)]
 
   def inner(zi, zt, t, b):
