@@ -28,6 +28,7 @@ DURATION_UNITS = ("steps", "epochs", "examples")
 OBJECTIVE_NAMES = ("contrastive",)
 OBJECTIVE_LOSSES = ("sigmoid", "softmax")
 OBJECTIVE_STRATEGIES = ("local", "all_gather", "ring")
+OBJECTIVE_IMPLEMENTATIONS = ("xla", "pallas")
 OPTIMIZERS = ("adamw", "adafactor")
 NAN_POLICIES = ("skip", "stop")
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
@@ -61,7 +62,13 @@ def defaults() -> ConfigDict:
   c.model_name = "two_towers"
   c.model = ConfigDict()  # kwargs of the model class (FREE_FORM)
 
-  c.objective = ConfigDict(dict(name="contrastive", loss="sigmoid", strategy="all_gather"))
+  # micro_batches=m > 1: GradCache (open_clip's --accum-freq). The loss and its negatives stay
+  # the FULL batch; only the towers run m micro-batches at a time (two forward passes, one
+  # micro-batch's activations in memory). batch_size must divide by m x the batch devices.
+  # implementation: "xla" (jnp logits) or "pallas" (fused kernel, never builds the B x B
+  # logits; big_mm/kernels/contrastive.py).
+  c.objective = ConfigDict(dict(name="contrastive", loss="sigmoid", strategy="all_gather",
+                                implementation="xla", micro_batches=1))
 
   c.optim = ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4, clip_norm=1.0,
@@ -75,10 +82,16 @@ def defaults() -> ConfigDict:
                                 momentum_dtype="bfloat16", decay_offset=0)),
   ))
 
+  # pp_image: image ops, pp_text: text ops (big_mm/input/preprocess.py); the pipeline runs
+  # them as one pp string. pp_text=None: tokenize(text_len) when a tokenizer is set.
+  # data: a TFDS name, "tar:PATTERN", "parquet:|csv:|jsonl:PATTERN" or a mixture
+  # ((spec, weight), ...) (big_mm/input/sources.py). image_column / text_column: the table
+  # columns, or the tar image extension / json caption field (None: sources' defaults).
   c.input = ConfigDict(dict(
-      data="digits_captions", split="train", data_dir=None, tokenizer=None, text_len=16,
-      pp_image="decode|resize(224)|value_range(-1,1)", num_workers=0, num_threads=2, prefetch=2,
-      shuffle=True,
+      data="digits_captions", split="train", data_dir=None, image_column=None,
+      text_column=None, tokenizer=None, text_len=16,
+      pp_image="decode|resize(224)|value_range(-1,1)", pp_text=None, num_workers=0,
+      num_threads=2, prefetch=2, shuffle=True,
   ))
   c.evals = ConfigDict()  # {name: {type: ..., ...}} (FREE_FORM, checked against EVAL_SCHEMAS)
 
@@ -214,12 +227,20 @@ def validate(config: ConfigDict) -> None:
   _one_duration(config, "total", required=True)
   _one_duration(config.optim.schedule, "warmup", prefix="optim.schedule.")
   _one_duration(config.checkpoint, "every", prefix="checkpoint.")
+  _validate_data(config)
   _choice("objective.name", config.objective.name, OBJECTIVE_NAMES)
   _choice("objective.loss", config.objective.loss, OBJECTIVE_LOSSES)
   _choice("objective.strategy", config.objective.strategy, OBJECTIVE_STRATEGIES)
+  _choice("objective.implementation", config.objective.implementation,
+          OBJECTIVE_IMPLEMENTATIONS)
+  micro = config.objective.micro_batches
+  if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+    raise ConfigError(f"objective.micro_batches must be a positive integer (1: the whole batch "
+                      f"at once; m > 1: GradCache over m micro-batches), got {micro!r}.")
   _choice("optim.name", config.optim.name, OPTIMIZERS)
   _choice("nan_policy", config.nan_policy, NAN_POLICIES)
   _choice("optim.schedule.name", config.optim.schedule.name, SCHEDULES)
+  _validate_pp(config.input)
   if not isinstance(config.batch_size, int) or config.batch_size <= 0:
     raise ConfigError(f"batch_size must be a positive integer, got {config.batch_size!r}.")
   for axis, size in config.mesh.items():
@@ -235,6 +256,62 @@ def validate(config: ConfigDict) -> None:
         raise ConfigError(f"Unknown config key 'evals.{name}.{key}' for a {ev_type} evaluator"
                           f"{_suggest(key, schema)} Valid keys: {sorted(schema)}")
     _one_duration(ev, "every", prefix=f"evals.{name}.")
+
+
+def _validate_pp(input_cfg) -> None:
+  """input.pp_image / pp_text parse, act on their key, and agree with text_len / tokenizer."""
+  from big_mm.input import preprocess  # pylint: disable=g-import-not-at-top
+  parsed = {}
+  for key, kind in (("pp_image", preprocess.IMAGE), ("pp_text", preprocess.TEXT)):
+    pp = input_cfg.get(key)
+    if pp is None and key == "pp_text":
+      continue
+    try:
+      parsed[key] = preprocess.parse_pp(pp, kind)
+    except ValueError as e:
+      raise ConfigError(f"input.{key}: {e}") from None
+  text_len = input_cfg.text_len
+  if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 1:
+    raise ConfigError(f"input.text_len must be a positive integer, got {text_len!r}.")
+  if "pp_text" in parsed:
+    last = parsed["pp_text"][-1]
+    if last.name != "tokenize":
+      raise ConfigError(f"input.pp_text={input_cfg.pp_text!r} must end with "
+                        f"tokenize({text_len}) (batches hold token ids).")
+    if last.args[0] != text_len:
+      raise ConfigError(f"input.pp_text has tokenize({last.args[0]}) but input.text_len="
+                        f"{text_len}; set both to the same length.")
+    if not input_cfg.tokenizer:
+      raise ConfigError("input.pp_text tokenizes, but input.tokenizer is not set; give the "
+                        "path of a SentencePiece .model (tools/make_tokenizer.py makes one).")
+
+
+def _validate_data(config: ConfigDict) -> None:
+  """input.data (and evals' data) parse as source specs; evals do not silently read the
+  training files. File existence is checked when the data is opened."""
+  from big_mm.input import sources  # pylint: disable=g-import-not-at-top
+  for key in ("image_column", "text_column"):
+    value = config.input.get(key)
+    if value is not None and not (isinstance(value, str) and value):
+      raise ConfigError(f"input.{key} must be a column name (a non-empty string) or None "
+                        f"(the defaults), got {value!r}.")
+  specs = [("input.data", config.input.data)] + [
+      (f"evals.{name}.data", ev.get("data")) for name, ev in config.evals.items()
+      if ev.get("data")]
+  for key, data in specs:
+    try:
+      sources.check_data(data)
+    except sources.SpecError as e:
+      raise ConfigError(f"{key}: {e}") from None
+  shared = sources.files_without_split(config.input.data)
+  for name, ev in config.evals.items():
+    split = ev.get("split") or _EVAL_COMMON["split"]
+    if shared and not ev.get("data") and "[" not in split:
+      raise ConfigError(
+          f"evals.{name} reads split {split!r} of input.data, but {shared[0]!r} has "
+          f"no {{split}} placeholder, so it would evaluate on the training files. Give "
+          f"evals.{name}.data (e.g. 'tar:/data/val/*.tar'), put {{split}} in the path, or "
+          f"slice: input.split='train[:95%]' and evals.{name}.split='train[95%:]'.")
 
 
 def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:

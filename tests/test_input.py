@@ -143,15 +143,15 @@ def test_decode_modes():
     assert abs(int(np.median(out)) - expect) <= 2
   with pytest.raises(preprocess.BadRecord) as e:
     preprocess.apply_pp(ops, b"\x89PNG not really", rng)
-  assert e.value.reason == "decode"
+  assert e.value.reason == "corrupt_image"
 
 
 def test_pp_ops():
   img = np.arange(40 * 30 * 3, dtype=np.uint8).reshape(40, 30, 3)
   data = _encode(Image.fromarray(img), "PNG")
-  pp = preprocess.Preprocessor("decode|resize(36)|random_crop(32)|flip_lr|value_range(-1,1)")
-  a = pp(data, np.random.default_rng(1))
-  b = pp(data, np.random.default_rng(1))
+  pp = preprocess.parse_pp("decode|resize(36)|random_crop(32)|flip_lr|value_range(-1,1)")
+  a = preprocess.apply_pp(pp, data, np.random.default_rng(1))
+  b = preprocess.apply_pp(pp, data, np.random.default_rng(1))
   assert a.shape == (32, 32, 3) and a.dtype == np.float32
   assert (a == b).all() and a.min() >= -1 and a.max() <= 1
   c = preprocess.apply_pp(preprocess.parse_pp("decode|central_crop((20, 10))"), data, None)
@@ -291,8 +291,8 @@ def test_train_skips_corrupt(data_dir, id_source):
   # Every position read so far was a good example or a counted bad one.
   state = it.get_state()
   n_bad = state["grain"]["next_index"] - 256
-  assert n_bad >= 42 and it.stats() == {"skipped/decode": n_bad}
-  assert state["skipped"] == {"decode": n_bad}
+  assert n_bad >= 42 and it.stats() == {"skipped/corrupt_image": n_bad}
+  assert state["skipped"] == {"corrupt_image": n_bad}
 
 
 # ---- eval batches --------------------------------------------------------------------

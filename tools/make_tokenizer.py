@@ -67,14 +67,22 @@ def train(texts: Iterable[str], out: str, *, vocab_size: int = 128,
 
 def texts_from_tfds(name: str, split: str = "train", data_dir: str | None = None,
                     field: str = "text") -> list[str]:
-  """The `field` strings of a TFDS split, in order, read TF-free."""
+  """The `field` captions of a TFDS split, in order, read TF-free. A record with several
+  captions (a list, or a JSON list string) gives all of them; records whose text is empty
+  or not UTF-8 give none (as the input pipeline skips them)."""
   # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if root not in sys.path:
     sys.path.insert(0, root)
-  from big_mm.input import sources
+  from big_mm.input import preprocess, sources
   src = sources.open_source(name, split, data_dir=data_dir)
-  return [src[i][field] for i in range(len(src))]
+  texts = []
+  for i in range(len(src)):
+    try:
+      texts += preprocess.captions(src[i][field])
+    except preprocess.BadRecord:
+      continue
+  return texts
 
 
 def train_from_tfds(name: str, *, split: str = "train", data_dir: str | None = None,

@@ -31,6 +31,7 @@ from big_mm.input import tokenizer as tokenizer_lib
 
 _SKIP = "__skip__"  # Key of the marker element standing for a skipped record.
 _MAX_STREAM = 2**62
+_MAX_SKIPPED_IN_A_ROW = 10_000  # Beyond this the data or config is wrong, not a few records.
 
 
 def _get(cfg, key, default=None):
@@ -52,29 +53,54 @@ def _example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
   return np.random.default_rng([int(seed) % 2**63, int(epoch), int(index)])
 
 
-class _Example:
-  """Loads + preprocesses one example: dict of numpy arrays or a skip marker. Picklable."""
+def example_pp(input_cfg, pp_image: str | None = None) -> str:
+  """The whole-example pp string: the image ops (`pp_image` if given, else
+  input_cfg.pp_image), then the text ops (input_cfg.pp_text, by default
+  `tokenize(text_len)` when a tokenizer is set; no text ops without one)."""
+  pp = pp_image or _get(input_cfg, "pp_image")
+  pp_text = _get(input_cfg, "pp_text")
+  if not pp_text and _get(input_cfg, "tokenizer"):
+    pp_text = f"tokenize({int(_get(input_cfg, 'text_len', 16))})"
+  return f"{pp}|{pp_text}" if pp_text else pp
 
-  def __init__(self, source, pp: str, tok, text_len: int, *, image_key="image",
-               text_key="text", label_key="label", keep_label=False):
-    self.source, self.pp, self.tok, self.text_len = source, preprocess.Preprocessor(pp), tok, text_len
+
+class _Example:
+  """Loads + preprocesses one example: dict of numpy arrays or a skip marker. Picklable.
+
+  Bad records come back as {_SKIP: reason, ...}; preprocessing counts (text_truncated)
+  ride along under "_counts" when non-zero. Text is optional when `keep_label` (eval
+  splits of image-only datasets); otherwise a record without it is bad (missing_field).
+  """
+
+  def __init__(self, source, input_cfg, *, pp_image: str | None = None, keep_label=False,
+               image_key="image", text_key="text", label_key="label"):
+    self.source = source
+    self.pp = preprocess.Preprocessor(example_pp(input_cfg, pp_image),
+                                      tokenizer=_tokenizer(input_cfg))
     self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
     self.keep_label = keep_label
+    self.optional = (preprocess.TEXT,) if keep_label else ()
 
   def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
     try:
-      ex = self.source[index]
+      record = self.source[index]
+    except preprocess.BadRecord as e:  # The source's own check (a tar key without image).
+      return {_SKIP: e.reason, "_detail": str(e), "_index": index}
     except Exception as e:  # A corrupt record in the file.
       return {_SKIP: "read", "_detail": f"{type(e).__name__}: {e}", "_index": index}
     try:
-      image = self.pp(ex[self.image_key], rng)
+      values, counts = self.pp({preprocess.IMAGE: record.get(self.image_key),
+                                preprocess.TEXT: record.get(self.text_key)},
+                               rng, optional=self.optional)
     except preprocess.BadRecord as e:
       return {_SKIP: e.reason, "_detail": str(e), "_index": index}
-    out = {"image": np.asarray(image, np.float32)}
-    if self.tok is not None and self.text_key in ex:
-      out["text"] = self.tok.encode([ex[self.text_key]], self.text_len)[0]
-    if self.keep_label and self.label_key in ex:
-      out["label"] = np.asarray(ex[self.label_key], np.int32)
+    out = {"image": np.asarray(values[preprocess.IMAGE], np.float32)}
+    if preprocess.TEXT in values:
+      out["text"] = np.asarray(values[preprocess.TEXT], np.int32)
+    if self.keep_label and self.label_key in record:
+      out["label"] = np.asarray(record[self.label_key], np.int32)
+    if any(counts.values()):
+      out["_counts"] = dict(counts)
     return out
 
 
@@ -160,13 +186,13 @@ class TrainIterator:
     _check_sharding(sharding, self.process_count)
     self.global_batch_size, self.seed, self.sharding = global_batch_size, int(seed), sharding
     name, split = _get(input_cfg, "data"), _get(input_cfg, "split", "train")
-    source = sources.open_source(name, split, _get(input_cfg, "data_dir"))
+    source = sources.open_source(name, split, _get(input_cfg, "data_dir"),
+                                 **sources.source_options(input_cfg))
     self.num_examples = len(source)
     if self.num_examples == 0:
       raise ValueError(f"{name!r} split {split!r} is empty")
     self._element = _TrainElement(
-        _Example(source, _get(input_cfg, "pp_image"), _tokenizer(input_cfg),
-                 int(_get(input_cfg, "text_len", 16))),
+        _Example(source, input_cfg),
         self.num_examples, self.seed, bool(_get(input_cfg, "shuffle", True)),
         self.process_index, self.process_count)
     prefetch = int(_get(input_cfg, "prefetch", 0) or 0)
@@ -184,6 +210,7 @@ class TrainIterator:
     self._ds = ds
     self._it = iter(ds)
     self._skipped: collections.Counter = collections.Counter()
+    self._counts: collections.Counter = collections.Counter()
     self._step = 0
 
   def __iter__(self):
@@ -191,7 +218,7 @@ class TrainIterator:
 
   def next_local(self) -> dict[str, np.ndarray]:
     """The next batch of this process as numpy arrays (local_batch_size examples)."""
-    examples = []
+    examples, skipped_in_a_row = [], 0
     while len(examples) < self.local_batch_size:
       ex = next(self._it)
       if _SKIP in ex:
@@ -200,7 +227,15 @@ class TrainIterator:
           logging.warning("Skipping bad record %s (%s); further ones are only counted "
                           "in stats().", ex.get("_index"), ex.get("_detail"))
         self._skipped[reason] += 1
+        skipped_in_a_row += 1
+        if skipped_in_a_row >= _MAX_SKIPPED_IN_A_ROW:
+          raise ValueError(
+              f"{skipped_in_a_row} bad records in a row (skipped so far: "
+              f"{dict(self._skipped)}; last: {ex.get('_detail')}). The data or the input "
+              f"config is wrong (e.g. a text field the records do not have).")
         continue
+      skipped_in_a_row = 0
+      self._counts.update(ex.pop("_counts", {}))
       examples.append(ex)
     self._step += 1
     return _stack(examples)
@@ -210,12 +245,14 @@ class TrainIterator:
     return batch if self.sharding is None else _to_global(batch, self.sharding)
 
   def stats(self) -> dict[str, int]:
-    """Counts of skipped records by reason, {"skipped/<reason>": n} (0 if none)."""
-    return {f"skipped/{k}": v for k, v in sorted(self._skipped.items())}
+    """Skipped records by reason, {"skipped/<reason>": n}, and preprocessing counts of the
+    examples used, e.g. {"text_truncated": n} (keys appear once non-zero)."""
+    return {**{f"skipped/{k}": v for k, v in sorted(self._skipped.items())},
+            **dict(sorted(self._counts.items()))}
 
   def get_state(self) -> dict[str, Any]:
     return {"grain": self._it.get_state(), "step": self._step,
-            "skipped": dict(self._skipped), "seed": self.seed,
+            "skipped": dict(self._skipped), "counts": dict(self._counts), "seed": self.seed,
             "process_index": self.process_index, "process_count": self.process_count,
             "global_batch_size": self.global_batch_size}
 
@@ -227,6 +264,7 @@ class TrainIterator:
     self._it.set_state(state["grain"])
     self._step = int(state.get("step", 0))
     self._skipped = collections.Counter(state.get("skipped", {}))
+    self._counts = collections.Counter(state.get("counts", {}))
 
   @property
   def epoch(self) -> float:
@@ -269,7 +307,7 @@ class _EvalElement:
       for i in range(self.n):
         ex = self.example.load(i, _example_rng(self.seed, 0, i))
         if _SKIP not in ex:
-          self._template = {k: np.zeros_like(v) for k, v in ex.items()}
+          self._template = {k: np.zeros_like(v) for k, v in ex.items() if k != "_counts"}
           break
       else:
         raise ValueError("Every example of the eval split is a bad record.")
@@ -299,12 +337,12 @@ class EvalBatches:
         batch_size, process_index, process_count)
     _check_sharding(sharding, self.process_count)
     self.batch_size, self.sharding = batch_size, sharding
-    source = sources.open_source(_get(input_cfg, "data"), split, _get(input_cfg, "data_dir"))
+    source = sources.open_source(_get(input_cfg, "data"), split, _get(input_cfg, "data_dir"),
+                                 **sources.source_options(input_cfg))
     self.num_examples = len(source)
     pp = pp_image or _get(input_cfg, "pp_image_eval") or _get(input_cfg, "pp_image")
     self._element = _EvalElement(
-        _Example(source, pp, _tokenizer(input_cfg), int(_get(input_cfg, "text_len", 16)),
-                 keep_label=True),
+        _Example(source, input_cfg, pp_image=pp, keep_label=True),
         self.num_examples, batch_size, self.local_batch_size, self.process_index,
         int(_get(input_cfg, "seed", 0) or 0))
     self.num_threads = int(_get(input_cfg, "num_threads", 2) or 1)
@@ -325,6 +363,7 @@ class EvalBatches:
         if _SKIP in ex:
           self._skipped[ex.pop(_SKIP)] += 1
         ex.pop("_pad", None)
+        ex.pop("_counts", None)
       yield _stack(examples)
 
   def __iter__(self):

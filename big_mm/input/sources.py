@@ -1,19 +1,42 @@
-"""TF-free access to TFDS datasets (array_record files) with raw, undecoded image bytes.
+"""Data sources: random access (len + getitem) to image-text records, raw image bytes.
 
   src = open_source("digits_captions", "train", data_dir=None)
   len(src); src[3] -> {"image": b"\\x89PNG...", "text": "handwritten 7", "label": 7, "id": 12}
 
-Image (and Video) features are returned as encoded bytes (TFDS `SkipDecoding`), text as
-`str`; everything else as TFDS decodes it (numpy scalars / arrays). Sources are
-picklable (they re-open the files lazily), so grain worker processes can use them.
+`input.data` (the `data` argument) selects the source:
+
+  "digits_captions", "tfds:coco/2017"      a prepared TFDS dataset (array_record), TF-free
+  "tar:/data/{00000..00099}.tar"          webdataset / img2dataset tar shards (webdataset.py)
+  "parquet:gs://b/pairs.parquet"          image-caption tables (tables.py); also csv:,
+  "csv:/data/*.csv", "jsonl:/data/x.jsonl"  jsonl:; a folder means its files of that type
+  (("digits_captions", 0.7), ("tar:...", 0.3))  a weighted mixture (mixture.py); a dict
+                                          {spec: weight} works from Python
+The prefix may be left out when the path ends in .tar/.parquet/.csv/.jsonl. Paths take
+brace ranges, globs and any fsspec URL. Splits: a TFDS dataset uses TFDS split syntax;
+a file spec names its own files, so the split only picks files through a `{split}`
+placeholder (`tar:/data/{split}/*.tar`) and slices with `[a:b]` (`train[:95%]`,
+`train[-1000:]`); without a placeholder every split name reads the same files. Give
+held-out data to an evaluator with `evals.NAME.data`.
+
+TFDS Image (and Video) features are returned as encoded bytes (TFDS `SkipDecoding`),
+text as `str`; everything else as TFDS decodes it (numpy scalars / arrays). File sources
+return {"image": bytes, "text": str, "key": str}, and raise `BadRecord("missing_field")`
+for a record without image or caption (the pipeline skips and counts it). Sources are
+picklable (TFDS and table sources re-open their files after unpickling, tar sources
+carry their index), so grain worker processes can use them.
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
-from typing import Any
+import re
+from typing import Any, Mapping
 
 import numpy as np
+
+from big_mm.input import files
+from big_mm.input import tables
 
 # Datasets whose builder lives in this repo, with the command that builds them.
 BUILD_COMMANDS = {
@@ -71,13 +94,18 @@ def _skip_decoders(features) -> dict[str, Any]:
   return {k: tfds.decode.SkipDecoding() for k, f in features.items() if isinstance(f, skip)}
 
 
-def num_examples(name: str, split: str, data_dir: str | None = None) -> int:
-  """Number of examples of `split` (TFDS split syntax, e.g. "train[:10%]", works)."""
-  return len(open_source(name, split, data_dir))
+def num_examples(data, split: str, data_dir: str | None = None, **options) -> int:
+  """Number of examples of `split` (slices like "train[:10%]" work; a mixture's virtual
+  epoch). options: as open_source's."""
+  return len(open_source(data, split, data_dir, **options))
 
 
-def label_names(name: str, data_dir: str | None = None, key: str = "label") -> list[str] | None:
-  """Class names of the `key` ClassLabel feature, or None if there is none."""
+def label_names(name, data_dir: str | None = None, key: str = "label") -> list[str] | None:
+  """Class names of the `key` ClassLabel feature, or None if there is none (or `name` is
+  not a single TFDS dataset)."""
+  if mixture_parts(name) is not None or parse_spec(name)[0] != "tfds":
+    return None
+  name = parse_spec(name)[1]
   features = _info(name, data_dir).features
   f = features[key] if key in features.keys() else None
   return list(f.names) if f is not None and hasattr(f, "names") else None
@@ -125,6 +153,123 @@ class TfdsSource:
     return f"TfdsSource({self.name!r}, split={self.split!r}, data_dir={self.data_dir!r})"
 
 
-def open_source(name: str, split: str, data_dir: str | None = None) -> TfdsSource:
-  """Opens `split` of TFDS dataset `name` TF-free; DatasetNotFound says how to build it."""
-  return TfdsSource(name, split, data_dir)
+# ---- specs ------------------------------------------------------------------------------
+
+SPEC_KINDS = ("tfds", "tar") + tables.FORMATS
+_EXTENSIONS = {".tar": "tar", ".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
+_TFDS_NAME = re.compile(r"^[a-z0-9_]+(/[A-Za-z0-9_.+-]+)?(:[0-9.*]+)?$")
+_SPEC_HELP = ("Use a TFDS name (digits_captions), tar:PATH (e.g. tar:/data/{00000..00099}.tar "
+              "or a folder), parquet:PATH, csv:PATH, jsonl:PATH (the prefix may be left out "
+              "when the path ends in .tar/.parquet/.csv/.jsonl), or a mixture "
+              "((spec, weight), ...).")
+
+
+class SpecError(ValueError):
+  """`input.data` cannot be understood."""
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+  """One source spec -> (kind, target): ("tfds", name) or (tar|parquet|csv|jsonl, path)."""
+  if not isinstance(spec, str) or not spec.strip():
+    raise SpecError(f"Data spec {spec!r} is not a non-empty string. {_SPEC_HELP}")
+  spec = spec.strip()
+  if spec.lower().endswith((".tar.gz", ".tgz", ".tar.zst")):
+    raise SpecError(f"Data spec {spec!r}: compressed tar shards cannot be read by offset; "
+                    f"decompress them (records are compressed images already) or convert "
+                    f"them with data/convert.py.")
+  kind, sep, rest = spec.partition(":")
+  if sep and kind in SPEC_KINDS:
+    if not rest:
+      raise SpecError(f"Data spec {spec!r} names no {'dataset' if kind == 'tfds' else 'path'} "
+                      f"after '{kind}:'. {_SPEC_HELP}")
+    return kind, rest
+  for ext, kind in _EXTENSIONS.items():
+    if spec.lower().endswith(ext):
+      return kind, spec
+  if _TFDS_NAME.match(spec):
+    return "tfds", spec
+  raise SpecError(f"Cannot tell what data spec {spec!r} is. {_SPEC_HELP}")
+
+
+def mixture_parts(data) -> list[tuple[str, float]] | None:
+  """A mixture spec -> [(spec, weight), ...]; None if `data` is a single spec (a string)."""
+  if isinstance(data, str):
+    return None
+  if isinstance(data, Mapping) or hasattr(data, "items"):
+    pairs = list(data.items())
+  elif isinstance(data, (list, tuple)) and all(
+      isinstance(p, (list, tuple)) and len(p) == 2 for p in data):
+    pairs = [tuple(p) for p in data]
+  else:
+    raise SpecError(f"Data spec {data!r} is neither a spec string nor a mixture. {_SPEC_HELP}")
+  if not pairs:
+    raise SpecError(f"Mixture {data!r} is empty. {_SPEC_HELP}")
+  out = []
+  for spec, weight in pairs:
+    if not isinstance(spec, str):
+      raise SpecError(f"Mixture component {spec!r} is not a spec string (mixtures do not "
+                      f"nest). {_SPEC_HELP}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+        math.isfinite(weight) and weight > 0):
+      raise SpecError(f"Mixture weight of {spec!r} is {weight!r}; weights must be positive "
+                      f"numbers (they are normalised to sum to 1).")
+    out.append((spec, float(weight)))
+  return out
+
+
+def check_data(data) -> list[tuple[str, str]]:
+  """Checks the syntax of `input.data` (no file access) -> [(kind, target), ...]."""
+  parts = mixture_parts(data)
+  return [parse_spec(spec) for spec, _ in parts] if parts else [parse_spec(data)]
+
+
+def files_without_split(data) -> list[str]:
+  """The file specs in `data` that read the same files whatever the split."""
+  return [target for kind, target in check_data(data)
+          if kind != "tfds" and "{split}" not in target]
+
+
+def source_options(input_cfg) -> dict[str, Any]:
+  """The keyword options of open_source() held in an input config."""
+  get = input_cfg.get if hasattr(input_cfg, "get") else lambda k, d=None: getattr(input_cfg, k, d)
+  return {"image_column": get("image_column", None), "text_column": get("text_column", None)}
+
+
+def _open_files(data: str, kind: str, target: str, split: str | None, **options):
+  from big_mm.input import webdataset  # pylint: disable=g-import-not-at-top
+  name, _ = files.parse_split(split)
+  try:
+    paths = files.expand(target, split=name, suffix="." + kind)
+  except files.FilesNotFound as e:
+    raise DatasetNotFound(
+        f"No data for {data!r}: {e} Check the path (brace ranges like {{00000..00099}}, "
+        f"globs and folders work; a {{split}} placeholder takes the split name "
+        f"{name!r}).") from None
+  if kind == "tar":
+    source = webdataset.TarSource(paths, **options)
+  else:
+    source = tables.TableSource(paths, kind, **options)
+  if not len(source):
+    raise DatasetNotFound(f"{data!r} ({len(paths)} files) holds no records.")
+  return files.apply_split_slice(source, split)
+
+
+def open_source(data, split: str = "train", data_dir: str | None = None, *,
+                image_column: str | None = None, text_column: str | None = None):
+  """Opens `split` of `data` (a spec, see the module docstring) as a random-access source.
+
+  image_column / text_column: for tables the column names, for tar shards the image
+  extension and the json caption field (None: the defaults). DatasetNotFound says what
+  is missing and how to get it; SpecError that the spec itself is wrong.
+  """
+  options = {"image_column": image_column, "text_column": text_column}
+  parts = mixture_parts(data)
+  if parts is not None:
+    from big_mm.input import mixture  # pylint: disable=g-import-not-at-top
+    return mixture.MixtureSource([open_source(spec, split, data_dir, **options)
+                                  for spec, _ in parts],
+                                 [w for _, w in parts], [spec for spec, _ in parts])
+  kind, target = parse_spec(data)
+  if kind == "tfds":
+    return TfdsSource(target, split, data_dir)
+  return _open_files(data, kind, target, split, **options)

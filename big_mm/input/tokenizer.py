@@ -58,16 +58,26 @@ class Tokenizer:
 
   def encode(self, texts: str | Sequence[str], length: int) -> np.ndarray:
     """-> int32 [N, length]: tokens (truncated to length-1), EOS, then pad (0)."""
+    return self.encode_with_info(texts, length)[0]
+
+  def encode_with_info(self, texts: str | Sequence[str],
+                       length: int) -> tuple[np.ndarray, np.ndarray]:
+    """As `encode`, plus bool [N]: whether each text lost tokens to truncation."""
     if length < 1:
       raise ValueError(f"length must be >= 1 (room for EOS), got {length}")
     if isinstance(texts, (str, bytes)):
       texts = [texts]
     texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
     out = np.full((len(texts), length), self.pad_id, np.int32)
-    for i, ids in enumerate(self._sp.encode(texts)):
+    truncated = np.zeros(len(texts), bool)
+    # One text (the per-example pipeline): encode it directly; a list goes through
+    # SentencePiece's thread pool, which costs ~0.5 ms to start.
+    encoded = [self._sp.encode(texts[0])] if len(texts) == 1 else self._sp.encode(texts)
+    for i, ids in enumerate(encoded):
+      truncated[i] = len(ids) > length - 1
       ids = list(ids[:length - 1]) + [self.eos_id]
       out[i, :len(ids)] = ids
-    return out
+    return out, truncated
 
   def decode(self, ids) -> list[str]:
     """int [N, L] (or [L]) -> N strings; stops at the first EOS, ignores padding."""

@@ -1,0 +1,296 @@
+"""Tests of the file-backed data sources (tar shards, tables, mixtures), specs, converter."""
+import io
+import json
+import os
+import pickle
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from big_mm import config as config_lib  # pylint: disable=wrong-import-position
+from big_mm.input import files, mixture, pipeline, sources, tokenizer, webdataset  # pylint: disable=wrong-import-position
+from big_mm.input.preprocess import BadRecord  # pylint: disable=wrong-import-position
+
+TOKENIZER = os.path.join(ROOT, "data", "digits_spm.model")
+# Captions are record ids ("7", "104"): the digits tokenizer gives them back exactly.
+TAR_IDS = list(range(12))  # 3 shards x 4 keys.
+TABLE_IDS = {"parquet": list(range(100, 106)), "csv": list(range(200, 205)),
+             "jsonl": list(range(300, 307))}
+
+
+def _image(i: int, fmt: str) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(np.full((6, 5, 3), (i * 20) % 256, np.uint8)).save(buf, format=fmt)
+  return buf.getvalue()
+
+
+def _add(tar, name, data: bytes):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(path, members):
+  with tarfile.open(path, "w") as tar:
+    for name, data in members:
+      _add(tar, name, data)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  """Tiny fixtures: 3 tar shards (PNG/JPEG, txt/json captions), a parquet table with image
+  bytes, a CSV with relative image paths, a JSONL with absolute ones."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp("sources")
+  (d / "shards").mkdir()
+  for s in range(3):
+    members = []
+    for j in range(4):
+      i = 4 * s + j
+      key = f"{s:05d}/{i:09d}"  # img2dataset's layout.
+      members.append((f"{key}.{'png' if i % 2 else 'jpg'}", _image(i, "PNG" if i % 2 else "JPEG")))
+      if i % 3:
+        members.append((f"{key}.txt", str(i).encode()))
+      members.append((f"{key}.json", json.dumps({"caption": str(i), "url": f"u{i}",
+                                                  "alt": f"alt {i}"}).encode()))
+    _write_shard(d / "shards" / f"{s:05d}.tar", members)
+  pq.write_table(pa.table({"jpg": [_image(i, "PNG") for i in TABLE_IDS["parquet"]],
+                           "caption": [str(i) for i in TABLE_IDS["parquet"]]}),
+                 d / "pairs.parquet")
+  (d / "img").mkdir()
+  for i in TABLE_IDS["csv"] + TABLE_IDS["jsonl"]:
+    (d / "img" / f"{i}.png").write_bytes(_image(i, "PNG"))
+  with open(d / "pairs.csv", "w") as f:
+    f.write("image_path,text\n" + "".join(f"img/{i}.png,{i}\n" for i in TABLE_IDS["csv"]))
+  with open(d / "pairs.jsonl", "w") as f:
+    for i in TABLE_IDS["jsonl"]:
+      f.write(json.dumps({"file": str(d / "img" / f"{i}.png"), "sentence": str(i)}) + "\n")
+  return d
+
+
+def _specs(d):
+  return {"tar": f"tar:{d}/shards/{{00000..00002}}.tar", "parquet": f"{d}/pairs.parquet",
+          "csv": f"csv:{d}/pairs.csv", "jsonl": f"jsonl:{d}/pairs.jsonl"}
+
+
+_OPTIONS = {"jsonl": dict(image_column="file", text_column="sentence")}
+_IDS = dict(tar=TAR_IDS, **TABLE_IDS)
+
+
+def _cfg(data, **kw):
+  cfg = dict(data=data, split="train", tokenizer=TOKENIZER, text_len=8,
+             pp_image="decode|resize(8)|value_range(-1,1)", num_workers=0, prefetch=1,
+             shuffle=True)
+  cfg.update(kw)
+  return cfg
+
+
+def _ids(tok, batch):
+  return [int(t) for t in tok.decode(batch["text"])]
+
+
+# ---- specs ---------------------------------------------------------------------------
+
+def test_parse_spec_and_files(data):
+  assert sources.parse_spec("digits_captions") == ("tfds", "digits_captions")
+  assert sources.parse_spec("coco_captions/2017:1.0.*") == ("tfds", "coco_captions/2017:1.0.*")
+  assert sources.parse_spec("gs://b/s/{000..009}.tar") == ("tar", "gs://b/s/{000..009}.tar")
+  assert sources.parse_spec("csv:/d/x.txt") == ("csv", "/d/x.txt")
+  assert sources.parse_spec("/d/x.JSONL")[0] == "jsonl"
+  for bad, match in [("/data/shards", "Cannot tell"), ("tar:", "names no path"), ("", "non-empty")]:
+    with pytest.raises(sources.SpecError, match=match):
+      sources.parse_spec(bad)
+  with pytest.raises(sources.SpecError, match="positive"):
+    sources.check_data((("digits_captions", 0),))
+  assert files.expand_braces("a{08..10}b{x,y}") == ["a08bx", "a08by", "a09bx", "a09by",
+                                                    "a10bx", "a10by"]
+  shards = [str(data / "shards" / f"{s:05d}.tar") for s in range(3)]
+  assert files.expand(f"{data}/shards/*.tar") == shards
+  assert files.expand(f"{data}/{{split}}/0000{{0..2}}.tar", split="shards") == shards
+  assert files.expand(f"{data}/shards", suffix=".tar") == shards
+  assert files.parse_split("train[10:-5%]") == ("train", ("10", "-5%"))
+  with pytest.raises(ValueError, match=r"\[start:stop\]"):
+    files.parse_split("train[5]")
+  with pytest.raises(sources.DatasetNotFound, match=r"00003\.tar.*does not exist"):
+    sources.open_source(f"tar:{data}/shards/{{00000..00003}}.tar")
+
+
+def test_config_validation(data):
+  user = config_lib.ConfigDict(dict(total_steps=1))
+  user.input = dict(data=(("digits_captions", 0.5), (_specs(data)["tar"], 0.5)))
+  user.evals = dict(ret=dict(type="retrieval", data=f"{data}/pairs.parquet"))
+  cfg = config_lib.load(user)
+  assert sources.mixture_parts(cfg.input.data)[1] == (_specs(data)["tar"], 0.5)
+  for data_value, match in [("/no/kind", r"input\.data: Cannot tell"),
+                            ((("x", -1.0),), r"input\.data: .*positive")]:
+    user.input = dict(data=data_value)
+    with pytest.raises(config_lib.ConfigError, match=match):
+      config_lib.load(user)
+  user.input = dict(data=_specs(data)["tar"])
+  user.evals = dict(ret=dict(type="retrieval"))  # Would evaluate on the training shards.
+  with pytest.raises(config_lib.ConfigError, match=r"evals\.ret reads split 'test'.*\{split\}"):
+    config_lib.load(user)
+  user.evals = dict(ret=dict(type="retrieval", split="train[90%:]"))
+  config_lib.load(user)
+
+
+# ---- sources -------------------------------------------------------------------------
+
+def test_tar_source(data, monkeypatch):
+  src = sources.open_source(_specs(data)["tar"], "train")
+  assert len(src) == 12
+  for i in TAR_IDS:
+    ex = src[i]
+    assert ex["key"] == f"{i // 4:05d}/{i:09d}" and ex["text"] == str(i)
+    assert ex["image"] == _image(i, "PNG" if i % 2 else "JPEG")
+  # Caption from another json field; slices; pickling keeps the index.
+  alt = sources.open_source(_specs(data)["tar"], image_column="png", text_column="alt")
+  assert alt[1]["text"] == "alt 1"
+  with pytest.raises(BadRecord, match="no image"):
+    alt[0]  # pylint: disable=pointless-statement  No .png for key 0.
+  part = sources.open_source(_specs(data)["tar"], "train[3:-25%]")
+  assert [part[i]["text"] for i in range(len(part))] == ["3", "4", "5", "6", "7", "8"]
+  again = pickle.loads(pickle.dumps(src))
+  assert again[5] == src[5]
+  # Sidecar indexes replace the header scan.
+  shards = files.expand(f"{data}/shards/*.tar")
+  written = webdataset.write_sidecars(shards)
+  assert written == [s + ".index.json" for s in shards]
+  monkeypatch.setattr(webdataset, "_cache", {})
+  monkeypatch.setattr(webdataset, "scan_shard", lambda *a: 1 / 0)
+  from_sidecar = sources.open_source(_specs(data)["tar"])
+  assert [from_sidecar[i] for i in range(12)] == [src[i] for i in range(12)]
+  for s in written:
+    os.remove(s)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "jsonl"])
+def test_table_source(data, kind):
+  src = sources.open_source(_specs(data)[kind], "train", **_OPTIONS.get(kind, {}))
+  assert len(src) == len(TABLE_IDS[kind])
+  for row, i in enumerate(TABLE_IDS[kind]):
+    ex = pickle.loads(pickle.dumps(src))[row]  # Workers re-read the table lazily.
+    assert ex["text"] == str(i) and ex["image"] == _image(i, "PNG")
+  if kind == "jsonl":
+    with pytest.raises(ValueError, match=r"found no image column among \['file', 'sentence'\]"):
+      sources.open_source(_specs(data)[kind])
+    with pytest.raises(ValueError, match=r"no text column 'caption'.*input\.text_column"):
+      sources.open_source(_specs(data)[kind], image_column="file", text_column="caption")
+
+
+def test_missing_field_skipped_and_counted(tmp_path):
+  good = [(f"{i}.png", _image(i, "PNG")) for i in range(6)] + [
+      (f"{i}.txt", str(i).encode()) for i in range(6)]
+  bad = [("6.png", _image(6, "PNG")), ("7.txt", b"7"), ("8.json", b'{"url": "x"}'),
+         ("8.jpg", _image(8, "JPEG"))]
+  _write_shard(tmp_path / "a.tar", good + bad)
+  src = sources.open_source(f"{tmp_path}/a.tar")
+  assert len(src) == 9
+  for i, what in [(6, "no caption"), (7, "no image"), (8, "no caption")]:
+    with pytest.raises(BadRecord, match=what) as e:
+      src[i]  # pylint: disable=pointless-statement
+    assert e.value.reason == "missing_field"
+  tok = tokenizer.Tokenizer(TOKENIZER)
+  it = pipeline.make_train_iterator(_cfg(f"{tmp_path}/a.tar"), global_batch_size=6, seed=0,
+                                    sharding=None)
+  assert sorted(_ids(tok, next(it))) == list(range(6))
+  assert it.stats()["skipped/missing_field"] == it.get_state()["grain"]["next_index"] - 6 >= 1
+
+
+# ---- through the pipeline ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["tar", "parquet", "csv", "jsonl"])
+def test_pipeline_processes_and_resume(data, kind):
+  tok = tokenizer.Tokenizer(TOKENIZER)
+  cfg = _cfg(_specs(data)[kind], **_OPTIONS.get(kind, {}))
+  n = len(_IDS[kind])
+  # Two simulated processes, global batch 2: n steps read two epochs.
+  seen = []
+  for p in range(2):
+    it = pipeline.make_train_iterator(cfg, global_batch_size=2, seed=1, sharding=None,
+                                      process_index=p, process_count=2)
+    seen.append([_ids(tok, next(it))[0] for _ in range(n)])
+  stream = [x for pair in zip(seen[0], seen[1]) for x in pair]  # The global stream.
+  for epoch in range(2):
+    assert sorted(stream[epoch * n:(epoch + 1) * n]) == sorted(_IDS[kind])
+  # Exact resume mid-epoch.
+  it = pipeline.make_train_iterator(cfg, global_batch_size=2, seed=0, sharding=None)
+  for _ in range(2):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  want = [next(it) for _ in range(n)]
+  it2 = pipeline.make_train_iterator(cfg, global_batch_size=2, seed=0, sharding=None)
+  it2.set_state(state)
+  for w in want:
+    got = next(it2)
+    assert (got["image"] == w["image"]).all() and (got["text"] == w["text"]).all()
+
+
+def test_pipeline_worker_processes(data):
+  """grain worker processes unpickle the sources (tables re-read lazily) and read the
+  same batches as in-process."""
+  cfg = _cfg(((_specs(data)["tar"], 1.0), (_specs(data)["parquet"], 1.0)))
+  its = [pipeline.make_train_iterator(dict(cfg, num_workers=w), global_batch_size=4, seed=0,
+                                      sharding=None) for w in (0, 1)]
+  try:
+    for _ in range(3):
+      x, y = next(its[0]), next(its[1])
+      assert (x["image"] == y["image"]).all() and (x["text"] == y["text"]).all()
+  finally:
+    for it in its:
+      it.close()
+
+
+def test_mixture(data):
+  assert mixture.slots([10, 3], [0.5, 0.5]) == [10, 10]
+  assert mixture.slots([3, 10], [0.3, 0.7]) == [4, 10]  # L = ceil(10 / 0.7) = 15.
+  assert mixture.slots([4, 4], [1, 3]) == [4, 12]
+  specs = _specs(data)
+  src = sources.open_source(((specs["tar"], 3.0), (specs["parquet"], 1.0)), "train")
+  assert (src.sizes, src.slots, len(src)) == ([12, 6], [18, 6], 24)  # 18 / 24 = 3 / 4.
+  src = sources.open_source(((specs["tar"], 1.0), (specs["parquet"], 1.0)), "train")
+  assert (src.slots, len(src)) == ([12, 12], 24)
+  texts = [src[i]["text"] for i in range(24)]
+  assert texts == [str(i) for i in TAR_IDS] + [str(i) for i in TABLE_IDS["parquet"]] * 2
+  # Through the pipeline: a virtual epoch holds every example, in the weights' proportion;
+  # deterministic and exactly resumable.
+  tok = tokenizer.Tokenizer(TOKENIZER)
+  cfg = _cfg(((specs["tar"], 1.0), (specs["parquet"], 1.0)))
+
+  def read(state=None, steps=6):
+    it = pipeline.make_train_iterator(cfg, global_batch_size=4, seed=2, sharding=None)
+    if state:
+      it.set_state(state)
+    return it, sum((_ids(tok, next(it)) for _ in range(steps)), [])
+
+  it, epoch = read()
+  assert sorted(epoch) == sorted(TAR_IDS + TABLE_IDS["parquet"] * 2)
+  assert read()[1] == epoch
+  state = json.loads(json.dumps(it.get_state()))
+  assert read(state, 3)[1] == read(None, 9)[1][24:]
+
+
+# ---- converter -----------------------------------------------------------------------
+
+def test_convert_opens_by_name(data, tmp_path):
+  from data import convert  # pylint: disable=g-import-not-at-top
+  specs = _specs(data)
+  argv = ["--input", specs["tar"], "--input", f"test={specs['parquet']}",
+          "--name", "my_pairs", "--data_dir", str(tmp_path)]
+  assert convert.main(argv) == 0
+  for split, kind in [("train", "tar"), ("test", "parquet")]:
+    want = sources.open_source(specs[kind])
+    got = sources.open_source("my_pairs", split, str(tmp_path))
+    assert len(got) == len(want)
+    for i in range(len(want)):
+      assert {k: got[i][k] for k in ("image", "text", "key")} == want[i]
+  assert sources.num_examples("my_pairs", "test[:50%]", str(tmp_path)) == 3
+  assert "tensorflow" not in sys.modules
