@@ -143,12 +143,17 @@ def make_train_state(setup: Setup, example: dict[str, jax.ShapeDtypeStruct]) -> 
 
 
 def make_train_step(setup: Setup, ts: TrainState):
-  """jit(step) with the state's shardings in and out, the old state donated."""
+  """jit(step) with the state's shardings in and out, the old state donated.
+
+  The gradients come from `objective.value_and_grad(params, batch, rng) -> ((loss, metrics),
+  grads)` where the objective has one (e.g. contrastive GradCache), else from
+  `jax.value_and_grad` of `objective.loss_fn`."""
   objective = setup.objective
+  grad_fn = getattr(objective, "value_and_grad", None) or jax.value_and_grad(
+      objective.loss_fn, has_aux=True)
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
     (loss, aux), grads = grad_fn(state["params"], batch, rng)
     updates, opt = ts.tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -266,7 +271,8 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
 
   Returns the last logged and eval metrics.
   """
-  num_train = sources.num_examples(config.input.data, config.input.split, config.input.data_dir)
+  num_train = sources.num_examples(config.input.data, config.input.split, config.input.data_dir,
+                                   **sources.source_options(config.input))
   setup = build(config, num_train_examples=num_train, devices=devices)
   is_main = jax.process_index() == 0
   ckpt = checkpoint_lib.Checkpointer(

@@ -1,4 +1,5 @@
-"""Sharded contrastive losses equal the single-device full-batch reference (values and grads)."""
+"""Sharded contrastive losses equal the single-device full-batch reference (values and grads);
+GradCache (objective.micro_batches) equals the whole-batch gradient."""
 import functools
 
 import jax
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_mm.objectives import losses
+from big_mm import config as config_lib, sharding, train
+from big_mm.objectives import Contrastive, losses
+from conftest import tiny_config
 
 MESHES = {
     "data8": ((8,), ("data",)),
@@ -149,3 +152,98 @@ def test_ring_memory_smaller_than_all_gather(loss):
   print(f"{loss} temp bytes: ring={ring} all_gather={ag}")
   # b x B logits (128 x 1024 f32 = 512 KiB) must not appear in the ring version.
   assert ring < ag, (ring, ag)
+
+
+# ------------------------------------------------------------------------- GradCache
+
+
+@pytest.fixture(scope="module")
+def tiny_two_towers(data_dir):
+  """(setup, params, batch): a tiny two-tower model on the 8-device mesh, batch 32."""
+  setup = train.build(tiny_config(data_dir, batch_size=32))
+  k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+  batch = {"image": jax.random.normal(k1, (32, 32, 32, 3), jnp.float32),
+           "text": jax.random.randint(k2, (32, 8), 1, 128, jnp.int32)}
+  batch = jax.device_put(batch, sharding.batch_sharding(setup.mesh))
+  # Host params: jit places them (replicated, as the trainer does on a data-only mesh).
+  init = jax.jit(lambda rng: setup.model.init(rng, batch["image"][:1], batch["text"][:1]))
+  params = jax.device_get(sharding.unbox(init(jax.random.key(0))["params"]))
+  return setup, params, batch
+
+
+def _objective(setup, **objective):
+  config = setup.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.objective.update(objective)
+  return Contrastive(config, setup.model, setup.mesh)
+
+
+def _value_and_grad(setup, fn, params, batch):
+  with train.use_mesh(setup):
+    return jax.jit(fn)(params, batch, jax.random.key(5))
+
+
+def _assert_same(got, want, rtol=1e-5):
+  (got_loss, got_metrics), got_grads = got
+  (want_loss, want_metrics), want_grads = want
+  np.testing.assert_allclose(got_loss, want_loss, rtol=rtol)
+  for k in want_metrics:
+    np.testing.assert_allclose(got_metrics[k], want_metrics[k], rtol=rtol, err_msg=k)
+  flat_want = jax.tree_util.tree_leaves_with_path(want_grads)
+  largest = max(float(np.abs(w).max()) for _, w in flat_want)
+  assert jax.tree.structure(got_grads) == jax.tree.structure(want_grads)
+  for (path, w), g in zip(flat_want, jax.tree.leaves(got_grads)):
+    w, g = np.asarray(w), np.asarray(g)
+    # Relative to the leaf's scale (float32 sums run in another order); leaves whose true
+    # gradient is exactly 0 (attention key biases) hold only rounding noise, so their scale
+    # is floored at 1% of the largest gradient.
+    scale = max(float(np.abs(w).max()), 0.01 * largest)
+    np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+# The GradCache code path does not depend on the loss (it only sees embedding gradients), so
+# two compiles cover 2 and 4 micro-batches and both losses.
+@pytest.mark.parametrize("loss,micro_batches", [("sigmoid", 2), ("softmax", 4)])
+def test_gradcache_equals_full_batch_gradient(tiny_two_towers, loss, micro_batches):
+  setup, params, batch = tiny_two_towers
+  plain = _objective(setup, loss=loss)
+  want = _value_and_grad(setup, jax.value_and_grad(plain.loss_fn, has_aux=True), params, batch)
+  assert float(jnp.abs(want[1]["txt"]["Embed_0"]["embedding"]).max()) > 1e-4
+  assert float(jnp.abs(want[1]["img"]["embedding"]["kernel"]).max()) > 1e-4
+  assert abs(float(want[1]["t"][0])) > 1e-5
+  gradcache = _objective(setup, loss=loss, micro_batches=micro_batches)
+  got = _value_and_grad(setup, gradcache.value_and_grad, params, batch)
+  _assert_same(got, want)
+
+
+def test_gradcache_with_dropout_and_frozen_image_tower(data_dir, tiny_two_towers):
+  """LiT with dropout: micro-batch i uses the same dropout rng in the forward and the
+  backward pass (so GradCache is the exact gradient of loss_fn, whose embeddings are computed
+  micro-batch by micro-batch), and the frozen tower gets exactly zero gradient."""
+  _, params, batch = tiny_two_towers
+  config = tiny_config(data_dir, batch_size=32, **{
+      "model.image.dropout": 0.2, "model.text.dropout": 0.2,
+      "optim.lr_mults": ((r"img/.*", 0.0), (r".*", 1.0)), "objective.micro_batches": 2})
+  setup = train.build(config)
+  objective = setup.objective
+  with train.use_mesh(setup):
+    plain = jax.jit(jax.value_and_grad(objective.loss_fn, has_aux=True))
+    want = plain(params, batch, jax.random.key(5))
+    (other_rng_loss, _), _ = plain(params, batch, jax.random.key(6))
+  got = _value_and_grad(setup, objective.value_and_grad, params, batch)
+  _assert_same(got, want)
+  jax.tree.map(lambda g: np.testing.assert_array_equal(g, 0.0), got[1]["img"])
+  assert float(jnp.abs(got[1]["txt"]["Embed_0"]["embedding"]).max()) > 1e-4
+  assert abs(float(other_rng_loss) - float(want[0][0])) > 1e-4  # dropout is really on
+
+
+def test_micro_batches_errors(data_dir):
+  for bad in (0, -2, 1.5, True):
+    with pytest.raises(config_lib.ConfigError, match="objective.micro_batches must be a positive"):
+      tiny_config(data_dir, **{"objective.micro_batches": bad})
+  # 16 rows over 8 devices in 4 micro-batches would leave a device half a row per micro-batch.
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"micro_batches x batch devices = 4 x 8 .* = 32"):
+    train.build(tiny_config(data_dir, **{"objective.micro_batches": 4}))
+

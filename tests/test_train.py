@@ -61,6 +61,29 @@ def test_sharded_layouts_match_one_device(data_dir, host_batches, single_device_
   assert set(spec) - {None} == {a for a in ("fsdp", "tensor") if mesh[a] > 1}
 
 
+def test_gradcache_micro_batches_train_like_one_device(data_dir, host_batches, single_device_run,
+                                                      monkeypatch):
+  """objective.micro_batches=2 (GradCache, full-batch negatives) trains exactly like the whole
+  batch at once, and the trainer's step takes the objective's value_and_grad."""
+  from big_mm.objectives import Contrastive
+  traced = []
+  gradcache = Contrastive.value_and_grad
+
+  def recording(self, *args):
+    traced.append(self.micro_batches)
+    return gradcache(self, *args)
+
+  monkeypatch.setattr(Contrastive, "value_and_grad", recording)
+  ref_losses, ref_params, _ = single_device_run
+  config = tiny_config(data_dir, mesh=dict(data=8, fsdp=1, tensor=1),
+                       **{"objective.micro_batches": 2})
+  losses, params, _ = run_steps(config, jax.devices(), host_batches)
+  assert traced == [2]  # traced once, by the jitted step
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               params, ref_params)
+
+
 def test_softmax_loss_trains_sharded(data_dir, host_batches):
   single = tiny_config(data_dir, mesh=dict(data=1, fsdp=1, tensor=1),
                        **{"objective.loss": "softmax", "model.bias_init": None})

@@ -2,42 +2,180 @@
 
 The loss is computed over the global batch with an explicit cross-device strategy
 (`objective.strategy`: all_gather | ring | local), see `losses.contrastive_loss`.
+
+`objective.micro_batches = m > 1` trains with gradient caching (GradCache, Gao et al. 2021;
+open_clip's --accum-freq): the loss and its negatives are always the FULL global batch, only
+the towers run m micro-batches at a time, so tower activation memory is one micro-batch's.
+`value_and_grad` then
+  (a) runs both towers over the m micro-batches without building gradients, giving the
+      full-batch embeddings;
+  (b) computes the full-batch loss and its gradient w.r.t. the embeddings and the head
+      params (t, b);
+  (c) re-runs each micro-batch's towers under `jax.vjp` and back-propagates its slice of the
+      cached embedding gradients, accumulating the param gradients.
+Micro-batch i reuses the same dropout rng in (a) and (c), so the result is exactly the
+gradient of `loss_fn` (which computes its embeddings micro-batch by micro-batch too).
+This is NOT plain gradient accumulation, which would shrink the negatives to a micro-batch.
+Micro-batch i is rows i, i+m, i+2m, ... of the batch: with the batch sharded contiguously over
+the batch axes, every device holds B/(m*n_dev) rows of every micro-batch (no data moves).
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from big_mm import config as config_lib
 from big_mm import optim, sharding
 from big_mm.objectives import losses
 
 
 class Contrastive:
-  """`loss_fn(params, batch, rng) -> (loss, metrics)` and embedding predict fns."""
+  """`loss_fn(params, batch, rng) -> (loss, metrics)`,
+  `value_and_grad(params, batch, rng) -> ((loss, metrics), grads)` (GradCache when
+  `objective.micro_batches > 1`) and embedding predict fns."""
 
   def __init__(self, config, model, mesh):
     self.model = model
     self.mesh = mesh
     self.loss_name = config.objective.loss
     self.strategy = config.objective.strategy
+    self.implementation = config.objective.implementation
+    self.micro_batches = int(config.objective.get("micro_batches", 1))
     self.optim_cfg = config.optim
+    self._check_batch_size(config.batch_size)
+
+  def _batch_devices(self):
+    if self.mesh is None:
+      return {}
+    return {a: self.mesh.shape[a] for a in sharding.batch_axes(self.mesh)}
+
+  def _check_batch_size(self, batch_size):
+    m = self.micro_batches
+    if m < 1:
+      raise config_lib.ConfigError(f"objective.micro_batches must be >= 1, got {m}.")
+    devices = self._batch_devices()
+    n_dev = math.prod(devices.values())
+    if batch_size % (m * n_dev):
+      raise config_lib.ConfigError(
+          f"objective.micro_batches={m} (GradCache) needs batch_size divisible by "
+          f"micro_batches x batch devices = {m} x {n_dev} (mesh {devices}) = {m * n_dev}, so "
+          f"that every micro-batch is spread evenly over the devices; got batch_size="
+          f"{batch_size}. Use a batch_size that is a multiple of {m * n_dev} or change "
+          "objective.micro_batches.")
 
   def _stop_frozen(self, params):
     # Frozen params (lr multiplier 0, e.g. LiT's image tower) get no gradient computed at all.
     frozen = optim.frozen_mask(self.optim_cfg, params)
     return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
 
-  def loss_fn(self, params, batch, rng):
-    params = self._stop_frozen(params)
-    zimg, ztxt, out = self.model.apply({"params": params}, batch["image"], batch["text"],
-                                       train=True, rngs={"dropout": rng})
+  def _frozen_towers(self, params):
+    """{"img": bool, "txt": bool}: True where every param of that tower is frozen."""
+    frozen = optim.frozen_mask(self.optim_cfg, params)
+    return {k: bool(jax.tree.leaves(frozen.get(k, {}))) and all(jax.tree.leaves(frozen[k]))
+            for k in ("img", "txt")}
+
+  # ----------------------------------------------------------------------- micro-batches
+
+  def _constrain(self, x, *, split):
+    """Rows over the batch axes: dim 1 of a split [m, B/m, ...] array, else dim 0."""
+    if self.mesh is None:
+      return x
+    axes = sharding.batch_axes(self.mesh)
+    spec = P(None, axes) if split else P(axes)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+  def _split(self, x):
+    """[B, ...] -> [m, B/m, ...]; micro-batch i is rows i, i+m, ... (a local reshape per device)."""
+    if x is None:
+      return None
+    m = self.micro_batches
+    x = jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1)
+    return self._constrain(x, split=True)
+
+  def _merge(self, y):
+    """Inverse of `_split`: [m, B/m, ...] -> [B, ...] in the original row order."""
+    y = jnp.swapaxes(y, 0, 1)
+    y = y.reshape((y.shape[0] * y.shape[1],) + y.shape[2:])
+    return self._constrain(y, split=False)
+
+  def _towers(self, params, images, texts, rng):
+    zimg, ztxt, _ = self.model.apply({"params": params}, images, texts, train=True,
+                                     rngs={"dropout": rng})
+    return zimg, ztxt
+
+  def _embed(self, params, batch, rng):
+    """Full-batch (zimg, ztxt), the towers run one micro-batch at a time (a scan)."""
+    m = self.micro_batches
+    if m == 1:
+      return self._towers(params, batch["image"], batch["text"], rng)
+    self._check_batch_size(batch["image"].shape[0])
+
+    def body(_, xs):
+      i, images, texts = xs
+      return None, self._towers(params, images, texts, jax.random.fold_in(rng, i))
+
+    xs = (jnp.arange(m), self._split(batch["image"]), self._split(batch["text"]))
+    _, (zimg, ztxt) = jax.lax.scan(body, None, xs)
+    return self._merge(zimg), self._merge(ztxt)
+
+  # ----------------------------------------------------------------------- loss
+
+  def _loss_from_embeddings(self, zimg, ztxt, params):
+    # Only the head params (t, b) are read here; the towers do not run.
+    _, _, out = self.model.apply({"params": params}, None, None, train=True)
     loss = losses.contrastive_loss(
         zimg, ztxt, out["t"], out["b"], loss=self.loss_name, strategy=self.strategy,
+        implementation=self.implementation,
         mesh=self.mesh, batch_axes=sharding.batch_axes(self.mesh))
     metrics = {"t": out["t"], "t/parameterized": out["t/parameterized"], "b": out["b"]}
     # Diagnostics on the local logits' diagonal vs. off-diagonal (cheap, no B x B gather).
     metrics["img_txt_cos/pos"] = jnp.mean(jnp.sum(zimg * ztxt, axis=-1))
     return loss, metrics
+
+  def loss_fn(self, params, batch, rng):
+    """The full-batch loss. With micro_batches > 1 the embeddings are computed micro-batch
+    by micro-batch (micro-batch i with dropout rng fold_in(rng, i)), exactly as in
+    `value_and_grad`; differentiating this directly keeps every micro-batch's activations."""
+    params = self._stop_frozen(params)
+    zimg, ztxt = self._embed(params, batch, rng)
+    return self._loss_from_embeddings(zimg, ztxt, params)
+
+  def value_and_grad(self, params, batch, rng):
+    """((loss, metrics), grads) of `loss_fn`; GradCache when micro_batches > 1 (see the module
+    docstring): full-batch negatives, one micro-batch's tower activations at a time."""
+    if self.micro_batches == 1:
+      return jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch, rng)
+    params = self._stop_frozen(params)
+    # (a) Full-batch embeddings, no gradients built.
+    zimg, ztxt = self._embed(params, batch, rng)
+    # (b) Full-batch loss; gradients w.r.t. the embeddings and the params (only t, b non-zero).
+    (loss, metrics), (g_zimg, g_ztxt, grads) = jax.value_and_grad(
+        self._loss_from_embeddings, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, params)
+    # (c) Back-propagate each micro-batch's embedding gradients through its towers. A fully
+    # frozen tower (LiT) is not re-run: it has no gradient to give.
+    frozen = self._frozen_towers(params)
+    images = None if frozen["img"] else self._split(batch["image"])
+    texts = None if frozen["txt"] else self._split(batch["text"])
+    g_zimg = None if frozen["img"] else self._split(g_zimg)
+    g_ztxt = None if frozen["txt"] else self._split(g_ztxt)
+
+    def body(acc, xs):
+      i, images, texts, g_zimg, g_ztxt = xs
+      rng_i = jax.random.fold_in(rng, i)  # micro-batch i's dropout rng, as in (a)
+      _, vjp = jax.vjp(lambda p: self._towers(p, images, texts, rng_i), params)
+      (g,) = vjp((g_zimg, g_ztxt))
+      return jax.tree.map(jnp.add, acc, g), None
+
+    # The accumulator is laid out like the params, so with replicated params each micro-batch's
+    # gradient is all-reduced inside the loop (as open_clip's accum-freq under DDP).
+    xs = (jnp.arange(self.micro_batches), images, texts, g_zimg, g_ztxt)
+    grads, _ = jax.lax.scan(body, grads, xs)
+    return (loss, metrics), grads
+
+  # ----------------------------------------------------------------------- predict fns
 
   def embed_images(self, params, images):
     zimg, _, _ = self.model.apply({"params": params}, images, None, train=False)
