@@ -84,6 +84,17 @@ def test_gradcache_micro_batches_train_like_one_device(data_dir, host_batches, s
                params, ref_params)
 
 
+def test_pallas_kernels_from_config_train_like_xla(data_dir, host_batches, single_device_run):
+  """Pallas attention (both towers) and the fused ring loss, chosen in the config, train
+  like the jnp reference (CPU interpret mode)."""
+  ref_losses, _, _ = single_device_run
+  config = tiny_config(data_dir, mesh=dict(data=8, fsdp=1, tensor=1), **{
+      "model.image.attn_implementation": "pallas", "model.text.attn_implementation": "pallas",
+      "objective.implementation": "pallas", "objective.strategy": "ring"})
+  losses, _, _ = run_steps(config, jax.devices(), host_batches)
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+
+
 def test_softmax_loss_trains_sharded(data_dir, host_batches):
   single = tiny_config(data_dir, mesh=dict(data=1, fsdp=1, tensor=1),
                        **{"objective.loss": "softmax", "model.bias_init": None})
