@@ -2,6 +2,7 @@ r"""Benchmarks for big_mm's kernels: fused contrastive loss memory (CPU), contra
 attention speed (GPU). Prints a table; --json PATH also writes the rows.
 
   python tools/benchmark_kernels.py memory [--batches 16384 65536] [--dim 768] [--devices 8]
+      [--dtype float32|bfloat16] [--cpu-scheduler memory|concurrency]
   python tools/benchmark_kernels.py contrastive-gpu [--batch 65536] [--dim 768] [--iters 10]
   python tools/benchmark_kernels.py attention-gpu [--iters 10]
 
@@ -14,6 +15,15 @@ memory: compiles (never runs) the loss forward+backward (grads wrt zimg, ztxt, t
   interpret mode copies every operand into its grid loop, a compiled TPU/GPU kernel does not,
   so this is the closer estimate of device memory on an accelerator (an estimate, not a
   measurement of a real kernel).
+  --cpu-scheduler: XLA:CPU's default ("concurrency") instruction scheduler starts independent
+  work early so that its threads overlap it: here it copies the travelling shard of the
+  forward ring and of both backward rings (independent loops) all up front, so three shard
+  copies and a receive buffer are live instead of one shard and its receive buffer (up to 2x
+  the ring's temp). TPU/GPU schedulers keep memory in check, so the benchmark uses XLA:CPU's
+  memory-minimising scheduler ("memory", the default here) for every variant; "concurrency"
+  shows XLA:CPU's default.
+  bfloat16 on CPU: XLA:CPU widens bf16 collective-permutes to float32 (two f32 [b, d] staging
+  buffers per ring step); TPU/GPU permute bf16 as is.
 contrastive-gpu: SigLIP and CLIP loss fwd+bwd on one GPU (strategy "local", bf16 inputs),
   xla reference vs pallas fused: median wall time after warm-up and the process's peak GPU
   memory; each variant runs in its own subprocess so the peaks do not mix.
@@ -96,7 +106,10 @@ def _opaque_kernels(kernels):
 
 def memory(args):
   flags = os.environ.get("XLA_FLAGS", "")
-  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+  concurrency = "true" if args.cpu_scheduler == "concurrency" else "false"
+  os.environ["XLA_FLAGS"] = (
+      f"{flags} --xla_force_host_platform_device_count={args.devices} "
+      f"--xla_cpu_enable_concurrency_optimized_scheduler={concurrency}")
   os.environ["JAX_PLATFORMS"] = "cpu"
   import functools
 
@@ -147,12 +160,13 @@ def memory(args):
     base = first[(r["loss"], r["variant"])]
     r["temp_growth"] = r["temp_MiB"] / max(base["temp_MiB"], 1e-9)
   print(f"\nPer-device compiled memory, fwd+bwd, d={args.dim}, {args.dtype}, "
-        f"{args.devices} simulated CPU devices, pallas tile {cfg.tile_rows}x{cfg.tile_cols} "
-        f"(temp_growth: vs batch {args.batches[0]})")
+        f"{args.devices} simulated CPU devices, pallas tile {cfg.tile_rows}x{cfg.tile_cols}, "
+        f"{args.cpu_scheduler} scheduler (temp_growth: vs batch {args.batches[0]})")
   _print_table(rows, ["batch", "loss", "variant", "temp_MiB", "arg_MiB", "out_MiB",
                       "temp_vs_ring+pallas", "temp_growth", "compile_s"])
   _write_json(args.json, {"benchmark": "memory", "dim": args.dim, "dtype": args.dtype,
                           "devices": args.devices, "tile": [cfg.tile_rows, cfg.tile_cols],
+                          "cpu_scheduler": args.cpu_scheduler,
                           "versions": _versions(), "rows": rows})
 
 
@@ -303,6 +317,9 @@ def main(argv=None):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--losses", nargs="+", default=["sigmoid", "softmax"])
   p.add_argument("--tile", type=int, default=None, help="pallas tile (default: CPU config)")
+  p.add_argument("--cpu-scheduler", default="memory", choices=["memory", "concurrency"],
+                 help="XLA:CPU instruction scheduler: memory-minimising (default, the closer "
+                      "model of TPU/GPU) or XLA:CPU's own concurrency-optimised default")
   p.set_defaults(run=memory)
 
   p = sub.add_parser("contrastive-gpu", help="contrastive loss time / peak memory (GPU)")
