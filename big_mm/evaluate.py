@@ -41,8 +41,9 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
     embedder = evaluators.Embedder(setup.objective, setup.mesh)
     results = {}
     for name, ev in config.evals.items():
-      results.update(evaluators.run(name, ev, embedder=embedder, params=state["params"],
-                                    config=config, tokenizer=setup.tokenizer))
+      results.update(evaluators.run(name, ev, embedder=embedder, objective=setup.objective,
+                                    mesh=setup.mesh, params=state["params"], config=config,
+                                    tokenizer=setup.tokenizer))
   with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
     writer.write(step, results)
   return results

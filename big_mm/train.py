@@ -323,6 +323,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
       results = {}
       for name in names:
         results.update(evaluators.run(name, config.evals[name], embedder=embedder,
+                                      objective=setup.objective, mesh=setup.mesh,
                                       params=state["params"], config=config,
                                       tokenizer=setup.tokenizer))
       if results:
@@ -360,10 +361,12 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
             log.warning("%s Continuing (nan_policy='skip').", message)
           progress.update(step, {k: host[k] for k in PROGRESS_KEYS if k in host})
           last.update(host)
-        due = [n for n, every in eval_every.items() if (every and step % every == 0) or done]
-        last.update(run_evals(step, due))
         if done or stop.requested or ckpt.should_save(step):  # iterator state only when saving
           ckpt.save(step, state, data.get_state(), force=True)
+        # After the save, so a failing evaluator never costs training. every_steps=0: never.
+        due = [n for n, every in eval_every.items()
+               if every != 0 and ((every and step % every == 0) or done)]
+        last.update(run_evals(step, due))
         if stop.requested or ckpt.reached_preemption(step):
           log.warning("Stopped at step %d after saving; run again to resume.", step)
           break

@@ -133,3 +133,21 @@ def test_bad_inputs_fail_fast_with_helpful_messages(data_dir, tmp_path):
     train.build(tiny_config(data_dir, **{"model.text.vocab_size": 99}))
   with pytest.raises(FileNotFoundError, match="build_demo.py"):
     train.train(tiny_config(str(tmp_path / "empty")), str(tmp_path / "w"))
+
+
+def test_evals_run_after_the_save_and_every_steps_0_disables(data_dir, tmp_path, monkeypatch):
+  """A failing evaluator never costs the training it evaluates; every_steps=0 never runs."""
+  called = []
+
+  def failing_run(name, ev, **kwargs):
+    called.append(name)
+    raise RuntimeError("evaluator broke")
+
+  monkeypatch.setattr(train.evaluators, "run", failing_run)
+  evals = {"zeroshot": dict(type="zeroshot", every_steps=0, classnames=("a",)),
+           "retrieval": dict(type="retrieval")}
+  workdir = str(tmp_path / "run")
+  with pytest.raises(RuntimeError, match="evaluator broke"):
+    train.train(tiny_config(data_dir, total_steps=2, evals=evals), workdir)
+  assert called == ["retrieval"]
+  assert final_params(workdir, 2)  # the last step was saved before the evaluator ran

@@ -1,13 +1,22 @@
 """Evaluators run on a schedule by the trainer and by big_mm.evaluate."""
-from big_mm.evaluators import retrieval, zeroshot
+import inspect
+
+from big_mm.evaluators import captioning, retrieval, scoring, zeroshot
 from big_mm.evaluators.common import Embedder
 
 __all__ = ["EVALUATORS", "Embedder", "run"]
 
-EVALUATORS = {"zeroshot": zeroshot.evaluate, "retrieval": retrieval.evaluate}
+EVALUATORS = {"zeroshot": zeroshot.evaluate, "retrieval": retrieval.evaluate,
+              "captioning": captioning.evaluate, "scoring": scoring.evaluate}
 
 
 def run(name, ev, **kwargs) -> dict[str, float]:
-  """Runs one configured evaluator; metric keys come back prefixed `eval/{name}/`."""
-  results = EVALUATORS[ev.type](ev, **kwargs)
+  """Runs one configured evaluator; metric keys come back prefixed `eval/{name}/`.
+
+  kwargs: everything an evaluator may need (embedder, objective, mesh, params, config,
+  tokenizer); each evaluator gets the ones its signature names.
+  """
+  evaluate = EVALUATORS[ev.type]
+  wanted = inspect.signature(evaluate).parameters
+  results = evaluate(ev, **{k: v for k, v in kwargs.items() if k in wanted})
   return {f"eval/{name}/{k}": v for k, v in results.items()}

@@ -1,6 +1,8 @@
-"""Shared evaluator plumbing: embedding a whole held-out split, in order, under the mesh."""
+"""Shared evaluator plumbing: iterating / embedding a whole held-out split, in order, under
+the mesh, and gathering the results to every process."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -27,14 +29,39 @@ def round_batch(batch_size: int, mesh) -> int:
   return max(shards, math.ceil(batch_size / shards) * shards)
 
 
+def iterate_split(input_cfg, batch_size: int, mesh):
+  """Yields (global batch, bool [B] host mask of real rows) over all of input_cfg.split."""
+  for batch in pipeline.make_eval_batches(input_cfg, input_cfg.split,
+                                          round_batch(batch_size, mesh),
+                                          sharding.batch_sharding(mesh)):
+    yield batch, np.asarray(gather(batch["mask"])).astype(bool)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted(objective, mesh, method: str):
+  """jax.jit(objective.<method>) with batch-sharded outputs, compiled once per objective."""
+  fn = getattr(objective, method, None)
+  if fn is None:
+    raise TypeError(f"{type(objective).__name__} has no {method}(), which this evaluator needs. "
+                    "zeroshot / retrieval need an embedding objective (contrastive, coca); for "
+                    "generative objectives use the 'scoring' / 'captioning' evaluators.")
+  return jax.jit(fn, out_shardings=sharding.batch_sharding(mesh))
+
+
 class Embedder:
-  """Jitted image / text embedding functions bound to a mesh (built once per run)."""
+  """Jitted image / text embedding functions bound to a mesh (built once per run; each is
+  compiled on first use, so objectives without embeddings can still build one)."""
 
   def __init__(self, objective, mesh):
-    self.mesh = mesh
-    batch = sharding.batch_sharding(mesh)
-    self.embed_images = jax.jit(objective.embed_images, out_shardings=batch)
-    self.embed_texts = jax.jit(objective.embed_texts, out_shardings=batch)
+    self.objective, self.mesh = objective, mesh
+
+  @property
+  def embed_images(self):
+    return jitted(self.objective, self.mesh, "embed_images")
+
+  @property
+  def embed_texts(self):
+    return jitted(self.objective, self.mesh, "embed_texts")
 
   def texts(self, params, tokens: np.ndarray, batch_size: int) -> np.ndarray:
     """Embeds host int32 tokens [N, L] in padded, sharded batches; returns [N, D]."""
@@ -47,26 +74,23 @@ class Embedder:
       # Every process holds the same prompts: each takes its own devices' rows.
       arr = jax.make_array_from_callback(padded.shape, sharding.batch_sharding(self.mesh),
                                          lambda index: padded[index])
-      out.append(_gather(self.embed_texts(params, arr))[:len(chunk)])
+      out.append(gather(self.embed_texts(params, arr))[:len(chunk)])
     return np.concatenate(out)
 
   def split(self, params, input_cfg, batch_size: int, *, images=True, texts=True):
     """Embeds a whole split in order: dict with zimg, ztxt, label (where present)."""
-    batch_size = round_batch(batch_size, self.mesh)
     parts = {"zimg": [], "ztxt": [], "label": []}
-    for batch in pipeline.make_eval_batches(input_cfg, input_cfg.split, batch_size,
-                                            sharding.batch_sharding(self.mesh)):
-      mask = np.asarray(_gather(batch["mask"])).astype(bool)
+    for batch, mask in iterate_split(input_cfg, batch_size, self.mesh):
       if images:
-        parts["zimg"].append(_gather(self.embed_images(params, batch["image"]))[mask])
+        parts["zimg"].append(gather(self.embed_images(params, batch["image"]))[mask])
       if texts:
-        parts["ztxt"].append(_gather(self.embed_texts(params, batch["text"]))[mask])
+        parts["ztxt"].append(gather(self.embed_texts(params, batch["text"]))[mask])
       if "label" in batch:
-        parts["label"].append(_gather(batch["label"])[mask])
+        parts["label"].append(gather(batch["label"])[mask])
     return {k: np.concatenate(v) for k, v in parts.items() if v}
 
 
-def _gather(x):
+def gather(x):
   """A global array as one host numpy array (all processes get all of it)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
