@@ -25,7 +25,7 @@ ConfigDict = ml_collections.ConfigDict
 FREE_FORM = ("model", "evals")
 DURATION_UNITS = ("steps", "epochs", "examples")
 
-OBJECTIVE_NAMES = ("contrastive",)
+OBJECTIVE_NAMES = ("contrastive", "captioning", "coca")
 OBJECTIVE_LOSSES = ("sigmoid", "softmax")
 OBJECTIVE_STRATEGIES = ("local", "all_gather", "ring")
 OBJECTIVE_IMPLEMENTATIONS = ("xla", "pallas")
@@ -36,9 +36,18 @@ SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 # Per-evaluator-type keys (with defaults). `every_*` durations and `split` are common.
 _EVAL_COMMON = dict(type=None, split="test", batch_size=256, every_steps=None, every_epochs=None,
                     every_examples=None, pp_image=None, data=None)
+# captioning: max_examples caps how many examples are decoded (None: all; 0: perplexity only;
+# whole eval batches are decoded until it is reached);
+# decode_options go to big_mm.decoding.decode (e.g. beam_size, length_penalty, temperature,
+# top_k, top_p); max_decode_len None: input.text_len; seed: the rng of method "sample".
+# classnames (optional there; required for scoring): one per label id, in order.
+DECODE_METHODS = ("greedy", "beam", "sample")
 EVAL_SCHEMAS = {
     "zeroshot": dict(_EVAL_COMMON, classnames=(), templates=("{}",)),
     "retrieval": dict(_EVAL_COMMON, ks=(1, 5, 10)),
+    "captioning": dict(_EVAL_COMMON, max_examples=1000, decode_method="greedy",
+                       max_decode_len=None, decode_options={}, seed=0, classnames=()),
+    "scoring": dict(_EVAL_COMMON, classnames=(), templates=("{}",)),
 }
 
 
@@ -67,8 +76,14 @@ def defaults() -> ConfigDict:
   # micro-batch's activations in memory). batch_size must divide by m x the batch devices.
   # implementation: "xla" (jnp logits) or "pallas" (fused kernel, never builds the B x B
   # logits; big_mm/kernels/contrastive.py).
+  # Generative objectives (captioning, coca; big_mm/objectives/generative.py):
+  # parallel_fraction: fraction of examples trained with CapPa's parallel prediction (all
+  # decoder inputs [MASK], no causal mask; CapPa 0.75); label_smoothing of the token loss;
+  # coca's loss = contrastive_weight * contrastive + caption_weight * captioning.
   c.objective = ConfigDict(dict(name="contrastive", loss="sigmoid", strategy="all_gather",
-                                implementation="xla", micro_batches=1))
+                                implementation="xla", micro_batches=1, parallel_fraction=0.0,
+                                label_smoothing=0.0, contrastive_weight=1.0,
+                                caption_weight=2.0))
 
   c.optim = ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4, clip_norm=1.0,
@@ -93,7 +108,9 @@ def defaults() -> ConfigDict:
       pp_image="decode|resize(224)|value_range(-1,1)", pp_text=None, num_workers=0,
       num_threads=2, prefetch=2, shuffle=True,
   ))
-  c.evals = ConfigDict()  # {name: {type: ..., ...}} (FREE_FORM, checked against EVAL_SCHEMAS)
+  # {name: {type: ..., ...}} (FREE_FORM, checked against EVAL_SCHEMAS). An evaluator runs every
+  # every_steps|epochs|examples and at the end; none given: only at the end; every_steps=0: never.
+  c.evals = ConfigDict()
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = None  # None: big_mm.sharding.DEFAULT_RULES
@@ -237,6 +254,7 @@ def validate(config: ConfigDict) -> None:
   if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
     raise ConfigError(f"objective.micro_batches must be a positive integer (1: the whole batch "
                       f"at once; m > 1: GradCache over m micro-batches), got {micro!r}.")
+  _validate_generative(config.objective)
   _choice("optim.name", config.optim.name, OPTIMIZERS)
   _choice("nan_policy", config.nan_policy, NAN_POLICIES)
   _choice("optim.schedule.name", config.optim.schedule.name, SCHEDULES)
@@ -256,6 +274,49 @@ def validate(config: ConfigDict) -> None:
         raise ConfigError(f"Unknown config key 'evals.{name}.{key}' for a {ev_type} evaluator"
                           f"{_suggest(key, schema)} Valid keys: {sorted(schema)}")
     _one_duration(ev, "every", prefix=f"evals.{name}.")
+    _validate_eval_values(name, ev)
+
+
+def _validate_eval_values(name: str, ev) -> None:
+  """Values of the generative evaluators' options (keys are checked against EVAL_SCHEMAS)."""
+  if ev.type == "scoring" and not ev.get("classnames"):
+    raise ConfigError(f"evals.{name} (scoring) needs classnames: one name per label id, in order.")
+  if ev.type != "captioning":
+    return
+  _choice(f"evals.{name}.decode_method", ev.get("decode_method", "greedy"), DECODE_METHODS)
+  for key, smallest in (("max_examples", 0), ("max_decode_len", 1)):
+    value = ev.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < smallest):
+      raise ConfigError(f"evals.{name}.{key} must be an integer >= {smallest} or None, got "
+                        f"{value!r}.")
+  options = ev.get("decode_options") or {}
+  if not hasattr(options, "keys") or "method" in options or "max_len" in options:
+    raise ConfigError(f"evals.{name}.decode_options must be a dict of extra decoding.decode "
+                      f"arguments (e.g. {{'beam_size': 4}}); set the method and length with "
+                      f"decode_method / max_decode_len. Got {options!r}.")
+
+
+def _validate_generative(objective) -> None:
+  """Ranges of the generative objectives' keys (checked whatever the objective)."""
+  def number(key):
+    value = objective[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise ConfigError(f"objective.{key} must be a number, got {value!r}.")
+    return value
+
+  if not 0.0 <= number("parallel_fraction") <= 1.0:
+    raise ConfigError(f"objective.parallel_fraction must be in [0, 1] (the fraction of examples "
+                      f"trained with parallel prediction), got {objective.parallel_fraction!r}.")
+  if not 0.0 <= number("label_smoothing") < 1.0:
+    raise ConfigError(f"objective.label_smoothing must be in [0, 1), got "
+                      f"{objective.label_smoothing!r}.")
+  for key in ("contrastive_weight", "caption_weight"):
+    if number(key) < 0:
+      raise ConfigError(f"objective.{key} must be >= 0, got {objective[key]!r}.")
+  if objective.name == "coca" and not objective.contrastive_weight + objective.caption_weight:
+    raise ConfigError("objective.contrastive_weight and objective.caption_weight are both 0: "
+                      "the coca loss would be 0; give at least one a positive weight.")
 
 
 def _validate_pp(input_cfg) -> None:

@@ -1,11 +1,13 @@
 """Models. Lookups are explicit: `MODELS[name]` / `get_model(name, **kwargs)`."""
 import difflib
 
-from big_mm.models import two_towers
+from big_mm.models import captioner, two_towers
 from big_mm.models.vit import check_kwargs
 
 MODELS = {
     "two_towers": two_towers.TwoTowers,
+    "captioner": captioner.Captioner,
+    "coca": captioner.CoCa,
 }
 
 

@@ -1,7 +1,8 @@
 """Objectives: each builds `loss_fn(params, batch, rng) -> (loss, metrics)` and predict fns."""
 from big_mm.objectives.contrastive import Contrastive
+from big_mm.objectives.generative import CoCa, Captioning
 
-OBJECTIVES = {"contrastive": Contrastive}
+OBJECTIVES = {"contrastive": Contrastive, "captioning": Captioning, "coca": CoCa}
 
 
 def get_objective(name: str):

@@ -1,0 +1,182 @@
+"""Generative image-text models: Captioner (CapPa / Cap, or a prefix-LM) and CoCa.
+
+Captioner param tree: `img/...` (ViT, pool="none": its tokens), `dec/...` (decoder.Decoder),
+`img_proj` (prefix_lm only: image tokens -> decoder width).
+
+  logits, out = Captioner(...).apply({"params": p}, image, text, parallel=None, train=False)
+
+logits: float32 [B, L, V], the next-token predictions for teacher-forced inputs
+[BOS=0] + text[:, :-1]; see big_mm/objectives/generative.py.
+
+prefix_lm=False: encoder-decoder (CapPa), the decoder cross-attends to the image tokens.
+prefix_lm=True: decoder-only over [image tokens; caption]; the image tokens attend
+bidirectionally (prefix) and the caption causally; no cross-attention.
+
+CoCa param tree: `img/...` (ViT tokens), `img_pool` (MAP pooler -> contrastive embedding),
+`img_proj`, `txt/...` (unimodal causal decoder with an appended cls token), `txt_proj`,
+`mm/...` (multimodal decoder, cross-attention to the image tokens, vocab head), `t`, `b`.
+
+  zimg, ztxt, logits, out = CoCa(...).apply({"params": p}, image, text, train=False)
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from big_mm.models import layers
+from big_mm.models.decoder import Decoder, shift_right
+from big_mm.models.two_towers import l2_normalize
+from big_mm.models.vit import ViT, check_kwargs
+
+
+def _image_tower(image_kw):
+  return ViT(**{**dict(image_kw or {}), "pool": "none", "num_classes": None}, name="img")
+
+
+class Captioner(nn.Module):
+  """image: ViT kwargs (pool is forced to "none"); decoder: Decoder kwargs."""
+  image: Optional[Any] = None
+  decoder: Optional[Any] = None
+  prefix_lm: bool = False
+
+  def __post_init__(self):
+    check_kwargs(ViT, dict(self.image or {}), "model.image")
+    check_kwargs(Decoder, dict(self.decoder or {}), "model.decoder")
+    super().__post_init__()
+
+  @property
+  def vocab_size(self) -> int:
+    return int(dict(self.decoder or {}).get("vocab_size", Decoder.vocab_size))
+
+  def setup(self):
+    self.img = _image_tower(self.image)
+    kw = dict(self.decoder or {})
+    self.dec = Decoder(**{**kw, "cross_attention": not self.prefix_lm}, name="dec")
+    if self.prefix_lm:
+      width = self.dec.arch()["width"]
+      self.img_proj = nn.Dense(width, param_dtype=jnp.float32,
+                               dtype=layers.to_dtype(kw.get("dtype", "float32")),
+                               kernel_init=layers.logical(nn.initializers.lecun_normal(),
+                                                          (None, "embed")),
+                               bias_init=layers.logical(nn.initializers.zeros, ("embed",)))
+
+  def encode(self, image, train=False):
+    """-> {"tokens": [B, N, D]} (the decoder's conditioning)."""
+    tokens, _ = self.img(image, train=train)
+    if self.prefix_lm:
+      tokens = self.img_proj(tokens)
+    return {"tokens": tokens}
+
+  def decode(self, inputs, enc, *, parallel=None, decode=False, position=None, cache_len=None,
+             train=False):
+    """Decoder inputs [B, T] -> logits [B, T, V] (decode=True: cached, at `position`)."""
+    if self.prefix_lm:
+      n = enc["tokens"].shape[1]
+      if decode:
+        # The prefix was written by `prefill`; the tokens go after it.
+        return self.dec(inputs, None, prefix=None, decode=True, position=position,
+                        cache_len=cache_len, cached_prefix=n, train=train)[0]
+      return self.dec(inputs, None, prefix=enc["tokens"], parallel=parallel, train=train)[0]
+    return self.dec(inputs, enc["tokens"], parallel=parallel, decode=decode, position=position,
+                    cache_len=cache_len, train=train)[0]
+
+  def prefill(self, enc, cache_len):
+    """Creates the decoding cache: [B, cache_len] caption positions (+ the image prefix)."""
+    tokens = enc["tokens"]
+    b = tokens.shape[0]
+    if self.prefix_lm:
+      self.dec(None, None, prefix=tokens, decode=True, cache_len=tokens.shape[1] + cache_len)
+    else:
+      # Position 0 is written again by the first decode step (BOS), so this write is harmless.
+      self.dec(jnp.zeros((b, 1), jnp.int32), tokens, decode=True, position=0,
+               cache_len=cache_len)
+
+  def __call__(self, image, text, *, parallel=None, train=False):
+    enc = self.encode(image, train=train)
+    return self.decode(shift_right(text), enc, parallel=parallel, train=train), {}
+
+
+class CoCa(nn.Module):
+  """image: ViT kwargs (tokens); text: unimodal Decoder kwargs (vocab_size, max_len, widths);
+  multimodal: Decoder kwargs of the multimodal decoder (depth, num_heads, mlp_dim; width and
+  vocab come from `text`). out_dim: the contrastive embedding size."""
+  image: Optional[Any] = None
+  text: Optional[Any] = None
+  multimodal: Optional[Any] = None
+  out_dim: int = 512
+  temperature_init: float = 1.0
+  bias_init: Optional[float] = None
+
+  def __post_init__(self):
+    check_kwargs(ViT, dict(self.image or {}), "model.image")
+    check_kwargs(Decoder, dict(self.text or {}), "model.text")
+    check_kwargs(Decoder, dict(self.multimodal or {}), "model.multimodal")
+    if not self.temperature_init > 0:
+      raise ValueError(f"temperature_init must be > 0; got {self.temperature_init}.")
+    super().__post_init__()
+
+  @property
+  def vocab_size(self) -> int:
+    return int(dict(self.text or {}).get("vocab_size", Decoder.vocab_size))
+
+  def setup(self):
+    self.img = _image_tower(self.image)
+    arch = self.img.arch()
+    txt_kw = dict(self.text or {})
+    dtype = layers.to_dtype(txt_kw.get("dtype", "float32"))
+    self.img_pool = layers.MAPHead(num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"],
+                                   attn_implementation=self.img.attn_implementation,
+                                   dtype=self.img.dtype)
+    self.txt = Decoder(**{**txt_kw, "cross_attention": False, "head": False, "cls": True,
+                          "mask_token": False},
+                       name="txt")
+    mm_kw = {k: v for k, v in txt_kw.items() if k not in ("depth", "variant")}
+    mm_kw.update(dict(self.multimodal or {}))
+    self.mm = Decoder(**{**mm_kw, "cross_attention": True, "embed_input": False, "head": True,
+                         "cls": False, "mask_token": False}, name="mm")
+
+    def proj():
+      return nn.Dense(self.out_dim, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", None)),
+                      bias_init=layers.logical(nn.initializers.zeros, (None,)))
+
+    self.img_proj, self.txt_proj = proj(), proj()
+    t_init = float(np.log(self.temperature_init))
+    self.t = self.param("t", layers.logical(lambda k, s, d: jnp.full(s, t_init, d), (None,)),
+                        (1,), jnp.float32)
+    b_init = 0.0 if self.bias_init is None else float(self.bias_init)
+    self.b = self.param("b", layers.logical(lambda k, s, d: jnp.full(s, b_init, d), (None,)),
+                        (1,), jnp.float32)
+
+  def encode(self, image, train=False):
+    """-> {"tokens": [B, N, D]} and the L2-normalised contrastive embedding zimg [B, E]."""
+    tokens, _ = self.img(image, train=train)
+    return {"tokens": tokens}, l2_normalize(self.img_proj(self.img_pool(tokens)))
+
+  def embed_text(self, text, train=False):
+    """-> (L2-normalised text embedding [B, E], unimodal features [B, L, D])."""
+    feats, out = self.txt(shift_right(text), train=train)
+    return l2_normalize(self.txt_proj(out["cls"])), feats
+
+  def decode(self, inputs, enc, *, decode=False, position=None, cache_len=None, train=False):
+    """Decoder inputs [B, T] -> logits [B, T, V] (unimodal then multimodal decoder)."""
+    feats, _ = self.txt(inputs, decode=decode, position=position, cache_len=cache_len,
+                        train=train)
+    return self.mm(feats, enc["tokens"], decode=decode, position=position, cache_len=cache_len,
+                   train=train)[0]
+
+  def prefill(self, enc, cache_len):
+    b = enc["tokens"].shape[0]
+    self.decode(jnp.zeros((b, 1), jnp.int32), enc, decode=True, position=0, cache_len=cache_len)
+
+  def temperature_bias(self):
+    return {"t": jnp.exp(self.t[0]), "t/parameterized": self.t[0], "b": self.b[0]}
+
+  def __call__(self, image, text, *, train=False):
+    enc, zimg = self.encode(image, train=train)
+    ztxt, feats = self.embed_text(text, train=train)
+    logits, _ = self.mm(feats, enc["tokens"], train=train)
+    return zimg, ztxt, logits, self.temperature_bias()

@@ -1,0 +1,243 @@
+"""Transformer text decoder with a KV cache (captioning: CapPa, CoCa, prefix-LM).
+
+Param tree (cross_attention=True, embed_input=True, head=True):
+  Embed_0/embedding [vocab_size, D]          token embedding ("vocab", "embed")
+  pos_embedding [1, max_len, D]              learned (plus one row with cls=True)
+  mask_embed [D]                             the [MASK] input of CapPa's parallel prediction
+  cls [1, 1, D]                              (cls=True: CoCa's contrastive token, appended last)
+  decoderblock_{i}/{LayerNorm_0, SelfAttention, LayerNorm_1, CrossAttention, LayerNorm_2,
+                    MlpBlock_0}
+  decoder_norm, head/{kernel [D, vocab], bias [vocab]}
+
+`Decoder(...)(inputs, enc, ...) -> (x, out)`: x is the vocab logits [B, L, V] (head=True)
+or the normed features [B, L, D] (out["features"]); out["cls"] the normed cls features [B, D]
+(cls=True); out["prefix_features"] those of the prefix positions [B, N, D].
+
+Attention of the caption tokens: causal (teacher forcing); rows with `parallel[b]` True
+are CapPa's parallel prediction: every input is [MASK] and attention is bidirectional.
+`prefix` ([B, N, D] embeddings placed before the tokens) makes a prefix-LM: the N prefix
+positions are visible to every query (attention's prefix_len), the tokens causally.
+
+Decoding (flax "cache" collection): `decode=True` with `inputs` [B, T] at token position
+`position` writes the T keys/values at absolute index `prefix_len + position` (or at 0
+for a prefix-only prefill) of cached_key / cached_value [B, cache_len, H, Dh] and attends
+to the keys written so far, so feeding tokens one at a time gives the logits of the full
+teacher-forced pass. The cross-attention keys are recomputed from `enc` every step.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from big_mm.kernels import attention as attention_kernels
+from big_mm.models import layers
+from big_mm.models.vit import resolve_arch
+
+
+def shift_right(text):
+  """Decoder inputs for teacher forcing: [BOS=0] + text[:, :-1]."""
+  return jnp.pad(text, ((0, 0), (1, 0)))[:, :-1]
+
+
+class SelfAttention(nn.Module):
+  """Self-attention with an optional KV cache; params as layers.MultiHeadDotProductAttention."""
+  num_heads: int
+  implementation: str = "xla"
+  dtype: Any = "float32"
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, causal=False, prefix_len=None, decode=False,
+               write_index=None, cache_len=None):
+    dtype = layers.to_dtype(self.dtype)
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"Decoder width {width} is not divisible by num_heads={self.num_heads}.")
+    head_dim = width // self.num_heads
+
+    def proj(name):
+      return layers.DenseGeneral(features=(self.num_heads, head_dim), in_axes=1,
+                                 kernel_axes=("embed", "heads", "kv"), bias_axes=("heads", "kv"),
+                                 dtype=dtype, name=name)
+
+    q, k, v = (nn.with_logical_constraint(proj(n)(x), ("batch", "length", "heads", "kv"))
+               for n in ("query", "key", "value"))
+    if decode:
+      b, t = x.shape[:2]
+      shape = (b, cache_len, self.num_heads, head_dim)
+      ck = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+      cv = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+      start = (0, write_index, 0, 0)
+      ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), start)
+      cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), start)
+      k, v = ck.value, cv.value
+      # Query i (absolute index write_index + i) sees keys written up to itself, and the prefix.
+      qpos = write_index + jnp.arange(t)[:, None]
+      kpos = jnp.arange(k.shape[1])[None, :]
+      visible = kpos <= qpos
+      if prefix_len is not None:
+        visible = jnp.logical_or(visible, kpos < prefix_len)
+      y = attention_kernels.dot_product_attention(
+          q, k, v, mask=visible[None, None], implementation=self.implementation)
+    else:
+      y = attention_kernels.dot_product_attention(
+          q, k, v, mask=mask, causal=causal, prefix_len=prefix_len,
+          implementation=self.implementation)
+    return layers.DenseGeneral(features=(width,), in_axes=2, kernel_axes=("heads", "kv", "embed"),
+                               bias_axes=("embed",), dtype=dtype, name="out")(y)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-LN block: (causal) self-attention, cross-attention to `enc` (optional), MLP."""
+  mlp_dim: int
+  num_heads: int
+  cross_attention: bool = True
+  dropout: float = 0.0
+  attn_implementation: str = "xla"
+  dtype: Any = "float32"
+
+  @nn.compact
+  def __call__(self, x, enc, attn_kw, deterministic=True):
+    x = layers.constrain(x)
+    y = layers._layernorm(self.dtype)(x)
+    y = SelfAttention(num_heads=self.num_heads, implementation=self.attn_implementation,
+                      dtype=self.dtype, name="SelfAttention")(y, **attn_kw)
+    x = x + nn.Dropout(rate=self.dropout)(layers.constrain(y), deterministic)
+    if self.cross_attention:
+      y = layers._layernorm(self.dtype)(x)
+      y = layers.MultiHeadDotProductAttention(
+          num_heads=self.num_heads, implementation=self.attn_implementation, dtype=self.dtype,
+          name="CrossAttention")(y, enc)
+      x = x + nn.Dropout(rate=self.dropout)(layers.constrain(y), deterministic)
+    y = layers._layernorm(self.dtype)(x)
+    y = layers.MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)(
+        y, deterministic)
+    x = x + nn.Dropout(rate=self.dropout)(layers.constrain(y), deterministic)
+    return layers.constrain(x)
+
+
+class Decoder(nn.Module):
+  """Text decoder. Architecture from `variant` ("S", "B", ...) or explicit fields.
+
+  max_len: caption positions (learned posemb rows). embed_input=False: `inputs` are
+  embeddings [B, L, D] (CoCa's multimodal decoder; no embedding, posemb or [MASK]).
+  cls=True: a learned token appended after the inputs (full passes only); it sees the
+  non-pad inputs and gives out["cls"].
+  """
+  variant: Optional[str] = None
+  width: Optional[int] = None
+  depth: Optional[int] = None
+  mlp_dim: Optional[int] = None
+  num_heads: Optional[int] = None
+  vocab_size: int = 32_000
+  max_len: int = 64
+  cross_attention: bool = True
+  embed_input: bool = True
+  head: bool = True
+  cls: bool = False
+  mask_token: bool = True            # learn the [MASK] input of parallel prediction (CapPa)
+  dropout: float = 0.0
+  attn_implementation: str = "xla"
+  dtype: Any = "float32"
+
+  def arch(self) -> dict:
+    a = resolve_arch(self, dict(width=512, depth=6, mlp_dim=None, num_heads=8))
+    a.pop("patch_size", None)
+    return a
+
+  @nn.compact
+  def __call__(self, inputs, enc=None, *, prefix=None, parallel=None, decode=False,
+               position=None, cache_len=None, cached_prefix=0, train=False):
+    """inputs: int tokens [B, T] (embed_input) or embeddings [B, T, D]; None for a
+    prefix-only prefill. enc: [B, N, De] image tokens (cross_attention). prefix: [B, N, D]
+    (prefix-LM). parallel: bool [B] (full passes). decode: see the module docstring;
+    cached_prefix: the prefix length already in the cache (prefix-LM token steps)."""
+    a = self.arch()
+    dtype = layers.to_dtype(self.dtype)
+    out = {}
+    n_prefix = 0 if prefix is None else prefix.shape[1]
+    if decode and (prefix is not None) != (inputs is None):
+      raise ValueError("decode=True takes either the prefix (prefill) or the tokens, not both.")
+    xs = [] if prefix is None else [prefix.astype(dtype)]
+    if inputs is not None:
+      if self.embed_input:
+        x = nn.Embed(num_embeddings=self.vocab_size, features=a["width"], dtype=dtype,
+                     param_dtype=jnp.float32,
+                     embedding_init=layers.logical(nn.linear.default_embed_init,
+                                                   ("vocab", "embed")))(inputs)
+        if self.mask_token:
+          mask_embed = self.param("mask_embed", layers.logical(
+              nn.initializers.normal(0.02), ("embed",)), (a["width"],), jnp.float32)
+          if parallel is not None and not decode:
+            x = jnp.where(parallel[:, None, None], mask_embed.astype(dtype), x)
+        elif parallel is not None:
+          raise ValueError("parallel prediction needs a decoder with mask_token=True.")
+        rows = self.max_len + int(self.cls)
+        posemb = layers.learned_posemb(self, "pos_embedding", rows, a["width"]).astype(dtype)
+        t = x.shape[1]
+        if decode:
+          x = x + jax.lax.dynamic_slice_in_dim(posemb, position, t, axis=1)
+        else:
+          if t > self.max_len:
+            raise ValueError(f"{t} text tokens but the decoder has max_len={self.max_len}; "
+                             "raise the decoder's max_len (or shorten input.text_len).")
+          x = x + posemb[:, :t]
+      else:
+        x = inputs.astype(dtype)
+      xs.append(x)
+    n_text = 0 if inputs is None else xs[-1].shape[1]
+    if self.cls and not decode:
+      cls = self.param("cls", layers.logical(nn.initializers.normal(0.02), (None, None, "embed")),
+                       (1, 1, a["width"]), jnp.float32).astype(dtype)
+      b = xs[-1].shape[0]
+      if self.embed_input:
+        cls = cls + posemb[:, self.max_len:self.max_len + 1]
+      xs.append(jnp.tile(cls, [b, 1, 1]))
+    x = jnp.concatenate(xs, axis=1) if len(xs) > 1 else xs[0]
+    x = nn.Dropout(rate=self.dropout)(x, not train)
+
+    if decode:
+      write_index = 0 if inputs is None else jnp.asarray(position, jnp.int32) + cached_prefix
+      prefix_len = (n_prefix or cached_prefix) or None
+      attn_kw = dict(decode=True, write_index=write_index, cache_len=cache_len,
+                     prefix_len=prefix_len)
+    else:
+      attn_kw = self._full_mask(inputs, x.shape[1], n_prefix, n_text, parallel)
+    for i in range(a["depth"]):
+      x = DecoderBlock(mlp_dim=a["mlp_dim"], num_heads=a["num_heads"],
+                       cross_attention=self.cross_attention, dropout=self.dropout,
+                       attn_implementation=self.attn_implementation, dtype=self.dtype,
+                       name=f"decoderblock_{i}")(x, enc, attn_kw, not train)
+    x = layers._layernorm(self.dtype, name="decoder_norm")(x)
+    if self.cls and not decode:
+      out["cls"] = x[:, -1]
+      x = x[:, :-1]
+    out["prefix_features"] = x[:, :n_prefix]
+    x = out["features"] = x[:, n_prefix:]
+    if self.head:
+      x = nn.Dense(self.vocab_size, dtype=dtype, param_dtype=jnp.float32, name="head",
+                   kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", "vocab")),
+                   bias_init=layers.logical(nn.initializers.zeros, ("vocab",)))(x)
+      x = x.astype(jnp.float32)
+    return x, out
+
+  def _full_mask(self, inputs, length, n_prefix, n_text, parallel):
+    """Attention kwargs of a full pass: causal (+prefix), parallel rows and the cls token."""
+    if parallel is None and not self.cls:
+      return dict(causal=True, prefix_len=n_prefix if n_prefix else None)
+    i = jnp.arange(length)[:, None]
+    j = jnp.arange(length)[None, :]
+    mask = jnp.logical_or(j <= i, j < n_prefix)[None, None]  # [1, 1, L, L]
+    if parallel is not None:
+      mask = jnp.logical_or(mask, parallel[:, None, None, None])
+    if self.cls:
+      # The cls query (last) ignores pad inputs; the BOS at text position 0 (id 0) is real.
+      tokens = inputs if self.embed_input else None
+      valid = jnp.ones((mask.shape[0] if tokens is None else tokens.shape[0], length), bool)
+      if tokens is not None:
+        valid = valid.at[:, n_prefix + 1:n_prefix + n_text].set(tokens[:, 1:] != 0)
+      is_cls_query = (i == length - 1)[None, None]
+      mask = jnp.logical_and(mask, jnp.logical_or(~is_cls_query, valid[:, None, None, :]))
+    return dict(mask=mask)
