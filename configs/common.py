@@ -1,4 +1,5 @@
-"""Pieces shared by the paper-scale recipes (ImageNet zero-shot / COCO retrieval evaluators)."""
+"""Pieces shared by recipes: paper-scale evaluators (ImageNet zero-shot / COCO retrieval) and
+the generative demos' evaluators on the bundled digits."""
 
 # The 80 CLIP ImageNet prompt templates are long; these 7 are CLIP's recommended subset.
 IMAGENET_TEMPLATES = (
@@ -18,3 +19,20 @@ def paper_evals(pp_image: str, *, every_steps: int, imagenet_classnames=()):
                                       every_steps=every_steps, pp_image=pp_image,
                                       classnames=imagenet_classnames, templates=IMAGENET_TEMPLATES)
   return evals
+
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+EVAL_PP = "decode|resize(32)|value_range(-1,1)"
+# Captions name a digit as a word or a numeral: either counts for label_accuracy.
+CAPTION_CLASSES = tuple((word, str(i)) for i, word in enumerate(DIGITS))
+SCORING_TEMPLATES = ("a photo of the number {}", "the digit {}", "a scan of a handwritten {}")
+
+
+def digits_caption_evals(every_steps: int) -> dict:
+  """Held-out captioning metrics (greedy decoding) and CapPa's scoring classifier."""
+  return dict(
+      captioning=dict(type="captioning", split="test", every_steps=every_steps,
+                      pp_image=EVAL_PP, classnames=CAPTION_CLASSES, max_examples=300),
+      scoring=dict(type="scoring", split="test", every_steps=every_steps, pp_image=EVAL_PP,
+                   classnames=DIGITS, templates=SCORING_TEMPLATES),
+  )

@@ -17,7 +17,7 @@ parallel (objective.parallel_fraction), prefix_lm (decoder-only prefix-LM instea
 the encoder-decoder).
 """
 from big_mm import config as config_lib
-
+from configs import common
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, steps=600, batch=128, parallel=0.5, prefix_lm=False)
@@ -43,6 +43,6 @@ def get_config(arg=None):
 
   c.optim = dict(name="adamw", lr=3e-3, b1=0.9, b2=0.95, wd=1e-4, clip_norm=1.0,
                  schedule=dict(name="cosine", warmup_steps=min(50, arg.steps // 10)))
-  c.evals = {}  # captioning / scoring evaluators: wired in by the coordinator (issue #4)
+  c.evals = common.digits_caption_evals(every_steps=200)
   c.checkpoint = dict(every_steps=200, keep=2)
   return c

@@ -16,6 +16,7 @@ other for 94.3% of the 300 held-out images.
 Arguments (`configs/demo_coca.py:loss=softmax,steps=300`): loss (sigmoid|softmax), steps, batch.
 """
 from big_mm import config as config_lib
+from configs import common
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -54,6 +55,7 @@ def get_config(arg=None):
       zeroshot=dict(type="zeroshot", split="test", every_steps=200, pp_image=eval_pp,
                     classnames=DIGITS,
                     templates=("a photo of the number {}", "the digit {}", "handwritten {}")),
+      **common.digits_caption_evals(every_steps=200),
   )
   c.checkpoint = dict(every_steps=200, keep=2)
   return c
