@@ -28,6 +28,8 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3",
+            "filelock",
             "torch==2.13.0",
             "transformers>=4.50",
             "safetensors>=0.4",

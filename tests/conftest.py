@@ -5,6 +5,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import json
 import sys
 
 import pytest
@@ -74,14 +75,23 @@ def read_metrics(workdir):
 @pytest.fixture(scope="session")
 def trained_demo(data_dir, tmp_path_factory):
   """The README's demo as a user runs it (the CLI, one CPU device, 600 steps), trained once
-  per session: (workdir, the finished process)."""
+  per test run: (workdir, the finished process). Under pytest-xdist the first worker that
+  needs it trains it in the workers' shared temp dir; the others wait for it and reuse it."""
   import subprocess
-  workdir = tmp_path_factory.mktemp("demo") / "run"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a laptop
-  proc = subprocess.run(
-      [sys.executable, "-m", "big_mm.train", "--config", "configs/demo.py",
-       "--workdir", str(workdir), f"--config.input.data_dir={data_dir}",
-       "--config.evals.retrieval.every_steps=600", "--config.evals.zeroshot.every_steps=600"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  from filelock import FileLock
+  shared = tmp_path_factory.getbasetemp().parent  # common to all xdist workers
+  workdir = shared / "trained_demo" / "run"
+  with FileLock(str(shared / "trained_demo.lock")):
+    done = shared / "trained_demo" / "result.json"
+    if done.exists():
+      return workdir, subprocess.CompletedProcess(**json.loads(done.read_text()))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a laptop
+    proc = subprocess.run(
+        [sys.executable, "-m", "big_mm.train", "--config", "configs/demo.py",
+         "--workdir", str(workdir), f"--config.input.data_dir={data_dir}",
+         "--config.evals.retrieval.every_steps=600", "--config.evals.zeroshot.every_steps=600"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done.write_text(json.dumps(dict(args=proc.args, returncode=proc.returncode,
+                                    stdout=proc.stdout, stderr=proc.stderr)))
   return workdir, proc

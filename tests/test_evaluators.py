@@ -38,7 +38,6 @@ def test_class_embeddings_average_templates_and_normalise():
 
 import sys  # noqa: E402
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 

@@ -355,7 +355,7 @@ def test_invalid_kwargs_messages():
     get_model("two_towers", image=IMG, text=TXT, temperature=10.0)
   with pytest.raises(ValueError, match=r"Unknown model 'two_tower'.*two_towers"):
     get_model("two_tower")
-  assert MODELS == {"two_towers": TwoTowers}
+  assert MODELS["two_towers"] is TwoTowers and set(MODELS) == {"two_towers", "captioner", "coca"}
   with pytest.raises(ValueError, match=r"Unknown pool 'avg'"):
     ViT(**dict(IMG, pool="avg")).init(jax.random.PRNGKey(0), _images())
 
