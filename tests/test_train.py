@@ -84,14 +84,24 @@ def test_gradcache_micro_batches_train_like_one_device(data_dir, host_batches, s
                params, ref_params)
 
 
-def test_pallas_kernels_from_config_train_like_xla(data_dir, host_batches, single_device_run):
+def test_pallas_kernels_from_config_train_like_xla(data_dir, host_batches, single_device_run,
+                                                   monkeypatch):
   """Pallas attention (both towers) and the fused ring loss, chosen in the config, train
   like the jnp reference (CPU interpret mode)."""
+  from big_mm.kernels import contrastive as contrastive_kernels
+  from big_mm.kernels import flash_attention
+  traced = []
+  for module, name in ((flash_attention, "flash_attention"),
+                       (contrastive_kernels, "sigmoid_sum_fwd")):
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: (
+        traced.append(_n), _f(*a, **k))[1])
   ref_losses, _, _ = single_device_run
   config = tiny_config(data_dir, mesh=dict(data=8, fsdp=1, tensor=1), **{
       "model.image.attn_implementation": "pallas", "model.text.attn_implementation": "pallas",
       "objective.implementation": "pallas", "objective.strategy": "ring"})
   losses, _, _ = run_steps(config, jax.devices(), host_batches)
+  assert {"flash_attention", "sigmoid_sum_fwd"} <= set(traced)  # the kernels really ran
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
 
 
