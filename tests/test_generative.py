@@ -159,6 +159,10 @@ def test_config_errors():
   model = get_model(c.model_name, **c.model.to_dict())
   with pytest.raises(config_lib.ConfigError, match=r"vocab_size=100.*has 128 pieces"):
     generative.Captioning(c, model, None)
+  c.model.decoder.vocab_size = 128
+  c.objective.micro_batches = 2
+  with pytest.raises(config_lib.ConfigError, match="GradCache is implemented for the contrastive"):
+    generative.Captioning(c, get_model(c.model_name, **c.model.to_dict()), None)
   c.input.tokenizer = None
   with pytest.raises(config_lib.ConfigError, match="input.tokenizer"):
     generative.Captioning(c, model, None)

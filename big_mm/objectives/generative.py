@@ -68,6 +68,10 @@ class _Generative:
 
   def __init__(self, config, model, mesh):
     check_vocab(config, model)
+    if config.objective.micro_batches != 1:
+      raise config_lib.ConfigError(
+          f"objective.micro_batches={config.objective.micro_batches}: GradCache is implemented "
+          f"for the contrastive objective only, not {config.objective.name!r}; set it to 1.")
     self.model = model
     self.mesh = mesh
     self.vocab_size = model.vocab_size
