@@ -88,9 +88,9 @@ def resolve_every(section, setup: Setup, default=None):
 
 
 def abstract_inputs(batch: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of one example (batch of 1) for model init."""
+  """Shapes of one example (batch of 1) for model init (every model input; not mask/label)."""
   return {k: jax.ShapeDtypeStruct((1,) + tuple(v.shape[1:]), v.dtype)
-          for k, v in batch.items() if k in ("image", "text")}
+          for k, v in batch.items() if k not in ("mask", "label")}
 
 
 @dataclasses.dataclass
@@ -109,6 +109,9 @@ def make_train_state(setup: Setup, example: dict[str, jax.ShapeDtypeStruct]) -> 
 
   def init_params(rng):
     dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()}
+    objective_init = getattr(setup.objective, "init_params", None)
+    if objective_init is not None:
+      return objective_init(rng, dummy)
     return setup.model.init({"params": rng}, dummy["image"], dummy["text"], train=False)["params"]
 
   with use_mesh(setup):
