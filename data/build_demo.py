@@ -1,4 +1,5 @@
-"""Builds the demo data: the `digits_captions` TFDS dataset and its tokenizer.
+"""Builds the demo data: the `digits_captions` and `multimodal_scenes` TFDS datasets and the
+digits tokenizer.
 
   python data/build_demo.py [--data_dir DIR] [--tokenizer_out data/digits_spm.model]
 
@@ -17,6 +18,7 @@ if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
 from data import digits_captions  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data import scenes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tools import make_tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_TOKENIZER = os.path.join(_ROOT, "data", "digits_spm.model")
@@ -30,10 +32,11 @@ def main(argv=None):
                  help="also (re)train the tokenizer into --tokenizer_out")
   p.add_argument("--tokenizer_out", default=DEFAULT_TOKENIZER)
   args = p.parse_args(argv)
-  builder = digits_captions.build(args.data_dir)
-  print(f"digits_captions: {builder.data_dir}")
-  for split, info in builder.info.splits.items():
-    print(f"  {split}: {info.num_examples} examples")
+  for name, module in (("digits_captions", digits_captions), ("multimodal_scenes", scenes)):
+    builder = module.build(args.data_dir)
+    print(f"{name}: {builder.data_dir}")
+    for split, info in builder.info.splits.items():
+      print(f"  {split}: {info.num_examples} examples")
   if args.tokenizer or not os.path.exists(args.tokenizer_out):
     path = make_tokenizer.train_from_tfds(
         "digits_captions", split="train", data_dir=args.data_dir,

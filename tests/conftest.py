@@ -25,6 +25,15 @@ def data_dir(tmp_path_factory):
   return d
 
 
+@pytest.fixture(scope="session")
+def scenes_dir(tmp_path_factory):
+  """The bundled multimodal_scenes demo dataset (MultiMAE), built once per test session."""
+  from data import scenes
+  d = str(tmp_path_factory.mktemp("tfds_scenes"))
+  scenes.build(d)
+  return d
+
+
 def tiny_config(data_dir, **changes):
   """The demo recipe shrunk: width 32, depth 1, batch 16, no evaluators."""
   from big_mm import config as config_lib

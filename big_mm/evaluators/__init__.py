@@ -1,13 +1,14 @@
 """Evaluators run on a schedule by the trainer and by big_mm.evaluate."""
 import inspect
 
-from big_mm.evaluators import captioning, retrieval, scoring, zeroshot
+from big_mm.evaluators import captioning, cross_modal, fewshot, retrieval, scoring, zeroshot
 from big_mm.evaluators.common import Embedder
 
 __all__ = ["EVALUATORS", "Embedder", "run"]
 
 EVALUATORS = {"zeroshot": zeroshot.evaluate, "retrieval": retrieval.evaluate,
-              "captioning": captioning.evaluate, "scoring": scoring.evaluate}
+              "captioning": captioning.evaluate, "scoring": scoring.evaluate,
+              "cross_modal": cross_modal.evaluate, "fewshot": fewshot.evaluate}
 
 
 def run(name, ev, **kwargs) -> dict[str, float]:

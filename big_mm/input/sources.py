@@ -41,6 +41,7 @@ from big_mm.input import tables
 # Datasets whose builder lives in this repo, with the command that builds them.
 BUILD_COMMANDS = {
     "digits_captions": "python data/build_demo.py --data_dir {data_dir}",
+    "multimodal_scenes": "python data/build_demo.py --data_dir {data_dir}",
 }
 
 
