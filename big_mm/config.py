@@ -25,7 +25,8 @@ ConfigDict = ml_collections.ConfigDict
 FREE_FORM = ("model", "evals")
 DURATION_UNITS = ("steps", "epochs", "examples")
 
-OBJECTIVE_NAMES = ("contrastive", "captioning", "coca")
+OBJECTIVE_NAMES = ("contrastive", "captioning", "coca", "multimae")
+MODALITIES = ("rgb", "depth", "semseg", "text")  # input.modalities (MultiMAE)
 OBJECTIVE_LOSSES = ("sigmoid", "softmax")
 OBJECTIVE_STRATEGIES = ("local", "all_gather", "ring")
 OBJECTIVE_IMPLEMENTATIONS = ("xla", "pallas")
@@ -42,12 +43,22 @@ _EVAL_COMMON = dict(type=None, split="test", batch_size=256, every_steps=None, e
 # top_k, top_p); max_decode_len None: input.text_len; seed: the rng of method "sample".
 # classnames (optional there; required for scoring): one per label id, in order.
 DECODE_METHODS = ("greedy", "beam", "sample")
+CROSS_MODAL_TARGETS = ("rgb", "depth", "semseg")
+CROSS_MODAL_PREDICTIONS = (("depth", ("rgb",)), ("semseg", ("rgb",)),
+                           ("rgb", ("depth", "semseg")))
 EVAL_SCHEMAS = {
     "zeroshot": dict(_EVAL_COMMON, classnames=(), templates=("{}",)),
     "retrieval": dict(_EVAL_COMMON, ks=(1, 5, 10)),
     "captioning": dict(_EVAL_COMMON, max_examples=1000, decode_method="greedy",
                        max_decode_len=None, decode_options={}, seed=0, classnames=()),
     "scoring": dict(_EVAL_COMMON, classnames=(), templates=("{}",)),
+    # cross_modal (MultiMAE; big_mm/evaluators/cross_modal.py): predictions = ((target,
+    # (inputs...)), ...); rgb_range: the batch pixel range (pp_image's value_range).
+    "cross_modal": dict(_EVAL_COMMON, predictions=CROSS_MODAL_PREDICTIONS,
+                        baseline_examples=1024, rgb_range=(-1.0, 1.0)),
+    # fewshot (big_mm/evaluators/fewshot.py): ridge probe on image features, big_vision's.
+    "fewshot": dict(_EVAL_COMMON, train_split="train", shots=(1, 5, 10), l2_reg=2.0**10,
+                    repeats=3, seed=0),
 }
 
 
@@ -80,10 +91,14 @@ def defaults() -> ConfigDict:
   # parallel_fraction: fraction of examples trained with CapPa's parallel prediction (all
   # decoder inputs [MASK], no causal mask; CapPa 0.75); label_smoothing of the token loss;
   # coca's loss = contrastive_weight * contrastive + caption_weight * captioning.
+  # MultiMAE (big_mm/objectives/masked.py): num_visible input tokens per example, split across
+  # the modalities by a symmetric Dirichlet(dirichlet_alpha); modality_weights: ((name, w), ...)
+  # loss weights (unlisted modalities: 1.0).
   c.objective = ConfigDict(dict(name="contrastive", loss="sigmoid", strategy="all_gather",
                                 implementation="xla", micro_batches=1, parallel_fraction=0.0,
                                 label_smoothing=0.0, contrastive_weight=1.0,
-                                caption_weight=2.0))
+                                caption_weight=2.0, num_visible=98, dirichlet_alpha=1.0,
+                                modality_weights=()))
 
   c.optim = ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4, clip_norm=1.0,
@@ -102,11 +117,17 @@ def defaults() -> ConfigDict:
   # data: a TFDS name, "tar:PATTERN", "parquet:|csv:|jsonl:PATTERN" or a mixture
   # ((spec, weight), ...) (big_mm/input/sources.py). image_column / text_column: the table
   # columns, or the tar image extension / json caption field (None: sources' defaults).
+  # modalities (MultiMAE): None = image + text; else a tuple of MODALITIES. rgb is the batch's
+  # "image"; depth ([H, W] float) and semseg ([H, W] int class ids) come from depth_column /
+  # semseg_column (None: "depth" / "semseg") and get pp_image's geometric ops (same draws).
+  # prefix_column (prefix-LM captioners): a text field tokenized to prefix_len tokens as
+  # batch["prefix"]; None: no prefix.
   c.input = ConfigDict(dict(
       data="digits_captions", split="train", data_dir=None, image_column=None,
       text_column=None, tokenizer=None, text_len=16,
       pp_image="decode|resize(224)|value_range(-1,1)", pp_text=None, num_workers=0,
-      num_threads=2, prefetch=2, shuffle=True,
+      num_threads=2, prefetch=2, shuffle=True, modalities=None, depth_column=None,
+      semseg_column=None, prefix_column=None, prefix_len=0,
   ))
   # {name: {type: ..., ...}} (FREE_FORM, checked against EVAL_SCHEMAS). An evaluator runs every
   # every_steps|epochs|examples and at the end; none given: only at the end; every_steps=0: never.
@@ -259,6 +280,7 @@ def validate(config: ConfigDict) -> None:
   _choice("nan_policy", config.nan_policy, NAN_POLICIES)
   _choice("optim.schedule.name", config.optim.schedule.name, SCHEDULES)
   _validate_pp(config.input)
+  _validate_modalities(config.input)
   if not isinstance(config.batch_size, int) or config.batch_size <= 0:
     raise ConfigError(f"batch_size must be a positive integer, got {config.batch_size!r}.")
   for axis, size in config.mesh.items():
@@ -278,7 +300,11 @@ def validate(config: ConfigDict) -> None:
 
 
 def _validate_eval_values(name: str, ev) -> None:
-  """Values of the generative evaluators' options (keys are checked against EVAL_SCHEMAS)."""
+  """Values of evaluators' options (keys are checked against EVAL_SCHEMAS)."""
+  if ev.type == "cross_modal":
+    _validate_cross_modal(name, {**EVAL_SCHEMAS["cross_modal"], **ev})
+  if ev.type == "fewshot":
+    _validate_fewshot(name, {**EVAL_SCHEMAS["fewshot"], **ev})
   if ev.type == "scoring" and not ev.get("classnames"):
     raise ConfigError(f"evals.{name} (scoring) needs classnames: one name per label id, in order.")
   if ev.type != "captioning":
@@ -295,6 +321,60 @@ def _validate_eval_values(name: str, ev) -> None:
     raise ConfigError(f"evals.{name}.decode_options must be a dict of extra decoding.decode "
                       f"arguments (e.g. {{'beam_size': 4}}); set the method and length with "
                       f"decode_method / max_decode_len. Got {options!r}.")
+
+
+def _int_at_least(key: str, value, smallest: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+    raise ConfigError(f"{key} must be an integer >= {smallest}, got {value!r}.")
+
+
+def _validate_cross_modal(name: str, ev: dict) -> None:
+  """Structure of evals.{name}.predictions; the evaluator checks the names against the
+  objective's modalities when it runs."""
+  predictions = ev["predictions"]
+  key = f"evals.{name}.predictions"
+  if not isinstance(predictions, (tuple, list)) or not predictions:
+    raise ConfigError(f"{key} must be a non-empty tuple of (target, (input, ...)) pairs, e.g. "
+                      f"{CROSS_MODAL_PREDICTIONS}; got {predictions!r}.")
+  for i, item in enumerate(predictions):
+    if (not isinstance(item, (tuple, list)) or len(item) != 2
+        or not isinstance(item[1], (tuple, list))):
+      raise ConfigError(f"{key}[{i}]={item!r} must be a pair (target, (input, ...)), e.g. "
+                        f"('depth', ('rgb',)).")
+    target, inputs = item
+    _choice(f"{key}[{i}] target", target, CROSS_MODAL_TARGETS)
+    for m in inputs:
+      _choice(f"{key}[{i}] input", m, MODALITIES)
+    if not inputs or target in inputs or len(set(inputs)) != len(inputs):
+      raise ConfigError(f"{key}[{i}]={item!r}: give at least one input, each once, and not "
+                        f"the target itself ({target!r} is predicted with its input masked).")
+  _int_at_least(f"evals.{name}.baseline_examples", ev["baseline_examples"], 0)
+  rgb_range = ev["rgb_range"]
+  if (not isinstance(rgb_range, (tuple, list)) or len(rgb_range) != 2
+      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                 for v in rgb_range)
+      or rgb_range[0] >= rgb_range[1]):
+    raise ConfigError(f"evals.{name}.rgb_range must be (lo, hi) with lo < hi: the range "
+                      f"pp_image's value_range puts pixels in, e.g. (-1.0, 1.0); got "
+                      f"{rgb_range!r}.")
+
+
+def _validate_fewshot(name: str, ev: dict) -> None:
+  shots = ev["shots"]
+  if not isinstance(shots, (tuple, list)) or not shots:
+    raise ConfigError(f"evals.{name}.shots must be a non-empty tuple of examples per class, "
+                      f"e.g. (1, 5, 10); got {shots!r}.")
+  for k in shots:
+    _int_at_least(f"evals.{name}.shots entries", k, 1)
+  l2_reg = ev["l2_reg"]
+  if isinstance(l2_reg, bool) or not isinstance(l2_reg, (int, float)) or not l2_reg > 0:
+    raise ConfigError(f"evals.{name}.l2_reg must be a number > 0 (big_vision: 2.0**10), got "
+                      f"{l2_reg!r}.")
+  _int_at_least(f"evals.{name}.repeats", ev["repeats"], 1)
+  _int_at_least(f"evals.{name}.seed", ev["seed"], 0)
+  if not isinstance(ev["train_split"], str) or not ev["train_split"]:
+    raise ConfigError(f"evals.{name}.train_split must be a split name, e.g. 'train' or "
+                      f"'train[:10000]'; got {ev['train_split']!r}.")
 
 
 def _validate_generative(objective) -> None:
@@ -317,6 +397,33 @@ def _validate_generative(objective) -> None:
   if objective.name == "coca" and not objective.contrastive_weight + objective.caption_weight:
     raise ConfigError("objective.contrastive_weight and objective.caption_weight are both 0: "
                       "the coca loss would be 0; give at least one a positive weight.")
+
+
+def _validate_modalities(input_cfg) -> None:
+  """input.modalities: None or distinct MODALITIES including rgb; dense ones need a pp_image
+  whose ops dense maps can follow (big_mm/input/dense.py)."""
+  modalities = input_cfg.modalities
+  if modalities is None:
+    return
+  if isinstance(modalities, str) or not isinstance(modalities, (tuple, list)) or not modalities:
+    raise ConfigError(f"input.modalities must be None or a tuple of {list(MODALITIES)}, got "
+                      f"{modalities!r}.")
+  for m in modalities:
+    _choice("input.modalities entry", m, MODALITIES)
+  if len(set(modalities)) != len(modalities) or "rgb" not in modalities:
+    raise ConfigError(f"input.modalities={tuple(modalities)!r} must name each modality once "
+                      f"and include 'rgb' (the batch's image).")
+  for key in ("depth_column", "semseg_column"):
+    value = input_cfg.get(key)
+    if value is not None and not (isinstance(value, str) and value):
+      raise ConfigError(f"input.{key} must be a field name (a non-empty string) or None, got "
+                        f"{value!r}.")
+  if {"depth", "semseg"} & set(modalities):
+    from big_mm.input import dense, preprocess  # pylint: disable=g-import-not-at-top
+    try:
+      dense.check_pp(preprocess.parse_pp(input_cfg.pp_image))
+    except ValueError as e:
+      raise ConfigError(f"input.pp_image with dense input.modalities: {e}") from None
 
 
 def _validate_pp(input_cfg) -> None:

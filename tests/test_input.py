@@ -332,3 +332,165 @@ def test_eval_global_arrays(data_dir):
                                   "test", 128, sharding)
   b = next(iter(ev))
   assert b["mask"].shape == (128,) and b["label"].sharding == sharding
+
+
+# ---- input.modalities (MultiMAE: depth, semseg; big_mm/input/dense.py) -------------------
+
+MODALITIES = ("rgb", "depth", "semseg", "text")
+MODAL_KEYS = {"image", "depth", "semseg", "text", "depth_present", "semseg_present",
+              "text_present"}
+
+
+def _mm_cfg(scenes_dir, **kw):
+  return _cfg(scenes_dir, **{"data": "multimodal_scenes", "modalities": MODALITIES, **kw})
+
+
+def test_modalities_batch_aligned(scenes_dir):
+  """Eval batches are ordered (example i = record i); a crop + flip pp moves values without
+  changing them, so the crop window found from the image must give the maps too."""
+  cfg = _mm_cfg(scenes_dir, pp_image="decode|random_crop(24)|flip_lr|value_range(0,255)")
+  b = next(iter(pipeline.make_eval_batches(cfg, "test", 8, None)))
+  assert set(b) == MODAL_KEYS | {"label", "mask"}
+  assert b["image"].shape == (8, 24, 24, 3) and b["image"].dtype == np.float32
+  assert b["depth"].shape == (8, 24, 24) and b["depth"].dtype == np.float32
+  assert b["semseg"].shape == (8, 24, 24) and b["semseg"].dtype == np.int32
+  assert b["text"].shape == (8, 12) and b["text"].dtype == np.int32
+  for m in ("depth", "semseg", "text"):
+    assert b[f"{m}_present"].dtype == np.int32 and b[f"{m}_present"].tolist() == [1] * 8
+  src = sources.open_source("multimodal_scenes", "test", scenes_dir)
+  windows = set()
+  for i in range(8):
+    rec = src[i]
+    rgb = np.asarray(Image.open(io.BytesIO(rec["image"])))
+    fields = {"image": rgb, "depth": rec["depth"], "semseg": rec["semseg"]}
+    def view(x, t, l, f):
+      x = x[t:t + 24, l:l + 24]
+      return x[:, ::-1] if f else x
+    matches = [(t, l, f) for t in range(9) for l in range(9) for f in (0, 1)
+               if all((view(v, t, l, f) == b[k][i]).all() for k, v in fields.items())]
+    assert matches, f"example {i}: image, depth and semseg are not the same crop/flip"
+    windows.add(matches[0])
+  assert len(windows) > 4  # Really random crops.
+  # Image and text draws are those of the same pp without modalities.
+  plain = next(iter(pipeline.make_eval_batches(dict(cfg, modalities=None), "test", 8, None)))
+  assert set(plain) == {"image", "text", "label", "mask"}
+  for k in plain:
+    assert (plain[k] == b[k]).all()
+  # Only the listed modalities.
+  b = next(pipeline.make_train_iterator(_mm_cfg(scenes_dir, modalities=("rgb", "depth")),
+                                        global_batch_size=8, seed=0, sharding=None))
+  assert set(b) == {"image", "depth", "depth_present"}
+
+
+class _ModalSource:
+  """multimodal_scenes records with a modality absent or broken, by index mod 10."""
+
+  def __init__(self, base):
+    self.base = base
+
+  def __len__(self):
+    return len(self.base)
+
+  def __getitem__(self, i):
+    ex, k = dict(self.base[i]), i % 10
+    if k == 1:
+      ex["depth"] = None
+    elif k == 2:
+      del ex["semseg"]
+    elif k == 3:
+      ex["text"] = None
+    elif k == 4:
+      ex["depth"] = b"garbage"
+    elif k == 5:
+      ex["semseg"] = ex["semseg"][:16]
+    elif k == 6:
+      ex["depth"] = np.where(ex["depth"] > 5, np.nan, ex["depth"]).astype(np.float32)
+    elif k == 7:
+      ex["semseg"] = _encode(Image.fromarray(np.repeat(ex["semseg"][..., None], 3, -1)), "PNG")
+    elif k == 8:  # A 16-bit PNG in millimetres: fine.
+      mm = np.round(ex["depth"] * 1000).astype(np.uint16)
+      ex["depth"] = _encode(Image.fromarray(mm), "PNG")
+    return ex
+
+
+_MODAL_BAD = {4: "corrupt_depth", 5: "bad_semseg_shape", 6: "nonfinite_depth",
+              7: "bad_semseg_shape"}
+
+
+def test_modalities_absent_and_bad_maps(scenes_dir, monkeypatch):
+  real = sources.open_source
+  monkeypatch.setattr(sources, "open_source", lambda *a, **k: _ModalSource(real(*a, **k)))
+  cfg = _mm_cfg(scenes_dir, pp_image="decode|value_range(-1,1)")
+  ev = pipeline.make_eval_batches(cfg, "test[:40]", 8, None)
+  batches = list(ev)
+  b = {k: np.concatenate([x[k] for x in batches]) for k in batches[0]}
+  src = real("multimodal_scenes", "test[:40]", scenes_dir)
+  for i in range(40):
+    k, rec = i % 10, src[i]
+    assert b["mask"][i] == (k not in _MODAL_BAD), i
+    if k in _MODAL_BAD:
+      continue
+    assert b["depth_present"][i] == (k != 1) and b["semseg_present"][i] == (k != 2)
+    assert b["text_present"][i] == (k != 3)
+    np.testing.assert_allclose(b["depth"][i], 0 if k == 1 else rec["depth"], atol=5e-4)
+    assert (b["semseg"][i] == (0 if k == 2 else rec["semseg"])).all()
+    assert (b["text"][i] == 0).all() == (k == 3)
+  assert ev.stats() == {"skipped/bad_semseg_shape": 8, "skipped/corrupt_depth": 4,
+                        "skipped/nonfinite_depth": 4}
+  it = pipeline.make_train_iterator(dict(cfg, split="test[:40]"), global_batch_size=8, seed=0,
+                                    sharding=None)
+  for _ in range(4):  # 32 good examples > 24 per epoch: every record of epoch 0 read.
+    t = next(it)
+    assert set(t) == MODAL_KEYS and t["depth"].shape == (8, 32, 32)
+    for m in ("depth", "semseg"):
+      assert (t[m][t[f"{m}_present"] == 0] == 0).all()
+  stats = it.stats()
+  assert {k for k in stats if k.startswith("skipped/")} == {
+      "skipped/bad_semseg_shape", "skipped/corrupt_depth", "skipped/nonfinite_depth"}
+  assert stats["skipped/bad_semseg_shape"] >= 8 and stats["skipped/corrupt_depth"] >= 4
+
+
+def test_modalities_missing_field_error(data_dir, scenes_dir):
+  cfg = _cfg(data_dir, modalities=("rgb", "depth", "text"))
+  msg = (r"input.modalities names 'depth' \(field 'depth'\) but dataset 'digits_captions' has "
+         r"fields \['id', 'image', 'label', 'text'\]; its modalities: rgb, text")
+  with pytest.raises(ValueError, match=msg):
+    pipeline.make_train_iterator(cfg, global_batch_size=8, seed=0, sharding=None)
+  with pytest.raises(ValueError, match=msg):
+    pipeline.make_eval_batches(cfg, "test", 8, None)
+  with pytest.raises(ValueError, match=r"'semseg' \(field 'seg'\).*semseg_column"):
+    pipeline.make_train_iterator(_mm_cfg(scenes_dir, semseg_column="seg"),
+                                 global_batch_size=8, seed=0, sharding=None)
+
+
+def test_text_prefix(data_dir):
+  """input.prefix_column -> batch["prefix"]: the field's tokens without EOS, 0-padded to
+  prefix_len; truncations counted; a missing or empty prefix is all pad."""
+  tok = tokenizer.Tokenizer(TOKENIZER)
+  full = tok.encode("handwritten 7", 8)[0]
+  n = int(np.argmax(full == tok.eos_id))
+  ids, truncated = pipeline._tokenize_prefix(tok, "handwritten 7", 8)
+  assert ids.dtype == np.int32 and ids.tolist() == full[:n].tolist() + [0] * (8 - n)
+  assert not truncated
+  assert pipeline._tokenize_prefix(tok, [b"handwritten 7", "other"], 8)[0].tolist() == ids.tolist()
+  for empty in (None, "", " ", []):
+    ids, truncated = pipeline._tokenize_prefix(tok, empty, 4)
+    assert ids.tolist() == [0] * 4 and not truncated
+  ids, truncated = pipeline._tokenize_prefix(tok, "handwritten 7", n - 1)
+  assert ids.tolist() == full[:n - 1].tolist() and truncated
+
+  # The captions as 2-token prefixes.
+  cfg = _cfg(data_dir, prefix_column="text", prefix_len=2)
+  it = pipeline.make_train_iterator(cfg, global_batch_size=16, seed=0, sharding=None)
+  b = next(it)
+  assert b["prefix"].shape == (16, 2) and b["prefix"].dtype == np.int32
+  text = b["text"]
+  lengths = np.where((text == tok.eos_id).any(1), np.argmax(text == tok.eos_id, 1), 99)
+  np.testing.assert_array_equal(b["prefix"], np.where(np.arange(2) < lengths[:, None],
+                                                      text[:, :2], 0))
+  assert it.stats().get("prefix_truncated", 0) == int(np.sum(lengths > 2)) > 0
+  ev = next(iter(pipeline.make_eval_batches(cfg, "test", 8, None)))
+  assert ev["prefix"].shape == (8, 2)
+  with pytest.raises(ValueError, match=r"prefix_column='text' needs input.prefix_len >= 1"):
+    pipeline.make_train_iterator(_cfg(data_dir, prefix_column="text"), global_batch_size=8,
+                                 seed=0, sharding=None)

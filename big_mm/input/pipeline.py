@@ -11,6 +11,9 @@ and counted per reason (`it.stats()`); batch shapes never change.
 
   it = make_train_iterator(config.input, global_batch_size=256, seed=0, sharding=s)
   batch = next(it)              # {"image": f32 [B,H,W,3], "text": i32 [B,L]} global arrays
+                                # (+ "prefix": i32 [B,P] with input.prefix_column)
+                                # input.modalities: + "depth" f32 [B,H,W], "semseg" i32
+                                # [B,H,W], "{m}_present" i32 [B] (see _load_modalities)
   state = it.get_state()        # JSON-serialisable; it.set_state(state) resumes exactly
 
   for batch in make_eval_batches(config.input, "test", 256, s):   # padded, with "mask"
@@ -25,6 +28,8 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from big_mm.input import dense
+from big_mm.input import files
 from big_mm.input import preprocess
 from big_mm.input import sources
 from big_mm.input import tokenizer as tokenizer_lib
@@ -64,12 +69,31 @@ def example_pp(input_cfg, pp_image: str | None = None) -> str:
   return f"{pp}|{pp_text}" if pp_text else pp
 
 
+def _tokenize_prefix(tokenizer, value, length: int) -> tuple[np.ndarray, bool]:
+  """A record's text prefix (str / bytes / list: the first one) -> (int32 [length], truncated).
+
+  Plain SentencePiece ids, 0-padded, no EOS (the caption's BOS follows the prefix); no pp ops
+  (e.g. no lowercase). A missing or empty prefix is all pad (the model then sees no prefix).
+  """
+  try:
+    text = "" if value is None else preprocess.captions(value)[0]
+  except preprocess.BadRecord as e:
+    if e.reason != "empty_caption":
+      raise
+    text = ""
+  ids, truncated = tokenizer.encode_with_info([text], length + 1)  # + 1: room for its EOS
+  ids = ids[0, :length]
+  ids[ids == tokenizer.eos_id] = tokenizer.pad_id
+  return ids, bool(truncated[0])
+
+
 class _Example:
   """Loads + preprocesses one example: dict of numpy arrays or a skip marker. Picklable.
 
-  Bad records come back as {_SKIP: reason, ...}; preprocessing counts (text_truncated)
-  ride along under "_counts" when non-zero. Text is optional when `keep_label` (eval
-  splits of image-only datasets); otherwise a record without it is bad (missing_field).
+  Bad records come back as {_SKIP: reason, ...}; preprocessing counts (text_truncated,
+  prefix_truncated) ride along under "_counts" when non-zero. Text is optional when
+  `keep_label` (eval splits of image-only datasets); otherwise a record without it is bad
+  (missing_field).
   """
 
   def __init__(self, source, input_cfg, *, pp_image: str | None = None, keep_label=False,
@@ -80,6 +104,23 @@ class _Example:
     self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
     self.keep_label = keep_label
     self.optional = (preprocess.TEXT,) if keep_label else ()
+    # input.modalities (MultiMAE): fields per modality, dense maps jointly augmented.
+    self.modalities = tuple(_get(input_cfg, "modalities") or ())
+    if self.modalities:
+      self.joint = dense.JointPreprocessor(self.pp.pp, tokenizer=self.pp.tokenizer)
+      self.fields = {m: f for m, f in modality_fields(input_cfg).items()
+                     if m in self.modalities and m != "rgb"}
+      tokenize = [o for o in self.pp.ops if o.name == "tokenize"]
+      if "text" in self.fields and not tokenize:
+        raise ValueError("input.modalities has 'text', but the pp has no tokenize op; set "
+                         "input.tokenizer (or input.pp_text ending in tokenize(text_len)).")
+      self.text_len = tokenize[-1].args[0] if tokenize else 0
+    # Text prefix (prefix-LM captioners): batch["prefix"] int32 [prefix_len].
+    self.prefix_key = _get(input_cfg, "prefix_column")
+    self.prefix_len = int(_get(input_cfg, "prefix_len", 0) or 0)
+    if self.prefix_key and (self.prefix_len < 1 or self.pp.tokenizer is None):
+      raise ValueError(f"input.prefix_column={self.prefix_key!r} needs input.prefix_len >= 1 "
+                       f"(got {self.prefix_len}) and input.tokenizer.")
 
   def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
     try:
@@ -88,6 +129,8 @@ class _Example:
       return {_SKIP: e.reason, "_detail": str(e), "_index": index}
     except Exception as e:  # A corrupt record in the file.
       return {_SKIP: "read", "_detail": f"{type(e).__name__}: {e}", "_index": index}
+    if self.modalities:
+      return self._load_modalities(record, index, rng)
     try:
       values, counts = self.pp({preprocess.IMAGE: record.get(self.image_key),
                                 preprocess.TEXT: record.get(self.text_key)},
@@ -95,6 +138,13 @@ class _Example:
     except preprocess.BadRecord as e:
       return {_SKIP: e.reason, "_detail": str(e), "_index": index}
     out = {"image": np.asarray(values[preprocess.IMAGE], np.float32)}
+    if self.prefix_key:
+      try:
+        out["prefix"], truncated = _tokenize_prefix(
+            self.pp.tokenizer, record.get(self.prefix_key), self.prefix_len)
+      except preprocess.BadRecord as e:
+        return {_SKIP: e.reason, "_detail": f"prefix: {e}", "_index": index}
+      counts["prefix_truncated"] += int(truncated)
     if preprocess.TEXT in values:
       out["text"] = np.asarray(values[preprocess.TEXT], np.int32)
     if self.keep_label and self.label_key in record:
@@ -102,6 +152,72 @@ class _Example:
     if any(counts.values()):
       out["_counts"] = dict(counts)
     return out
+
+  def _load_modalities(self, record, index: int, rng: np.random.Generator) -> dict[str, Any]:
+    """input.modalities: "image" and each listed modality; an optional one the record lacks
+    (None / absent) is zeros with "{m}_present" 0. Dense maps: see dense.py."""
+    example = {preprocess.IMAGE: record.get(self.image_key)}
+    example.update({m: record.get(f) for m, f in self.fields.items()})
+    try:
+      values, counts = self.joint(example, rng, optional=(preprocess.TEXT,))
+    except preprocess.BadRecord as e:
+      return {_SKIP: e.reason, "_detail": str(e), "_index": index}
+    out = {"image": np.asarray(values[preprocess.IMAGE], np.float32)}
+    hw = out["image"].shape[:2]
+    shapes = {dense.DEPTH: (hw, np.float32), dense.SEMSEG: (hw, np.int32),
+              preprocess.TEXT: ((self.text_len,), np.int32)}
+    for m in self.fields:
+      shape, dtype = shapes[m]
+      out[m] = np.asarray(values[m], dtype) if m in values else np.zeros(shape, dtype)
+      out[f"{m}_present"] = np.int32(m in values)
+    if self.keep_label and self.label_key in record:
+      out["label"] = np.asarray(record[self.label_key], np.int32)
+    if any(counts.values()):
+      out["_counts"] = dict(counts)
+    return out
+
+
+def modality_fields(input_cfg) -> dict[str, str]:
+  """Modality -> the record field it is read from (rgb: "image", text: "text", depth /
+  semseg: input.depth_column / input.semseg_column, by default "depth" / "semseg")."""
+  return {"rgb": "image", "depth": _get(input_cfg, "depth_column") or "depth",
+          "semseg": _get(input_cfg, "semseg_column") or "semseg", "text": "text"}
+
+
+def _source_fields(source) -> set[str] | None:
+  """Field names of a source's records: a TFDS dataset's features, the union over a
+  mixture's parts, else the first readable record's keys (None: none of the first 10)."""
+  if isinstance(source, sources.TfdsSource):
+    info = sources._info(source.name, source.data_dir)  # pylint: disable=protected-access
+    return set(info.features.keys())
+  if isinstance(source, files.SliceSource):
+    return _source_fields(source.source)
+  if isinstance(getattr(source, "sources", None), list):  # mixture.MixtureSource
+    parts = [_source_fields(s) for s in source.sources]
+    return None if None in parts else set().union(*parts)
+  for i in range(min(10, len(source))):
+    try:
+      return set(source[i])
+    except Exception:  # pylint: disable=broad-except  (a bad record: try the next)
+      continue
+  return None
+
+
+def check_modalities(source, input_cfg, data) -> None:
+  """ValueError if input.modalities names a modality whose field `data`'s records lack."""
+  modalities = _get(input_cfg, "modalities")
+  fields = _source_fields(source) if modalities else None
+  if fields is None:
+    return
+  wanted = modality_fields(input_cfg)
+  have = [m for m, f in wanted.items() if f in fields]
+  for m in modalities:
+    if wanted[m] not in fields:
+      column = {"rgb": "image_column", "text": "text_column"}.get(m, f"{m}_column")
+      raise ValueError(
+          f"input.modalities names {m!r} (field {wanted[m]!r}) but dataset {data!r} has "
+          f"fields {sorted(fields)}; its modalities: {', '.join(have) or 'none'}. Drop "
+          f"{m!r} from input.modalities or point input.{column} at the right field.")
 
 
 class _TrainElement:
@@ -191,6 +307,7 @@ class TrainIterator:
     self.num_examples = len(source)
     if self.num_examples == 0:
       raise ValueError(f"{name!r} split {split!r} is empty")
+    check_modalities(source, input_cfg, name)
     self._element = _TrainElement(
         _Example(source, input_cfg),
         self.num_examples, self.seed, bool(_get(input_cfg, "shuffle", True)),
@@ -340,6 +457,7 @@ class EvalBatches:
     source = sources.open_source(_get(input_cfg, "data"), split, _get(input_cfg, "data_dir"),
                                  **sources.source_options(input_cfg))
     self.num_examples = len(source)
+    check_modalities(source, input_cfg, _get(input_cfg, "data"))
     pp = pp_image or _get(input_cfg, "pp_image_eval") or _get(input_cfg, "pp_image")
     self._element = _EvalElement(
         _Example(source, input_cfg, pp_image=pp, keep_label=True),
