@@ -2,10 +2,13 @@
 
 Works with any generative objective exposing
   encode(params, images) -> enc                        # every leaf has a leading batch axis
+  encode(params, images, prefix=prefix) -> enc         # only when a text prefix is passed
   init_cache(params, enc, max_len) -> cache            # every leaf has a leading batch axis
   decode_step(params, enc, cache, tokens [B], position) -> (logits [B, V], cache)
   vocab_size, max_text_len (optional: the default and the limit for max_len)
-(big_mm.objectives.generative.Captioning / CoCa). BOS is token 0 (the pad id), fed at position 0;
+(big_mm.objectives.generative.Captioning / CoCa). `prefix` (int [B, P], every decoder takes it;
+None = no text prefix) is the text prefix of a prefix-LM captioner: it goes to encode, and the
+outputs are the caption only. BOS is token 0 (the pad id), fed at position 0;
 the token generated at output index i is predicted after feeding position i.
 
 Outputs are int32 [B, max_len]: the generated tokens, EOS kept, 0 (pad) after it. A sequence that
@@ -68,15 +71,16 @@ class _Static:
 # ---------------------------------------------------------------------------------------------
 # Public API.
 
-def greedy(objective, params, images, *, max_len=None, eos_id=1):
+def greedy(objective, params, images, *, max_len=None, eos_id=1, prefix=None):
   """-> int32 [B, max_len]: the argmax token at every step, stopping at EOS."""
   max_len = _check_max_len(objective, max_len)
-  return _sample_jit(_Static(objective), params, images, None, None, None, None, max_len=max_len,
-                     eos_id=int(eos_id), argmax=True, use_top_k=False, use_top_p=False)
+  return _sample_jit(_Static(objective), params, images, prefix, None, None, None, None,
+                     max_len=max_len, eos_id=int(eos_id), argmax=True, use_top_k=False,
+                     use_top_p=False)
 
 
 def sample(objective, params, images, rng, *, max_len=None, temperature=1.0, top_k=0, top_p=1.0,
-           eos_id=1):
+           eos_id=1, prefix=None):
   """-> int32 [B, max_len]: ancestral sampling; deterministic given `rng` (a jax PRNG key).
 
   Logits are divided by `temperature` (0 = argmax, i.e. greedy), then restricted to the `top_k`
@@ -97,14 +101,14 @@ def sample(objective, params, images, rng, *, max_len=None, temperature=1.0, top
   if rng is None:
     raise ValueError("sample needs rng, a jax PRNG key (e.g. jax.random.key(0)).")
   if temperature == 0:
-    return greedy(objective, params, images, max_len=max_len, eos_id=eos_id)
-  return _sample_jit(_Static(objective), params, images, rng, jnp.float32(temperature),
+    return greedy(objective, params, images, max_len=max_len, eos_id=eos_id, prefix=prefix)
+  return _sample_jit(_Static(objective), params, images, prefix, rng, jnp.float32(temperature),
                      jnp.int32(top_k), jnp.float32(top_p), max_len=max_len, eos_id=int(eos_id),
                      argmax=False, use_top_k=top_k > 0, use_top_p=top_p < 1)
 
 
 def beam_search(objective, params, images, *, max_len=None, beam_size=4, length_penalty=0.6,
-                eos_id=1):
+                eos_id=1, prefix=None):
   """-> int32 [B, max_len]: per example, the best-scoring finished hypothesis of a beam search.
 
   Per example and step, the 2 * beam_size most likely extensions of the alive beams are ranked by
@@ -121,12 +125,13 @@ def beam_search(objective, params, images, *, max_len=None, beam_size=4, length_
   if not length_penalty >= 0:
     raise ValueError(f"length_penalty must be >= 0 (0 = plain log-probability), got "
                      f"{length_penalty}.")
-  return _beam_jit(_Static(objective), params, images, jnp.float32(length_penalty),
+  return _beam_jit(_Static(objective), params, images, prefix, jnp.float32(length_penalty),
                    max_len=max_len, beam_size=beam_size, eos_id=int(eos_id))
 
 
-def decode(objective, params, images, *, method="greedy", rng=None, **options):
-  """Dispatches to greedy / beam_search / sample by `method` ("greedy" | "beam" | "sample")."""
+def decode(objective, params, images, *, method="greedy", rng=None, prefix=None, **options):
+  """Dispatches to greedy / beam_search / sample by `method` ("greedy" | "beam" | "sample");
+  `prefix`: the text prefix (module docstring) or None."""
   if method not in METHODS:
     raise ValueError(f"Unknown decoding method {method!r}; valid: {', '.join(METHODS)}.")
   unknown = sorted(set(options) - set(_OPTIONS[method]))
@@ -135,10 +140,10 @@ def decode(objective, params, images, *, method="greedy", rng=None, **options):
                      f"{', '.join(_OPTIONS[method])}" + (" and rng" if method == "sample" else "")
                      + ".")
   if method == "greedy":
-    return greedy(objective, params, images, **options)
+    return greedy(objective, params, images, prefix=prefix, **options)
   if method == "beam":
-    return beam_search(objective, params, images, **options)
-  return sample(objective, params, images, rng, **options)
+    return beam_search(objective, params, images, prefix=prefix, **options)
+  return sample(objective, params, images, rng, prefix=prefix, **options)
 
 
 def to_text(tokenizer, tokens) -> list[str]:
@@ -147,6 +152,12 @@ def to_text(tokenizer, tokens) -> list[str]:
     from jax.experimental import multihost_utils  # multi-host: every process gets all rows
     tokens = multihost_utils.process_allgather(tokens, tiled=True)
   return tokenizer.decode(np.asarray(tokens))
+
+
+def _encode(objective, params, images, prefix):
+  if prefix is None:  # objectives without a text prefix need not take the argument
+    return objective.encode(params, images)
+  return objective.encode(params, images, prefix=prefix)
 
 
 def _check_max_len(objective, max_len):
@@ -187,10 +198,10 @@ def _filter_logits(logits, top_k, top_p, use_top_k, use_top_p):
 
 @functools.partial(jax.jit, static_argnames=("objective", "max_len", "eos_id", "argmax",
                                              "use_top_k", "use_top_p"))
-def _sample_jit(objective, params, images, rng, temperature, top_k, top_p, *, max_len, eos_id,
-                argmax, use_top_k, use_top_p):
+def _sample_jit(objective, params, images, prefix, rng, temperature, top_k, top_p, *, max_len,
+                eos_id, argmax, use_top_k, use_top_p):
   objective = objective.obj
-  enc = objective.encode(params, images)
+  enc = _encode(objective, params, images, prefix)
   cache = objective.init_cache(params, enc, max_len)
   batch = images.shape[0]
 
@@ -241,12 +252,13 @@ def _gather_beams(x, beam_idx):
 
 
 @functools.partial(jax.jit, static_argnames=("objective", "max_len", "beam_size", "eos_id"))
-def _beam_jit(objective, params, images, length_penalty, *, max_len, beam_size, eos_id):
+def _beam_jit(objective, params, images, prefix, length_penalty, *, max_len, beam_size, eos_id):
   objective = objective.obj
   k = beam_size
   batch = images.shape[0]
   # Example-major rows: row b * k + j is beam j of example b.
-  enc = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), objective.encode(params, images))
+  enc = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0),
+                     _encode(objective, params, images, prefix))
   cache = objective.init_cache(params, enc, max_len)
   best_possible_lp = _length_penalty(max_len, length_penalty)
 

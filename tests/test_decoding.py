@@ -116,6 +116,16 @@ class FixedObjective:
     return jnp.broadcast_to(jnp.asarray(self.logits), (tokens.shape[0], self.vocab_size)), cache
 
 
+class PrefixMarkovObjective(MarkovObjective):
+  """MarkovObjective whose encode also takes a text prefix: its first token's logit is raised."""
+
+  def encode(self, params, images, prefix=None):
+    enc = super().encode(params, images)
+    if prefix is not None:
+      enc["bias"] = enc["bias"] + 4.0 * jax.nn.one_hot(prefix[:, 0], self.vocab_size)
+    return enc
+
+
 @pytest.fixture(scope="module")
 def markov():
   """One objective shared by the tests, so they share its compiled decoders."""
@@ -290,7 +300,7 @@ def test_sharded_equals_unsharded(markov):
     np.testing.assert_array_equal(out, run(images), err_msg=name)
   # Beams stay on their example's device: per step, the only collective is the scalar
   # all-reduce of the "all finished?" flag.
-  hlo = decoding._beam_jit.lower(decoding._Static(obj), params, sharded, jnp.float32(0.6),
+  hlo = decoding._beam_jit.lower(decoding._Static(obj), params, sharded, None, jnp.float32(0.6),
                                  max_len=6, beam_size=3, eos_id=1).compile().as_text()
   collectives = [line for line in hlo.splitlines()
                  if re.search(r"(all-gather|all-reduce|all-to-all|collective-permute)\(", line)]
@@ -326,3 +336,25 @@ def test_to_text_round_trip():
   noisy = np.asarray(tokens).copy()
   noisy[:, -1] = 5
   assert decoding.to_text(tok, noisy) == texts
+
+
+def test_prefix_reaches_encode():
+  """`prefix` goes to objective.encode (per example, beams included) in every method."""
+  obj = PrefixMarkovObjective()
+  params = obj.init_params()
+  images = _images(8, seed=6)
+  prefix = jnp.asarray(np.random.RandomState(0).randint(2, obj.vocab_size, (8, 2)), jnp.int32)
+  rng = jax.random.key(1, impl="rbg")
+  for method, options in [("greedy", {}), ("beam", dict(beam_size=2)), ("sample", {})]:
+    if method == "sample":
+      options = dict(rng=rng)
+    out = np.asarray(decoding.decode(obj, params, images, method=method, prefix=prefix,
+                                     max_len=6, **options))
+    _check_padding(out)
+    plain = np.asarray(decoding.decode(obj, params, images, method=method, max_len=6, **options))
+    assert np.any(out != plain), method
+    if method != "sample":  # sampling draws per batch, so one row alone differs
+      for i in (0, 5):
+        np.testing.assert_array_equal(
+            decoding.decode(obj, params, images[i:i + 1], method=method, prefix=prefix[i:i + 1],
+                            max_len=6, **options)[0], out[i], err_msg=method)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from big_mm import config as config_lib, sharding
+from big_mm import config as config_lib, decoding, sharding
 from big_mm.models import get_model
-from big_mm.models.decoder import Decoder
+from big_mm.evaluators import scoring
+from big_mm.models.decoder import Decoder, shift_right
 from big_mm.objectives import generative, get_objective
 
 from conftest import TOKENIZER
@@ -22,7 +23,10 @@ MODELS = {
     "prefix_lm": ("captioning", "captioner", dict(image=IMG, decoder=DEC, prefix_lm=True)),
     "coca": ("coca", "coca", dict(image=IMG, text=DEC, multimodal=dict(depth=1), out_dim=16,
                                   temperature_init=10.0, bias_init=-10.0)),
+    "text_prefix": ("captioning", "captioner", dict(image=IMG, decoder=DEC, prefix_lm=True,
+                                                    text_prefix_len=4)),
 }
+SHARED = ("cappa", "prefix_lm", "coca")  # the kinds every shared test runs
 
 
 def _config(kind, depth=None, **objective):
@@ -54,10 +58,15 @@ def _setup(kind, mesh=None, depth=None, **objective):
 
 @pytest.fixture(scope="module")
 def setups():
-  return {k: _setup(k) for k in MODELS}
+  return {k: _setup(k) for k in SHARED}
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.fixture(scope="module")
+def text_prefix():
+  return _setup("text_prefix", depth=1)
+
+
+@pytest.mark.parametrize("kind", SHARED)
 def test_causal(setups, kind):
   """Teacher-forced logits at position i do not depend on the tokens after i."""
   obj, params, images, texts = setups[kind]
@@ -69,7 +78,7 @@ def test_causal(setups, kind):
   assert np.max(np.abs(a[:, 5:] - b[:, 5:])) > 1e-3
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", SHARED)
 def test_decode_step_equals_full(setups, kind):
   """Feeding the teacher-forced inputs one at a time through the KV cache gives the logits
   (and log-likelihoods) of the full pass."""
@@ -113,7 +122,8 @@ def test_prefix_lm_mask():
   tokens = jnp.asarray(TEXTS[:2])
   params = dec.init(jax.random.key(1), tokens, prefix=prefix)["params"]
   run = jax.jit(lambda pr, t: dec.apply({"params": params}, t, prefix=pr))
-  (a, out_a), (b, out_b) = run(prefix, tokens), run(prefix.at[:, 2].add(jax.random.normal(jax.random.key(2), (2, 32))), tokens)
+  moved = prefix.at[:, 2].add(jax.random.normal(jax.random.key(2), (2, 32)))
+  (a, out_a), (b, out_b) = run(prefix, tokens), run(moved, tokens)
   assert np.max(np.abs(out_a["prefix_features"][:, 0] - out_b["prefix_features"][:, 0])) > 1e-3
   assert np.max(np.abs(a[:, 0] - b[:, 0])) > 1e-3
   (c, out_c) = run(prefix, tokens.at[:, 5:].set(77))
@@ -197,3 +207,152 @@ def test_sharded_loss_and_grad_equal_single_device():
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), grads,
                ref_grads)
+
+
+# ---- prefix-LM with a text prefix --------------------------------------------------------
+
+# Text prefixes of the 4 examples (0 = pad); the last one is empty.
+PREFIX = np.array([[3, 4, 0, 0], [7, 8, 9, 0], [5, 0, 0, 0], [0, 0, 0, 0]], np.int32)
+
+
+def _prefix_features(obj, params, images, texts, prefix):
+  """Decoder features of the prefix positions [image tokens; text prefix]."""
+  def run(m, images, texts, prefix):
+    enc = m.encode(images, prefix)
+    return m.dec(shift_right(texts), None, prefix=enc["tokens"], prefix_tokens=enc["prefix"])[1]
+  return obj.model.apply({"params": params}, images, texts, prefix, method=run)[
+      "prefix_features"]
+
+
+def test_text_prefix_attention(text_prefix):
+  """The caption is causal and reads the text prefix; the prefix (image tokens + text) is
+  bidirectional; pad slots are invisible: a padded prefix equals the unpadded one and no
+  prefix equals an all-pad one."""
+  obj, params, images, texts = text_prefix
+  prefix = jnp.asarray(PREFIX)
+  logits = jax.jit(obj._logits)
+  a = logits(params, images, texts, prefix)
+  b = logits(params, images, texts.at[:, 4:].set(77), prefix)
+  np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-5)
+  assert np.max(np.abs(a[:, 5:] - b[:, 5:])) > 1e-3
+  # Example 0's second prefix token changes its caption logits and the features of the image
+  # tokens and the first prefix token before it; the other examples are untouched.
+  changed = prefix.at[0, 1].set(11)
+  c = logits(params, images, texts, changed)
+  assert np.max(np.abs(a[0, 0] - c[0, 0])) > 1e-3
+  np.testing.assert_allclose(a[1:], c[1:], atol=1e-6)
+  n = obj.model.apply({"params": params}, images, method=type(obj.model).encode)["tokens"].shape[1]
+  feats = jax.jit(lambda p: _prefix_features(obj, params, images, texts, p))
+  fa, fc = feats(prefix), feats(changed)
+  assert fa.shape[1] == n + 4
+  assert np.max(np.abs(fa[0, 0] - fc[0, 0])) > 1e-3          # an image token
+  assert np.max(np.abs(fa[0, n] - fc[0, n])) > 1e-3          # prefix slot 0 sees slot 1
+  # Pad slots are invisible: the prefix without them (fewer posemb rows) gives the same
+  # caption logits.
+  np.testing.assert_allclose(logits(params, images[:1], texts[:1], prefix[:1, :2]), a[:1],
+                             atol=1e-5)
+  no_prefix = logits(params, images, texts, None)
+  np.testing.assert_allclose(no_prefix, logits(params, images, texts, jnp.zeros_like(prefix)),
+                             atol=1e-6)
+  np.testing.assert_allclose(no_prefix[3], a[3], atol=1e-5)  # example 3's prefix is all pad
+  assert np.max(np.abs(no_prefix[0] - a[0])) > 1e-3
+
+
+def test_text_prefix_parallel_rows(text_prefix):
+  """CapPa parallel rows still ignore the caption tokens with a text prefix."""
+  obj, params, images, texts = text_prefix
+  parallel = jnp.array([True, False, True, False])
+  run = jax.jit(lambda t: obj.model.apply({"params": params}, images, t, prefix=PREFIX,
+                                          parallel=parallel)[0])
+  a, b = run(texts), run(texts.at[:, 2:].set(77))
+  np.testing.assert_allclose(a[parallel], b[parallel], atol=1e-6)
+  np.testing.assert_allclose(a[~parallel][:, :3], b[~parallel][:, :3], atol=1e-5)
+  assert np.max(np.abs(a[~parallel][:, 3:] - b[~parallel][:, 3:])) > 1e-3
+
+
+def test_text_prefix_decoding_equals_full(text_prefix):
+  """KV-cache steps with a text prefix give the full pass's logits, and beam search gives
+  the tokens of a decoder that recomputes the full pass at every step."""
+  obj, params, images, texts = text_prefix
+  prefix = jnp.asarray(PREFIX)
+  full = jax.jit(obj._logits)(params, images, texts, prefix)
+  enc = obj.encode(params, images, prefix)
+  cache = obj.init_cache(params, enc, texts.shape[1])
+  for leaf in jax.tree.leaves((enc, cache)):
+    assert leaf.shape[0] == len(texts)
+  inputs = shift_right(texts)
+  step = jax.jit(obj.decode_step)
+  for pos in range(texts.shape[1]):
+    logits, cache = step(params, enc, cache, inputs[:, pos], jnp.int32(pos))
+    np.testing.assert_allclose(logits, full[:, pos], atol=2e-5, rtol=1e-5)
+
+  class Recompute:
+    """The same model without a KV cache: each step reruns the teacher-forced pass."""
+    vocab_size, max_text_len = obj.vocab_size, obj.max_text_len
+
+    def encode(self, params, images, prefix=None):
+      return {"images": images, "prefix": prefix}
+
+    def init_cache(self, params, enc, max_len):
+      return {"buf": jnp.zeros((enc["images"].shape[0], max_len), jnp.int32)}
+
+    def decode_step(self, params, enc, cache, tokens, position):
+      buf = jax.lax.dynamic_update_slice_in_dim(cache["buf"], tokens[:, None], position, 1)
+      targets = jnp.concatenate([buf[:, 1:], buf[:, :1]], axis=1)  # its inputs are `buf`
+      logits = obj._logits(params, enc["images"], targets, enc["prefix"])
+      return jax.lax.dynamic_index_in_dim(logits, position, 1, keepdims=False), {"buf": buf}
+
+  # Beam search (enc and cache rows repeated and reordered), against the recomputing decoder.
+  got = decoding.beam_search(obj, params, images, prefix=prefix, beam_size=3)
+  want = decoding.beam_search(Recompute(), params, images, prefix=prefix, beam_size=3)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_text_prefix_loss_and_likelihood(setups, text_prefix):
+  """The loss is the token loss of the caption only (the prefix is never a target), with the
+  prefix as conditioning; log_likelihood counts caption tokens only."""
+  obj, params, images, texts = text_prefix
+  prefix = jnp.asarray(PREFIX)
+  batch = {"image": images, "text": texts, "prefix": prefix}
+  loss, _ = obj.loss_fn(params, batch, jax.random.key(0))
+  want, _ = generative.token_loss(obj._logits(params, images, texts, prefix), texts)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  no_prefix, _ = obj.loss_fn(params, {"image": images, "text": texts}, jax.random.key(0))
+  assert abs(float(loss) - float(no_prefix)) > 1e-4
+  logp, n = obj.log_likelihood(params, images, texts, prefix)
+  np.testing.assert_array_equal(n, [4, 2, 8, 3])
+  full = jax.nn.log_softmax(obj._logits(params, images, texts, prefix))
+  ref = jnp.take_along_axis(full, texts[..., None], -1)[..., 0]
+  np.testing.assert_allclose(logp, jnp.sum(jnp.where(texts != 0, ref, 0), 1), rtol=1e-5)
+  # The scoring evaluator's prompt scorer passes the prefix on.
+  logp = obj.log_likelihood(params, images, jnp.broadcast_to(texts[0], texts.shape), prefix)[0]
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:4])
+  scores = scoring.prompt_scorer(obj, mesh)(params, images, texts[:2], prefix)
+  np.testing.assert_allclose(scores[:, 0], logp, rtol=1e-5)
+  plain_obj, plain_params = setups["prefix_lm"][:2]
+  with pytest.raises(ValueError, match="has no text prefix"):
+    plain_obj.log_likelihood(plain_params, images, texts, prefix)
+
+
+def test_text_prefix_config_errors():
+  def build(kind, **input_changes):
+    c = _config(kind)
+    c.input.update(input_changes)
+    return generative.Captioning if kind != "coca" else generative.CoCa, c
+
+  for kind, changes, match in [
+      ("text_prefix", dict(prefix_column="question"), r"prefix_len=0: a text prefix needs both"),
+      ("text_prefix", dict(prefix_len=4), r"prefix_column=None and input.prefix_len=4"),
+      ("text_prefix", dict(prefix_column="question", prefix_len=5),
+       r"input.prefix_len=5 but model.text_prefix_len=4"),
+      ("prefix_lm", dict(prefix_column="question", prefix_len=2),
+       r"input.prefix_len=2 but model.text_prefix_len=0"),
+      ("cappa", dict(prefix_column="question", prefix_len=2), r"prefix_lm=True"),
+      ("coca", dict(prefix_column="question", prefix_len=2), r"model_name='coca'"),
+  ]:
+    cls, c = build(kind, **changes)
+    with pytest.raises(config_lib.ConfigError, match=match):
+      cls(c, get_model(c.model_name, **c.model.to_dict()), None)
+  cls, c = build("text_prefix", prefix_column="question", prefix_len=4)
+  cls(c, get_model(c.model_name, **c.model.to_dict()), None)  # fits

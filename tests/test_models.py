@@ -355,7 +355,8 @@ def test_invalid_kwargs_messages():
     get_model("two_towers", image=IMG, text=TXT, temperature=10.0)
   with pytest.raises(ValueError, match=r"Unknown model 'two_tower'.*two_towers"):
     get_model("two_tower")
-  assert MODELS["two_towers"] is TwoTowers and set(MODELS) == {"two_towers", "captioner", "coca"}
+  assert MODELS["two_towers"] is TwoTowers
+  assert set(MODELS) == {"two_towers", "captioner", "coca", "multimae"}
   with pytest.raises(ValueError, match=r"Unknown pool 'avg'"):
     ViT(**dict(IMG, pool="avg")).init(jax.random.PRNGKey(0), _images())
 
@@ -414,3 +415,31 @@ def test_attention_module_matches_flax_mha():
   for m in (None, mask):
     np.testing.assert_allclose(ours.apply(p_theirs, xq, xkv, mask=m),
                                theirs.apply(p_theirs, xq, xkv, mask=m), atol=1e-5)
+
+
+def test_captioner_text_prefix_params_and_errors():
+  """The text prefix params exist (with logical axes) whether or not init sees a prefix;
+  a text prefix needs prefix_lm=True."""
+  from big_mm.models.captioner import Captioner
+  dec = dict(TINY, vocab_size=50, max_len=6)
+  model = Captioner(image=dict(TINY, patch_size=8), decoder=dec, prefix_lm=True,
+                    text_prefix_len=3)
+  prefix = jnp.array([[4, 5, 0], [6, 0, 0]], jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), _images(), _text())
+  with_prefix = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _images(), _text(),
+                                                  prefix=prefix))
+  assert jax.tree.map(jnp.shape, nn.unbox(shapes)) == jax.tree.map(jnp.shape,
+                                                                   nn.unbox(with_prefix))
+  specs = _flat(nn.get_partition_spec(shapes)["params"])
+  assert nn.unbox(shapes)["params"]["dec"]["prefix_pos_embedding"].shape == (1, 3, 32)
+  assert specs["dec/prefix_pos_embedding"] == PartitionSpec(None, "length", "embed")
+  with pytest.raises(ValueError, match="text_prefix_len=2: a text prefix needs.*prefix_lm"):
+    Captioner(decoder=dec, text_prefix_len=2)
+  with pytest.raises(ValueError, match="model.text_prefix_len, not model.decoder"):
+    Captioner(decoder=dict(dec, text_prefix_len=2), prefix_lm=True)
+  plain = Captioner(image=dict(TINY, patch_size=8), decoder=dec, prefix_lm=True)
+  with pytest.raises(ValueError, match="text_prefix_len=0"):
+    jax.eval_shape(lambda: plain.init(jax.random.PRNGKey(0), _images(), _text(), prefix=prefix))
+  with pytest.raises(ValueError, match=r"P <= text_prefix_len=3"):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _images(), _text(),
+                                      prefix=jnp.ones((2, 4), jnp.int32)))

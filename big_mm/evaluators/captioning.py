@@ -6,7 +6,8 @@ EOS included), from objective.log_likelihood. Generation (big_mm.decoding) runs 
 caption as the single reference (as stored in the batch: tokenized to input.text_len and
 decoded back). With `classnames` (one per label id; an entry may be a tuple of alternative
 names, e.g. ("seven", "7")), `label_accuracy` = fraction of generated captions that name the
-example's class and no other class, as whole words.
+example's class and no other class, as whole words. A batch "prefix" (input.prefix_column)
+conditions both the perplexity and the generation, as in training.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def evaluate(ev, *, objective, mesh, params, config, tokenizer) -> dict[str, flo
   wanted = np.inf if ev.max_examples is None else ev.max_examples
   input_cfg = common.eval_input_config(config, ev)
   for index, (batch, mask) in enumerate(common.iterate_split(input_cfg, ev.batch_size, mesh)):
-    sum_logp, count = log_likelihood(params, batch["image"], batch["text"])
+    # The text prefix of a prefix-LM captioner, passed only when the data has one.
+    prefix = {"prefix": batch["prefix"]} if "prefix" in batch else {}
+    sum_logp, count = log_likelihood(params, batch["image"], batch["text"], **prefix)
     nll -= float(np.sum(common.gather(sum_logp)[mask], dtype=np.float64))
     num_tokens += int(np.sum(common.gather(count)[mask]))
     num_examples += int(mask.sum())
@@ -38,7 +41,7 @@ def evaluate(ev, *, objective, mesh, params, config, tokenizer) -> dict[str, flo
       if ev.decode_method == "sample":
         options["rng"] = jax.random.fold_in(rng, index)
       tokens = decoding.decode(objective, params, batch["image"], method=ev.decode_method,
-                               max_len=max_len, **options)
+                               max_len=max_len, **prefix, **options)
       hyps += decoding.to_text(tokenizer, common.gather(tokens)[mask])
       refs += [[r] for r in tokenizer.decode(common.gather(batch["text"])[mask])]
       if "label" in batch:

@@ -19,14 +19,16 @@ from big_mm.evaluators import common
 
 @functools.lru_cache(maxsize=None)
 def prompt_scorer(objective, mesh):
-  """jit (params, images [B, ...], prompts i32 [P, L]) -> f32 [B, P] total log-probs."""
+  """jit (params, images [B, ...], prompts i32 [P, L], prefix i32 [B, P'] or None) -> f32
+  [B, P] total log-probs (the prompts scored as captions after the text prefix, if any)."""
   batch = sharding.batch_sharding(mesh)
 
-  def scores(params, images, prompts):
+  def scores(params, images, prompts, prefix=None):
     def one_prompt(prompt):
       texts = jnp.broadcast_to(prompt, (images.shape[0],) + prompt.shape)
       texts = jax.lax.with_sharding_constraint(texts, batch)
-      return objective.log_likelihood(params, images, texts)[0]
+      kw = {} if prefix is None else {"prefix": prefix}  # only prefix-LM captioners take one
+      return objective.log_likelihood(params, images, texts, **kw)[0]
     return jax.lax.map(one_prompt, prompts).T
 
   return jax.jit(scores, out_shardings=batch)
@@ -47,7 +49,7 @@ def evaluate(ev, *, objective, mesh, params, config, tokenizer) -> dict[str, flo
   for batch, mask in common.iterate_split(input_cfg, ev.batch_size, mesh):
     if "label" not in batch:
       raise ValueError(f"Split {ev.split!r} of {input_cfg.data!r} has no labels for scoring.")
-    logp = common.gather(score(params, batch["image"], prompts))[mask]
+    logp = common.gather(score(params, batch["image"], prompts, batch.get("prefix")))[mask]
     class_scores.append(logp.reshape(-1, len(classnames), len(templates)).mean(axis=-1))
     labels.append(common.gather(batch["label"])[mask])
   pred = np.argmax(np.concatenate(class_scores), axis=-1)

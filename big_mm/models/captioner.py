@@ -1,16 +1,25 @@
 """Generative image-text models: Captioner (CapPa / Cap, or a prefix-LM) and CoCa.
 
-Captioner param tree: `img/...` (ViT, pool="none": its tokens), `dec/...` (decoder.Decoder),
-`img_proj` (prefix_lm only: image tokens -> decoder width).
+Captioner param tree: `img/...` (ViT, pool="none": its tokens), `dec/...` (decoder.Decoder;
+`dec/prefix_pos_embedding` [1, text_prefix_len, D] when text_prefix_len > 0), `img_proj`
+(prefix_lm only: image tokens -> decoder width).
 
-  logits, out = Captioner(...).apply({"params": p}, image, text, parallel=None, train=False)
+  logits, out = Captioner(...).apply({"params": p}, image, text, prefix=None, parallel=None,
+                                     train=False)
 
 logits: float32 [B, L, V], the next-token predictions for teacher-forced inputs
-[BOS=0] + text[:, :-1]; see big_mm/objectives/generative.py.
+[BOS=0] + text[:, :-1] (caption positions only); see big_mm/objectives/generative.py.
 
 prefix_lm=False: encoder-decoder (CapPa), the decoder cross-attends to the image tokens.
-prefix_lm=True: decoder-only over [image tokens; caption]; the image tokens attend
-bidirectionally (prefix) and the caption causally; no cross-attention.
+prefix_lm=True: decoder-only over [image tokens (N); text prefix (text_prefix_len slots);
+caption] (PaliGemma-style): the image tokens and the text prefix attend bidirectionally, the
+caption causally; no cross-attention. `prefix`: int [B, P'] (P' <= text_prefix_len, 0 = pad),
+e.g. a prompt or question. Pad slots are never attended to, so a shorter or padded prefix gives
+the same logits; prefix=None is an all-pad prefix (image-only conditioning). text_prefix_len=0:
+no text prefix (then `prefix` must be None).
+
+encode(image, prefix=None) -> enc {"tokens": [B, N, D]} (+ "prefix": int [B, P'] when
+text_prefix_len > 0); decode / prefill read everything from enc (every leaf batch-major).
 
 CoCa param tree: `img/...` (ViT tokens), `img_pool` (MAP pooler -> contrastive embedding),
 `img_proj`, `txt/...` (unimodal causal decoder with an appended cls token), `txt_proj`,
@@ -37,14 +46,22 @@ def _image_tower(image_kw):
 
 
 class Captioner(nn.Module):
-  """image: ViT kwargs (pool is forced to "none"); decoder: Decoder kwargs."""
+  """image: ViT kwargs (pool is forced to "none"); decoder: Decoder kwargs. text_prefix_len:
+  the text prefix slots of a prefix-LM (0 = none)."""
   image: Optional[Any] = None
   decoder: Optional[Any] = None
   prefix_lm: bool = False
+  text_prefix_len: int = 0
 
   def __post_init__(self):
     check_kwargs(ViT, dict(self.image or {}), "model.image")
     check_kwargs(Decoder, dict(self.decoder or {}), "model.decoder")
+    if "text_prefix_len" in dict(self.decoder or {}):
+      raise ValueError("Set model.text_prefix_len, not model.decoder.text_prefix_len.")
+    if self.text_prefix_len < 0 or (self.text_prefix_len and not self.prefix_lm):
+      raise ValueError(f"model.text_prefix_len={self.text_prefix_len}: a text prefix needs "
+                       "model.prefix_lm=True (and a length >= 0); set prefix_lm=True or "
+                       "text_prefix_len=0.")
     super().__post_init__()
 
   @property
@@ -54,7 +71,8 @@ class Captioner(nn.Module):
   def setup(self):
     self.img = _image_tower(self.image)
     kw = dict(self.decoder or {})
-    self.dec = Decoder(**{**kw, "cross_attention": not self.prefix_lm}, name="dec")
+    self.dec = Decoder(**{**kw, "cross_attention": not self.prefix_lm,
+                          "text_prefix_len": self.text_prefix_len}, name="dec")
     if self.prefix_lm:
       width = self.dec.arch()["width"]
       self.img_proj = nn.Dense(width, param_dtype=jnp.float32,
@@ -63,39 +81,55 @@ class Captioner(nn.Module):
                                                           (None, "embed")),
                                bias_init=layers.logical(nn.initializers.zeros, ("embed",)))
 
-  def encode(self, image, train=False):
-    """-> {"tokens": [B, N, D]} (the decoder's conditioning)."""
+  def encode(self, image, prefix=None, train=False):
+    """-> {"tokens": [B, N, D]} (+ "prefix": int [B, P'], zeros when None, if the model has a
+    text prefix): the decoder's conditioning."""
     tokens, _ = self.img(image, train=train)
     if self.prefix_lm:
       tokens = self.img_proj(tokens)
-    return {"tokens": tokens}
+    enc = {"tokens": tokens}
+    if self.text_prefix_len:
+      if prefix is None:
+        prefix = jnp.zeros((tokens.shape[0], self.text_prefix_len), jnp.int32)
+      enc["prefix"] = jnp.asarray(prefix, jnp.int32)
+    elif prefix is not None:
+      raise ValueError("A text prefix was given but the captioner has text_prefix_len=0; set "
+                       "model.prefix_lm=True and model.text_prefix_len.")
+    return enc
 
   def decode(self, inputs, enc, *, parallel=None, decode=False, position=None, cache_len=None,
              train=False):
     """Decoder inputs [B, T] -> logits [B, T, V] (decode=True: cached, at `position`)."""
     if self.prefix_lm:
-      n = enc["tokens"].shape[1]
+      prefix_tokens = enc.get("prefix")
       if decode:
-        # The prefix was written by `prefill`; the tokens go after it.
-        return self.dec(inputs, None, prefix=None, decode=True, position=position,
-                        cache_len=cache_len, cached_prefix=n, train=train)[0]
-      return self.dec(inputs, None, prefix=enc["tokens"], parallel=parallel, train=train)[0]
+        # The image tokens and the text prefix were written by `prefill`; the tokens go after.
+        n = enc["tokens"].shape[1] + (0 if prefix_tokens is None else prefix_tokens.shape[1])
+        return self.dec(inputs, None, prefix=None, prefix_tokens=prefix_tokens, decode=True,
+                        position=position, cache_len=cache_len, cached_prefix=n,
+                        train=train)[0]
+      return self.dec(inputs, None, prefix=enc["tokens"], prefix_tokens=prefix_tokens,
+                      parallel=parallel, train=train)[0]
     return self.dec(inputs, enc["tokens"], parallel=parallel, decode=decode, position=position,
                     cache_len=cache_len, train=train)[0]
 
   def prefill(self, enc, cache_len):
-    """Creates the decoding cache: [B, cache_len] caption positions (+ the image prefix)."""
+    """Creates the decoding cache: [B, cache_len] caption positions (+ the image tokens and
+    text prefix)."""
     tokens = enc["tokens"]
     b = tokens.shape[0]
     if self.prefix_lm:
-      self.dec(None, None, prefix=tokens, decode=True, cache_len=tokens.shape[1] + cache_len)
+      prefix_tokens = enc.get("prefix")
+      n = tokens.shape[1] + (0 if prefix_tokens is None else prefix_tokens.shape[1])
+      self.dec(None, None, prefix=tokens, prefix_tokens=prefix_tokens, decode=True,
+               cache_len=n + cache_len)
     else:
       # Position 0 is written again by the first decode step (BOS), so this write is harmless.
       self.dec(jnp.zeros((b, 1), jnp.int32), tokens, decode=True, position=0,
                cache_len=cache_len)
 
-  def __call__(self, image, text, *, parallel=None, train=False):
-    enc = self.encode(image, train=train)
+  def __call__(self, image, text, *, prefix=None, parallel=None, train=False):
+    enc = self.encode(image, prefix, train=train)
     return self.decode(shift_right(text), enc, parallel=parallel, train=train), {}
 
 

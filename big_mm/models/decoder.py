@@ -3,6 +3,7 @@
 Param tree (cross_attention=True, embed_input=True, head=True):
   Embed_0/embedding [vocab_size, D]          token embedding ("vocab", "embed")
   pos_embedding [1, max_len, D]              learned (plus one row with cls=True)
+  prefix_pos_embedding [1, text_prefix_len, D]   (text_prefix_len > 0: the text prefix's)
   mask_embed [D]                             the [MASK] input of CapPa's parallel prediction
   cls [1, 1, D]                              (cls=True: CoCa's contrastive token, appended last)
   decoderblock_{i}/{LayerNorm_0, SelfAttention, LayerNorm_1, CrossAttention, LayerNorm_2,
@@ -11,18 +12,26 @@ Param tree (cross_attention=True, embed_input=True, head=True):
 
 `Decoder(...)(inputs, enc, ...) -> (x, out)`: x is the vocab logits [B, L, V] (head=True)
 or the normed features [B, L, D] (out["features"]); out["cls"] the normed cls features [B, D]
-(cls=True); out["prefix_features"] those of the prefix positions [B, N, D].
+(cls=True); out["prefix_features"] those of the prefix positions [B, N + P', D].
 
 Attention of the caption tokens: causal (teacher forcing); rows with `parallel[b]` True
 are CapPa's parallel prediction: every input is [MASK] and attention is bidirectional.
 `prefix` ([B, N, D] embeddings placed before the tokens) makes a prefix-LM: the N prefix
 positions are visible to every query (attention's prefix_len), the tokens causally.
+`prefix_tokens` (int [B, P'], P' <= text_prefix_len; needs text_prefix_len > 0) is a text
+prefix placed after `prefix` and also bidirectional: embedded with the token embedding plus
+`prefix_pos_embedding` [1, text_prefix_len, D] (rows [:P']). Its pad slots (id 0) are masked
+out as keys for every query, so [a, b, 0, 0] gives the logits of [a, b]. None with
+text_prefix_len > 0 is an all-pad prefix of P' = text_prefix_len (params never depend on it).
 
 Decoding (flax "cache" collection): `decode=True` with `inputs` [B, T] at token position
 `position` writes the T keys/values at absolute index `prefix_len + position` (or at 0
 for a prefix-only prefill) of cached_key / cached_value [B, cache_len, H, Dh] and attends
 to the keys written so far, so feeding tokens one at a time gives the logits of the full
 teacher-forced pass. The cross-attention keys are recomputed from `enc` every step.
+A prefix prefill (inputs None) writes `prefix` and the embedded `prefix_tokens`; token steps
+pass the same `prefix_tokens` again (not re-embedded: they mask the cached pad keys, which
+sit just before `cached_prefix`, the whole cached prefix length N + P').
 """
 from __future__ import annotations
 
@@ -50,7 +59,9 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, mask=None, causal=False, prefix_len=None, decode=False,
-               write_index=None, cache_len=None):
+               write_index=None, cache_len=None, key_mask=None):
+    """key_mask (decode only): bool [B, n] over the first n cache keys (the prefix), False =
+    a key no query may see."""
     dtype = layers.to_dtype(self.dtype)
     width = x.shape[-1]
     if width % self.num_heads:
@@ -79,8 +90,13 @@ class SelfAttention(nn.Module):
       visible = kpos <= qpos
       if prefix_len is not None:
         visible = jnp.logical_or(visible, kpos < prefix_len)
+      visible = visible[None, None]
+      if key_mask is not None:  # covers the first keys of the cache; the rest are tokens
+        key_mask = jnp.pad(key_mask, ((0, 0), (0, k.shape[1] - key_mask.shape[1])),
+                           constant_values=True)
+        visible = jnp.logical_and(visible, key_mask[:, None, None, :])
       y = attention_kernels.dot_product_attention(
-          q, k, v, mask=visible[None, None], implementation=self.implementation)
+          q, k, v, mask=visible, implementation=self.implementation)
     else:
       y = attention_kernels.dot_product_attention(
           q, k, v, mask=mask, causal=causal, prefix_len=prefix_len,
@@ -121,7 +137,8 @@ class DecoderBlock(nn.Module):
 class Decoder(nn.Module):
   """Text decoder. Architecture from `variant` ("S", "B", ...) or explicit fields.
 
-  max_len: caption positions (learned posemb rows). embed_input=False: `inputs` are
+  max_len: caption positions (learned posemb rows). text_prefix_len: the most text-prefix
+  tokens (`prefix_tokens`; 0 = none, no prefix_pos_embedding). embed_input=False: `inputs` are
   embeddings [B, L, D] (CoCa's multimodal decoder; no embedding, posemb or [MASK]).
   cls=True: a learned token appended after the inputs (full passes only); it sees the
   non-pad inputs and gives out["cls"].
@@ -133,6 +150,7 @@ class Decoder(nn.Module):
   num_heads: Optional[int] = None
   vocab_size: int = 32_000
   max_len: int = 64
+  text_prefix_len: int = 0
   cross_attention: bool = True
   embed_input: bool = True
   head: bool = True
@@ -148,25 +166,56 @@ class Decoder(nn.Module):
     return a
 
   @nn.compact
-  def __call__(self, inputs, enc=None, *, prefix=None, parallel=None, decode=False,
-               position=None, cache_len=None, cached_prefix=0, train=False):
+  def __call__(self, inputs, enc=None, *, prefix=None, prefix_tokens=None, parallel=None,
+               decode=False, position=None, cache_len=None, cached_prefix=0, train=False):
     """inputs: int tokens [B, T] (embed_input) or embeddings [B, T, D]; None for a
     prefix-only prefill. enc: [B, N, De] image tokens (cross_attention). prefix: [B, N, D]
-    (prefix-LM). parallel: bool [B] (full passes). decode: see the module docstring;
-    cached_prefix: the prefix length already in the cache (prefix-LM token steps)."""
+    (prefix-LM). prefix_tokens: int [B, P'] text prefix (module docstring). parallel: bool
+    [B] (full passes). decode: see the module docstring; cached_prefix: the prefix length
+    already in the cache (prefix-LM token steps)."""
     a = self.arch()
     dtype = layers.to_dtype(self.dtype)
     out = {}
-    n_prefix = 0 if prefix is None else prefix.shape[1]
-    if decode and (prefix is not None) != (inputs is None):
+    if decode and (prefix is not None) and (inputs is not None):
       raise ValueError("decode=True takes either the prefix (prefill) or the tokens, not both.")
+    if inputs is None and prefix is None and prefix_tokens is None:
+      raise ValueError("The decoder needs inputs (tokens), a prefix or prefix_tokens.")
+    token_step = decode and inputs is not None
+    if self.text_prefix_len:
+      if prefix_tokens is None:  # no text prefix: all pad
+        b = (inputs if inputs is not None else prefix).shape[0]
+        prefix_tokens = jnp.zeros((b, self.text_prefix_len), jnp.int32)
+      if prefix_tokens.ndim != 2 or prefix_tokens.shape[1] > self.text_prefix_len:
+        raise ValueError(f"prefix_tokens must be int [B, P] with P <= text_prefix_len="
+                         f"{self.text_prefix_len}; got shape {tuple(prefix_tokens.shape)}.")
+    elif prefix_tokens is not None:
+      raise ValueError("prefix_tokens given to a decoder with text_prefix_len=0; set the "
+                       "model's text_prefix_len.")
+    embed = None
+    if self.embed_input:
+      embed = nn.Embed(num_embeddings=self.vocab_size, features=a["width"], dtype=dtype,
+                       param_dtype=jnp.float32,
+                       embedding_init=layers.logical(nn.linear.default_embed_init,
+                                                     ("vocab", "embed")))
     xs = [] if prefix is None else [prefix.astype(dtype)]
+    prefix_valid = None  # bool [B, prefix positions]: False = a pad key no query sees
+    if prefix_tokens is not None:
+      if embed is None:
+        raise ValueError("prefix_tokens need a decoder with embed_input=True.")
+      n_text_prefix = prefix_tokens.shape[1]
+      if token_step:  # the prefix is in the cache already and ends at cached_prefix
+        n_image = cached_prefix - n_text_prefix
+      else:
+        n_image = 0 if prefix is None else prefix.shape[1]
+        prefix_posemb = layers.learned_posemb(self, "prefix_pos_embedding", self.text_prefix_len,
+                                              a["width"]).astype(dtype)
+        xs.append(embed(prefix_tokens) + prefix_posemb[:, :n_text_prefix])
+      prefix_valid = jnp.concatenate(
+          [jnp.ones((prefix_tokens.shape[0], n_image), bool), prefix_tokens != 0], axis=1)
+    n_prefix = sum(x.shape[1] for x in xs)
     if inputs is not None:
       if self.embed_input:
-        x = nn.Embed(num_embeddings=self.vocab_size, features=a["width"], dtype=dtype,
-                     param_dtype=jnp.float32,
-                     embedding_init=layers.logical(nn.linear.default_embed_init,
-                                                   ("vocab", "embed")))(inputs)
+        x = embed(inputs)
         if self.mask_token:
           mask_embed = self.param("mask_embed", layers.logical(
               nn.initializers.normal(0.02), ("embed",)), (a["width"],), jnp.float32)
@@ -202,9 +251,9 @@ class Decoder(nn.Module):
       write_index = 0 if inputs is None else jnp.asarray(position, jnp.int32) + cached_prefix
       prefix_len = (n_prefix or cached_prefix) or None
       attn_kw = dict(decode=True, write_index=write_index, cache_len=cache_len,
-                     prefix_len=prefix_len)
+                     prefix_len=prefix_len, key_mask=prefix_valid)
     else:
-      attn_kw = self._full_mask(inputs, x.shape[1], n_prefix, n_text, parallel)
+      attn_kw = self._full_mask(inputs, x.shape[1], n_prefix, n_text, parallel, prefix_valid)
     for i in range(a["depth"]):
       x = DecoderBlock(mlp_dim=a["mlp_dim"], num_heads=a["num_heads"],
                        cross_attention=self.cross_attention, dropout=self.dropout,
@@ -223,10 +272,15 @@ class Decoder(nn.Module):
       x = x.astype(jnp.float32)
     return x, out
 
-  def _full_mask(self, inputs, length, n_prefix, n_text, parallel):
-    """Attention kwargs of a full pass: causal (+prefix), parallel rows and the cls token."""
+  def _full_mask(self, inputs, length, n_prefix, n_text, parallel, prefix_valid=None):
+    """Attention kwargs of a full pass: causal (+prefix), parallel rows, the cls token and
+    the prefix pad keys (prefix_valid: bool [B, n_prefix], False = masked for every query)."""
+    key_valid = None
+    if prefix_valid is not None:
+      key_valid = jnp.pad(prefix_valid, ((0, 0), (0, length - prefix_valid.shape[1])),
+                          constant_values=True)[:, None, None, :]  # [B, 1, 1, L]
     if parallel is None and not self.cls:
-      return dict(causal=True, prefix_len=n_prefix if n_prefix else None)
+      return dict(causal=True, prefix_len=n_prefix if n_prefix else None, mask=key_valid)
     i = jnp.arange(length)[:, None]
     j = jnp.arange(length)[None, :]
     mask = jnp.logical_or(j <= i, j < n_prefix)[None, None]  # [1, 1, L, L]
@@ -240,4 +294,6 @@ class Decoder(nn.Module):
         valid = valid.at[:, n_prefix + 1:n_prefix + n_text].set(tokens[:, 1:] != 0)
       is_cls_query = (i == length - 1)[None, None]
       mask = jnp.logical_and(mask, jnp.logical_or(~is_cls_query, valid[:, None, None, :]))
+    if key_valid is not None:
+      mask = jnp.logical_and(mask, key_valid)
     return dict(mask=mask)

@@ -11,11 +11,19 @@ CapPa's parallel prediction (all decoder inputs [MASK], no causal mask; 0.75 in 
 strategy / implementation) + caption_weight * captioning.
 
 Both provide the decoding API used by big_mm/decoding.py and the evaluators:
-  encode(params, images) -> enc
+  encode(params, images, prefix=None) -> enc
   init_cache(params, enc, max_len) -> cache
   decode_step(params, enc, cache, tokens [B], position) -> (logits [B, V], cache)
-  log_likelihood(params, images, texts) -> (sum_logp [B], num_tokens [B])
+  log_likelihood(params, images, texts, prefix=None) -> (sum_logp [B], num_tokens [B])
 Every enc / cache leaf has a leading batch axis (beams may repeat / reorder them).
+
+Text prefix (prefix-LM captioner with model.text_prefix_len > 0, e.g. a prompt or question):
+`prefix` int [B, P] (0 = pad; batch["prefix"] from input.prefix_column, tokenized to
+input.prefix_len without EOS) conditions the caption with the image; it is never a target,
+so the loss and log-likelihoods cover the caption tokens only. prefix=None: no text prefix
+(all pad). Models without a text prefix reject a prefix. Config: input.prefix_column and
+input.prefix_len > 0 go together and need a "captioner" with prefix_lm=True and
+text_prefix_len >= input.prefix_len (checked when the objective is built).
 """
 from __future__ import annotations
 
@@ -63,11 +71,34 @@ def check_vocab(config, model):
         f"{tokenizer_vocab} pieces; set {key}={tokenizer_vocab}.")
 
 
+def check_prefix(config, model):
+  """Fails fast unless input.prefix_column / prefix_len fit each other and the model."""
+  column, length = config.input.get("prefix_column"), int(config.input.get("prefix_len") or 0)
+  if not column and not length:
+    return
+  if not column or length <= 0:
+    raise config_lib.ConfigError(
+        f"input.prefix_column={column!r} and input.prefix_len={length}: a text prefix needs "
+        "both (the record field and its token length > 0); set both, or neither.")
+  if config.model_name != "captioner" or not getattr(model, "prefix_lm", False):
+    raise config_lib.ConfigError(
+        f"input.prefix_column={column!r} needs model_name='captioner' with model.prefix_lm=True "
+        f"and model.text_prefix_len >= input.prefix_len={length}; got model_name="
+        f"{config.model_name!r}" + (" with prefix_lm=False." if config.model_name == "captioner"
+                                    else "."))
+  model_len = int(getattr(model, "text_prefix_len", 0) or 0)
+  if model_len < length:
+    raise config_lib.ConfigError(
+        f"input.prefix_len={length} but model.text_prefix_len={model_len}; set "
+        f"model.text_prefix_len >= {length} (or shorten input.prefix_len).")
+
+
 class _Generative:
   """The decoding API shared by Captioning and CoCa (the model has encode/decode/prefill)."""
 
   def __init__(self, config, model, mesh):
     check_vocab(config, model)
+    check_prefix(config, model)
     if config.objective.micro_batches != 1:
       raise config_lib.ConfigError(
           f"objective.micro_batches={config.objective.micro_batches}: GradCache is implemented "
@@ -81,8 +112,17 @@ class _Generative:
   def _apply(self, params, *args, **kw):
     return self.model.apply({"params": params}, *args, **kw)
 
-  def encode(self, params, images):
-    enc = self._apply(params, images, method=type(self.model).encode)
+  def _prefix_kw(self, prefix):
+    if prefix is None:
+      return {}
+    if not getattr(self.model, "text_prefix_len", 0):
+      raise ValueError(f"A text prefix was given, but this {type(self.model).__name__} has no "
+                       "text prefix (it needs a captioner with prefix_lm=True and "
+                       "text_prefix_len > 0).")
+    return {"prefix": prefix}
+
+  def encode(self, params, images, prefix=None):
+    enc = self._apply(params, images, method=type(self.model).encode, **self._prefix_kw(prefix))
     return enc[0] if isinstance(enc, tuple) else enc  # CoCa also returns its embedding
 
   def init_cache(self, params, enc, max_len):
@@ -97,8 +137,9 @@ class _Generative:
         position=position, cache_len=None, method=type(self.model).decode, mutable=["cache"])
     return logits[:, 0].astype(jnp.float32), variables["cache"]
 
-  def log_likelihood(self, params, images, texts):
-    logits = self._logits(params, images, texts)
+  def log_likelihood(self, params, images, texts, prefix=None):
+    """Log-probability of the caption tokens (never the prefix) and their count."""
+    logits = self._logits(params, images, texts, **self._prefix_kw(prefix))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     token_logp = jnp.take_along_axis(logp, texts[..., None], axis=-1)[..., 0]
     mask = texts != 0
@@ -113,17 +154,19 @@ class Captioning(_Generative):
     super().__init__(config, model, mesh)
     self.parallel_fraction = float(config.objective.parallel_fraction)
 
-  def _logits(self, params, images, texts):
-    return self._apply(params, images, texts, train=False)[0]
+  def _logits(self, params, images, texts, prefix=None):
+    return self._apply(params, images, texts, prefix=prefix, train=False)[0]
 
   def loss_fn(self, params, batch, rng):
+    """Token loss on the caption (batch["text"]); batch["prefix"], if any, only conditions."""
     text = batch["text"]
     rng_parallel, rng_dropout = jax.random.split(rng)
     parallel = None
     if self.parallel_fraction > 0:
       parallel = jax.random.uniform(rng_parallel, (text.shape[0],)) < self.parallel_fraction
     logits, _ = self._apply(params, batch["image"], text, parallel=parallel, train=True,
-                            rngs={"dropout": rng_dropout})
+                            rngs={"dropout": rng_dropout},
+                            **self._prefix_kw(batch.get("prefix")))
     loss, metrics = token_loss(logits, text, self.label_smoothing)
     if parallel is not None:
       metrics["caption/parallel_fraction"] = jnp.mean(parallel.astype(jnp.float32))
