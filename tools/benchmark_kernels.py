@@ -1,10 +1,13 @@
 r"""Benchmarks for big_mm's kernels: fused contrastive loss memory (CPU), contrastive loss and
-attention speed (GPU). Prints a table; --json PATH also writes the rows.
+attention speed (GPU), and a correctness check of the compiled Pallas kernels (GPU; CPU in
+interpret mode). Prints a table; --json PATH also writes the rows.
 
   python tools/benchmark_kernels.py memory [--batches 16384 65536] [--dim 768] [--devices 8]
       [--dtype float32|bfloat16] [--cpu-scheduler memory|concurrency]
   python tools/benchmark_kernels.py contrastive-gpu [--batch 65536] [--dim 768] [--iters 10]
   python tools/benchmark_kernels.py attention-gpu [--iters 10]
+  python tools/benchmark_kernels.py check-gpu [--only attention contrastive] [--filter SUB..]
+      [--tiny] [--budget-s S]
 
 memory: compiles (never runs) the loss forward+backward (grads wrt zimg, ztxt, t, b) on
   simulated CPU devices and reports XLA's compiled memory_analysis() per device: temp,
@@ -26,16 +29,30 @@ memory: compiles (never runs) the loss forward+backward (grads wrt zimg, ztxt, t
   buffers per ring step); TPU/GPU permute bf16 as is.
 contrastive-gpu: SigLIP and CLIP loss fwd+bwd on one GPU (strategy "local", bf16 inputs),
   xla reference vs pallas fused: median wall time after warm-up and the process's peak GPU
-  memory; each variant runs in its own subprocess so the peaks do not mix.
+  memory; each variant runs in its own subprocess (--variant-timeout) so the peaks do not mix.
 attention-gpu: fwd+bwd TFLOP/s of big_mm.kernels.attention.dot_product_attention for each
   implementation and of jax.nn.dot_product_attention (xla, cudnn) as baselines. FLOPs:
   4*B*H*Lq*Lk*D forward (halved when causal), backward 2.5x forward.
 
-Imports only jax and big_mm's kernels / objectives.losses (no data stack).
+check-gpu: on the default backend, implementation "pallas" (and "cudnn" for bf16 attention,
+  SKIP where unavailable) against the jnp reference, values and gradients:
+  attention out, dq, dk, dv of sum(out * random) for full, causal, key padding, prefix-LM,
+  dense mask and cross attention (Lq != Lk), lengths a power of two / a block multiple / not
+  a block multiple, head_dim 64 and 128, float32 and bfloat16; contrastive loss value and
+  grads wrt zimg, ztxt, t, b (sigmoid, softmax) for batches 256 / 1000 / 600 and d 128 / 768,
+  float32 and bfloat16 inputs (on CPU also with the GPU's tiles and loop mode). A check
+  passes iff max|got - want| / max|want| <= tol for every quantity (CHECK_TOL); an exception
+  is an ERROR row with its first lines, and the run goes on. Exit status 1 on any FAIL or
+  ERROR. On CPU the kernels run in interpret mode, with tiny shapes (--tiny elsewhere).
+  --json is rewritten after every check, so a run killed by a timeout keeps its rows.
+
+Imports only jax and big_mm's kernels / objectives/losses.py (loaded without the objectives
+package, which needs ml_collections and flax), so it runs where only jax is installed.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -65,11 +82,30 @@ def _fmt(v):
   return str(v)
 
 
-def _write_json(path, payload):
+def _write_json(path, payload, quiet=False):
   if path:
     with open(path, "w") as f:
       json.dump(payload, f, indent=1)
-    print(f"wrote {path}")
+    if not quiet:
+      print(f"wrote {path}")
+
+
+def _losses():
+  """big_mm/objectives/losses.py, loaded without big_mm/objectives/__init__.py.
+
+  That package's __init__ imports every objective and with them big_mm.config
+  (ml_collections), the models (flax) and the input stack; losses.py itself needs only jax
+  and big_mm.kernels, and a GPU box may have nothing else installed.
+  """
+  import importlib.util
+  name = "big_mm_benchmark_losses"
+  if name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "big_mm", "objectives", "losses.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+  return sys.modules[name]
 
 
 def _versions():
@@ -111,15 +147,13 @@ def memory(args):
       f"{flags} --xla_force_host_platform_device_count={args.devices} "
       f"--xla_cpu_enable_concurrency_optimized_scheduler={concurrency}")
   os.environ["JAX_PLATFORMS"] = "cpu"
-  import functools
-
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from big_mm.kernels import contrastive as kernels
-  from big_mm.objectives import losses
 
+  losses = _losses()
   mesh = jax.make_mesh((args.devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   cfg = kernels.kernel_config("cpu", **({"tile_rows": args.tile, "tile_cols": args.tile}
                                         if args.tile else {}))
@@ -182,7 +216,7 @@ def _require_gpu():
   if not gpus:
     sys.exit(f"error: this benchmark needs an NVIDIA GPU, but JAX sees only "
              f"{[d.platform for d in jax.devices()]}. Run it on a GPU machine "
-             "(jax[cuda12] installed); use the `memory` subcommand on CPU.")
+             "(jax[cuda12] / jax[cuda13] installed); use `memory` or `check-gpu` on CPU.")
   return gpus[0]
 
 
@@ -205,22 +239,20 @@ def _median_time(fn, args, iters, warmup):
 def _contrastive_one(args):
   """One (loss, implementation) variant; prints one JSON line (run in a subprocess)."""
   device = _require_gpu()
-  import functools
-
   import jax
   import jax.numpy as jnp
 
-  from big_mm.objectives import losses
-
+  losses = _losses()
   loss, impl = args.one
-  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  k1, k2 = jax.random.split(jax.random.key(0))
   norm = lambda x: (x / jnp.linalg.norm(x, axis=-1, keepdims=True)).astype(jnp.bfloat16)
   zimg = norm(jax.random.normal(k1, (args.batch, args.dim), jnp.float32))
   ztxt = norm(jax.random.normal(k2, (args.batch, args.dim), jnp.float32))
   t, b = (jnp.float32(v) for v in TEMPERATURE_BIAS[loss])
   fn = jax.jit(jax.value_and_grad(functools.partial(
       losses.contrastive_loss, loss=loss, strategy="local", implementation=impl), ARGNUMS))
-  row = dict(loss=loss, implementation=impl, batch=args.batch, dim=args.dim)
+  row = dict(loss=loss, implementation=impl, batch=args.batch, dim=args.dim,
+             versions=_versions())
   try:
     row["ms"] = 1e3 * _median_time(fn, (zimg, ztxt, t, b), args.iters, args.warmup)
     stats = device.memory_stats() or {}
@@ -233,24 +265,41 @@ def _contrastive_one(args):
 def contrastive_gpu(args):
   if args.one:
     return _contrastive_one(args)
+  # The parent starts JAX's GPU backend without pre-allocating (by default it takes 75% of
+  # the GPU's memory, leaving each variant's subprocess only the rest); children keep the
+  # environment they were given.
+  child_env = dict(os.environ)
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   _require_gpu()
   rows = []
+  payload = {"benchmark": "contrastive-gpu", "batch": args.batch, "dim": args.dim, "rows": rows}
   for loss in args.losses:
     for impl in ("xla", "pallas"):
       cmd = [sys.executable, os.path.abspath(__file__), "contrastive-gpu", "--one", loss, impl,
              "--batch", str(args.batch), "--dim", str(args.dim), "--iters", str(args.iters),
              "--warmup", str(args.warmup)]
-      proc = subprocess.run(cmd, capture_output=True, text=True)
-      lines = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
+      try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout,
+                              env=child_env)
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+      except subprocess.TimeoutExpired as e:
+        out, err, rc = e.stdout or "", e.stderr or "", f"timeout {args.variant_timeout} s"
+        out, err = (x.decode() if isinstance(x, bytes) else x for x in (out, err))
+      lines = [l for l in out.splitlines() if l.startswith("ROW ")]
       if lines:
-        rows.append(json.loads(lines[-1][4:]))
+        row = json.loads(lines[-1][4:])
+        payload.setdefault("versions", row.pop("versions", None))
+        row.pop("versions", None)
       else:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        rows.append(dict(loss=loss, implementation=impl, error=f"rc {proc.returncode}: {tail[0]}"))
-      print(f"done {loss} {impl}", flush=True)
+        tail = (err or out).strip().splitlines()[-3:] or ["no output"]
+        row = dict(loss=loss, implementation=impl, error=f"rc {rc}: {' | '.join(tail)}")
+        print("\n".join((err or out).strip().splitlines()[-15:]), flush=True)
+      rows.append(row)
+      print(f"done {loss} {impl}: {json.dumps(row)}", flush=True)
+      _write_json(args.json, payload, quiet=True)
   print(f"\nContrastive loss fwd+bwd, strategy local, B={args.batch}, d={args.dim}, bf16 inputs")
   _print_table(rows, ["loss", "implementation", "ms", "peak_GiB", "error"])
-  _write_json(args.json, {"benchmark": "contrastive-gpu", "versions": _versions(), "rows": rows})
+  _write_json(args.json, payload)
 
 
 # ----------------------------------------------------------------------------- attention (GPU)
@@ -273,7 +322,7 @@ def attention_gpu(args):
   impls += [("jax.nn:xla", "jax:xla"), ("jax.nn:cudnn", "jax:cudnn")]
   rows = []
   for name, batch, heads, seq, dim, causal in ATTENTION_SHAPES:
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (batch, seq, heads, dim), jnp.bfloat16) for key in keys)
     fwd_flops = 4 * batch * heads * seq * seq * dim * (0.5 if causal else 1.0)
     for label, impl in impls:
@@ -295,11 +344,262 @@ def attention_gpu(args):
       except Exception as e:  # noqa: BLE001 -- an implementation may be missing or unsupported
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
       rows.append(row)
-      print(f"done {name} {label}", flush=True)
+      print(f"done {name} {label}: {json.dumps(row)}", flush=True)
+      _write_json(args.json, {"benchmark": "attention-gpu", "rows": rows}, quiet=True)
   print("\nAttention fwd+bwd, bf16 (FLOPs: 4*B*H*L*L*D fwd, halved causal, bwd 2.5x fwd)")
   _print_table(rows, ["shape", "batch", "heads", "seq", "head_dim", "causal", "impl", "ms",
                       "TFLOP/s", "error"])
   _write_json(args.json, {"benchmark": "attention-gpu", "versions": _versions(), "rows": rows})
+
+
+# ----------------------------------------------------------------------------- check-gpu
+
+# Pass iff max|got - want| / max|want| <= tol, per quantity (output / each gradient; for
+# scalars the denominator is max(|want|, 1e-2)). float32 on a GPU: both the kernels and the
+# reference use TF32 matmuls (the backend default), hence the looser bound there.
+CHECK_TOL = {("float32", "cpu"): 1e-4, ("float32", "gpu"): 1e-2, ("bfloat16", "cpu"): 2e-2,
+             ("bfloat16", "gpu"): 2e-2}
+# Softmax's loss does not depend on b: its db is 0 up to rounding; checked as |db| <= this.
+SOFTMAX_DB_ATOL = 1e-3
+
+
+def _tolerance(dtype, backend):
+  return CHECK_TOL[(dtype, "cpu" if backend == "cpu" else "gpu")]
+
+
+def _error_text(e, lines=4, width=300):
+  """The exception's type and its first non-empty lines (Triton/Mosaic errors are long)."""
+  text = [l.strip()[:width] for l in str(e).splitlines() if l.strip()][:lines]
+  return f"{type(e).__name__}: " + " | ".join(text)
+
+
+def _compare(got, want, tol, scalar_atol=None):
+  """{quantity: (err, tol)} for matching pytrees of arrays given as dicts."""
+  import numpy as np
+  out = {}
+  for name, w in want.items():
+    g = np.asarray(got[name], np.float32)
+    w = np.asarray(w, np.float32)
+    if g.shape != w.shape:
+      out[name] = (float("inf"), tol)
+    elif name in (scalar_atol or {}):
+      out[name] = (float(np.max(np.abs(g - w))), scalar_atol[name])
+    else:
+      floor = 1e-2 if w.ndim == 0 else 1e-6
+      err = np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), floor)
+      out[name] = (float(err) if np.all(np.isfinite(g)) else float("nan"), tol)
+  return out
+
+
+def _as_f32(tree):
+  import jax
+  import jax.numpy as jnp
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def _attention_run(implementation, causal):
+  """jit'd (q, k, v, cot, mask, prefix_len) -> {out, dq, dk, dv} for one implementation."""
+  import jax
+  import jax.numpy as jnp
+
+  from big_mm.kernels import attention
+
+  def loss(q, k, v, cot, mask, prefix_len):
+    out = attention.dot_product_attention(q, k, v, mask=mask, causal=causal,
+                                          implementation=implementation, prefix_len=prefix_len)
+    return jnp.sum(out.astype(jnp.float32) * cot), out
+
+  @jax.jit
+  def run(q, k, v, cot, mask, prefix_len):
+    (dq, dk, dv), out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        q, k, v, cot, mask, prefix_len)
+    return {"out": out, "dq": dq, "dk": dk, "dv": dv}
+
+  return run
+
+
+def _attention_cases(tiny):
+  """(name, Lq, Lk, causal, mask kind, prefix) at kernel block 64: pow2 / multiple / not."""
+  lp, lm, lo = (64, 128, 100) if tiny else (256, 192, 300)
+  return [
+      ("full", lp, lp, False, None, False),
+      ("full_odd", lo, lo, False, None, False),
+      ("causal", lm, lm, True, None, False),
+      ("causal_odd", lo, lo, True, None, False),
+      ("keypad", lo, lo, False, "keypad", False),
+      ("keypad_causal", lm, lm, True, "keypad", False),
+      ("prefix", lo, lo, True, None, True),
+      ("dense_mask", lm, lm, False, "dense", False),
+      ("cross", 77, lo, False, None, False),
+      ("cross_keypad", 77, lo, False, "keypad", False),
+      ("cross_causal", 64, lm, True, None, False),
+  ]
+
+
+def _attention_checks(tiny, backend):
+  """Yields (name, meta, fn); fn() -> list of (impl, {quantity: (err, tol)}) or a SKIP str."""
+  import jax
+  import jax.numpy as jnp
+
+  from big_mm.kernels import attention
+
+  batch, heads = (2, 1) if tiny else (2, 2)
+  combos = [(jnp.bfloat16, 64), (jnp.float32, 64), (jnp.bfloat16, 128), (jnp.float32, 128)]
+  for dtype, dim in combos:
+    dname = jnp.dtype(dtype).name
+    tol = _tolerance(dname, backend)
+    for case, lq, lk, causal, mask_kind, prefix in _attention_cases(tiny):
+      if tiny and dim == 128 and case not in ("keypad", "cross"):
+        continue  # CPU interpret mode is slow to compile: d=128 on a few cases only
+      keys = jax.random.split(jax.random.key(lq * 1000 + lk), 5)
+      q = jax.random.normal(keys[0], (batch, lq, heads, dim), jnp.float32).astype(dtype)
+      k, v = (jax.random.normal(kk, (batch, lk, heads, dim), jnp.float32).astype(dtype)
+              for kk in keys[1:3])
+      cot = jax.random.normal(keys[3], (batch, lq, heads, dim), jnp.float32)
+      mask = prefix_len = None
+      if mask_kind == "keypad":
+        lengths = jnp.array([lk, max(1, 2 * lk // 5)])
+        mask = jnp.arange(lk)[None, None, None, :] < lengths[:, None, None, None]
+      elif mask_kind == "dense":  # random, plus the diagonal so no row is fully masked
+        mask = jax.random.bernoulli(keys[4], 0.6, (batch, 1, lq, lk))
+        mask = mask | jnp.eye(lq, lk, dtype=bool)[None, None]
+      if prefix:
+        prefix_len = jnp.array([lk // 8, 4 * lk // 5])
+      operands = (q, k, v, cot, mask, prefix_len)
+      meta = dict(kernel="attention", case=case, dtype=dname, dims=f"B{batch} H{heads} "
+                  f"Lq{lq} Lk{lk} D{dim}", tol=tol)
+      name = f"attention/{case}/{dname}/d{dim}"
+      ref = {}
+
+      def reference(operands=operands, causal=causal, ref=ref):
+        if not ref:  # once per case, shared by pallas and cudnn
+          try:
+            ref.update(jax.device_get(_as_f32(_attention_run("xla", causal)(*operands))))
+          except Exception as e:  # noqa: BLE001 -- say it is the reference that failed
+            raise RuntimeError(f"the xla reference failed: {_error_text(e)}") from e
+        return ref
+
+      def check(impl, operands=operands, causal=causal, reference=reference, tol=tol):
+        if impl == "cudnn":
+          reason = attention._cudnn_unsupported_reason(*operands[:3])
+          if reason is not None:
+            return reason
+        want = reference()
+        got = _attention_run(impl, causal)(*operands)
+        dtype_ok = got["out"].dtype == operands[0].dtype
+        errs = _compare(_as_f32(got), want, tol)
+        if not dtype_ok:
+          errs["out_dtype"] = (float("inf"), tol)
+        return errs
+
+      yield name + "/pallas", dict(meta, impl="pallas"), functools.partial(check, "pallas")
+      if dname == "bfloat16":  # cuDNN flash attention takes bf16/f16 only
+        yield name + "/cudnn", dict(meta, impl="cudnn"), functools.partial(check, "cudnn")
+
+
+def _contrastive_checks(tiny, backend):
+  import jax
+  import jax.numpy as jnp
+
+  from big_mm.kernels import contrastive as kernels
+
+  losses = _losses()
+  configs = [("default", None)]
+  if backend == "cpu":  # also the GPU's tiling and fori_loop mode, in interpret mode
+    configs.append(("gpu-like", kernels.kernel_config(
+        "cpu", tile_rows=32, tile_cols=32, mode="loop", feature_pow2=True)))
+  shapes = ([(256, 48), (100, 128)] if tiny else
+            [(256, 128), (256, 768), (1000, 128), (1000, 768), (600, 768)])
+  for dtype in (jnp.bfloat16, jnp.float32):
+    dname = jnp.dtype(dtype).name
+    tol = _tolerance(dname, backend)
+    for batch, dim in shapes:
+      k1, k2 = jax.random.split(jax.random.key(batch + dim))
+      zi = jax.random.normal(k1, (batch, dim), jnp.float32)
+      zt = jax.random.normal(k2, (batch, dim), jnp.float32) + 0.5 * zi  # positives matter
+      norm = lambda x: (x / jnp.linalg.norm(x, axis=-1, keepdims=True)).astype(dtype)
+      zi, zt = norm(zi), norm(zt)
+      for loss in ("sigmoid", "softmax"):
+        t, b = (jnp.float32(x) for x in TEMPERATURE_BIAS[loss])
+        for cfg_name, cfg in configs:
+          meta = dict(kernel="contrastive", case=f"{loss}_{cfg_name}", dtype=dname,
+                      dims=f"B{batch} D{dim}", tol=tol, impl="pallas")
+          name = f"contrastive/{loss}/{dname}/B{batch}/d{dim}/{cfg_name}"
+
+          def check(loss=loss, cfg=cfg, operands=(zi, zt, t, b), tol=tol):
+            def run(impl):
+              fn = functools.partial(losses.contrastive_loss, loss=loss, strategy="local",
+                                     implementation=impl, kernel_config=cfg)
+              value, grads = jax.jit(jax.value_and_grad(fn, ARGNUMS))(*operands)
+              return _as_f32(dict(zip(("value", "dzimg", "dztxt", "dt", "db"),
+                                      (value,) + grads)))
+            want = jax.device_get(run("xla"))
+            atol = {"db": SOFTMAX_DB_ATOL} if loss == "softmax" else None
+            return _compare(run("pallas"), want, tol, atol)
+
+          yield name, meta, check
+
+
+def check_gpu(args):
+  """Runs every check (or those matching --filter), prints a table; returns the exit code."""
+  import jax
+
+  versions = _versions()
+  try:
+    from jax._src.lib import cuda_versions  # private; only for the log
+    versions["cudnn"] = str(cuda_versions.cudnn_get_version())
+  except Exception:  # noqa: BLE001 -- no CUDA plugin (CPU) or a moved private module
+    pass
+  print("versions: " + json.dumps(versions), flush=True)
+  print(f"devices: {jax.devices()}", flush=True)
+  backend = jax.default_backend()
+  tiny = args.tiny or backend == "cpu"
+  if backend == "cpu":
+    print("CPU backend: Pallas kernels run in interpret mode; tiny shapes.", flush=True)
+  sections = {"attention": _attention_checks, "contrastive": _contrastive_checks}
+  rows, start = [], time.perf_counter()
+  payload = {"benchmark": "check-gpu", "versions": versions, "tiny": tiny,
+             "tolerances": {f"{d}/{b}": t for (d, b), t in CHECK_TOL.items()}, "rows": rows}
+  for section in args.only:
+    for name, meta, fn in sections[section](tiny, backend):
+      if args.filter and not any(f in name for f in args.filter):
+        continue
+      row = dict(name=name, **meta)
+      t0 = time.perf_counter()
+      if args.budget_s and t0 - start > args.budget_s:
+        row.update(status="SKIP", detail=f"time budget {args.budget_s:g} s spent")
+      else:
+        try:
+          result = fn()
+          if isinstance(result, str):
+            row.update(status="SKIP", detail=result)
+          else:
+            row["errors"] = {q: e for q, (e, _) in result.items()}
+            bad = {q: e for q, (e, t) in result.items() if not e <= t}  # NaN fails
+            worst = max(result, key=lambda q: result[q][0] / result[q][1]
+                        if result[q][0] == result[q][0] else float("inf"))
+            row.update(status="FAIL" if bad else "PASS", max_err=result[worst][0], worst=worst,
+                       detail=", ".join(f"{q} {e:.3g}" for q, e in bad.items()) or None)
+        except Exception as e:  # noqa: BLE001 -- report (e.g. a Triton lowering error), go on
+          row.update(status="ERROR", detail=_error_text(e))
+          print(f"  {name}: {_error_text(e, lines=20, width=1000)}", flush=True)
+      row["seconds"] = time.perf_counter() - t0
+      rows.append(row)
+      print(f"{row['status']:5s} {name}  max_err={_fmt(row.get('max_err'))} "
+            f"({_fmt(row.get('worst'))}, tol {_fmt(row.get('tol'))})  "
+            f"{row['seconds']:.1f} s  {row.get('detail') or ''}", flush=True)
+      _write_json(args.json, payload, quiet=True)  # after every check: a timeout loses none
+
+  counts = {s: sum(r["status"] == s for r in rows) for s in ("PASS", "FAIL", "ERROR", "SKIP")}
+  payload["summary"] = dict(counts, seconds=time.perf_counter() - start)
+  print(f"\nPallas kernels vs jnp reference on {backend} ({versions['device']}); "
+        "err = max|got - want| / max|want| per quantity, worst shown")
+  _print_table(rows, ["kernel", "case", "impl", "dtype", "dims", "status", "max_err", "worst",
+                      "tol", "seconds", "detail"])
+  print(f"\n{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['ERROR']} ERROR, "
+        f"{counts['SKIP']} SKIP in {payload['summary']['seconds']:.0f} s")
+  _write_json(args.json, payload)
+  return 1 if counts["FAIL"] or counts["ERROR"] else 0
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -323,24 +623,37 @@ def main(argv=None):
   p.set_defaults(run=memory)
 
   p = sub.add_parser("contrastive-gpu", help="contrastive loss time / peak memory (GPU)")
-  p.add_argument("--batch", type=int, default=65536)
+  p.add_argument("--batch", type=int, default=32768)
   p.add_argument("--dim", type=int, default=768)
   p.add_argument("--losses", nargs="+", default=["sigmoid", "softmax"])
   p.add_argument("--one", nargs=2, metavar=("LOSS", "IMPL"), help=argparse.SUPPRESS)
+  p.add_argument("--variant-timeout", type=float, default=90,
+                 help="seconds allowed to each variant's subprocess")
   p.set_defaults(run=contrastive_gpu)
 
   p = sub.add_parser("attention-gpu", help="attention fwd+bwd TFLOP/s (GPU)")
   p.set_defaults(run=attention_gpu)
 
+  p = sub.add_parser("check-gpu", help="Pallas kernels vs jnp references (GPU; CPU interpret)")
+  p.add_argument("--only", nargs="+", default=["attention", "contrastive"],
+                 choices=["attention", "contrastive"])
+  p.add_argument("--filter", nargs="+", default=None,
+                 help="run only checks whose name contains one of these substrings")
+  p.add_argument("--tiny", action="store_true",
+                 help="tiny shapes and fewer attention head_dim-128 cases (automatic on CPU)")
+  p.add_argument("--budget-s", type=float, default=None,
+                 help="skip (SKIP rows) the checks that would start after this many seconds")
+  p.set_defaults(run=check_gpu)
+
   for p in sub.choices.values():
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    if p.prog.split()[-1] != "memory":
+    if p.prog.split()[-1] not in ("memory", "check-gpu"):
       p.add_argument("--iters", type=int, default=10)
       p.add_argument("--warmup", type=int, default=2)
 
   args = parser.parse_args(argv)
-  args.run(args)
+  return args.run(args) or 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

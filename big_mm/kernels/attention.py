@@ -24,12 +24,14 @@ Implementations (all match "xla" in meaning; see tests/test_attention.py):
     TPU (Mosaic) and GPU (Triton); on CPU it runs in interpret mode (tests only, slow).
     dtypes float32/bfloat16/float16, head_dim in flash_attention.SUPPORTED_HEAD_DIMS.
   "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPU only,
-    bfloat16/float16, head_dim a multiple of 8 up to 128. causal maps to is_causal when
+    bfloat16/float16, head_dim a multiple of 8 up to 128, even sequence lengths (jax refuses
+    odd ones for training; "auto" then picks "pallas"). causal maps to is_causal when
     Lq == Lk (else it is folded into the mask; cuDNN's own causal is top-left aligned);
     masks and prefix_len are passed as a boolean mask. key_value_seq_lengths is not used:
-    `mask` is an array whose valid keys need not be a contiguous prefix. Not run in this
-    repository's tests (no GPU); that cuDNN matches the reference on fully masked rows
-    and NaN inputs is unverified.
+    `mask` is an array whose valid keys need not be a contiguous prefix (it is broadcast to
+    [B, H, Lq, Lk], the bias shape cuDNN needs). Checked against "xla" on an H200
+    (tools/benchmark_kernels.py check-gpu; docs/benchmarks.md), not in CI (no GPU); that
+    cuDNN matches the reference on fully masked rows and NaN inputs is unverified.
   "auto": CPU -> "xla". GPU -> "cudnn" when supported (see above), else "pallas" when
     supported, else "xla". TPU -> "pallas" when supported, else "xla". The choice and
     the reason are logged (logging.info) once per distinct choice.
@@ -135,6 +137,10 @@ def _cudnn_unsupported_reason(q, k, v) -> str | None:
   d = q.shape[-1]
   if d % 8 or d > _CUDNN_MAX_HEAD_DIM:
     return f"cuDNN attention needs head_dim a multiple of 8 up to {_CUDNN_MAX_HEAD_DIM}; got {d}"
+  if q.shape[1] % 2 or k.shape[1] % 2:
+    # jax's cuDNN path refuses odd lengths for training (seen with jax 0.11.2 / cuDNN 9.19 on
+    # an H200 for ViT's 257 tokens: docs/gpu_results/attention_gpu.log).
+    return f"jax's cuDNN attention needs even sequence lengths; got {q.shape[1]}, {k.shape[1]}"
   return None
 
 
@@ -148,6 +154,8 @@ def _attention_cudnn(q, k, v, mask, causal, prefix_len):
     cm = causal_mask(lq, lk)
     mask = cm if mask is None else jnp.logical_and(mask, cm)
     causal = False
+  if mask is not None:  # cuDNN takes the mask as a bias of full [.., Lq, Lk] size.
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (lq, lk))
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                       implementation="cudnn")
 

@@ -105,8 +105,18 @@ class KernelConfig:
     return self.backend == "cpu"
 
 
-def kernel_config(backend: str | None = None, **overrides) -> KernelConfig:
-  """Tile sizes and loop mode per backend (the one place to tune them); overrides win."""
+# Triton keeps a program's zi and zt tiles in shared memory: 227 KiB per program on an H100 /
+# H200. Two [32, 1024] float32 tiles (d = 768 padded to 1024) ask for 256 KiB and fail
+# (measured on an H200, docs/gpu_results/check_contrastive.log), so such rows get 16-row tiles.
+_GPU_TILE_BYTES = 64 * 1024
+
+
+def kernel_config(backend: str | None = None, *, dim: int | None = None, dtype=None,
+                  **overrides) -> KernelConfig:
+  """Tile sizes and loop mode per backend (the one place to tune them); overrides win.
+
+  dim / dtype (the embeddings' feature size and dtype), when given, let the GPU tiles shrink
+  to fit shared memory."""
   backend = backend or jax.default_backend()
   if backend == "tpu":
     cfg = dict(tile_rows=256, tile_cols=256, mode="grid", feature_multiple=128)
@@ -115,6 +125,10 @@ def kernel_config(backend: str | None = None, **overrides) -> KernelConfig:
     # Small tiles: with d = 768 (padded to 1024) a [32, 1024] bf16 tile and its f32 gradient
     # accumulator already fill much of the registers / shared memory of a Triton program.
     cfg = dict(tile_rows=32, tile_cols=32, mode="loop", feature_pow2=True, num_warps=4)
+    if dim is not None and dtype is not None:
+      row_bytes = (1 << max(0, math.ceil(math.log2(dim)))) * jnp.dtype(dtype).itemsize
+      if 32 * row_bytes > _GPU_TILE_BYTES:
+        cfg.update(tile_rows=16, tile_cols=16)
   elif backend == "cpu":
     cfg = dict(tile_rows=128, tile_cols=128, mode="grid")
   else:
@@ -389,8 +403,8 @@ def _col_vec(x, m):  # [n] -> [1, m]
   return jnp.pad(x.astype(jnp.float32), (0, m - x.shape[0]))[None, :]
 
 
-def _config(config):
-  return config if config is not None else kernel_config()
+def _config(config, z):
+  return config if config is not None else kernel_config(dim=z.shape[-1], dtype=z.dtype)
 
 
 def lse_fwd(zi, zt, t, b, *, rows=True, cols=True, similarity=DOT_PRODUCT, config=None):
@@ -398,7 +412,7 @@ def lse_fwd(zi, zt, t, b, *, rows=True, cols=True, similarity=DOT_PRODUCT, confi
 
   rows / cols = False skips that pass (its entry is then None).
   """
-  cfg = _config(config)
+  cfg = _config(config, zi)
   n_rows, n_cols = zi.shape[0], zt.shape[0]
   zi_p, zt_p = _prepare(zi, zt, cfg)
   kw = dict(params=_params(t, b), zi=zi_p, zt=zt_p, row_vecs=[], col_vecs=[],
@@ -448,7 +462,7 @@ def lse_bwd(zi, zt, t, b, lse_r, lse_c, g_r, g_c, *, rows=True, cols=True, dzi_a
   dzi_acc / dzt_acc: float32 gradients to add this block's to, in place (a ring's running
   accumulators), so no separate block gradient is allocated.
   """
-  cfg = _config(config)
+  cfg = _config(config, zi)
   row_vecs = [] if lse_r is None else [lse_r, g_r]
   col_vecs = [] if lse_c is None else [lse_c, g_c]
   return _backward("lse", zi, zt, _params(t, b), row_vecs, col_vecs, similarity, cfg,
@@ -462,7 +476,7 @@ def _offset(pos_offset, n_cols):
 
 def sigmoid_sum_fwd(zi, zt, t, b, pos_offset=None, *, similarity=DOT_PRODUCT, config=None):
   """sum_ij -log_sigmoid(z_ij * logits_ij), z = +1 iff j == i + pos_offset; float32 scalar."""
-  cfg = _config(config)
+  cfg = _config(config, zi)
   n_rows, n_cols = zi.shape[0], zt.shape[0]
   zi_p, zt_p = _prepare(zi, zt, cfg)
   (rows,) = _tiled_pass(
@@ -475,7 +489,7 @@ def sigmoid_sum_fwd(zi, zt, t, b, pos_offset=None, *, similarity=DOT_PRODUCT, co
 def sigmoid_sum_bwd(zi, zt, t, b, pos_offset, g, *, rows=True, cols=True, dzi_acc=None,
                     dzt_acc=None, similarity=DOT_PRODUCT, config=None):
   """Grads of g * sigmoid_sum_fwd(...): float32 (dzi, dzt, dt, db); keywords as lse_bwd."""
-  cfg = _config(config)
+  cfg = _config(config, zi)
   params = _params(t, b, g, _offset(pos_offset, zt.shape[0]))
   return _backward("sigmoid", zi, zt, params, [], [], similarity, cfg, rows, cols,
                    dzi_acc, dzt_acc)
@@ -511,7 +525,7 @@ _block_lse.defvjp(_block_lse_fwd, _block_lse_bwd)
 
 def block_lse(zi, zt, t, b, *, similarity=DOT_PRODUCT, config=None):
   """Differentiable (lse_rows [bi], lse_cols [bt]) of logits = t*sim(zi, zt) + b."""
-  return _block_lse(zi, zt, _scalar_f32(t), _scalar_f32(b), similarity, _config(config))
+  return _block_lse(zi, zt, _scalar_f32(t), _scalar_f32(b), similarity, _config(config, zi))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -542,7 +556,7 @@ def block_sigmoid_sum(zi, zt, t, b, pos_offset=None, *, similarity=DOT_PRODUCT, 
   """
   offset = _scalar_f32(_offset(pos_offset, zt.shape[0]))
   return _block_sigmoid(zi, zt, _scalar_f32(t), _scalar_f32(b), offset, similarity,
-                        _config(config))
+                        _config(config, zi))
 
 
 # ----------------------------------------------------------------------------- full-batch losses
