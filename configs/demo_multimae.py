@@ -5,10 +5,10 @@ Command (from the repo root, after `python data/build_demo.py --data_dir DIR`):
   python -m big_mm.train --config configs/demo_multimae.py --workdir /tmp/big_mm_multimae \
       --config.input.data_dir=DIR
 
-32x32 scenes, 4x4 patches: 64 tokens per modality, 192 in all, of which 48 are visible
-(split across RGB / depth / semseg by Dirichlet(1) per example). A width-128, depth-4 ViT
-encodes the visible tokens; one width-64 decoder per modality (1 cross-attention + 1
-self-attention block) predicts every token. Evaluators (held-out 500 scenes): cross-modal
+32x32 scenes, 4x4 patches: 64 tokens per modality, 192 in all, of which 64 are visible
+(split across RGB / depth / semseg by Dirichlet(1) per example). A width-96, depth-3 ViT
+encodes the visible tokens; one width-64 decoder per modality (one cross-attention block)
+predicts every token. Evaluators (held-out 500 scenes): cross-modal
 prediction with the other inputs fully masked (depth from RGB, semseg from RGB, RGB from
 depth + semseg) against predicting the training mean, and a few-shot ridge probe of the
 nearest object's shape on pooled encoder features.
@@ -23,7 +23,7 @@ EVAL_PP = "decode|value_range(-1,1)"
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, steps=1500, batch=128, visible=48, alpha=1.0)
+  arg = config_lib.parse_arg(arg, steps=1000, batch=64, visible=64, alpha=1.0)
   c = config_lib.ConfigDict()
   c.seed = 0
   c.batch_size = arg.batch
@@ -37,8 +37,8 @@ def get_config(arg=None):
   c.model_name = "multimae"
   c.model = dict(
       modalities=("rgb", "depth", "semseg"), image_size=32, patch_size=4,
-      encoder=dict(width=128, depth=4, mlp_dim=512, num_heads=4),
-      decoder=dict(width=64, depth=1, mlp_dim=256, num_heads=4),
+      encoder=dict(width=96, depth=3, mlp_dim=384, num_heads=4),
+      decoder=dict(width=64, depth=0, mlp_dim=256, num_heads=4),
       num_semseg_classes=4, semseg_embed_dim=16, depth_mean=6.0, depth_std=2.5)
   c.objective = dict(name="multimae", num_visible=arg.visible, dirichlet_alpha=arg.alpha)
 

@@ -246,3 +246,31 @@ def test_sharded_loss_and_grad_equal_single_device():
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), grads,
                ref_grads)
+
+
+def test_demo_recipe_trains_and_evaluates_end_to_end(scenes_dir, tmp_path):
+  """configs/demo_multimae.py shrunk, through the trainer on 8 devices: the scenes pipeline,
+  the loss, a checkpoint and both evaluators (cross_modal with its baselines, fewshot)."""
+  from big_mm import train
+  user = config_lib.load_file(os.path.join(os.path.dirname(TOKENIZER), "..", "configs",
+                                           "demo_multimae.py"))
+  user.batch_size, user.total_steps, user.log_every_steps = 16, 2, 1
+  user.input.data_dir = scenes_dir
+  user.model.encoder.update(width=32, depth=1, mlp_dim=64, num_heads=2)
+  user.model.decoder.update(width=16, mlp_dim=32, num_heads=2)
+  user.objective.num_visible = 32
+  user.optim.schedule.warmup_steps = 1
+  user.evals.cross_modal.update(split="test[:24]", baseline_examples=16, every_steps=2)
+  user.evals.fewshot.update(split="test[:24]", train_split="train[:48]", shots=(2,),
+                            every_steps=2)
+  user.checkpoint = dict(every_steps=2, keep=1)
+  config = config_lib.load(user)
+  results = train.train(config, str(tmp_path))
+  for key in ("depth_from_rgb/abs_rel", "depth_from_rgb/abs_rel_mean_baseline",
+              "semseg_from_rgb/miou", "semseg_from_rgb/miou_mean_baseline",
+              "rgb_from_depth_semseg/psnr"):
+    value = results[f"eval/cross_modal/{key}"]
+    assert np.isfinite(value), key
+  assert 0.0 <= results["eval/fewshot/2shot_accuracy"] <= 1.0
+  assert results["eval/cross_modal/depth_from_rgb/num_examples"] == 24
+  assert os.path.isdir(os.path.join(tmp_path, "checkpoints", "2"))

@@ -15,7 +15,8 @@ The encoder is a ViT (`encoder`: variant / width / depth / num_heads / mlp_dim) 
 [global tokens; visible tokens]. Each modality's output adapter is a small decoder
 (`decoder`: width / depth / num_heads / mlp_dim): one query per token of the modality (a
 learned [MASK] embedding plus its position and modality embedding) cross-attends to the
-encoded tokens, then `depth` self-attention blocks, then a linear head per patch/token:
+encoded tokens (whose context keys carry their patch's 2-D position embedding), then `depth`
+self-attention blocks, then a linear head per patch/token:
   rgb:    p*p*3 normalised pixels (+ 2: the patch's pixel mean and std, so that an image can
           be rebuilt when the patch was never seen; see objectives/masked.py)
   depth:  p*p values of (depth - depth_mean) / depth_std
@@ -147,10 +148,10 @@ class OutputAdapter(nn.Module):
   dtype: Any = "float32"
 
   @nn.compact
-  def __call__(self, encoded, encoded_mask):
+  def __call__(self, encoded, encoded_mask, context_pos):
     dtype = layers.to_dtype(self.dtype)
     b = encoded.shape[0]
-    context = _dense(self.width, dtype, "context_proj")(encoded)
+    context = _dense(self.width, dtype, "context_proj")(encoded) + context_pos.astype(dtype)
     mask_token = _embedding(self, "mask_token", (1, 1, self.width), (None, None, "embed"))
     if self.grid is not None:
       pos = layers.posemb_sincos_2d(*self.grid, self.width, dtype=dtype)
@@ -275,6 +276,17 @@ class MultiMAE(nn.Module):
       out.append(self.adapters[m](x))
     return jnp.concatenate(out, axis=1)
 
+  def context_posemb(self, visible):
+    """[B, G + K, decoder width]: the 2-D position embedding of each encoded token's patch
+    (zero for global and text tokens), added to the decoders' context so that a query finds
+    the tokens at and near its position by matching positions."""
+    width = self.decoder_arch()["width"]
+    grid = layers.posemb_sincos_2d(*self.grid, width)[0]
+    table = jnp.concatenate([jnp.zeros((n, width)) if m == "text" else grid
+                             for m, n in self.num_tokens().items()], axis=0)
+    pos = table[visible]
+    return jnp.concatenate([jnp.zeros((pos.shape[0], self.num_global_tokens, width)), pos], 1)
+
   def encode(self, inputs, visible, valid, train=False):
     """-> encoded [B, G + K, D] and its key mask [B, G + K] (global tokens always valid)."""
     x = self.tokens(inputs)
@@ -287,8 +299,9 @@ class MultiMAE(nn.Module):
     x, _ = self.transformer(x, mask[:, None, None, :], deterministic=not train)
     return x, mask
 
-  def decode(self, encoded, mask, targets: Sequence[str]) -> dict:
-    return {m: self.decoders[m](encoded, mask) for m in targets}
+  def decode(self, encoded, mask, visible, targets: Sequence[str]) -> dict:
+    pos = self.context_posemb(visible)
+    return {m: self.decoders[m](encoded, mask, pos) for m in targets}
 
   def pool(self, encoded, mask):
     """Mean of the encoded visible (non-global, valid) tokens [B, D]."""
@@ -298,7 +311,8 @@ class MultiMAE(nn.Module):
 
   def __call__(self, inputs, visible, valid, *, targets=None, train=False):
     encoded, mask = self.encode(inputs, visible, valid, train=train)
-    preds = self.decode(encoded, mask, self.modalities if targets is None else targets)
+    preds = self.decode(encoded, mask, visible,
+                        self.modalities if targets is None else targets)
     return preds, {"pooled": self.pool(encoded, mask).astype(jnp.float32), "encoded": encoded}
 
 
