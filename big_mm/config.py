@@ -281,6 +281,12 @@ def validate(config: ConfigDict) -> None:
   _choice("optim.schedule.name", config.optim.schedule.name, SCHEDULES)
   _validate_pp(config.input)
   _validate_modalities(config.input)
+  if config.input.prefix_column and (config.objective.name != "captioning"
+                                     or config.input.modalities is not None):
+    raise ConfigError(
+        f"input.prefix_column={config.input.prefix_column!r} is read only by prefix-LM "
+        f"captioners (objective.name='captioning', model.prefix_lm=True, no input.modalities); "
+        f"objective.name is {config.objective.name!r}. Unset input.prefix_column.")
   if not isinstance(config.batch_size, int) or config.batch_size <= 0:
     raise ConfigError(f"batch_size must be a positive integer, got {config.batch_size!r}.")
   for axis, size in config.mesh.items():

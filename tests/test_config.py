@@ -78,3 +78,11 @@ def test_command_line_parsing():
 def test_every_recipe_config_is_valid(name):
   c = config_lib.load(f"configs/{name}.py")
   assert c.model_name == "two_towers"
+
+
+def test_text_prefix_only_for_captioning():
+  c = config_lib.load_file("configs/demo.py")
+  c.input.prefix_column = "question"
+  c.input.prefix_len = 8
+  with pytest.raises(config_lib.ConfigError, match="read only by prefix-LM captioners"):
+    config_lib.load(c)
