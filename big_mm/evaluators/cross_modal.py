@@ -44,8 +44,7 @@ import numpy as np
 from big_mm import sharding
 from big_mm.evaluators import common
 from big_mm.input import preprocess
-
-BATCH_KEYS = {"rgb": "image", "depth": "depth", "semseg": "semseg", "text": "text"}
+from big_mm.objectives.masked import BATCH_KEYS
 MIN_MSE = 1e-10  # PSNR <= 100 dB.
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from big_mm import config as config_lib
 from big_mm.models import multimae as multimae_lib
+from big_mm.objectives import generative
 
 BATCH_KEYS = {"rgb": "image", "depth": "depth", "semseg": "semseg", "text": "text"}
 
@@ -90,7 +91,8 @@ class MultiMAE:
           f"objective.num_visible={obj.num_visible} must be in [1, {total}] (the model has "
           f"{total} tokens: {counts}).")
     if not self.alpha > 0:
-      raise config_lib.ConfigError(f"objective.dirichlet_alpha must be > 0, got {obj.dirichlet_alpha!r}.")
+      raise config_lib.ConfigError(
+          f"objective.dirichlet_alpha must be > 0, got {obj.dirichlet_alpha!r}.")
     weights = dict(obj.modality_weights or ())
     unknown = sorted(set(weights) - set(self.modalities))
     if unknown:
@@ -110,7 +112,6 @@ class MultiMAE:
         raise config_lib.ConfigError(
             f"model.text_len={model.text_len} but input.text_len={config.input.text_len}; set "
             "both to the same length.")
-      from big_mm.objectives import generative  # pylint: disable=g-import-not-at-top
       generative.check_vocab(config, model)
 
   # ---- pieces ----------------------------------------------------------------------------
