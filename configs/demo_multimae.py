@@ -16,7 +16,8 @@ Measured (2026-11-30, 2-core CPU, 1 device, 6 min 45 s with the evaluators), hel
 model vs the training-mean baseline: depth from RGB abs-rel 0.160 vs 0.230, delta<1.25 0.784
 vs 0.671; semseg from RGB mIoU 0.384 vs 0.223, pixel accuracy 0.919 vs 0.893; RGB from depth +
 semseg PSNR 17.47 vs 17.10 dB (scene colours are random, so little beyond layout is
-predictable); few-shot ridge probe of the nearest shape ~35% (chance 33%).
+predictable); few-shot ridge probe of the nearest shape ~35% (majority class 34%; a probe
+on raw pixels scores the same).
 
 Arguments (`configs/demo_multimae.py:steps=300,batch=64`): steps, batch, visible
 (objective.num_visible), alpha (objective.dirichlet_alpha).
