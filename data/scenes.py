@@ -25,7 +25,9 @@ Fields (what `tfds.data_source("multimodal_scenes", ...)[i]` returns):
             "a large red circle behind a small blue square",
             "a small red circle in front of a large blue square in front of a small green
             triangle"
-  "label":  ClassLabel (circle, square, triangle): shape of the nearest object
+  "label":  ClassLabel (one, two, three): the number of objects (a scene-level property for
+            the few-shot linear probe; the nearest object's shape is not linearly readable
+            even from raw pixels)
   "id":     int32, the example id: train 0..3999, test 4000..4499
 Splits: "train" NUM_TRAIN = 4000, "test" NUM_TEST = 500.
 
@@ -51,7 +53,8 @@ IMAGE_SIZE = 32
 NUM_TRAIN = 4000
 NUM_TEST = 500
 SEMSEG_CLASSES = ("background", "circle", "square", "triangle")
-SHAPES = SEMSEG_CLASSES[1:]  # label = SHAPES index = semseg class - 1
+SHAPES = SEMSEG_CLASSES[1:]  # SHAPES index = semseg class - 1
+COUNTS = ("one", "two", "three")  # label = number of objects - 1
 COLOURS = {  # Saturated, far from the dull background colours.
     "red": (215, 35, 35), "green": (40, 175, 55), "blue": (45, 75, 225),
     "yellow": (235, 205, 35), "purple": (145, 45, 185), "orange": (240, 130, 25),
@@ -142,7 +145,7 @@ def render(example_id: int, seed: int = SEED) -> dict:
   """Renders example `example_id` (a pure function of its arguments).
 
   Returns {"rgb": uint8 [32,32,3], "depth": float32 [32,32] metres, "semseg": uint8 [32,32],
-  "caption": str, "label": int (SHAPES index of the nearest object), "objects": tuple of dicts
+  "caption": str, "label": int (number of objects - 1), "objects": tuple of dicts
   near to far (shape, colour, size, depth in m, mask: bool [32,32] full silhouette before
   occlusion, cx, cy, side in px), "camera": {cam_height, horizon, far}}.
   """
@@ -190,7 +193,7 @@ def render(example_id: int, seed: int = SEED) -> dict:
       "depth": depth.astype(np.float32),
       "semseg": semseg,
       "caption": caption,
-      "label": SHAPES.index(order[0]["shape"]),
+      "label": len(objects) - 1,
       "objects": tuple(order),
       "camera": camera,
   }
@@ -246,7 +249,7 @@ class MultimodalScenes(tfds.core.GeneratorBasedBuilder):
             "depth": tfds.features.Tensor(shape=(s, s), dtype=np.float32),
             "semseg": tfds.features.Tensor(shape=(s, s), dtype=np.uint8),
             "text": tfds.features.Text(),
-            "label": tfds.features.ClassLabel(names=list(SHAPES)),
+            "label": tfds.features.ClassLabel(names=list(COUNTS)),
             "id": np.int32,
         }),
         supervised_keys=("image", "label"),

@@ -55,6 +55,7 @@ def test_fields_aligned_and_nearest_wins():
   assert np.std(walls) > 0.5
   overlap_pixels = 0
   counts = np.zeros(4)
+  labels = []
   for i in IDS:
     r = scenes.render(i)
     objs, depth, semseg = r["objects"], r["depth"], r["semseg"]
@@ -82,12 +83,15 @@ def test_fields_aligned_and_nearest_wins():
       c = int(np.argmax(scenes.COLOURS[o["colour"]]))
       px = r["rgb"][visible].astype(int)
       assert np.all(px[:, c] == px.max(-1)), (i, o["colour"])
-    # Label: the shape of the nearest object = the class at the nearest shape pixel.
+    # The nearest object is the class at the nearest shape pixel.
     front = np.unravel_index(np.argmin(np.where(covered, depth, np.inf)), depth.shape)
-    assert r["label"] == semseg[front] - 1 == scenes.SHAPES.index(objs[0]["shape"])
+    assert semseg[front] - 1 == scenes.SHAPES.index(objs[0]["shape"])
     counts[semseg[front]] += 1
+    assert r["label"] == len(objs) - 1  # Label: the number of objects.
+    labels.append(r["label"])
   assert overlap_pixels > 100  # The occlusion rule was really exercised.
   assert np.all(counts[1:] > 50)  # Every shape is the nearest one in many scenes.
+  assert np.all(np.bincount(labels, minlength=3) > 60)  # 1, 2 and 3 objects all occur.
 
 
 def test_caption_names_objects_and_depth_order():
@@ -129,7 +133,7 @@ def test_read_back_tfds(scenes_dir):
   assert ids["test"] == list(scenes.split_ids("test"))
 
   ds = tfds.data_source("multimodal_scenes", split="test", data_dir=scenes_dir)
-  assert ds.dataset_info.features["label"].names == list(scenes.SHAPES)
+  assert ds.dataset_info.features["label"].names == list(scenes.COUNTS)
   for j in (0, 1, len(ds) - 1):
     ex = ds[j]
     assert set(ex) == {"image", "depth", "semseg", "text", "label", "id"}
