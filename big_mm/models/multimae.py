@@ -39,11 +39,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from big_mm.config import MODALITIES
 from big_mm.models import layers
 from big_mm.models.vit import decode_variant
 
-MODALITIES = ("rgb", "depth", "semseg", "text")
-DENSE = ("rgb", "depth", "semseg")
 
 
 ARCH_KEYS = ("variant", "width", "depth", "mlp_dim", "num_heads")
