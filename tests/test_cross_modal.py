@@ -148,15 +148,18 @@ def setup(monkeypatch):
 
   def fake_iterate_split(input_cfg, batch_size, mesh_):
     assert batch_size == 16 and mesh_ is mesh
+    reads[input_cfg.split] = reads.get(input_cfg.split, 0) + 1
     for b in splits[input_cfg.split]:
       yield jax.device_put(b, sharding.batch_sharding(mesh)), b["mask"] > 0
 
+  reads = {}
   monkeypatch.setattr(common, "iterate_split", fake_iterate_split)
-  return config, mesh, train, test
+  monkeypatch.setattr(cross_modal, "_BASELINES", {})
+  return config, mesh, train, test, reads
 
 
 def test_evaluator_perfect_and_constant_predictors_and_baselines(setup):
-  config, mesh, train, test = setup
+  config, mesh, train, test, reads = setup
   objective = _FakeMultiMAE()
   means = _reference_means(train, 20)
   params = {"perfect": np.float32(0.0), "rgb": means["rgb"].astype(np.float32),
@@ -183,12 +186,14 @@ def test_evaluator_perfect_and_constant_predictors_and_baselines(setup):
   assert {k: perfect[f"eval/cm/{k}/num_examples"] for k in
           ("depth_from_rgb", "semseg_from_rgb", "rgb_from_depth_semseg")} == {
               "depth_from_rgb": 23, "semseg_from_rgb": 23, "rgb_from_depth_semseg": 21}
+  # The training split is read once for the baselines, the eval split at each of the 2 runs.
+  assert reads == {config.input.split: 1, config.evals.e.split: 2}
   # One trace per distinct inputs (depth and semseg from rgb share a call), reused.
   assert objective.traces == [(("rgb",), ("depth", "semseg")), (("depth", "semseg"), ("rgb",))]
 
 
 def test_evaluator_without_baselines(setup):
-  config, mesh, _, _ = setup
+  config, mesh, *_ = setup
   ev = config_lib.ConfigDict(dict(config.evals.e.to_dict(), baseline_examples=0,
                                   predictions=(("depth", ("rgb", "semseg")),)))
   params = {"perfect": 1.0, "rgb": 0.0, "depth": 1.0, "semseg": 0}
@@ -200,7 +205,7 @@ def test_evaluator_without_baselines(setup):
 
 
 def test_evaluator_checks_modalities_and_rgb_range(setup):
-  config, mesh, _, _ = setup
+  config, mesh, *_ = setup
   objective = _FakeMultiMAE()
   objective.modalities = ("rgb", "depth")
   with pytest.raises(ValueError, match=r"\['semseg'\] not among the objective's modalities"):

@@ -30,11 +30,13 @@ prediction computed from the first `baseline_examples` real examples of the trai
 (config.input.data / input.split, read with the evaluator's pp_image, in order): per-pixel
 mean depth (over examples with d > 0 at that pixel; pixels never valid get the mean of all
 valid depths), per-pixel mean rgb image, per-pixel majority semseg class (ties: the lower
-id). baseline_examples=0 skips the baselines.
+id). baseline_examples=0 skips the baselines. The baselines are computed once per process
+(they depend on the data, not on the params).
 """
 from __future__ import annotations
 
 import functools
+import json
 from typing import Callable, Iterable
 
 import jax
@@ -46,6 +48,7 @@ from big_mm.evaluators import common
 from big_mm.input import preprocess
 from big_mm.objectives.masked import BATCH_KEYS
 MIN_MSE = 1e-10  # PSNR <= 100 dB.
+_BASELINES: dict = {}  # (training data config, targets, examples, classes) -> training_means
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,8 +308,13 @@ def evaluate(ev, *, objective, mesh, params, config) -> dict[str, float]:
     train_cfg = input_cfg.copy_and_resolve_references()
     with train_cfg.unlocked():
       train_cfg.data, train_cfg.split = config.input.data, config.input.split
-    baselines = training_means(common.iterate_split(train_cfg, ev.batch_size, mesh), targets,
-                               ev.baseline_examples, num_classes)
+    # The baseline depends on the data only: computed once per process, not at every eval.
+    key = (json.dumps(train_cfg.to_dict(), sort_keys=True, default=str), targets,
+           ev.baseline_examples, num_classes)
+    if key not in _BASELINES:
+      _BASELINES[key] = training_means(common.iterate_split(train_cfg, ev.batch_size, mesh),
+                                       targets, ev.baseline_examples, num_classes)
+    baselines = _BASELINES[key]
 
   def predict(batch, inputs, targets):
     out = predictor(objective, mesh, inputs, targets)(params, batch)
