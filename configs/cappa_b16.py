@@ -3,7 +3,7 @@ r"""CapPa B/16 (arXiv 2306.07915) captioning pretraining from scratch, big_visio
   python -m big_mm.train --config configs/cappa_b16.py:data=my_dataset --workdir gs://bucket/cappa_b16
 
 Intended hardware: TPU v4-64 or larger / 32+ H100s (global batch 8192).
-Model (big_vision configs/proj/cappa/pretrain.py, verified in /work/shared/RECIPES.md #7):
+Model (big_vision configs/proj/cappa/pretrain.py):
 image ViT-B/16 (12L/768/12H/3072) at 224 px with learned posemb, its 196 tokens feed a
 6-layer decoder of the same dims (cross-attention to the image tokens), dropout 0; 32k
 sentencepiece vocabulary (c4_en), 64 tokens. Parallel prediction: 75% of the examples

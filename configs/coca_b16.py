@@ -3,7 +3,7 @@ r"""CoCa (arXiv 2205.01917) at B-size: contrastive + captioning pretraining from
   python -m big_mm.train --config configs/coca_b16.py:data=my_dataset --workdir gs://bucket/coca_b16
 
 Intended hardware: TPU v4-64 or larger / 32+ H100s (global batch 32k unverified).
-Model, after open_clip's coca_ViT-B-32 (verified in /work/shared/RECIPES.md #6) with a /16
+Model, after open_clip's model_configs/coca_ViT-B-32.json with a /16
 image tower: ViT-B/16 at 224 px whose tokens feed the multimodal decoder and whose MAP
 pooler gives the contrastive embedding (512); unimodal causal text decoder 12L/512/8H with
 an appended cls token (the text embedding); multimodal decoder 12L/512/8H with

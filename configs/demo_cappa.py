@@ -8,7 +8,7 @@ Command (from the repo root, after `python data/build_demo.py --data_dir DIR`):
 A ViT (width 64, depth 2, 4x4 patches on 32x32 images: 64 image tokens) and a 2-layer
 decoder cross-attending to them. Half of each batch is trained with CapPa's parallel
 prediction (all decoder inputs [MASK]); the paper uses 0.75 (configs/cappa_b16.py).
-Measured (600 steps, one CPU device sharing 2 cores with other jobs, ~19 min wall): greedy
+Measured (600 steps, one CPU device; about 4 min wall alone on 2 cores, see README): greedy
 captions of the 300 held-out images name the right digit (word or numeral) and no other
 for 95.3% of them (89.3% at step 200); chance is 10%.
 

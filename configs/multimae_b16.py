@@ -4,7 +4,7 @@ r"""MultiMAE B/16 (arXiv 2204.01678) pretraining: RGB + depth + semantic segment
 
 Intended hardware: 8 A100s as in the paper (global batch 2048), or a TPU v4-32.
 Recipe (EPFL-VILAB/MultiMAE cfgs/pretrain/multimae-b_98_rgb+-depth-semseg_1600e.yaml,
-verified in /work/shared/RECIPES.md #10): ViT-B/16 at 224 px, three modalities of 196 tokens,
+and run_pretraining_multimae.py's defaults): ViT-B/16 at 224 px, three modalities of 196 tokens,
 98 visible tokens in all, split per example by Dirichlet(alpha=1); 1 global token; semseg
 with 133 (COCO panoptic) classes through a 64-d class embedding; one decoder per modality of
 dim 256, 8 heads, 1 cross-attention + 2 self-attention blocks; losses on masked tokens only,
