@@ -247,3 +247,20 @@ def test_micro_batches_errors(data_dir):
                      match=r"micro_batches x batch devices = 4 x 8 .* = 32"):
     train.build(tiny_config(data_dir, **{"objective.micro_batches": 4}))
 
+
+
+def test_unused_options_refused(tiny_two_towers):
+  """Options of the other objectives are refused, not silently ignored."""
+  setup, _, _ = tiny_two_towers
+  for key, value in (("label_smoothing", 0.1), ("caption_weight", 1.0), ("num_visible", 10)):
+    with pytest.raises(config_lib.ConfigError,
+                       match=rf"objective.{key}={value!r} would be ignored.*'contrastive'"):
+      _objective(setup, **{key: value})
+  _objective(setup, parallel_fraction=0, modality_weights=[])  # defaults are fine
+
+
+def test_every_objective_option_is_read_by_some_objective():
+  from big_mm.objectives import OBJECTIVES, options
+  assert set(options.READS) == set(OBJECTIVES)
+  read = {key for keys in options.READS.values() for key in keys}
+  assert read == set(config_lib.defaults().objective) - {"name"}

@@ -182,6 +182,20 @@ def test_config_errors():
     _config("cappa", label_smoothing=1.0)
 
 
+@pytest.mark.parametrize("kind,key,value", [
+    ("cappa", "loss", "softmax"), ("cappa", "strategy", "ring"),
+    ("cappa", "implementation", "pallas"), ("cappa", "caption_weight", 1.0),
+    ("coca", "micro_batches", 2), ("coca", "parallel_fraction", 0.5),
+    ("coca", "num_visible", 10)])
+def test_unused_options_refused(kind, key, value):
+  """Options the objective does not read are refused, not silently ignored."""
+  c = _config(kind, **{key: value})
+  model = get_model(c.model_name, **c.model.to_dict())
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"objective.{key}={value!r} would be ignored.*'{c.objective.name}'"):
+    get_objective(c.objective.name)(c, model, None)
+
+
 def test_sharded_loss_and_grad_equal_single_device():
   """The captioner's loss and gradients on a data=4 x fsdp=2 mesh (params FSDP-sharded by
   their logical names) equal the single-device ones, parallel prediction included."""

@@ -18,7 +18,7 @@ TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "di
 VOCAB = 128  # data/digits_spm.model
 
 
-def _objective(modalities=MODALITIES, num_visible=24, **model_kw):
+def _objective(modalities=MODALITIES, num_visible=24, objective=(), **model_kw):
   kw = dict(modalities=modalities, image_size=16, patch_size=4,
             encoder=dict(width=32, depth=1, num_heads=2),
             decoder=dict(width=16, depth=1, num_heads=2), num_semseg_classes=4,
@@ -31,6 +31,7 @@ def _objective(modalities=MODALITIES, num_visible=24, **model_kw):
   config.input.modalities = tuple(modalities)
   config.input.text_len = kw["text_len"]
   config.input.tokenizer = TOKENIZER
+  config.objective.update(dict(objective))
   return masked.MultiMAE(config, model, None)
 
 
@@ -225,6 +226,17 @@ def test_config_errors():
     multimae_lib.MultiMAE(modalities=("rgb", "lidar"))
   with pytest.raises(TypeError, match="Invalid model.encoder option"):
     multimae_lib.MultiMAE(encoder=dict(widht=3))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("micro_batches", 2), ("implementation", "pallas"), ("strategy", "ring"),
+    ("loss", "softmax"), ("label_smoothing", 0.1), ("parallel_fraction", 0.5)])
+def test_unused_options_refused(key, value):
+  """The contrastive / generative options do nothing here, so they are refused."""
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"objective.{key}={value!r} would be ignored.*'multimae'"):
+    _objective(objective={key: value})
+  _objective(objective={"modality_weights": (("depth", 2.0),)})
 
 
 def test_sharded_loss_and_grad_equal_single_device():

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from big_mm import config as config_lib
 from big_mm import optim, sharding
-from big_mm.objectives import losses
+from big_mm.objectives import losses, options
 
 
 class Contrastive:
@@ -38,6 +38,7 @@ class Contrastive:
   `objective.micro_batches > 1`) and embedding predict fns."""
 
   def __init__(self, config, model, mesh):
+    options.refuse_unused(config, "contrastive")
     self.model = model
     self.mesh = mesh
     self.loss_name = config.objective.loss

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from big_mm import config as config_lib
 from big_mm import sharding
 from big_mm.input.tokenizer import Tokenizer
-from big_mm.objectives import losses
+from big_mm.objectives import losses, options
 
 
 def token_loss(logits, targets, label_smoothing: float = 0.0):
@@ -99,10 +99,7 @@ class _Generative:
   def __init__(self, config, model, mesh):
     check_vocab(config, model)
     check_prefix(config, model)
-    if config.objective.micro_batches != 1:
-      raise config_lib.ConfigError(
-          f"objective.micro_batches={config.objective.micro_batches}: GradCache is implemented "
-          f"for the contrastive objective only, not {config.objective.name!r}; set it to 1.")
+    options.refuse_unused(config, self.NAME)
     self.model = model
     self.mesh = mesh
     self.vocab_size = model.vocab_size
@@ -149,6 +146,7 @@ class _Generative:
 
 class Captioning(_Generative):
   """Cap / CapPa (model "captioner", also its prefix-LM option)."""
+  NAME = "captioning"
 
   def __init__(self, config, model, mesh):
     super().__init__(config, model, mesh)
@@ -175,6 +173,7 @@ class Captioning(_Generative):
 
 class CoCa(_Generative):
   """CoCa (model "coca"): contrastive + captioning; embed_images / embed_texts as Contrastive."""
+  NAME = "coca"
 
   def __init__(self, config, model, mesh):
     super().__init__(config, model, mesh)

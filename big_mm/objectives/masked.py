@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from big_mm import config as config_lib
 from big_mm.models import multimae as multimae_lib
-from big_mm.objectives import generative
+from big_mm.objectives import generative, options
 
 BATCH_KEYS = {"rgb": "image", "depth": "depth", "semseg": "semseg", "text": "text"}
 
@@ -78,6 +78,7 @@ class MultiMAE:
     if not isinstance(model, multimae_lib.MultiMAE):
       raise config_lib.ConfigError(
           f"objective.name='multimae' needs model_name='multimae', not {config.model_name!r}.")
+    options.refuse_unused(config, "multimae")
     obj = config.objective
     self.model, self.mesh = model, mesh
     self.modalities = tuple(model.modalities)
