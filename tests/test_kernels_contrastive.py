@@ -5,6 +5,7 @@ Block sizes are odd and not multiples of the tiles, so padding and masking are e
 import functools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -147,13 +148,31 @@ def test_sharded_pallas_equals_reference(loss, strategy, mesh_name):
     assert not np.isfinite(got_v)
 
 
+def _pallas_calls(fn, *args):
+  """How many pallas_call equations the traced program of fn(*args) holds (nested jaxprs
+  included: custom_vjp, jit, shard_map)."""
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name == "pallas_call"
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        n += count(sub)
+    return n
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 def test_local_pallas_strategy_uses_fused_loss():
   zi, zt = _emb(4, 40, 40, 32)
   t, b = TB["softmax"]
-  got = jax.jit(functools.partial(
-      losses.contrastive_loss, loss="softmax", strategy="local", implementation="pallas",
-      kernel_config=_cfg()))(zi, zt, t, b)
-  _close(got, losses.softmax_loss(zi, zt, t, b), 1e-5)
+  fused = functools.partial(losses.contrastive_loss, loss="softmax", strategy="local",
+                            implementation="pallas", kernel_config=_cfg())
+  xla = functools.partial(fused, implementation="xla")
+  _close(jax.jit(fused)(zi, zt, t, b), losses.softmax_loss(zi, zt, t, b), 1e-5)
+  # The value alone cannot tell the kernel from the jnp loss: the program must call the kernel
+  # (forward and backward), and the xla implementation must not.
+  assert _pallas_calls(fused, zi, zt, t, b) >= 1
+  assert _pallas_calls(jax.grad(fused, (0, 1)), zi, zt, t, b) >= 2
+  assert _pallas_calls(xla, zi, zt, t, b) == 0
 
 
 def test_invalid_arguments():
