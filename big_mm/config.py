@@ -35,8 +35,11 @@ NAN_POLICIES = ("skip", "stop")
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 
 # Per-evaluator-type keys (with defaults). `every_*` durations and `split` are common.
+# image_column / text_column: as input's, for the eval data (input's are not carried over to
+# an evaluator with its own `data`); e.g. text_column="captions/text" for coco_captions.
 _EVAL_COMMON = dict(type=None, split="test", batch_size=256, every_steps=None, every_epochs=None,
-                    every_examples=None, pp_image=None, data=None)
+                    every_examples=None, pp_image=None, data=None, image_column=None,
+                    text_column=None)
 # captioning: max_examples caps how many examples are decoded (None: all; 0: perplexity only;
 # whole eval batches are decoded until it is reached);
 # decode_options go to big_mm.decoding.decode (e.g. beam_size, length_penalty, temperature,
@@ -48,7 +51,9 @@ CROSS_MODAL_PREDICTIONS = (("depth", ("rgb",)), ("semseg", ("rgb",)),
                            ("rgb", ("depth", "semseg")))
 EVAL_SCHEMAS = {
     "zeroshot": dict(_EVAL_COMMON, classnames=(), templates=("{}",)),
-    "retrieval": dict(_EVAL_COMMON, ks=(1, 5, 10)),
+    # retrieval: the first captions_per_image captions of each image are candidates (COCO /
+    # Flickr30k: 5); see big_mm/evaluators/retrieval.py.
+    "retrieval": dict(_EVAL_COMMON, ks=(1, 5, 10), captions_per_image=5),
     "captioning": dict(_EVAL_COMMON, max_examples=1000, decode_method="greedy",
                        max_decode_len=None, decode_options={}, seed=0, classnames=()),
     "scoring": dict(_EVAL_COMMON, classnames=(), templates=("{}",)),
@@ -311,6 +316,8 @@ def _validate_eval_values(name: str, ev) -> None:
     _validate_cross_modal(name, {**EVAL_SCHEMAS["cross_modal"], **ev})
   if ev.type == "fewshot":
     _validate_fewshot(name, {**EVAL_SCHEMAS["fewshot"], **ev})
+  if ev.type == "retrieval":
+    _int_at_least(f"evals.{name}.captions_per_image", ev.get("captions_per_image", 5), 1)
   if ev.type == "scoring" and not ev.get("classnames"):
     raise ConfigError(f"evals.{name} (scoring) needs classnames: one name per label id, in order.")
   if ev.type != "captioning":

@@ -9,9 +9,14 @@ IMAGENET_TEMPLATES = (
 
 
 def paper_evals(pp_image: str, *, every_steps: int, imagenet_classnames=()):
-  """Zero-shot ImageNet (needs class names; big_mm ships none) and COCO retrieval."""
+  """Zero-shot ImageNet (needs class names; big_mm ships none) and COCO retrieval.
+
+  COCO: TFDS coco_captions (Karpathy splits), the 5,000-image `test` split that published
+  R@1 numbers use, 5 captions per image (the standard protocol; retrieval.py).
+  """
   evals = dict(
-      retrieval_coco=dict(type="retrieval", data="coco_captions", split="val",
+      retrieval_coco=dict(type="retrieval", data="coco_captions", split="test",
+                          text_column="captions/text", captions_per_image=5,
                           every_steps=every_steps, pp_image=pp_image),
   )
   if imagenet_classnames:

@@ -1,5 +1,8 @@
 """Evaluators: recall@k arithmetic, zero-shot class embeddings, whole-split embedding."""
+import math
+
 import numpy as np
+import pytest
 
 from big_mm.evaluators import retrieval, zeroshot
 
@@ -8,7 +11,40 @@ def test_recall_at_k_counts_rank_of_the_true_pair():
   sim = np.array([[0.9, 0.1, 0.0],    # query 0: right one first
                   [0.8, 0.5, 0.1],    # query 1: right one second
                   [0.7, 0.6, 0.1]])   # query 2: right one third
-  assert retrieval.recall_at_k(sim, (1, 2, 3)) == {1: 1 / 3, 2: 2 / 3, 3: 1.0}
+  assert retrieval.recall_at_k(sim, np.eye(3, dtype=bool), (1, 2, 3)) == {
+      1: 1 / 3, 2: 2 / 3, 3: 1.0}
+
+
+def test_recall_ties_are_broken_at_random_so_collapse_scores_chance():
+  """Equal scores do not count for the right pair: collapsed embeddings give chance level
+  (k / N), a caption shared by 3 images 1/3 of a hit."""
+  collapsed = retrieval.recall_at_k(np.zeros((10, 10)), np.eye(10, dtype=bool), (1, 5, 10))
+  assert collapsed == pytest.approx({1: 0.1, 5: 0.5, 10: 1.0})
+  # Query 0's right candidate ties with 2 wrong ones on top; query 1's ties with 1 wrong one
+  # in second place, behind a wrong one.
+  sim = np.array([[0.5, 0.5, 0.5, 0.1],
+                  [0.9, 0.3, 0.3, 0.1]])
+  positive = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], bool)
+  assert retrieval.recall_at_k(sim, positive, (1, 2, 3)) == pytest.approx(
+      {1: (1 / 3 + 0) / 2, 2: (2 / 3 + 1 / 2) / 2, 3: (1 + 1) / 2})
+
+
+def test_multi_caption_recall_by_hand():
+  """2 images, 5 captions (image 0 owns captions 0-2, image 1 owns 3-4). image->text: a hit
+  if any own caption is in the top k; text->image: if the caption's image is."""
+  sim = np.array([[0.1, 0.5, 0.2, 0.9, 0.3],    # image 0: caption 3 (wrong), then 1 (own)
+                  [0.2, 0.1, 0.0, 0.7, 0.6]])   # image 1: caption 3 (own) first
+  owner = np.array([0, 0, 0, 1, 1])
+  img2txt = owner[None, :] == np.arange(2)[:, None]
+  assert retrieval.recall_at_k(sim, img2txt, (1, 2)) == {1: 1 / 2, 2: 1.0}
+  # Captions 1, 2, 4 rank their image first; 0 and 3 second.
+  assert retrieval.recall_at_k(sim.T, img2txt.T, (1, 2)) == {1: 3 / 5, 2: 1.0}
+  # All tied: image 0 has 3 right of 5 (1 - 2/5 at k=1; 1 - 2/5 * 1/4 at k=2), image 1 has 2
+  # right of 5 (1 - 3/5; 1 - 3/5 * 2/4); each caption 1 right of 2.
+  flat = np.zeros((2, 5))
+  assert retrieval.recall_at_k(flat, img2txt, (1, 2)) == pytest.approx(
+      {1: (3 / 5 + 2 / 5) / 2, 2: (9 / 10 + 7 / 10) / 2})
+  assert retrieval.recall_at_k(flat.T, img2txt.T, (1, 2)) == pytest.approx({1: 0.5, 2: 1.0})
 
 
 class _FakeEmbedder:
@@ -39,7 +75,6 @@ def test_class_embeddings_average_templates_and_normalise():
 import sys  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
-import pytest  # noqa: E402
 
 import big_mm  # noqa: E402
 from big_mm import config as config_lib, evaluators, sharding  # noqa: E402
@@ -181,3 +216,104 @@ def test_generative_eval_defaults(data_dir):
                                         "s": dict(type="scoring", classnames=WORDS)})
   assert (config.evals.c.decode_method, config.evals.c.max_examples) == ("greedy", 1000)
   assert config.evals.s.templates == ("{}",) and config.evals.s.split == "test"
+
+
+# ---------------------------------------------------------------------------------------
+# Retrieval end to end: the paper configs' COCO evaluator on a fake coco_captions, and
+# degenerate embeddings on the digits test split.
+
+from configs import common as configs_common  # noqa: E402
+from test_sources import COCO_CAPTIONS, build_coco_captions  # noqa: E402
+
+# Caption vectors = their scores against images 0..3 (images embed one-hot). Rows follow
+# COCO_CAPTIONS; the 6th caption of image 2 would make it a hit at k=1 but is not a candidate.
+CAPTION_SCORES = [
+    # image 0: own caption 1 scores highest of all in its row -> image->text hit at 1.
+    [[.50, .10, .00, .00], [.90, .20, .10, .00], [.30, .40, .00, .00], [.20, .00, .00, .00],
+     [.10, .00, .00, .00]],
+    # image 1: image 0's caption 2 (.40) beats its best own (.35) -> hit at 2.
+    [[.00, .35, .00, .00], [.00, .30, .00, .00], [.00, .10, .80, .00], [.00, .05, .00, .00],
+     [.00, .01, .00, .00]],
+    # image 2: captions 1.2 (.80) and 3.0 (.70) beat its best own (.60) -> hit at 3.
+    [[.00, .00, .60, .00], [.00, .00, .50, .00], [.00, .00, .40, .00], [.00, .00, .30, .00],
+     [.00, .00, .20, .00], [.00, .00, .99, .00]],
+    # image 3: own captions first -> hit at 1.
+    [[.00, .00, .70, .65], [.00, .00, .00, .90], [.00, .00, .00, .80], [.00, .00, .00, .75],
+     [.00, .00, .00, .70]],
+]
+
+
+class _TableObjective:
+  """Image i (grey 40 i) -> one-hot(i); caption -> its row of CAPTION_SCORES, found by its
+  tokens. `poison` makes image embeddings NaN; `collapse` makes every embedding equal."""
+
+  def __init__(self, captions_tokens, vectors, poison=False, collapse=False):
+    self.tokens, self.vectors = jnp.asarray(captions_tokens), jnp.asarray(vectors, jnp.float32)
+    self.poison, self.collapse = poison, collapse
+
+  def embed_images(self, params, images):
+    del params
+    index = jnp.round((images[:, 0, 0, 0] + 1) * 127.5 / 40).astype(jnp.int32)
+    z = jnp.eye(4)[jnp.clip(index, 0, 3)]
+    if self.collapse:
+      z = jnp.ones_like(z) / 2
+    return jnp.where(self.poison, jnp.nan, z)
+
+  def embed_texts(self, params, texts):
+    del params
+    row = jnp.argmax(jnp.all(texts[:, None, :] == self.tokens[None], axis=-1), axis=-1)
+    return jnp.ones((len(texts), 4)) / 2 if self.collapse else self.vectors[row]
+
+
+@pytest.fixture(scope="module")
+def coco_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("coco")
+  build_coco_captions(d)
+  return str(d)
+
+
+def _coco_run(coco_dir, **objective_options):
+  evals = configs_common.paper_evals("decode|resize(8)|value_range(-1,1)", every_steps=1)
+  ev = dict(evals["retrieval_coco"], ks=(1, 2, 3), batch_size=8)
+  config = tiny_config(coco_dir, **{"input.text_len": 8, "evals": {"coco": ev}})
+  tokenizer = Tokenizer(TOKENIZER)
+  captions = [c for caps in COCO_CAPTIONS for c in caps]
+  objective = _TableObjective(tokenizer.encode(captions, 8),
+                              [v for rows in CAPTION_SCORES for v in rows], **objective_options)
+  mesh = sharding.make_mesh(config.mesh)
+  return evaluators.run("coco", config.evals.coco, embedder=evaluators.Embedder(objective, mesh),
+                        objective=objective, mesh=mesh, params={}, config=config,
+                        tokenizer=tokenizer)
+
+
+def test_paper_coco_retrieval_uses_every_caption(coco_dir):
+  out = _coco_run(coco_dir)
+  # image->text: images 0 and 3 hit at 1, image 1 at 2, image 2 at 3.
+  assert [out[f"eval/coco/img2txt/R@{k}"] for k in (1, 2, 3)] == [2 / 4, 3 / 4, 4 / 4]
+  # text->image, per caption (its image scores): a hit at 1 unless another image scores
+  # higher: misses 0.2 (image 1: .40), 1.2 (image 2: .80), 3.0 (image 2: .70); at 2 all hit.
+  assert [out[f"eval/coco/txt2img/R@{k}"] for k in (1, 2, 3)] == [17 / 20, 1.0, 1.0]
+  assert (out["eval/coco/num_examples"], out["eval/coco/num_captions"]) == (4, 20)
+
+
+def test_retrieval_refuses_nan_embeddings(coco_dir):
+  with pytest.raises(FloatingPointError, match=r"evals\.coco \(retrieval\): 4 of 4 image "
+                                               r"embeddings are not finite"):
+    _coco_run(coco_dir, poison=True)
+
+
+def test_collapsed_embeddings_score_chance_on_the_digits(data_dir):
+  """All-equal embeddings: R@k = k/300 (the one right pair among 300), class_R@k = the chance
+  that one of 30 same-label captions is among k drawn from 300."""
+  config, ev, mesh, _ = _eval_setup(data_dir, dict(type="retrieval", split="test",
+                                                   pp_image=EVAL_PP, ks=(1, 5)))
+  tokenizer = Tokenizer(TOKENIZER)
+  objective = _TableObjective(np.zeros((1, 16), np.int32), np.zeros((1, 4)), collapse=True)
+  out = evaluators.run("r", ev, embedder=evaluators.Embedder(objective, mesh),
+                       objective=objective, mesh=mesh, params={}, config=config,
+                       tokenizer=tokenizer)
+  for k in (1, 5):
+    class_chance = 1 - math.comb(270, k) / math.comb(300, k)
+    for direction in ("img2txt", "txt2img"):
+      assert out[f"eval/r/{direction}/R@{k}"] == pytest.approx(k / 300)
+      assert out[f"eval/r/{direction}/class_R@{k}"] == pytest.approx(class_chance)

@@ -278,6 +278,106 @@ def test_mixture(data):
   assert read(state, 3)[1] == read(None, 9)[1][24:]
 
 
+# ---- TFDS nested caption fields (coco_captions' layout) ------------------------------
+
+# Fake coco_captions/2014 test split: image i shows grey (40 * i) and has these captions
+# (numerals, which the digits tokenizer gives back exactly); image 2 has 6, as a few COCO
+# images do.
+COCO_CAPTIONS = [[f"{10 * i + j}" for j in range(6 if i == 2 else 5)] for i in range(4)]
+
+
+def build_coco_captions(data_dir) -> None:
+  """A tiny prepared `coco_captions` laid out like TFDS's (config 2014, version 1.1.0,
+  array_record): image, image/filename, image/id, captions {id, text}. Its builder is not
+  registered, so big_mm reads it as a user without TensorFlow does: from its files (the
+  catalog's coco_captions builder imports TensorFlow)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  def jpeg(i):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+  with tfds.core.registered.skip_registration():
+    class CocoCaptions(tfds.core.GeneratorBasedBuilder):  # pylint: disable=unused-variable
+      VERSION = tfds.core.Version("1.1.0")
+      BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="2014")]
+
+      @tfds.core.utils.classproperty
+      @classmethod
+      def code_path(cls) -> epath.Path:
+        return epath.Path(__file__)
+
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(encoding_format="jpeg"),
+            "image/filename": tfds.features.Text(),
+            "image/id": np.int64,
+            "captions": tfds.features.Sequence({"text": tfds.features.Text(),
+                                                "id": np.int64}),
+        }))
+
+      def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"test": self._generate_examples()}
+
+      def _generate_examples(self):
+        for i, caps in enumerate(COCO_CAPTIONS):
+          yield i, {"image": jpeg(i), "image/filename": f"{i}.jpg", "image/id": i,
+                    "captions": {"text": caps, "id": [10 * i + j for j in range(len(caps))]}}
+
+  CocoCaptions(data_dir=str(data_dir), file_format="array_record").download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+@pytest.fixture(scope="module")
+def coco_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("coco")
+  build_coco_captions(d)
+  return str(d)
+
+
+def test_tfds_nested_caption_field(coco_dir):
+  src = sources.open_source("coco_captions", "test", coco_dir, text_column="captions/text")
+  assert len(src) == 4
+  by_id = {int(src[r]["image/id"]): src[r] for r in range(4)}
+  for i, caps in enumerate(COCO_CAPTIONS):
+    assert by_id[i]["text"] == caps  # Every caption, as str.
+  again = pickle.loads(pickle.dumps(src))
+  assert again[1]["text"] == src[1]["text"]
+  # A top-level feature whose name holds "/" still works.
+  assert sources.open_source("coco_captions", "test", coco_dir,
+                             text_column="image/filename")[0]["text"].endswith(".jpg")
+  with pytest.raises(ValueError, match=r"no feature 'captions/txt'.*'captions/text'"):
+    sources.open_source("coco_captions", "test", coco_dir, text_column="captions/txt")
+  with pytest.raises(ValueError, match=r"image_column 'captions' .* \['image'\]"):
+    sources.open_source("coco_captions", "test", coco_dir, image_column="captions")
+  assert "tensorflow" not in sys.modules
+
+
+def test_eval_batches_hold_every_caption(coco_dir):
+  """captions=5: text [B, 5, L], each image's first 5 captions in order (the 6th of image 2
+  dropped, as the standard protocol does)."""
+  tok = tokenizer.Tokenizer(TOKENIZER)
+  cfg = _cfg("coco_captions", data_dir=coco_dir, text_column="captions/text")
+  batches = list(pipeline.make_eval_batches(cfg, "test", 8, None, captions=5))
+  assert len(batches) == 1 and batches[0]["text"].shape == (8, 5, 8)
+  batch = batches[0]
+  real = batch["mask"] > 0
+  assert real.sum() == 4
+  got = [tok.decode(rows) for rows in batch["text"][real]]
+  images = np.round((batch["image"][real, 0, 0, 0] + 1) * 127.5 / 40).astype(int)
+  assert sorted(images) == [0, 1, 2, 3]
+  for i, caps in zip(images, got):
+    assert caps == COCO_CAPTIONS[i][:5]
+  # The default: one caption (the first) per example, as training reads it.
+  first = next(iter(pipeline.make_eval_batches(cfg, "test", 8, None)))
+  assert first["text"].shape == (8, 8)
+  assert [tok.decode(first["text"][r:r + 1])[0] for r in np.flatnonzero(real)] == [
+      COCO_CAPTIONS[i][0] for i in images]
+
+
 # ---- converter -----------------------------------------------------------------------
 
 def test_convert_opens_by_name(data, tmp_path):

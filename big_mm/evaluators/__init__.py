@@ -15,9 +15,9 @@ def run(name, ev, **kwargs) -> dict[str, float]:
   """Runs one configured evaluator; metric keys come back prefixed `eval/{name}/`.
 
   kwargs: everything an evaluator may need (embedder, objective, mesh, params, config,
-  tokenizer); each evaluator gets the ones its signature names.
+  tokenizer); each evaluator gets the ones its signature names, and `name` if it names it.
   """
   evaluate = EVALUATORS[ev.type]
   wanted = inspect.signature(evaluate).parameters
-  results = evaluate(ev, **{k: v for k, v in kwargs.items() if k in wanted})
+  results = evaluate(ev, **{k: v for k, v in dict(kwargs, name=name).items() if k in wanted})
   return {f"eval/{name}/{k}": v for k, v in results.items()}

@@ -13,11 +13,17 @@ from big_mm.input import pipeline
 
 
 def eval_input_config(config, ev):
-  """The training input config with the evaluator's overrides (data, pp_image)."""
+  """The training input config with the evaluator's overrides (data, pp_image, image_column,
+  text_column). With its own data, input's column names (which describe the training data)
+  do not carry over."""
   input_cfg = config.input.copy_and_resolve_references()
   with input_cfg.unlocked():
     if ev.get("data"):
       input_cfg.data = ev.data
+      input_cfg.image_column = input_cfg.text_column = None
+    for column in ("image_column", "text_column"):
+      if ev.get(column):
+        input_cfg[column] = ev[column]
     if ev.get("pp_image"):
       input_cfg.pp_image = ev.pp_image
     input_cfg.split = ev.split
@@ -29,11 +35,12 @@ def round_batch(batch_size: int, mesh) -> int:
   return max(shards, math.ceil(batch_size / shards) * shards)
 
 
-def iterate_split(input_cfg, batch_size: int, mesh):
-  """Yields (global batch, bool [B] host mask of real rows) over all of input_cfg.split."""
+def iterate_split(input_cfg, batch_size: int, mesh, **options):
+  """Yields (global batch, bool [B] host mask of real rows) over all of input_cfg.split.
+  options: make_eval_batches' (captions)."""
   for batch in pipeline.make_eval_batches(input_cfg, input_cfg.split,
                                           round_batch(batch_size, mesh),
-                                          sharding.batch_sharding(mesh)):
+                                          sharding.batch_sharding(mesh), **options):
     yield batch, np.asarray(gather(batch["mask"])).astype(bool)
 
 
@@ -77,17 +84,35 @@ class Embedder:
       out.append(gather(self.embed_texts(params, arr))[:len(chunk)])
     return np.concatenate(out)
 
-  def split(self, params, input_cfg, batch_size: int, *, images=True, texts=True):
-    """Embeds a whole split in order: dict with zimg, ztxt, label (where present)."""
+  def split(self, params, input_cfg, batch_size: int, *, images=True, texts=True,
+            captions: int | None = None):
+    """Embeds a whole split in order: dict with zimg, ztxt, label (where present).
+
+    captions=C: ztxt embeds the first C captions of every example (all of them when it has
+    fewer), grouped by example, and "caption_owner" [M] holds each one's example row.
+    """
     parts = {"zimg": [], "ztxt": [], "label": []}
-    for batch, mask in iterate_split(input_cfg, batch_size, self.mesh):
+    options = {"captions": captions} if captions else {}
+    for batch, mask in iterate_split(input_cfg, batch_size, self.mesh, **options):
+      if texts and "text" not in batch:
+        raise ValueError(
+            f"Split {input_cfg.split!r} of {input_cfg.data!r} has no text field: name the "
+            f"caption feature with the evaluator's text_column (e.g. 'captions/text' for "
+            f"coco_captions).")
       if images:
         parts["zimg"].append(gather(self.embed_images(params, batch["image"]))[mask])
       if texts:
-        parts["ztxt"].append(gather(self.embed_texts(params, batch["text"]))[mask])
+        # Every-caption tokens go to the host; only real captions are embedded.
+        text = gather(batch["text"]) if captions else self.embed_texts(params, batch["text"])
+        parts["ztxt"].append(gather(text)[mask])
       if "label" in batch:
         parts["label"].append(gather(batch["label"])[mask])
-    return {k: np.concatenate(v) for k, v in parts.items() if v}
+    out = {k: np.concatenate(v) for k, v in parts.items() if v}
+    if texts and captions:
+      real = np.any(out["ztxt"] != 0, axis=-1)  # [N, C]: all-zero rows are padding.
+      out["caption_owner"] = np.nonzero(real)[0]
+      out["ztxt"] = self.texts(params, out["ztxt"][real], batch_size)
+    return out
 
 
 def gather(x):

@@ -1,26 +1,89 @@
-"""Image <-> text retrieval on paired held-out data: recall@k in both directions."""
+"""Image <-> text retrieval on held-out image-caption data: recall@k in both directions.
+
+The COCO / Flickr30k protocol: every caption of every image is a candidate (the first
+`captions_per_image`, 5 by default, of each); image->text is a hit at k if any of the
+image's own captions ranks within the top k, text->image if the caption's image does. With
+one caption per image this is the usual paired recall.
+
+Ties are broken uniformly at random and the metric is its expectation: a right candidate
+tied with wrong ones gets the matching fraction of a hit, so collapsed (all-equal)
+embeddings score chance level, never 1. Duplicate captions (identical text, hence identical
+embeddings) tie likewise: an image whose caption also describes 2 other images scores 1/3
+at k=1 in image->text. Non-finite embeddings are an error.
+
+With labels in the split, class_R@k counts a hit if a candidate with the query's label ranks
+within the top k (the top caption's image shows the same class, for k=1).
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from big_mm.evaluators import common
 
-
-def recall_at_k(sim: np.ndarray, ks) -> dict[int, float]:
-  """sim[i, j] = score of query i against candidate j; the right candidate of query i is i."""
-  positive = np.diagonal(sim)[:, None]
-  # Rank = number of candidates scored strictly higher than the right one (ties count for it).
-  rank = np.sum(sim > positive, axis=1)
-  return {k: float(np.mean(rank < k)) for k in ks}
+_QUERY_CHUNK = 1024  # Queries scored at once: bounds the [chunk, candidates] host arrays.
 
 
-def evaluate(ev, *, embedder, params, config, tokenizer) -> dict[str, float]:
-  del tokenizer
-  data = embedder.split(params, common.eval_input_config(config, ev), ev.batch_size)
-  sim = data["zimg"] @ data["ztxt"].T
+def expected_hits(sim: np.ndarray, positive: np.ndarray, ks) -> np.ndarray:
+  """[len(ks), Q] expected hit@k of each query (rows of sim [Q, K], candidates in columns;
+  positive [Q, K] marks each query's right candidates, at least one per row) when ties are
+  broken uniformly at random."""
+  best = np.max(np.where(positive, sim, -np.inf), axis=1, keepdims=True)
+  above = np.sum((sim > best) & ~positive, axis=1)  # Wrong candidates surely ranked higher.
+  tied_wrong = np.sum((sim == best) & ~positive, axis=1)
+  tied_right = np.sum((sim == best) & positive, axis=1)
+  out = []
+  for k in ks:
+    # The first of the tied right candidates lands in one of `slots` free top-k places unless
+    # all of them go to tied wrong ones: P(miss) = prod_i<slots (t - i) / (t + r - i).
+    slots = np.clip(k - above, 0, None)
+    miss = np.ones(len(sim))
+    for i in range(int(np.max(slots, initial=0))):
+      factor = np.maximum(tied_wrong - i, 0) / np.maximum(tied_wrong + tied_right - i, 1)
+      miss = np.where(i < slots, miss * factor, miss)
+    out.append(1.0 - miss)
+  return np.stack(out)
+
+
+def recall_at_k(sim: np.ndarray, positive: np.ndarray, ks) -> dict[int, float]:
+  """{k: mean expected hit@k} over the queries (see expected_hits)."""
+  return {k: float(v) for k, v in zip(ks, expected_hits(sim, positive, ks).mean(axis=1))}
+
+
+def _recalls(queries, candidates, positive_of, ks) -> dict[int, float]:
+  """recall_at_k of sim = queries @ candidates.T, computed in chunks of queries;
+  positive_of(rows) -> bool [len(rows), K]."""
+  hits = []
+  for start in range(0, len(queries), _QUERY_CHUNK):
+    rows = np.arange(start, min(start + _QUERY_CHUNK, len(queries)))
+    hits.append(expected_hits(queries[rows] @ candidates.T, positive_of(rows), ks))
+  return {k: float(v) for k, v in zip(ks, np.concatenate(hits, axis=1).mean(axis=1))}
+
+
+def _check_finite(name, what, z):
+  bad = ~np.all(np.isfinite(z), axis=-1)
+  if bad.any():
+    raise FloatingPointError(
+        f"evals.{name} (retrieval): {int(bad.sum())} of {len(z)} {what} embeddings are not "
+        f"finite (NaN/inf), so no recall can be computed. Check the parameters (the training "
+        f"loss and train.nan_policy) and the eval inputs (evals.{name}.pp_image should give "
+        f"the value range the model was trained on).")
+
+
+def evaluate(ev, *, embedder, params, config, name="retrieval") -> dict[str, float]:
+  data = embedder.split(params, common.eval_input_config(config, ev), ev.batch_size,
+                        captions=ev.captions_per_image)
+  zimg, ztxt, owner = data["zimg"], data["ztxt"], data["caption_owner"]
+  _check_finite(name, "image", zimg)
+  _check_finite(name, "text", ztxt)
   out = {}
-  for name, scores in (("img2txt", sim), ("txt2img", sim.T)):
-    for k, value in recall_at_k(scores, ev.ks).items():
-      out[f"{name}/R@{k}"] = value
-  out["num_examples"] = float(sim.shape[0])
+  # A right candidate has the query's key: its image index, or for class_R@k its label.
+  for prefix, key in (("", np.arange(len(zimg))), ("class_", data.get("label"))):
+    if key is None:
+      continue
+    img2txt = _recalls(zimg, ztxt, lambda rows: key[rows][:, None] == key[owner][None], ev.ks)
+    txt2img = _recalls(ztxt, zimg, lambda rows: key[owner[rows]][:, None] == key[None], ev.ks)
+    for direction, recalls in (("img2txt", img2txt), ("txt2img", txt2img)):
+      out.update({f"{direction}/{prefix}R@{k}": value for k, value in recalls.items()})
+  out["num_examples"] = float(len(zimg))
+  out["num_captions"] = float(len(ztxt))
   return out

@@ -87,6 +87,33 @@ def _tokenize_prefix(tokenizer, value, length: int) -> tuple[np.ndarray, bool]:
   return ids, bool(truncated[0])
 
 
+class _EveryCaption:
+  """A Preprocessor whose text is int32 [count, L]: each of the record's first `count`
+  captions through the text ops (ending in tokenize), all-zero rows where it has fewer."""
+
+  def __init__(self, pp: preprocess.Preprocessor, count: int):
+    if not any(o.name == "tokenize" for o in pp.ops):
+      raise ValueError(f"Every-caption text (retrieval's captions_per_image) needs a pp that "
+                       f"tokenizes; {pp.pp!r} does not. Set input.tokenizer.")
+    self.preprocessor, self.count = pp, int(count)
+    self.pp, self.ops, self.tokenizer = pp.pp, pp.ops, pp.tokenizer
+
+  def __call__(self, example, rng, *, optional=()):
+    run = self.preprocessor
+    if example.get(preprocess.TEXT) is None:
+      return run(example, rng, optional=optional)
+    values, counts = run({preprocess.IMAGE: example.get(preprocess.IMAGE)}, rng,
+                         optional=tuple(optional) + (preprocess.TEXT,))
+    rows = []
+    for caption in preprocess.captions(example[preprocess.TEXT])[:self.count]:
+      text, caption_counts = run({preprocess.TEXT: caption}, rng, optional=(preprocess.IMAGE,))
+      rows.append(text[preprocess.TEXT])
+      counts.update(caption_counts)
+    values[preprocess.TEXT] = np.zeros((self.count,) + rows[0].shape, np.int32)
+    values[preprocess.TEXT][:len(rows)] = rows
+    return values, counts
+
+
 class _Example:
   """Loads + preprocesses one example: dict of numpy arrays or a skip marker. Picklable.
 
@@ -97,10 +124,12 @@ class _Example:
   """
 
   def __init__(self, source, input_cfg, *, pp_image: str | None = None, keep_label=False,
-               image_key="image", text_key="text", label_key="label"):
+               image_key="image", text_key="text", label_key="label", captions=None):
     self.source = source
     self.pp = preprocess.Preprocessor(example_pp(input_cfg, pp_image),
                                       tokenizer=_tokenizer(input_cfg))
+    if captions:
+      self.pp = _EveryCaption(self.pp, captions)
     self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
     self.keep_label = keep_label
     self.optional = (preprocess.TEXT,) if keep_label else ()
@@ -449,7 +478,7 @@ class EvalBatches:
   """
 
   def __init__(self, input_cfg, split, batch_size, sharding, *, pp_image=None,
-               process_index=None, process_count=None):
+               process_index=None, process_count=None, captions=None):
     self.process_index, self.process_count, self.local_batch_size = _process_layout(
         batch_size, process_index, process_count)
     _check_sharding(sharding, self.process_count)
@@ -460,7 +489,7 @@ class EvalBatches:
     check_modalities(source, input_cfg, _get(input_cfg, "data"))
     pp = pp_image or _get(input_cfg, "pp_image_eval") or _get(input_cfg, "pp_image")
     self._element = _EvalElement(
-        _Example(source, input_cfg, pp_image=pp, keep_label=True),
+        _Example(source, input_cfg, pp_image=pp, keep_label=True, captions=captions),
         self.num_examples, batch_size, self.local_batch_size, self.process_index,
         int(_get(input_cfg, "seed", 0) or 0))
     self.num_threads = int(_get(input_cfg, "num_threads", 2) or 1)
@@ -497,6 +526,7 @@ def make_eval_batches(input_cfg, split: str, batch_size: int, sharding, **kwargs
 
   Uses `pp_image=` if given, else input_cfg.pp_image_eval if set, else input_cfg.pp_image
   (random ops then use a fixed per-example rng). kwargs: pp_image, process_index,
-  process_count.
+  process_count, captions (C: "text" is int32 [B, C, L], each example's first C captions
+  tokenized, all-zero rows where it has fewer; retrieval's multi-caption protocol).
   """
   return EvalBatches(input_cfg, split, batch_size, sharding, **kwargs)

@@ -19,7 +19,10 @@ placeholder (`tar:/data/{split}/*.tar`) and slices with `[a:b]` (`train[:95%]`,
 held-out data to an evaluator with `evals.NAME.data`.
 
 TFDS Image (and Video) features are returned as encoded bytes (TFDS `SkipDecoding`),
-text as `str`; everything else as TFDS decodes it (numpy scalars / arrays). File sources
+text as `str`; everything else as TFDS decodes it (numpy scalars / arrays, nested features
+as nested dicts). `text_column` / `image_column` name the TFDS feature that becomes the
+record's "text" / "image"; a nested feature by its path, e.g. `captions/text` in
+`coco_captions` (a list of str: every caption of the image). File sources
 return {"image": bytes, "text": str, "key": str}, and raise `BadRecord("missing_field")`
 for a record without image or caption (the pipeline skips and counts it). Sources are
 picklable (TFDS and table sources re-open their files after unpickling, tar sources
@@ -76,8 +79,13 @@ def _builder(name: str, data_dir: str | None):
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # DatasetNotFoundError, and friends. (Its message lists
     # every TFDS dataset; keep only its type.)
-    raise DatasetNotFound(missing_dataset_message(name, data_dir)
-                          + f" [{type(e).__name__}]") from None
+    try:
+      # Catalog builders whose code imports TensorFlow (coco_captions, ...) cannot be
+      # constructed TF-free; a prepared copy is read from its files alone.
+      builder = tfds.core.read_only_builder.builder_from_files(name, data_dir=data_dir)
+    except Exception:  # pylint: disable=broad-except
+      raise DatasetNotFound(missing_dataset_message(name, data_dir)
+                            + f" [{type(e).__name__}]") from None
   if not builder.is_prepared():
     raise DatasetNotFound(missing_dataset_message(name, data_dir))
   return builder
@@ -112,11 +120,56 @@ def label_names(name, data_dir: str | None = None, key: str = "label") -> list[s
   return list(f.names) if f is not None and hasattr(f, "names") else None
 
 
-class TfdsSource:
-  """Random access to one split of a prepared TFDS dataset; raw image bytes."""
+def _feature_path(features, path: str) -> tuple[str, ...] | None:
+  """The keys leading to the TFDS feature named `path` ("captions/text": through nested
+  FeaturesDicts and Sequences; a key may hold "/" itself, like coco's "image/id"), or None."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  keys, node, rest = [], features, path
+  while True:
+    if isinstance(node, tfds.features.Sequence):
+      node = node.feature
+    if not isinstance(node, tfds.features.FeaturesDict):
+      return None
+    key = max((k for k in node.keys() if rest == k or rest.startswith(k + "/")), key=len,
+              default=None)
+    if key is None:
+      return None
+    keys.append(key)
+    if rest == key:
+      return tuple(keys)
+    node, rest = node[key], rest[len(key) + 1:]
 
-  def __init__(self, name: str, split: str, data_dir: str | None = None):
+
+def _feature_paths(node, prefix: str = "") -> list[str]:
+  """Every leaf feature's path ("captions/text", "image/id", ...)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if isinstance(node, tfds.features.Sequence):
+    node = node.feature
+  if not isinstance(node, tfds.features.FeaturesDict):
+    return [prefix.rstrip("/")]
+  return [p for k in node.keys() for p in _feature_paths(node[k], f"{prefix}{k}/")]
+
+
+def _decode_text(value):
+  """TFDS text as read (bytes, or a list / array of them) -> str / list of str."""
+  if isinstance(value, (bytes, np.bytes_)):
+    return bytes(value).decode("utf-8")
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return [_decode_text(v) for v in value]
+  return value
+
+
+class TfdsSource:
+  """Random access to one split of a prepared TFDS dataset; raw image bytes.
+
+  text_column / image_column: the feature (a path for nested ones) returned as "text" /
+  "image"; None: the features named "text" / "image", if any.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None, *,
+               image_column: str | None = None, text_column: str | None = None):
     self.name, self.split, self.data_dir = name, split, data_dir
+    self.image_column, self.text_column = image_column, text_column
     self._open()
 
   def _open(self):
@@ -125,6 +178,20 @@ class TfdsSource:
     features = builder.info.features
     self._text_keys = tuple(k for k, f in features.items()
                             if isinstance(f, tfds.features.Text))
+    self._columns = {}
+    for field, column in (("image", self.image_column), ("text", self.text_column)):
+      if column is None:
+        continue
+      keys = _feature_path(features, column)
+      if keys is None:
+        raise ValueError(f"TFDS dataset {self.name!r} has no feature {column!r} (the "
+                         f"{field}_column); its features: {_feature_paths(features)}. "
+                         f"Name one of them (nested ones by path, e.g. 'captions/text').")
+      images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+      if field == "image" and column not in images:
+        raise ValueError(f"image_column {column!r} of TFDS dataset {self.name!r} is not a "
+                         f"top-level Image feature; its Image features: {images}.")
+      self._columns[field] = keys
     try:
       self._ds = builder.as_data_source(split=self.split,
                                         decoders=_skip_decoders(features))
@@ -134,7 +201,8 @@ class TfdsSource:
                        f"'train[:90%]' works too).") from e
 
   def __getstate__(self):
-    return {"name": self.name, "split": self.split, "data_dir": self.data_dir}
+    return {"name": self.name, "split": self.split, "data_dir": self.data_dir,
+            "image_column": self.image_column, "text_column": self.text_column}
 
   def __setstate__(self, state):
     self.__dict__.update(state)
@@ -148,10 +216,14 @@ class TfdsSource:
     for k in self._text_keys:
       if isinstance(ex.get(k), (bytes, np.bytes_)):
         ex[k] = bytes(ex[k]).decode("utf-8")
+    for field, keys in self._columns.items():
+      value = functools.reduce(lambda node, key: node[key], keys, ex)
+      ex[field] = _decode_text(value) if field == "text" else value
     return ex
 
   def __repr__(self):
-    return f"TfdsSource({self.name!r}, split={self.split!r}, data_dir={self.data_dir!r})"
+    return (f"TfdsSource({self.name!r}, split={self.split!r}, data_dir={self.data_dir!r}, "
+            f"image_column={self.image_column!r}, text_column={self.text_column!r})")
 
 
 # ---- specs ------------------------------------------------------------------------------
@@ -260,7 +332,8 @@ def open_source(data, split: str = "train", data_dir: str | None = None, *,
   """Opens `split` of `data` (a spec, see the module docstring) as a random-access source.
 
   image_column / text_column: for tables the column names, for tar shards the image
-  extension and the json caption field (None: the defaults). DatasetNotFound says what
+  extension and the json caption field, for TFDS the feature (path) read as the image /
+  the text (None: the defaults). DatasetNotFound says what
   is missing and how to get it; SpecError that the spec itself is wrong.
   """
   options = {"image_column": image_column, "text_column": text_column}
@@ -272,5 +345,5 @@ def open_source(data, split: str = "train", data_dir: str | None = None, *,
                                  [w for _, w in parts], [spec for spec, _ in parts])
   kind, target = parse_spec(data)
   if kind == "tfds":
-    return TfdsSource(target, split, data_dir)
+    return TfdsSource(target, split, data_dir, **options)
   return _open_files(data, kind, target, split, **options)
