@@ -419,13 +419,17 @@ def _attention_run(implementation, causal):
 
 
 def _attention_cases(tiny):
-  """(name, Lq, Lk, causal, mask kind, prefix) at kernel block 64: pow2 / multiple / not."""
-  lp, lm, lo = (64, 128, 100) if tiny else (256, 192, 300)
+  """(name, Lq, Lk, causal, mask kind, prefix) at kernel block 64: pow2 / multiple / not a
+  multiple ("ragged", even) / odd (ViT's 257 = 256 patches + cls, and 77 x 257 text-image
+  cross-attention; cuDNN refuses odd lengths, so `implementation="auto"` sends them here)."""
+  lp, lm, lo, odd, text = (64, 128, 100, 65, 13) if tiny else (256, 192, 300, 257, 77)
   return [
       ("full", lp, lp, False, None, False),
-      ("full_odd", lo, lo, False, None, False),
+      ("full_ragged", lo, lo, False, None, False),
+      ("full_odd", odd, odd, False, None, False),
+      ("keypad_odd", odd, odd, False, "keypad", False),
       ("causal", lm, lm, True, None, False),
-      ("causal_odd", lo, lo, True, None, False),
+      ("causal_ragged", lo, lo, True, None, False),
       ("keypad", lo, lo, False, "keypad", False),
       ("keypad_causal", lm, lm, True, "keypad", False),
       ("prefix", lo, lo, True, None, True),
@@ -433,6 +437,7 @@ def _attention_cases(tiny):
       ("cross", 77, lo, False, None, False),
       ("cross_keypad", 77, lo, False, "keypad", False),
       ("cross_causal", 64, lm, True, None, False),
+      ("cross_odd", text, odd, False, "keypad", False),
   ]
 
 
