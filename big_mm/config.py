@@ -121,7 +121,8 @@ def defaults() -> ConfigDict:
   # them as one pp string. pp_text=None: tokenize(text_len) when a tokenizer is set.
   # data: a TFDS name, "tar:PATTERN", "parquet:|csv:|jsonl:PATTERN" or a mixture
   # ((spec, weight), ...) (big_mm/input/sources.py). image_column / text_column: the table
-  # columns, or the tar image extension / json caption field (None: sources' defaults).
+  # columns, the tar image extension / json caption field, or the TFDS feature (a path for a
+  # nested one, e.g. "captions/text") (None: sources' defaults).
   # modalities (MultiMAE): None = image + text; else a tuple of MODALITIES. rgb is the batch's
   # "image"; depth ([H, W] float) and semseg ([H, W] int class ids) come from depth_column /
   # semseg_column (None: "depth" / "semseg") and get pp_image's geometric ops (same draws).
