@@ -23,8 +23,9 @@ Every function takes `similarity=` (default DOT_PRODUCT) and `config=` (a Kernel
 default `kernel_config(backend=None, **overrides)` for the running backend: tile sizes, loop
 mode, feature padding, all chosen in that one function).
 
-Status: checked in CPU interpret mode against the references (tests/test_kernels_contrastive.py);
-the Mosaic (TPU) and Triton (GPU) lowerings have not been run yet.
+Status: checked in CPU interpret mode against the references (tests/test_kernels_contrastive.py)
+and, compiled through Triton, on an H200 (`tools/benchmark_kernels.py check-gpu`, results in
+docs/benchmarks.md); the Mosaic (TPU) lowering has not been run yet.
 
 How a pass works: a 1-D "own" axis of tiles (rows of zi, or rows of zt) is the parallel grid
 axis; the "other" axis is reduced over, either as a second, sequential grid axis whose

@@ -36,7 +36,6 @@ VARIANTS = {
     "g-opt": (1536, 40, 6144, 16),
 }
 POOL_TYPES = ("map", "gap", "tok", "0", "none")
-POSEMB_TYPES = ("learn", "sincos2d")
 
 
 def decode_variant(variant: Optional[str]) -> dict:
