@@ -15,15 +15,25 @@ import jax
 from big_mm import checkpoint as checkpoint_lib
 from big_mm import config as config_lib
 from big_mm import evaluators, metrics as metrics_lib, train
-from big_mm.input import pipeline
+from big_mm.input import pipeline, sources
 
 log = logging.getLogger("big_mm")
+
+
+def _num_train_examples(config) -> int | None:
+  """The training split's size when the run's length or warmup is given in epochs (building
+  the run's optimizer then needs it, as in training); None otherwise, so that evaluating a
+  step-based run never opens its training data."""
+  if config.total_epochs is None and config.optim.schedule.warmup_epochs is None:
+    return None
+  return sources.num_examples(config.input.data, config.input.split, config.input.data_dir,
+                              **sources.source_options(config.input))
 
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   if not config.evals:
     raise config_lib.ConfigError("The config defines no evaluators (config.evals is empty).")
-  setup = train.build(config)
+  setup = train.build(config, num_train_examples=_num_train_examples(config))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=None,
                                      save_every_steps=1, read_only=True)
   step = step if step is not None else ckpt.latest_step()
