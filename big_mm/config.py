@@ -128,12 +128,17 @@ def defaults() -> ConfigDict:
   # semseg_column (None: "depth" / "semseg") and get pp_image's geometric ops (same draws).
   # prefix_column (prefix-LM captioners): a text field tokenized to prefix_len tokens as
   # batch["prefix"]; None: no prefix.
+  # max_bad_fraction: bad records are skipped, but a source (a mixture part) with more than
+  # this fraction bad among its last 1000 reads stops training, naming it (in [0, 1); 0: stop
+  # at the first bad record); drop_failing_parts: drop such a mixture part instead (logged as
+  # an error) and train on the others (big_mm/input/pipeline.py).
   c.input = ConfigDict(dict(
       data="digits_captions", split="train", data_dir=None, image_column=None,
       text_column=None, tokenizer=None, text_len=16,
       pp_image="decode|resize(224)|value_range(-1,1)", pp_text=None, num_workers=0,
       num_threads=2, prefetch=2, shuffle=True, modalities=None, depth_column=None,
-      semseg_column=None, prefix_column=None, prefix_len=0,
+      semseg_column=None, prefix_column=None, prefix_len=0, max_bad_fraction=0.5,
+      drop_failing_parts=False,
   ))
   # {name: {type: ..., ...}} (FREE_FORM, checked against EVAL_SCHEMAS). An evaluator runs every
   # every_steps|epochs|examples and at the end; none given: only at the end; every_steps=0: never.
@@ -287,6 +292,9 @@ def validate(config: ConfigDict) -> None:
   _choice("optim.schedule.name", config.optim.schedule.name, SCHEDULES)
   _validate_pp(config.input)
   _validate_modalities(config.input)
+  if not 0 <= config.input.max_bad_fraction < 1:
+    raise ConfigError(f"input.max_bad_fraction must be in [0, 1) (0: stop at the first bad "
+                      f"record), got {config.input.max_bad_fraction!r}.")
   if config.input.prefix_column and (config.objective.name != "captioning"
                                      or config.input.modalities is not None):
     raise ConfigError(

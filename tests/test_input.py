@@ -3,7 +3,9 @@ import glob
 import io
 import json
 import os
+import re
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -293,6 +295,108 @@ def test_train_skips_corrupt(data_dir, id_source):
   n_bad = state["grain"]["next_index"] - 256
   assert n_bad >= 42 and it.stats() == {"skipped/corrupt_image": n_bad}
   assert state["skipped"] == {"corrupt_image": n_bad}
+
+
+def _tar_part(folder, n, garbage=()) -> str:
+  """A one-shard tar source spec of n records (captions "0".."n-1"); the records in
+  `garbage` hold bytes that are no image."""
+  folder.mkdir()
+  image = _encode(Image.new("RGB", (6, 5), (90, 40, 200)), "PNG")
+  with tarfile.open(folder / "00000.tar", "w") as tar:
+    for i in range(n):
+      for ext, data in (("png", b"garbage" if i in garbage else image), ("txt", str(i).encode())):
+        info = tarfile.TarInfo(f"{i:09d}.{ext}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+  return f"tar:{folder}/{{00000..00000}}.tar"
+
+
+def _batches_until_failure(it, limit=50):
+  """Batches `it` yields before raising SourceFailed (and that error)."""
+  for n in range(limit):
+    try:
+      next(it)
+    except pipeline.SourceFailed as e:
+      return n, e
+  raise AssertionError(f"no SourceFailed in {limit} batches; stats {it.stats()}")
+
+
+@pytest.mark.parametrize("failure", ["garbage", "deleted"])
+def test_mixture_part_that_fails_entirely_stops_the_run(data_dir, tmp_path, failure):
+  """Every record of one mixture part bad -- its images garbage, or its shard deleted after
+  it was indexed (every read raises) -- stops the run with an error naming that part, once
+  more than max_bad_fraction of its last 1000 reads failed; the iterator state carries the
+  count across a resume."""
+  bad = _tar_part(tmp_path / "bad", 20, garbage=range(20) if failure == "garbage" else ())
+  cfg = _cfg(data_dir, split="test", data=(("digits_captions", 0.1), (bad, 0.9)))
+  it, resumed = [pipeline.make_train_iterator(cfg, global_batch_size=16, seed=0, sharding=None)
+                 for _ in range(2)]
+  if failure == "deleted":  # Gone after it was indexed: reads raise FileNotFoundError.
+    os.remove(tmp_path / "bad" / "00000.tar")
+  assert next(it)["image"].shape == (16, 32, 32, 3)  # The good part's records.
+  state = json.loads(json.dumps(it.get_state()))
+  n, error = _batches_until_failure(it)
+  reason = {"garbage": "corrupt_image", "deleted": "read"}[failure]
+  hint = {"garbage": "Its images do not decode", "deleted": "Its files cannot be read"}[failure]
+  assert str(error).startswith(
+      f"501 of the last 501 records read from part {bad!r} of the input.data mixture are bad "
+      f"(input.max_bad_fraction=0.5 allows 500 per 1000): {{{reason!r}: 501}}; last: ")
+  assert hint in str(error) and "input.drop_failing_parts=True" in str(error)
+  # ~10% of the reads are good: 501 bad ones come within ~560 reads, i.e. ~3 batches.
+  assert n + 1 <= 5 and it.stats() == {f"skipped/{reason}": 500}
+  resumed.set_state(state)
+  n_resumed, again = _batches_until_failure(resumed)
+  assert n_resumed == n and str(again).split("; last: ")[0] == str(error).split("; last: ")[0]
+
+
+def test_mixture_part_with_some_bad_records_keeps_training(data_dir, tmp_path, caplog):
+  """A part with 40% bad records (below max_bad_fraction) trains on, over several windows
+  of 1000 reads; each bad read is skipped and counted."""
+  garbage = {0, 1, 5, 6, 10, 11, 15, 16}
+  bad = _tar_part(tmp_path / "bad", 20, garbage=garbage)
+  cfg = _cfg(data_dir, split="test", data=(("digits_captions", 0.1), (bad, 0.9)))
+  it = pipeline.make_train_iterator(cfg, global_batch_size=64, seed=0, sharding=None)
+  tok = tokenizer.Tokenizer(TOKENIZER)
+  captions = []
+  for _ in range(40):
+    captions += tok.decode(next(it)["text"])
+  reads = it.get_state()["grain"]["next_index"]
+  assert reads > 3 * 1000 / 0.9  # > 3 windows of the bad part.
+  assert it.stats() == {"skipped/corrupt_image": reads - 40 * 64}
+  tar_ids = {int(c) for c in captions if c.isdigit()}
+  assert tar_ids == set(range(20)) - garbage
+  assert "Skipping bad record" in caplog.text and repr(bad) in caplog.text
+
+
+def test_drop_failing_parts(data_dir, tmp_path, caplog):
+  """input.drop_failing_parts: a failing mixture part is dropped with an error-level log
+  naming it and training goes on with the other parts; the drop survives a resume; a
+  single source is never dropped."""
+  bad = _tar_part(tmp_path / "bad", 20, garbage=range(20))
+  cfg = _cfg(data_dir, split="test", data=(("digits_captions", 0.1), (bad, 0.9)),
+             drop_failing_parts=True)
+  it = pipeline.make_train_iterator(cfg, global_batch_size=16, seed=0, sharding=None)
+  with caplog.at_level("ERROR"):
+    for _ in range(6):
+      next(it)
+  errors = [r for r in caplog.records if r.levelname == "ERROR"]
+  assert len(errors) == 1 and errors[0].getMessage().startswith(
+      f"Dropping part {bad!r} of the input.data mixture for the rest of the run")
+  stats = it.stats()
+  assert stats["skipped/corrupt_image"] == 501 and stats["skipped/part_dropped"] > 0
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["dropped_parts"] == [bad]
+  resumed = pipeline.make_train_iterator(cfg, global_batch_size=16, seed=0, sharding=None)
+  resumed.set_state(state)
+  for _ in range(30):  # > 1000 reads of the bad part: never read again.
+    next(resumed)
+  assert resumed.stats()["skipped/corrupt_image"] == 501
+  assert resumed.stats()["skipped/part_dropped"] > stats["skipped/part_dropped"] + 900
+  single = pipeline.make_train_iterator(_cfg(data_dir, data=bad, drop_failing_parts=True),
+                                        global_batch_size=16, seed=0, sharding=None)
+  with pytest.raises(pipeline.SourceFailed, match=rf"from input.data {re.escape(repr(bad))} "
+                     r"are bad.*raise input.max_bad_fraction"):
+    next(single)
 
 
 # ---- eval batches --------------------------------------------------------------------

@@ -306,12 +306,12 @@ def test_pipeline_skips_and_counts_bad_records(monkeypatch):
 
 
 def test_pipeline_all_bad_records_raise(monkeypatch):
-  monkeypatch.setattr(pipeline, "_MAX_SKIPPED_IN_A_ROW", 50)
   monkeypatch.setattr(sources, "open_source", lambda *a, **k: [{"image": _png()}] * 10)
   cfg = dict(data="in_memory", tokenizer=TOKENIZER, text_len=6,
              pp_image="decode|value_range(-1,1)", shuffle=False)
   it = pipeline.make_train_iterator(cfg, global_batch_size=2, seed=0, sharding=None)
-  with pytest.raises(ValueError, match=r"50 bad records in a row.*missing_field"):
+  with pytest.raises(pipeline.SourceFailed, match=r"501 of the last 501 records read from "
+                     r"input.data 'in_memory' are bad.*missing_field.*input.text_column"):
     next(it)
 
 

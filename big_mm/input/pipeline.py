@@ -7,7 +7,11 @@ p, p+P, p+2P, ... (disjoint, together covering every epoch). Each step a process
 the next global_batch_size/P good examples. Random preprocessing draws from an rng
 seeded by (seed, epoch, example index), so batches do not depend on num_workers or
 threads. Bad records (`BadRecord`, unreadable records) are skipped before batching
-and counted per reason (`it.stats()`); batch shapes never change.
+and counted per reason (`it.stats()`); batch shapes never change. A source (a mixture
+part, or the one source) with more than input.max_bad_fraction bad records among its
+last _BAD_WINDOW reads is broken, not noisy: the run stops with `SourceFailed` naming it,
+or, with input.drop_failing_parts, that mixture part is dropped (error log; its slots
+are then skipped as "part_dropped").
 
   it = make_train_iterator(config.input, global_batch_size=256, seed=0, sharding=s)
   batch = next(it)              # {"image": f32 [B,H,W,3], "text": i32 [B,L]} global arrays
@@ -30,13 +34,28 @@ import numpy as np
 
 from big_mm.input import dense
 from big_mm.input import files
+from big_mm.input import mixture
 from big_mm.input import preprocess
 from big_mm.input import sources
 from big_mm.input import tokenizer as tokenizer_lib
 
 _SKIP = "__skip__"  # Key of the marker element standing for a skipped record.
+_PART = "__part__"  # Key of the mixture part (0 for a single source) a train element read.
 _MAX_STREAM = 2**62
-_MAX_SKIPPED_IN_A_ROW = 10_000  # Beyond this the data or config is wrong, not a few records.
+_BAD_WINDOW = 1000  # Reads per source over which input.max_bad_fraction is checked.
+# What to check when most of a source's records fail for a reason (see SourceFailed).
+_BAD_SOURCE_HINTS = {
+    "read": "its files cannot be read: check that they exist, are complete and readable "
+            "from every host (permissions, credentials, network)",
+    "missing_field": "its records lack the image or the caption: check input.image_column / "
+                     "input.text_column against its records",
+    "corrupt_image": "its images do not decode: check that its files hold images (not "
+                     "truncated, not HTML error pages)",
+}
+
+
+class SourceFailed(RuntimeError):
+  """Most records of one source are bad: its data or its input config is wrong."""
 
 
 def _get(cfg, key, default=None):
@@ -267,7 +286,10 @@ class _TrainElement:
 
   def __call__(self, k: int):
     epoch, index = self.position(k)
-    return self.example.load(index, _example_rng(self.seed, epoch, index))
+    ex = self.example.load(index, _example_rng(self.seed, epoch, index))
+    source = self.example.source
+    ex[_PART] = source.source_of(index) if isinstance(source, mixture.MixtureSource) else 0
+    return ex
 
 
 def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -337,6 +359,13 @@ class TrainIterator:
     if self.num_examples == 0:
       raise ValueError(f"{name!r} split {split!r} is empty")
     check_modalities(source, input_cfg, name)
+    self.part_names = (list(source.names) if isinstance(source, mixture.MixtureSource)
+                       else [str(name)])
+    self.max_bad_fraction = float(_get(input_cfg, "max_bad_fraction", 0.5))
+    if not 0 <= self.max_bad_fraction < 1:
+      raise ValueError(f"input.max_bad_fraction={self.max_bad_fraction} must be in [0, 1) "
+                       f"(0: stop at the first bad record).")
+    self.drop_failing_parts = bool(_get(input_cfg, "drop_failing_parts", False))
     self._element = _TrainElement(
         _Example(source, input_cfg),
         self.num_examples, self.seed, bool(_get(input_cfg, "shuffle", True)),
@@ -358,33 +387,73 @@ class TrainIterator:
     self._skipped: collections.Counter = collections.Counter()
     self._counts: collections.Counter = collections.Counter()
     self._step = 0
+    # Per part: reads and bad records by reason in its current window of _BAD_WINDOW reads.
+    self._windows = [{"reads": 0, "bad": collections.Counter()} for _ in self.part_names]
+    self._dropped: set[int] = set()
 
   def __iter__(self):
     return self
 
   def next_local(self) -> dict[str, np.ndarray]:
     """The next batch of this process as numpy arrays (local_batch_size examples)."""
-    examples, skipped_in_a_row = [], 0
+    examples = []
     while len(examples) < self.local_batch_size:
       ex = next(self._it)
+      part = ex.pop(_PART)
+      if part in self._dropped:
+        self._skipped["part_dropped"] += 1
+        continue
+      self._count_read(part, ex)
       if _SKIP in ex:
         reason = ex[_SKIP]
         if not self._skipped[reason]:
-          logging.warning("Skipping bad record %s (%s); further ones are only counted "
-                          "in stats().", ex.get("_index"), ex.get("_detail"))
+          logging.warning("Skipping bad record %s of %r (%s); further ones are only counted "
+                          "in stats().", ex.get("_index"), self.part_names[part],
+                          ex.get("_detail"))
         self._skipped[reason] += 1
-        skipped_in_a_row += 1
-        if skipped_in_a_row >= _MAX_SKIPPED_IN_A_ROW:
-          raise ValueError(
-              f"{skipped_in_a_row} bad records in a row (skipped so far: "
-              f"{dict(self._skipped)}; last: {ex.get('_detail')}). The data or the input "
-              f"config is wrong (e.g. a text field the records do not have).")
         continue
-      skipped_in_a_row = 0
       self._counts.update(ex.pop("_counts", {}))
       examples.append(ex)
     self._step += 1
     return _stack(examples)
+
+  def _count_read(self, part: int, ex: dict[str, Any]) -> None:
+    """Counts a read of `part`; fails (or drops) it once its window holds too many bad ones."""
+    window = self._windows[part]
+    window["reads"] += 1
+    if _SKIP in ex:
+      window["bad"][ex[_SKIP]] += 1
+      if sum(window["bad"].values()) > self.max_bad_fraction * _BAD_WINDOW:
+        self._fail_part(part, ex.get("_detail"))
+    if window["reads"] >= _BAD_WINDOW:
+      self._windows[part] = {"reads": 0, "bad": collections.Counter()}
+
+  def _fail_part(self, part: int, last_detail) -> None:
+    """SourceFailed naming the part and what to check, or (input.drop_failing_parts) drops it."""
+    name, window = self.part_names[part], self._windows[part]
+    is_mixture = len(self.part_names) > 1
+    bad = window["bad"]
+    hint = "; ".join(_BAD_SOURCE_HINTS[r] for r, _ in bad.most_common()
+                     if r in _BAD_SOURCE_HINTS) or "check its data and the input config"
+    what = f"part {name!r} of the input.data mixture" if is_mixture else f"input.data {name!r}"
+    problem = (f"{sum(bad.values())} of the last {window['reads']} records read from {what} "
+               f"are bad (input.max_bad_fraction={self.max_bad_fraction:g} allows "
+               f"{int(self.max_bad_fraction * _BAD_WINDOW)} per {_BAD_WINDOW}): "
+               f"{dict(bad.most_common())}; last: {last_detail}. {hint[0].upper()}{hint[1:]}.")
+    others = set(range(len(self.part_names))) - self._dropped - {part}
+    if self.drop_failing_parts and others:
+      logging.error("Dropping %s for the rest of the run (its slots are skipped as "
+                    "'part_dropped'): %s", what, problem)
+      self._dropped.add(part)
+      return
+    if self.drop_failing_parts and is_mixture:
+      advice = "Every other part of the mixture was dropped already."
+    elif is_mixture:
+      advice = ("To train on the other parts without it, set input.drop_failing_parts=True; "
+                "if this much bad data is expected, raise input.max_bad_fraction.")
+    else:
+      advice = "If this much bad data is expected, raise input.max_bad_fraction."
+    raise SourceFailed(f"{problem} {advice}")
 
   def __next__(self):
     batch = self.next_local()
@@ -400,7 +469,10 @@ class TrainIterator:
     return {"grain": self._it.get_state(), "step": self._step,
             "skipped": dict(self._skipped), "counts": dict(self._counts), "seed": self.seed,
             "process_index": self.process_index, "process_count": self.process_count,
-            "global_batch_size": self.global_batch_size}
+            "global_batch_size": self.global_batch_size,
+            "bad_windows": {name: {"reads": w["reads"], "bad": dict(w["bad"])}
+                            for name, w in zip(self.part_names, self._windows)},
+            "dropped_parts": [self.part_names[i] for i in sorted(self._dropped)]}
 
   def set_state(self, state: dict[str, Any]) -> None:
     for k in ("seed", "process_index", "process_count", "global_batch_size"):
@@ -411,6 +483,12 @@ class TrainIterator:
     self._step = int(state.get("step", 0))
     self._skipped = collections.Counter(state.get("skipped", {}))
     self._counts = collections.Counter(state.get("counts", {}))
+    windows = state.get("bad_windows", {})
+    self._windows = [{"reads": int(windows[n]["reads"]),
+                      "bad": collections.Counter(windows[n]["bad"])} if n in windows
+                     else {"reads": 0, "bad": collections.Counter()} for n in self.part_names]
+    self._dropped = {i for i, n in enumerate(self.part_names)
+                     if n in state.get("dropped_parts", ())}
 
   @property
   def epoch(self) -> float:
