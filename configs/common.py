@@ -30,7 +30,9 @@ DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 EVAL_PP = "decode|resize(32)|value_range(-1,1)"
 # Captions name a digit as a word or a numeral: either counts for label_accuracy.
 CAPTION_CLASSES = tuple((word, str(i)) for i, word in enumerate(DIGITS))
-SCORING_TEMPLATES = ("a photo of the number {}", "the digit {}", "a scan of a handwritten {}")
+# Zero-shot and scoring prompts: data/digits_captions.py's HELD_OUT_TEMPLATES, which no
+# caption uses (so the model never trained on these phrasings).
+HELD_OUT_PROMPTS = ("a photo of the number {}", "the digit {}", "a scan of a handwritten {}")
 
 
 def digits_caption_evals(every_steps: int) -> dict:
@@ -39,5 +41,5 @@ def digits_caption_evals(every_steps: int) -> dict:
       captioning=dict(type="captioning", split="test", every_steps=every_steps,
                       pp_image=EVAL_PP, classnames=CAPTION_CLASSES, max_examples=300),
       scoring=dict(type="scoring", split="test", every_steps=every_steps, pp_image=EVAL_PP,
-                   classnames=DIGITS, templates=SCORING_TEMPLATES),
+                   classnames=DIGITS, templates=HELD_OUT_PROMPTS),
   )

@@ -11,8 +11,7 @@ see README.md for the measured numbers and wall time.
 Arguments (`configs/demo.py:loss=softmax,steps=300`): loss (sigmoid|softmax), steps, batch.
 """
 from big_mm import config as config_lib
-
-DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+from configs import common
 
 
 def get_config(arg=None):
@@ -48,8 +47,7 @@ def get_config(arg=None):
   eval_pp = "decode|resize(32)|value_range(-1,1)"
   c.evals = dict(
       zeroshot=dict(type="zeroshot", split="test", every_steps=200, pp_image=eval_pp,
-                    classnames=DIGITS,
-                    templates=("a photo of the number {}", "the digit {}", "handwritten {}")),
+                    classnames=common.DIGITS, templates=common.HELD_OUT_PROMPTS),
       retrieval=dict(type="retrieval", split="test", every_steps=200, pp_image=eval_pp),
   )
   c.checkpoint = dict(every_steps=200, keep=2)

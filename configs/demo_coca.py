@@ -18,8 +18,6 @@ Arguments (`configs/demo_coca.py:loss=softmax,steps=300`): loss (sigmoid|softmax
 from big_mm import config as config_lib
 from configs import common
 
-DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, loss="sigmoid", steps=600, batch=128)
@@ -53,8 +51,7 @@ def get_config(arg=None):
   eval_pp = "decode|resize(32)|value_range(-1,1)"
   c.evals = dict(
       zeroshot=dict(type="zeroshot", split="test", every_steps=200, pp_image=eval_pp,
-                    classnames=DIGITS,
-                    templates=("a photo of the number {}", "the digit {}", "handwritten {}")),
+                    classnames=common.DIGITS, templates=common.HELD_OUT_PROMPTS),
       **common.digits_caption_evals(every_steps=200),
   )
   c.checkpoint = dict(every_steps=200, keep=2)

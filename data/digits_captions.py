@@ -1,10 +1,17 @@
 """`digits_captions`: a tiny captioned image dataset built from scikit-learn's digits.
 
 1,797 8x8 grey digits (values 0..16) become 32x32 RGB PNGs, each with a caption drawn
-deterministically from a set of templates ("a photo of the number seven", "handwritten 7",
+deterministically from the 7 CAPTION_TEMPLATES ("handwritten 7", "a small handwritten seven",
 ...). Fields: image (PNG bytes), text (caption), label (0-9), id (row in sklearn's data).
 Splits: `test` holds 30 images per class (300, stratified, fixed by SEED), `train` the
 other 1,497.
+
+HELD_OUT_TEMPLATES ("a photo of the number {w}", "the digit {w}", "a scan of a handwritten
+{w}") appear in no caption of either split: they are the demos' zero-shot and scoring prompts
+(configs/demo.py, configs/common.py), so "zero-shot" means prompts the model never trained on.
+Version 1.0.0 drew captions from all 10 templates, prompts included. The committed tokenizer
+(data/digits_spm.model) was trained on 1.0.0's captions, so it has pieces for the held-out
+words; the model never sees them paired with an image.
 
 It is a real TFDS builder writing array_record files, so it is read TF-free with
 `tfds.data_source("digits_captions", data_dir=...)`. The TFDS writer runs without
@@ -28,24 +35,27 @@ TEST_PER_CLASS = 30
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # "{w}" = the digit as a word, "{n}" = as a numeral.
-TEMPLATES = (
-    "a photo of the number {w}",
+CAPTION_TEMPLATES = (
     "handwritten {n}",
-    "the digit {w}",
     "a drawing of a {n}",
     "an image of the numeral {w}",
     "a blurry picture of the digit {n}",
     "a small handwritten {w}",
     "the number {n} written by hand",
-    "a scan of a handwritten {w}",
     "a low resolution image of a {n}",
+)
+# Never in a caption: the zero-shot / scoring prompts (with the digit as a word).
+HELD_OUT_TEMPLATES = (
+    "a photo of the number {w}",
+    "the digit {w}",
+    "a scan of a handwritten {w}",
 )
 
 
 def caption(label: int, example_id: int, seed: int = SEED) -> str:
   """The caption of example `example_id` (a pure function of its arguments)."""
   rng = np.random.default_rng([seed, example_id])
-  template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+  template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
   return template.format(w=WORDS[label], n=str(label))
 
 
@@ -97,8 +107,9 @@ def generate(split: str, seed: int = SEED):
 class DigitsCaptions(tfds.core.GeneratorBasedBuilder):
   """scikit-learn digits as 32x32 RGB images with templated captions."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "2.0.0": "Captions never use the 3 held-out (zero-shot prompt) templates."}
 
   # TFDS's default `code_path` probes `importlib_resources` (not installed with tfds
   # 4.9.10's minimal deps) when the builder lives in a package; this file is the code.

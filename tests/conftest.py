@@ -83,9 +83,10 @@ def read_metrics(workdir):
 
 @pytest.fixture(scope="session")
 def trained_demo(data_dir, tmp_path_factory):
-  """The README's demo as a user runs it (the CLI, one CPU device, 600 steps), trained once
-  per test run: (workdir, the finished process). Under pytest-xdist the first worker that
-  needs it trains it in the workers' shared temp dir; the others wait for it and reuse it."""
+  """The README's demo as a user runs it (its command on one CPU device, the only override
+  input.data_dir: the session's build), trained once per test run: (workdir, the finished
+  process). Under pytest-xdist the first worker that needs it trains it in the workers' shared
+  temp dir; the others wait for it and reuse it."""
   import subprocess
   from filelock import FileLock
   shared = tmp_path_factory.getbasetemp().parent  # common to all xdist workers
@@ -97,8 +98,7 @@ def trained_demo(data_dir, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a laptop
     proc = subprocess.run(
         [sys.executable, "-m", "big_mm.train", "--config", "configs/demo.py",
-         "--workdir", str(workdir), f"--config.input.data_dir={data_dir}",
-         "--config.evals.retrieval.every_steps=600", "--config.evals.zeroshot.every_steps=600"],
+         "--workdir", str(workdir), f"--config.input.data_dir={data_dir}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     done.write_text(json.dumps(dict(args=proc.args, returncode=proc.returncode,

@@ -58,10 +58,11 @@ def test_builder_splits(data_dir):
 
 def test_builder_deterministic(data_dir, tmp_path):
   digits_captions.build(str(tmp_path))
-  files = sorted(glob.glob(os.path.join(data_dir, "digits_captions", "1.0.0", "*.array_record*")))
+  version = str(digits_captions.DigitsCaptions.VERSION)
+  files = sorted(glob.glob(os.path.join(data_dir, "digits_captions", version, "*.array_record*")))
   assert len(files) == 2
   for f in files:
-    other = os.path.join(tmp_path, "digits_captions", "1.0.0", os.path.basename(f))
+    other = os.path.join(tmp_path, "digits_captions", version, os.path.basename(f))
     with open(f, "rb") as a, open(other, "rb") as b:
       assert a.read() == b.read(), f
 
