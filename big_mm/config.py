@@ -496,7 +496,8 @@ def _validate_data(config: ConfigDict) -> None:
   shared = sources.files_without_split(config.input.data)
   for name, ev in config.evals.items():
     split = ev.get("split") or _EVAL_COMMON["split"]
-    if shared and not ev.get("data") and "[" not in split:
+    never_runs = ev.get("every_steps") == 0
+    if shared and not ev.get("data") and "[" not in split and not never_runs:
       raise ConfigError(
           f"evals.{name} reads split {split!r} of input.data, but {shared[0]!r} has "
           f"no {{split}} placeholder, so it would evaluate on the training files. Give "

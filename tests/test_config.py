@@ -86,3 +86,13 @@ def test_text_prefix_only_for_captioning():
   c.input.prefix_len = 8
   with pytest.raises(config_lib.ConfigError, match="read only by prefix-LM captioners"):
     config_lib.load(c)
+
+
+def test_eval_reading_training_files_is_refused_unless_it_never_runs():
+  """README's tar-shard command: zero-shot switched off (every_steps=0) needs no eval data."""
+  shards = "tar:/data/shards/{00000..00099}.tar"
+  with pytest.raises(ConfigError, match=r"evals.zeroshot reads split 'test'.*no \{split\}"):
+    _demo(**{"input.data": shards, "evals.retrieval.data": "tar:/data/val/*.tar"})
+  c = _demo(**{"input.data": shards, "evals.retrieval.data": "tar:/data/val/*.tar",
+               "evals.zeroshot.every_steps": 0})
+  assert c.evals.zeroshot.every_steps == 0
