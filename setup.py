@@ -31,8 +31,15 @@ setup(
             "pytest-xdist>=3",
             "filelock",
             "torch==2.13.0",
-            "transformers>=4.50",
+            "transformers>=5.0",  # its SentencePiece -> tokenizer.json converter (exports)
             "safetensors>=0.4",
+            # tests/test_export.py loads open_clip exports through open_clip itself. torchvision
+            # 0.28.0 is the release built for torch 2.13.0 (it pins torch==2.13.0, which the
+            # CPU build satisfies, so no CUDA torch is pulled); see the test module for its
+            # C extension. The rest open_clip / timm pull is small (ftfy, regex, tqdm, pyyaml).
+            "torchvision==0.28.0",
+            "open_clip_torch==3.3.0",
+            "timm==1.0.31",
         ],
     },
 )

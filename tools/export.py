@@ -6,8 +6,10 @@ r"""Export a big_mm run to Hugging Face transformers, open_clip or a big_vision-
 
 The run's config is needed (a workdir does not store it): pass the same --config and
 overrides as for training. --arch defaults to siglip for objective.loss=sigmoid and clip for
-softmax. hf writes config.json + model.safetensors + the SentencePiece tokenizer and image
-processor (AutoProcessor / SiglipProcessor); npz writes one array per '/'-joined param path.
+softmax. hf writes config.json + model.safetensors + the tokenizer and image processor
+(AutoProcessor / SiglipProcessor); open_clip writes a directory for
+open_clip.create_model_and_transforms / get_tokenizer("local-dir:DIR"); npz writes one array
+per '/'-joined param path.
 Models the target cannot represent exactly are refused with the list of differences.
 """
 from __future__ import annotations

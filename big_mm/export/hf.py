@@ -23,6 +23,7 @@ CLIP (`transformers.CLIPModel`), usually `objective.loss="softmax"`:
          head without bias as for the image.
   t -> logit_scale; b must be 0 (CLIP has no logit bias; a softmax loss never moves it).
 Both: activations are tanh-GELU ("gelu_pytorch_tanh"), LayerNorm eps 1e-6, float32 weights.
+The tokenizer (`write_tokenizer`) encodes exactly as big_mm's: SentencePiece pieces, EOS, pads.
 """
 from __future__ import annotations
 
@@ -319,7 +320,8 @@ def prepare(params, model_kwargs: Mapping, arch: str, *, image_size: Optional[in
   return flat, img, txt, dims, image_size, text_len
 
 
-def hf_config(arch, img, txt, dims, image_size, text_len, vocab_size) -> dict:
+def hf_config(arch, img, txt, dims, image_size, text_len, vocab_size,
+              logit_scale: float) -> dict:
   def tower(o):
     return dict(hidden_size=o["width"], intermediate_size=o["mlp_dim"],
                 num_hidden_layers=o["depth"], num_attention_heads=o["num_heads"],
@@ -334,8 +336,11 @@ def hf_config(arch, img, txt, dims, image_size, text_len, vocab_size) -> dict:
     return dict(model_type="siglip", architectures=["SiglipModel"], text_config=text,
                 vision_config=vision)
   proj = dims[0] or img["width"]
+  # The towers' own projection_dim (CLIPTextModelWithProjection / CLIPVisionModelWithProjection)
+  # and the logit scale describe this model too, not transformers' defaults (512, log(1/0.07)).
+  text["projection_dim"] = vision["projection_dim"] = proj
   return dict(model_type="clip", architectures=["CLIPModel"], text_config=text,
-              vision_config=vision, projection_dim=proj, logit_scale_init_value=2.6592)
+              vision_config=vision, projection_dim=proj, logit_scale_init_value=logit_scale)
 
 
 def to_hf_state_dict(flat, rules) -> dict[str, np.ndarray]:
@@ -354,8 +359,7 @@ def to_hf_state_dict(flat, rules) -> dict[str, np.ndarray]:
 
 
 def export_hf(params, model_kwargs: Mapping, out_dir: str, *, arch: str = "siglip",
-              tokenizer: Optional[str] = None, image_size: Optional[int] = None,
-              do_lower_case: bool = False) -> str:
+              tokenizer: Optional[str] = None, image_size: Optional[int] = None) -> str:
   """Writes config.json + model.safetensors (+ tokenizer / processor files when `tokenizer`,
   a SentencePiece .model path, is given) loadable with `SiglipModel/CLIPModel.from_pretrained`.
   """
@@ -371,7 +375,8 @@ def export_hf(params, model_kwargs: Mapping, out_dir: str, *, arch: str = "sigli
     rules = clip_rules(img, txt)
   state = to_hf_state_dict(flat, rules)
   vocab = flat["txt/Embed_0/embedding"].shape[0]
-  cfg = hf_config(arch, img, txt, dims, image_size, text_len, vocab)
+  cfg = hf_config(arch, img, txt, dims, image_size, text_len, vocab,
+                  logit_scale=float(flat["t"].reshape(-1)[0]))
   cfg["big_mm"] = dict(text_pad_mask=bool(txt.get("pad_mask")), image_posemb=img["posemb"])
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -379,24 +384,61 @@ def export_hf(params, model_kwargs: Mapping, out_dir: str, *, arch: str = "sigli
   save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   if tokenizer:
     write_processor(out_dir, tokenizer, image_size=image_size, text_len=text_len,
-                    pad_mask=bool(txt.get("pad_mask")), do_lower_case=do_lower_case)
+                    pad_mask=bool(txt.get("pad_mask")))
   return out_dir
 
 
-def write_processor(out_dir, tokenizer_path, *, image_size, text_len, pad_mask, do_lower_case):
-  """SiglipTokenizer over the run's SentencePiece model + a PIL image processor matching
-  big_mm's eval preprocessing `resize(image_size)|value_range(-1,1)` (bilinear, mean=std=0.5).
+def write_tokenizer(out_dir, tokenizer_path, *, text_len, pad_mask) -> None:
+  """tokenizer.json + tokenizer_config.json: a PreTrainedTokenizerFast (AutoTokenizer in
+  transformers 4.x and 5.x; open_clip's HFTokenizer) that encodes as big_mm's Tokenizer does:
+  the SentencePiece pieces truncated to text_len - 1, EOS, then pad ids up to text_len.
 
-  The tokenizer pads with id 0 (big_mm's pad) to max_length=text_len and appends EOS (id 1).
+  transformers' SentencePiece converter follows the model's own normalizer spec (charsmap, extra
+  whitespace removal, dummy prefix) and ranks BPE merges by piece score. Special-token strings
+  inside a text ("</s>") are tokenized as text, as SentencePiece does (split_special_tokens).
   With pad_mask=False it returns no attention_mask, so pads are attended as in big_mm.
   """
-  from transformers import SiglipTokenizer
+  try:
+    from tokenizers import processors
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+    build = SpmConverter.build_tokenizer_from_spm_proto
+  except (ImportError, AttributeError) as e:
+    raise ExportError(f"Writing the tokenizer needs transformers 5 (its SentencePiece "
+                      f"converter build_tokenizer_from_spm_proto; {e}): "
+                      "pip install -U transformers.") from None
+  proto = import_protobuf().ModelProto()
+  with open(tokenizer_path, "rb") as f:
+    proto.ParseFromString(f.read())
+  spec = proto.trainer_spec
+  if spec.model_type == 1:  # unigram
+    vocab = [(p.piece, p.score) for p in proto.pieces]
+  elif spec.model_type == 2:  # BPE
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+  else:
+    raise ExportError(f"{tokenizer_path!r}: SentencePiece model_type {spec.model_type} (char / "
+                      "word) has no tokenizers converter; train a unigram or BPE model.")
+  tok = build(proto, vocab)
+  eos = proto.pieces[spec.eos_id].piece
+  tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}",
+                                                     special_tokens=[(eos, spec.eos_id)])
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
+  config = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=eos,
+                pad_token=proto.pieces[spec.pad_id].piece,
+                unk_token=proto.pieces[spec.unk_id].piece, model_max_length=text_len,
+                padding_side="right", truncation_side="right", split_special_tokens=True,
+                clean_up_tokenization_spaces=False,
+                model_input_names=["input_ids", "attention_mask"] if pad_mask else ["input_ids"])
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+
+
+def write_processor(out_dir, tokenizer_path, *, image_size, text_len, pad_mask):
+  """The exact tokenizer (`write_tokenizer`, plus the SentencePiece model as spiece.model for
+  big_mm's own Tokenizer) + a PIL image processor matching big_mm's eval preprocessing
+  `resize(image_size)|value_range(-1,1)` (bilinear, mean=std=0.5), as a SiglipProcessor.
+  """
   shutil.copyfile(tokenizer_path, os.path.join(out_dir, "spiece.model"))
-  input_names = ["input_ids", "attention_mask"] if pad_mask else ["input_ids"]
-  tok = SiglipTokenizer(os.path.join(out_dir, "spiece.model"), pad_token="<pad>",
-                        eos_token="</s>", unk_token="<unk>", model_max_length=text_len,
-                        do_lower_case=do_lower_case, model_input_names=input_names)
-  tok.save_pretrained(out_dir)
+  write_tokenizer(out_dir, tokenizer_path, text_len=text_len, pad_mask=pad_mask)
   image_proc = dict(
       image_processor_type="SiglipImageProcessor", processor_class="SiglipProcessor",
       do_resize=True, size={"height": image_size, "width": image_size}, resample=2,  # bilinear

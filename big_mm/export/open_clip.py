@@ -1,26 +1,37 @@
-"""open_clip export: `open_clip_config.json` + `open_clip_model.safetensors` in a directory,
-the layout `open_clip.create_model_and_transforms("local-dir:DIR")` (and `hf-hub:` repos) read.
+"""open_clip export: a directory that open_clip_torch (3.3 tested) loads through its public API:
 
-Targets open_clip's native `CLIP` model (VisionTransformer + TextTransformer), configured with
-tanh-GELU (`act_kwargs={"approximate": "tanh"}`) and LayerNorm eps 1e-6 (`norm_kwargs`) so the
-function is big_mm's exactly. State-dict keys (open_clip/model.py, transformer.py):
+  model, _, preprocess = open_clip.create_model_and_transforms("local-dir:DIR")
+  tokenizer = open_clip.get_tokenizer("local-dir:DIR")
 
-  visual.conv1.weight, visual.class_embedding, visual.positional_embedding, visual.ln_pre.*,
-  visual.transformer.resblocks.{i}.{ln_1,attn.in_proj_weight,attn.in_proj_bias,attn.out_proj,
-  ln_2,mlp.c_fc,mlp.c_proj}.*, visual.ln_post.*, visual.proj [D, P],
-  token_embedding.weight, positional_embedding [L, D], transformer.resblocks.{i}..., ln_final.*,
-  text_projection [D, P] (or text_projection.{weight,bias} with proj_bias), logit_scale [],
-  logit_bias [] (when init_logit_bias is set).
+DIR holds open_clip_config.json, open_clip_model.safetensors and, with a tokenizer, the exact
+tokenizer (tokenizer.json + tokenizer_config.json, `hf.write_tokenizer`; text_cfg.hf_tokenizer_name
+makes open_clip's HFTokenizer load it) plus spiece.model for big_mm's own Tokenizer.
 
-What maps: image pool="tok" (pre_norm on -> ln_pre, off -> no_ln_pre=True), image head without
-bias (or none: identity projection); text pool "last" (open_clip pool_type "eos", eos_id=1),
-"last_position" ("last") or "first", causal or not (no_causal_mask), text head with or without
-bias; b -> logit_bias. Refused: MAP / gap image pooling (open_clip's native ViT always carries
-a class token; SigLIP-style MAP towers need timm in open_clip), text pool "mean"/"map",
-pad_mask=True unless causal with pool "last" (open_clip's CLIP.encode_text masks no pads),
-non-integer head_width / mlp_ratio, rep_size. The patch-embedding bias is folded into the
-position embedding as for HF CLIP. The tokenizer is not converted: open_clip has no
-SentencePiece-file tokenizer option, so tokenize with big_mm's tokenizer (spiece.model is copied).
+Image tower, by image.pool:
+  "tok": open_clip's native VisionTransformer (class token; pre_norm on -> ln_pre, off ->
+         no_ln_pre=True), image head without bias (or none: identity projection). The
+         patch-embedding bias is folded into the position embedding as for HF CLIP.
+  "map" (SigLIP's MAP head) and "gap": open_clip's timm route, as its own SigLIP models
+         (ViT-B-16-SigLIP: timm vit_*_siglip_*, global_pool "map"): timm's VisionTransformer
+         without class token, global_pool "map" / "avg" (norm before pooling, fc_norm off),
+         tanh-GELU; image head -> open_clip's visual.head.proj (timm_proj "linear", bias as
+         trained), none -> timm_proj "none". open_clip 3.3 passes timm no architecture
+         arguments, so the tower's sizes are a timm model config, DIR/timm_vision/config.json,
+         which timm (>= 1.0.31 tested) reads through its "local-dir:" model name: open_clip_config
+         names it by ABSOLUTE path, so after moving DIR export again (or edit
+         vision_cfg.timm_model_name). With pre_norm the patch bias is folded into pos_embed
+         (timm's patch embedding has no bias then).
+  "0" and "none" are refused (neither route pools the first patch token without a class token).
+Text tower: open_clip's native TextTransformer: pool "last" (pool_type "eos", eos_id=1),
+"last_position" ("last") or "first", causal or not (no_causal_mask), head with or without bias.
+b -> logit_bias. Also refused: text pool "mean"/"map", pad_mask=True unless causal with pool
+"last" (open_clip's CLIP.encode_text masks no pads), non-integer mlp ratios, rep_size.
+Everything runs tanh-GELU (act_kwargs / act_layer "gelu_tanh") with LayerNorm eps 1e-6, so the
+function is big_mm's exactly.
+
+Tokenizer: open_clip's HFTokenizer cleans every text before tokenizing (ftfy.fix_text,
+html.unescape, runs of whitespace -> one space, stripped); for such clean text its ids equal
+big_mm's (SentencePiece with its default remove_extra_whitespaces collapses spaces the same way).
 """
 from __future__ import annotations
 
@@ -47,7 +58,67 @@ def _resblocks(bm, oc, depth, heads):
   return rules
 
 
-def open_clip_rules(img, txt, *, text_proj_bias: bool) -> list:
+def _fused_proj(att, parts, weight, bias, heads):
+  """big_mm attention projections `parts` (e.g. query, key, value) <-> one torch Linear whose
+  weight stacks them [len(parts) * D, D] (timm's attn.qkv, attn_pool.kv)."""
+  def fwd_w(a):
+    return [np.concatenate([k.reshape(k.shape[0], -1).T for k in a])]
+
+  def inv_w(a):
+    return [w.T.reshape(w.shape[1], heads, -1) for w in np.split(a[0], len(parts))]
+
+  return [hf.Rule([f"{att}/{n}/kernel" for n in parts], [weight], fwd_w, inv_w),
+          hf.Rule([f"{att}/{n}/bias" for n in parts], [bias],
+                  lambda a: [np.concatenate([b.reshape(-1) for b in a])],
+                  lambda a: [b.reshape(heads, -1) for b in np.split(a[0], len(parts))])]
+
+
+def _out_proj(att, torch_name, heads):
+  return [hf.Rule([f"{att}/out/kernel"], [f"{torch_name}.weight"],
+                  lambda a: [a[0].reshape(-1, a[0].shape[-1]).T],
+                  lambda a: [a[0].T.reshape(heads, -1, a[0].shape[0])]),
+          hf._same(f"{att}/out/bias", f"{torch_name}.bias")]
+
+
+def _timm_mlp(bm, t):
+  return hf._dense(f"{bm}/Dense_0", f"{t}.fc1") + hf._dense(f"{bm}/Dense_1", f"{t}.fc2")
+
+
+def timm_vision_rules(img) -> list:
+  """big_mm ViT (pool map / gap) <-> open_clip TimmModel: visual.trunk = timm VisionTransformer
+  (class_token=False), visual.head.proj = the image head."""
+  t, heads = "visual.trunk", img["num_heads"]
+  rules = hf._conv("img/embedding", f"{t}.patch_embed.proj", bias=not img.get("pre_norm"))
+  if img.get("pre_norm"):  # timm's patch embedding has no bias then: fold it into pos_embed.
+    rules.append(hf.Rule(["img/pos_embedding", "img/embedding/bias"], [f"{t}.pos_embed"],
+                         lambda a: [a[0] + a[1]],
+                         lambda a: [a[0], np.zeros(a[0].shape[-1], a[0].dtype)]))
+    rules += hf._ln("img/norm_pre", f"{t}.norm_pre")
+  else:
+    rules.append(hf._same("img/pos_embedding", f"{t}.pos_embed"))
+  for i in range(img["depth"]):
+    b, o = f"img/Transformer/encoderblock_{i}", f"{t}.blocks.{i}"
+    att = f"{b}/MultiHeadDotProductAttention_0"
+    rules += hf._ln(f"{b}/LayerNorm_0", f"{o}.norm1")
+    rules += _fused_proj(att, ("query", "key", "value"), f"{o}.attn.qkv.weight",
+                         f"{o}.attn.qkv.bias", heads)
+    rules += _out_proj(att, f"{o}.attn.proj", heads)
+    rules += hf._ln(f"{b}/LayerNorm_1", f"{o}.norm2")
+    rules += _timm_mlp(f"{b}/MlpBlock_0", f"{o}.mlp")
+  rules += hf._ln("img/Transformer/encoder_norm", f"{t}.norm")
+  if img["pool"] == "map":
+    m, p = "img/MAPHead_0", f"{t}.attn_pool"
+    att = f"{m}/MultiHeadDotProductAttention_0"
+    rules.append(hf._same(f"{m}/probe", f"{p}.latent"))
+    rules += _fused_proj(att, ("query",), f"{p}.q.weight", f"{p}.q.bias", heads)
+    rules += _fused_proj(att, ("key", "value"), f"{p}.kv.weight", f"{p}.kv.bias", heads)
+    rules += _out_proj(att, f"{p}.proj", heads)
+    rules += hf._ln(f"{m}/LayerNorm_0", f"{p}.norm")
+    rules += _timm_mlp(f"{m}/MlpBlock_0", f"{p}.mlp")
+  return rules
+
+
+def native_vision_rules(img, txt) -> list:
   rules = [hf.Rule(["img/embedding/kernel", "img/embedding/bias", "img/cls", "img/pos_embedding"],
                    ["visual.conv1.weight", "visual.class_embedding",
                     "visual.positional_embedding"],
@@ -58,6 +129,18 @@ def open_clip_rules(img, txt, *, text_proj_bias: bool) -> list:
   rules += _resblocks("img/Transformer", "visual.transformer", img["depth"], img["num_heads"])
   rules += hf._ln("img/Transformer/encoder_norm", "visual.ln_post")
   rules.append(hf._same("img/head/kernel", "visual.proj"))  # x @ proj: kernel orientation
+  return rules
+
+
+def open_clip_rules(img, txt, *, image_head: str, text_proj_bias: bool) -> list:
+  """`image_head`: "native" (visual.proj), "linear" / "linear_bias" (timm route with a head:
+  visual.head.proj) or "none" (timm route without one)."""
+  if image_head == "native":
+    rules = native_vision_rules(img, txt)
+  else:
+    rules = timm_vision_rules(img)
+    if image_head != "none":
+      rules += hf._dense("img/head", "visual.head.proj", bias=image_head == "linear_bias")
   rules.append(hf._same("txt/Embed_0/embedding", "token_embedding.weight"))
   rules.append(hf._posemb("txt/pos_embedding", "positional_embedding"))
   rules += _resblocks("txt/Encoder_0", "transformer", txt["depth"], txt["num_heads"])
@@ -73,18 +156,22 @@ def open_clip_rules(img, txt, *, text_proj_bias: bool) -> list:
 
 
 TEXT_POOL = {"last": "eos", "last_position": "last", "first": "first"}
+TIMM_POOL = {"map": "map", "gap": "avg"}
 
 
 def problems_for(img, txt, dims, flat) -> list[str]:
   problems = []
-  if img["pool"] != "tok":
-    problems.append(f"image.pool={img['pool']!r}: open_clip's native ViT pools a class token "
-                    "('tok'); MAP/gap towers need timm there. Use pool='tok'.")
+  if img["pool"] not in ("tok", *TIMM_POOL):
+    problems.append(
+        f"image.pool={img['pool']!r}: open_clip pools a class token (native ViT, pool='tok') or, "
+        "through timm, a MAP head ('map') or the token mean ('gap'); neither pools the first "
+        "patch token of a ViT without class token. Train with pool='map' (SigLIP) or 'tok'.")
   if img.get("rep_size"):
     problems.append("image.rep_size (tanh pre-logits layer) has no open_clip counterpart.")
   hf._square(img, problems)
-  if "img/head/bias" in flat and np.any(flat["img/head/bias"] != 0):
-    problems.append("image head has a non-zero bias; open_clip's visual.proj has none "
+  if (img["pool"] == "tok" and "img/head/bias" in flat
+      and np.any(flat["img/head/bias"] != 0)):
+    problems.append("image head has a non-zero bias; open_clip's native visual.proj has none "
                     "(train with model.image.head_bias=False).")
   if txt["pool"] not in TEXT_POOL:
     problems.append(f"text.pool={txt['pool']!r}: open_clip pools 'eos', 'last' or 'first'.")
@@ -100,6 +187,20 @@ def problems_for(img, txt, dims, flat) -> list[str]:
   return problems
 
 
+def _timm_config(img, image_size) -> dict:
+  """timm's model config (what `timm.create_model("local-dir:D")` reads from D/config.json)."""
+  return dict(
+      architecture="vit_base_patch16_siglip_224",  # its entrypoint; model_args set every size
+      model_args=dict(img_size=image_size, patch_size=img["patch_size"][0],
+                      embed_dim=img["width"], depth=img["depth"], num_heads=img["num_heads"],
+                      mlp_ratio=img["mlp_dim"] / img["width"], class_token=False,
+                      global_pool=TIMM_POOL[img["pool"]], fc_norm=False,
+                      pre_norm=bool(img.get("pre_norm")), act_layer="gelu_tanh"),
+      pretrained_cfg=dict(input_size=[3, image_size, image_size], mean=[0.5] * 3,
+                          std=[0.5] * 3, interpolation="bilinear", crop_pct=1.0,
+                          num_classes=0))
+
+
 def export_open_clip(params, model_kwargs: Mapping, out_dir: str, *,
                      image_size: Optional[int] = None, tokenizer: Optional[str] = None) -> str:
   from safetensors.numpy import save_file
@@ -107,40 +208,69 @@ def export_open_clip(params, model_kwargs: Mapping, out_dir: str, *,
   img, txt, dims = common.resolved_arch(kwargs)
   # Shape checks and sincos tables as for HF; the HF-specific refusals are replaced by ours.
   flat = common.unstack_layers(common.flatten(params))
-  common.check_refusals(problems_for(img, txt, dims, flat), "open_clip (native CLIP)")
+  common.check_refusals(problems_for(img, txt, dims, flat), "open_clip")
   flat, img, txt, dims, image_size, text_len = hf.prepare(params, kwargs, "clip",
                                                           image_size=image_size, check=False)
-  # prepare(.., "clip") added identity heads where there were none and dropped b / head bias;
-  # restore what open_clip can carry.
+  # prepare(.., "clip") added identity heads where there were none and dropped b and the head
+  # biases; restore what open_clip carries.
   raw = common.flatten(params)
   text_proj_bias = "txt/head/bias" in raw and bool(dims[1])
   if text_proj_bias:
     flat["txt/head/bias"] = np.asarray(raw["txt/head/bias"], np.float32)
   flat["b"] = np.asarray(raw["b"], np.float32)
-  state = hf.to_hf_state_dict(flat, open_clip_rules(img, txt, text_proj_bias=text_proj_bias))
+  timm_route = img["pool"] in TIMM_POOL
+  image_head = "native"
+  if timm_route:
+    image_head = "none"
+    if not dims[0]:
+      flat.pop("img/head/kernel")
+    elif "img/head/bias" in raw:
+      flat["img/head/bias"] = np.asarray(raw["img/head/bias"], np.float32)
+      image_head = "linear_bias"
+    else:
+      image_head = "linear"
+  state = hf.to_hf_state_dict(flat, open_clip_rules(img, txt, image_head=image_head,
+                                                    text_proj_bias=text_proj_bias))
   embed_dim = dims[0] or img["width"]
 
   def tower(o):
     return dict(width=o["width"], layers=o["depth"], mlp_ratio=o["mlp_dim"] / o["width"],
                 act_kwargs={"approximate": "tanh"}, norm_kwargs={"eps": hf.LN_EPS})
-  vision_cfg = dict(tower(img), head_width=img["width"] // img["num_heads"],
-                    patch_size=img["patch_size"][0], image_size=image_size,
-                    no_ln_pre=not img.get("pre_norm"), pool_type="tok")
+  for name, o in (("image", img), ("text", txt)):
+    if int(o["width"] * (o["mlp_dim"] / o["width"])) != o["mlp_dim"]:
+      raise ExportError(f"{name} mlp_dim is not width * a float open_clip reproduces exactly.")
+  out_dir = os.path.abspath(out_dir)
+  timm_dir = os.path.join(out_dir, "timm_vision")
+  if timm_route:
+    vision_cfg = dict(image_size=image_size, timm_model_name="local-dir:" + timm_dir,
+                      timm_model_pretrained=False, timm_pool=TIMM_POOL[img["pool"]],
+                      timm_proj="none" if image_head == "none" else "linear",
+                      timm_proj_bias=image_head == "linear_bias")
+  else:
+    vision_cfg = dict(tower(img), head_width=img["width"] // img["num_heads"],
+                      patch_size=img["patch_size"][0], image_size=image_size,
+                      no_ln_pre=not img.get("pre_norm"), pool_type="tok")
   text_cfg = dict(tower(txt), heads=txt["num_heads"], context_length=text_len,
                   vocab_size=flat["txt/Embed_0/embedding"].shape[0], pad_id=0, eos_id=1,
                   no_causal_mask=not txt.get("causal"), pool_type=TEXT_POOL[txt["pool"]],
                   proj_bias=text_proj_bias)
-  for name, cfg in (("vision", vision_cfg), ("text", text_cfg)):
-    if int(cfg["width"] * cfg["mlp_ratio"]) != (img if name == "vision" else txt)["mlp_dim"]:
-      raise ExportError(f"{name} mlp_dim is not width * a float open_clip reproduces exactly.")
+  if tokenizer:
+    # open_clip's get_tokenizer("local-dir:DIR") loads DIR whenever this is set; the path
+    # also serves a plain AutoTokenizer (point it at a hub repo after uploading DIR there).
+    text_cfg["hf_tokenizer_name"] = out_dir
   model_cfg = dict(embed_dim=embed_dim, quick_gelu=False, vision_cfg=vision_cfg,
                    text_cfg=text_cfg, init_logit_bias=float(flat["b"].reshape(-1)[0]))
   preprocess_cfg = dict(size=[image_size, image_size], mode="RGB", mean=[0.5] * 3,
                         std=[0.5] * 3, interpolation="bilinear", resize_mode="squash")
   os.makedirs(out_dir, exist_ok=True)
+  if timm_route:
+    os.makedirs(timm_dir, exist_ok=True)
+    with open(os.path.join(timm_dir, "config.json"), "w") as f:
+      json.dump(_timm_config(img, image_size), f, indent=2)
   with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
     json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, f, indent=2)
   save_file(state, os.path.join(out_dir, "open_clip_model.safetensors"))
   if tokenizer:
     shutil.copyfile(tokenizer, os.path.join(out_dir, "spiece.model"))
+    hf.write_tokenizer(out_dir, tokenizer, text_len=text_len, pad_mask=bool(txt.get("pad_mask")))
   return out_dir
