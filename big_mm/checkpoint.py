@@ -32,21 +32,28 @@ Notes:
 * Async saves: with `async_save=True` the device->host copy happens inside
   `save()` (so donating the state to the next step is safe) and the write to
   storage runs in a background thread; the next `save()`, `wait()` and `close()`
-  wait for it. A step directory only appears under its final name once committed,
-  so `latest_step()` never names a partial checkpoint.
-* Integrity: once orbax has committed a step (a sync save returned; an async one
-  finished, noticed at the next `save()`, `wait()`, `close()` or restore), process 0
-  writes ``DIRECTORY/<step>/big_mm_manifest.json``: the relative path, size and
+  wait for it. A step directory only appears under its final name once orbax has
+  committed it, so `latest_step()` never names a partial checkpoint.
+* Integrity: as soon as orbax has committed a step (a sync save returned; an async
+  one's directory appeared under its final name, which a background thread polls
+  for without ever blocking training), process 0 writes
+  ``DIRECTORY/<step>/big_mm_manifest.json``: the relative path, size and
   zlib.crc32 of every file in the step (atomically: tmp file + os.replace).
   `verify(step)` re-checks them; `restore()` refuses a step that fails (ValueError)
   and `restore_latest_good()` falls back to the newest step that passes, with a
-  warning per rejected step, or raises RuntimeError if none does. A step without
-  a manifest (the process died between orbax's commit and the manifest, or a
-  checkpoint written before manifests existed) counts as not good; use
+  warning per rejected step, or raises RuntimeError if none does. A step without a
+  manifest (the process died in the moment between orbax's commit and the manifest,
+  or a checkpoint written before manifests existed) is committed but unverified:
+  `verify` then checks what orbax itself recorded (its commit time and the items'
+  metadata) and a read that fails still makes `restore_latest_good` fall back; use
   `write_manifest(step)` to adopt such a step after checking it by hand.
   Remote paths (gs://...): no manifests are written and `verify` checks nothing
   (object stores have their own checksums); orbax read errors still make
   `restore_latest_good` fall back.
+* Healing: when a writable Checkpointer's `restore_latest_good()` falls back past
+  rejected steps, it moves them aside to ``DIRECTORY/quarantine/`` (kept for
+  inspection; delete them when done), so training saves those steps afresh when
+  it reaches them again and no tool picks a known-bad step as the latest.
 * Multi-host: call every method on every process (orbax synchronises them).
   Integrity decisions are process 0's (its verify result is broadcast), so all
   processes restore the same step.
@@ -56,6 +63,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 import zlib
@@ -66,11 +74,18 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 __all__ = ["Checkpointer", "CheckpointDirectoryError", "CheckpointCorruptError",
-           "CheckpointMismatchError", "STATE_ITEM", "DATA_ITEM", "MANIFEST_NAME"]
+           "CheckpointMismatchError", "STATE_ITEM", "DATA_ITEM", "MANIFEST_NAME",
+           "QUARANTINE_DIRNAME"]
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 MANIFEST_NAME = "big_mm_manifest.json"
+QUARANTINE_DIRNAME = "quarantine"
+# What orbax itself writes into a step: its step metadata (with the commit time, set just
+# before the commit) and each item's metadata.
+_ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
+_ORBAX_ITEM_METADATA = {STATE_ITEM: "_METADATA", DATA_ITEM: "metadata"}
+_COMMIT_POLL_S = 0.05
 _MANIFEST_FORMAT = 1
 _CHUNK = 1 << 20
 _MAX_LISTED = 20
@@ -112,6 +127,39 @@ def _list_files(step_dir: str) -> list[str]:
       if not _is_manifest_file(rel):
         out.append(rel)
   return sorted(out)
+
+
+def _orbax_commit_problems(step_dir: str) -> list[str]:
+  """What can be checked of a step without big_mm's manifest, from orbax's own records ([]
+  = committed): its step metadata carries a commit time and names the items, whose
+  metadata files are readable. The array data itself stays unchecked until it is read."""
+  def unreadable(name, e):
+    return [f"no manifest, and orbax's {name} is unreadable: {type(e).__name__}: {e}"]
+  try:
+    with open(os.path.join(step_dir, _ORBAX_STEP_METADATA)) as f:
+      step_meta = json.load(f)
+    committed, items = step_meta.get("commit_timestamp_nsecs"), step_meta.get("item_handlers")
+  except (OSError, ValueError, AttributeError) as e:
+    return unreadable(_ORBAX_STEP_METADATA, e)
+  if not committed:
+    return [f"no manifest, and orbax's {_ORBAX_STEP_METADATA} records no commit"]
+  if not isinstance(items, dict) or STATE_ITEM not in items:
+    return [f"no manifest, and orbax's {_ORBAX_STEP_METADATA} names no {STATE_ITEM!r} item"]
+  problems = []
+  for item, name in _ORBAX_ITEM_METADATA.items():
+    if item not in items:
+      continue
+    try:
+      with open(os.path.join(step_dir, item, name)) as f:
+        item_meta = json.load(f)
+    except (OSError, ValueError) as e:
+      problems += unreadable(f"{item}/{name}", e)
+      continue
+    ocdbt_root = os.path.join(step_dir, item, "manifest.ocdbt")
+    if isinstance(item_meta, dict) and item_meta.get("use_ocdbt") and not os.path.isfile(
+        ocdbt_root):
+      problems.append(f"no manifest, and orbax's {item}/manifest.ocdbt is missing")
+  return problems
 
 
 def _capped(items: list[str]) -> list[str]:
@@ -192,6 +240,37 @@ def _tree_mismatches(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> li
   return problems
 
 
+class _ManifestWatch:
+  """Writes a step's manifest from a background thread as soon as orbax has committed the
+  step (its directory appears under its final name), so that a process killed any time
+  after the commit leaves a verified step. `finish()`, called once orbax is done with the
+  save, makes it look one last time, waits for it and re-raises its error."""
+
+  def __init__(self, checkpointer: "Checkpointer", step: int):
+    self._step_dir = checkpointer._step_dir(step)  # pylint: disable=protected-access
+    self._write = lambda: checkpointer._write_manifest_if_present(step)  # pylint: disable=protected-access
+    self._stop = threading.Event()
+    self._error: Optional[BaseException] = None
+    self._thread = threading.Thread(target=self._run, name=f"big_mm_manifest_{step}",
+                                    daemon=True)
+    self._thread.start()
+
+  def _run(self) -> None:
+    try:
+      while not os.path.isdir(self._step_dir):
+        if self._stop.wait(_COMMIT_POLL_S):
+          break
+      self._write()  # nothing if the save never committed
+    except BaseException as e:  # pylint: disable=broad-except
+      self._error = e
+
+  def finish(self) -> None:
+    self._stop.set()
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+
+
 class Checkpointer:
   """Saves/restores (train state, data-iterator state) with orbax.
 
@@ -245,8 +324,8 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(
         directory, options=options, handler_registry=registry)
     self.read_only = bool(read_only)
-    # Steps this instance saved whose manifest is not written yet (in flight).
-    self._pending_manifests: list[int] = []
+    # The thread waiting for an async save to commit to write its manifest (see `save`).
+    self._manifest_watch: Optional[_ManifestWatch] = None
 
   # -- queries -------------------------------------------------------------
 
@@ -273,11 +352,14 @@ class Checkpointer:
 
     Returns True if a save was started. A step that already has a checkpoint
     is not overwritten (returns False), so a final forced save at a step that
-    was just saved periodically is harmless. Also writes the manifest of any
-    earlier async save that has finished since (never blocks on one in flight).
+    was just saved periodically is harmless. The step's manifest is written as
+    soon as orbax commits it: here for a sync save, from a background thread for
+    an async one.
     """
     step = int(step)
-    self._flush_manifests(block=False)
+    if not (force or self._mngr.should_save(step)):
+      return False
+    self._finish_pending_save()  # orbax would wait for it too
     if step in self._mngr.all_steps():
       logging.info("Checkpoint for step %d already exists in %s; not saving.",
                    step, self.directory)
@@ -292,14 +374,21 @@ class Checkpointer:
     if saved:
       logging.info("Saving checkpoint for step %d to %s%s.", step, self.directory,
                    " (async)" if self.async_save else "")
-      # orbax waited for the previous save before starting this one, so earlier
-      # pending steps are committed. Skip those this save's cleanup will delete
-      # (keep-N) so we never write into a directory being removed.
-      earlier, self._pending_manifests = self._pending_manifests, [step]
-      kept = set(self._steps_kept_after(step))
-      self._write_manifests([s for s in earlier if s in kept])
-      self._flush_manifests(block=False)  # sync save: committed already
+      if self._manifests_enabled() and jax.process_index() == 0:
+        if self.async_save:
+          self._manifest_watch = _ManifestWatch(self, step)
+        else:  # committed already
+          self._write_manifest_if_present(step)
     return bool(saved)
+
+  def _finish_pending_save(self) -> None:
+    """Waits for an async save in flight (raising if it failed) and for its manifest."""
+    watch, self._manifest_watch = self._manifest_watch, None
+    try:
+      self._mngr.wait_until_finished()
+    finally:
+      if watch is not None:
+        watch.finish()
 
   # -- integrity -------------------------------------------------------------
 
@@ -309,32 +398,13 @@ class Checkpointer:
   def _manifests_enabled(self) -> bool:
     return not _is_remote(self.directory) and not self.read_only
 
-  def _steps_kept_after(self, step: int) -> list[int]:
-    steps = sorted(set(int(s) for s in self._mngr.all_steps()) | {int(step)})
-    return steps if self.keep is None else steps[-int(self.keep):]
-
-  def _flush_manifests(self, block: bool) -> None:
-    """Writes manifests for pending steps once orbax has finished them. With
-    block=False, returns at once if a save is still in flight."""
-    if not self._pending_manifests:
+  def _write_manifest_if_present(self, step: int) -> None:
+    if not os.path.isdir(self._step_dir(step)):  # never committed
       return
-    if not block and self._mngr.is_saving_in_progress():
-      return
-    steps, self._pending_manifests = self._pending_manifests, []
-    self._mngr.wait_until_finished()  # raises if the background save failed
-    self._write_manifests(steps)
-
-  def _write_manifests(self, steps: Sequence[int]) -> None:
-    if not steps or not self._manifests_enabled() or jax.process_index() != 0:
-      return
-    for step in steps:
-      if not os.path.isdir(self._step_dir(step)):  # deleted (keep-N) or never committed
-        continue
-      try:
-        self.write_manifest(step)
-      except FileNotFoundError as e:  # removed while we read it
-        logging.info("Checkpoint step %d vanished while writing its manifest: %s",
-                     step, e)
+    try:
+      self.write_manifest(step)
+    except FileNotFoundError as e:  # removed while we read it
+      logging.info("Checkpoint step %d vanished while writing its manifest: %s", step, e)
 
   def write_manifest(self, step: int) -> dict:
     """Writes DIRECTORY/<step>/big_mm_manifest.json for the files now in the step
@@ -375,12 +445,19 @@ class Checkpointer:
                  time.perf_counter() - t0)
     return manifest
 
-  def verify(self, step: int) -> list[str]:
-    """Problems with checkpoint `step` ([] = good): a missing/unreadable manifest,
-    and files missing, of the wrong size or checksum, or not in the manifest.
+  def has_manifest(self, step: int) -> bool:
+    """Whether `step` has big_mm's manifest (local paths; see `verify`)."""
+    return os.path.exists(os.path.join(self._step_dir(step), MANIFEST_NAME))
 
-    Reads every file of the step (crc32, ~GB/s). On remote paths (gs://...) no
-    manifests exist and this returns [] (nothing checked).
+  def verify(self, step: int) -> list[str]:
+    """Problems with checkpoint `step` ([] = good): an unreadable manifest, files
+    missing, of the wrong size or checksum, or not in the manifest.
+
+    Reads every file of the step (crc32, ~GB/s). A step without a manifest
+    (committed but unverified, see the module docstring) is checked against
+    orbax's own records instead: a commit time and readable item metadata.
+    On remote paths (gs://...) no manifests exist and this returns [] (nothing
+    checked).
     """
     step = int(step)
     if _is_remote(self.directory):
@@ -390,7 +467,7 @@ class Checkpointer:
       return [f"step directory {step_dir} does not exist"]
     manifest_path = os.path.join(step_dir, MANIFEST_NAME)
     if not os.path.exists(manifest_path):
-      return ["no manifest (the save may not have finished)"]
+      return _orbax_commit_problems(step_dir)
     try:
       with open(manifest_path) as f:
         manifest = json.load(f)
@@ -422,6 +499,13 @@ class Checkpointer:
   def _agreed_problems(self, step: int) -> list[str]:
     """`verify(step)` as decided by process 0, so all processes agree."""
     problems = self.verify(step) if jax.process_index() == 0 else []
+    if (not problems and jax.process_index() == 0 and not _is_remote(self.directory)
+        and not self.has_manifest(step)):
+      logging.warning(
+          "Checkpoint step %d in %s has no big_mm manifest (the process stopped between "
+          "orbax's commit and the manifest, or the step predates manifests); orbax's "
+          "commit record and metadata are intact, so it is used unverified (file "
+          "checksums unchecked).", step, self.directory)
     if jax.process_count() > 1:
       import numpy as np
       from jax.experimental import multihost_utils
@@ -503,7 +587,7 @@ class Checkpointer:
     CheckpointMismatchError (a ValueError) if the stored tree structure / shapes
     differ from `abstract_state` (naming the mismatched parameter paths and shapes).
     """
-    self._flush_manifests(block=True)
+    self._finish_pending_save()
     step = self._check_step(step)
     self._check_abstract(abstract_state)
     problems = self._agreed_problems(step)
@@ -516,16 +600,18 @@ class Checkpointer:
                           ) -> Optional[tuple[int, Any, Optional[dict]]]:
     """Restores the newest checkpoint step that is intact: (step, state, data_state).
 
-    Walks committed steps newest first. A step that fails `verify` (no manifest,
-    missing / truncated / changed / extra files) or whose files orbax fails to
-    read is skipped with a WARNING naming the step and why, and the previous one
-    is tried. Returns None if there are no checkpoints at all. Raises RuntimeError
-    listing every step tried and why it was rejected if none is good, and
-    CheckpointMismatchError (a ValueError) at once if an intact step's tree
-    structure / shapes differ from `abstract_state` (a config change, not
-    corruption). `abstract_state` as for `restore`.
+    Walks committed steps newest first. A step that fails `verify` (missing /
+    truncated / changed / extra files; without a manifest, broken orbax records) or
+    whose files orbax fails to read is skipped with a WARNING naming the step and
+    why, and the previous one is tried. The skipped steps are then moved aside to
+    DIRECTORY/quarantine/ (unless read_only), so that saving those steps again
+    writes them afresh. Returns None if there are no checkpoints at all. Raises
+    RuntimeError listing every step tried and why it was rejected if none is good
+    (moving nothing), and CheckpointMismatchError (a ValueError) at once if an
+    intact step's tree structure / shapes differ from `abstract_state` (a config
+    change, not corruption). `abstract_state` as for `restore`.
     """
-    self._flush_manifests(block=True)
+    self._finish_pending_save()
     self._check_abstract(abstract_state)
     steps = self.all_steps()
     if not steps:
@@ -552,6 +638,8 @@ class Checkpointer:
         logging.warning(
             "Restored checkpoint step %d from %s, falling back past rejected newer "
             "step(s) %s.", step, self.directory, [s for s, _ in rejected])
+        if not self.read_only:
+          self._quarantine([s for s, _ in rejected])
       return step, state, data_state
     lines = []
     for step, problems in rejected:
@@ -563,10 +651,34 @@ class Checkpointer:
         "\nRefusing to load them. Move the directory aside to start from scratch, "
         "or repair / restore a step from a backup.")
 
+  def _quarantine(self, steps: Sequence[int]) -> None:
+    """Moves rejected `steps` into DIRECTORY/quarantine/ (process 0; then every process
+    re-reads the directory), so they neither shadow the steps saved after the restored one
+    nor stop this run from saving those step numbers again."""
+    if jax.process_index() == 0:
+      quarantine = epath.Path(self.directory) / QUARANTINE_DIRNAME
+      for step in steps:
+        target = quarantine / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}.{uuid.uuid4().hex[:6]}"
+        try:
+          quarantine.mkdir(parents=True, exist_ok=True)
+          epath.Path(self._step_dir(step)).rename(target)
+        except OSError as e:
+          raise CheckpointDirectoryError(
+              f"Cannot move the rejected checkpoint step {step} aside to {target}: "
+              f"{type(e).__name__}: {e}. Move or delete {self._step_dir(step)} by hand, "
+              "then run again.") from e
+        logging.warning("Moved the rejected checkpoint step %d aside to %s (inspect it, "
+                        "then delete it); this run saves step %d afresh when it gets there.",
+                        step, target, step)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("big_mm_checkpoint_quarantine")
+    self._mngr.reload()
+
   def restore_params(self, step: Optional[int] = None) -> Any:
     """The `params` subtree stored at `step`, replicated, whatever the rest of that run's
     state (optimizer, ...) was: for initialising one run from another (e.g. LiT)."""
-    self._flush_manifests(block=True)
+    self._finish_pending_save()
     step = self._check_step(step)
     problems = self._agreed_problems(step)
     if problems:
@@ -588,14 +700,12 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until pending async saves are committed (and their manifests written)."""
-    self._mngr.wait_until_finished()
-    self._flush_manifests(block=True)
+    self._finish_pending_save()
 
   def close(self) -> None:
-    """Waits for pending saves, writes their manifests, releases orbax resources."""
+    """Waits for pending saves and their manifests, releases orbax resources."""
     try:
-      self._mngr.wait_until_finished()
-      self._flush_manifests(block=True)
+      self._finish_pending_save()
     finally:
       self._mngr.close()
 

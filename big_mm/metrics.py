@@ -3,10 +3,11 @@
 `clu.metric_writers` imports TensorFlow, so big_mm writes its own metrics:
 
 * `MetricWriter` appends one JSON object per `write()` to ``WORKDIR/metrics.jsonl``
-  (flushed per write, so it survives a crash; a restarted run appends) and writes
-  TensorBoard scalars through `tensorboardX` into ``WORKDIR/tb``.
-  `read_jsonl` reads the file back (tolerating a truncated last line) and
-  `read_tb_scalars` reads the TensorBoard event files back (no TF needed).
+  (flushed per write, so it survives a crash; a restarted run first drops the rows of
+  the steps it redoes, then appends) and writes TensorBoard scalars through
+  `tensorboardX` into ``WORKDIR/tb``. `read_jsonl` reads the file back (tolerating a
+  truncated last line) and `read_tb_scalars` reads the TensorBoard event files back
+  (no TF needed).
 * `Progress` prints one readable console line per call, with an ETA from a moving
   average of recent step times that leaves out the first (compile) interval.
 * `Throughput` measures examples/s, step time and the fraction of wall time spent
@@ -104,9 +105,17 @@ class MetricWriter:
   values as the strings "nan" / "inf" / "-inf" (so the file stays valid JSON;
   `read_jsonl` turns them back into floats). A restarted run appends to the
   same file (if the previous run died mid-line, a newline is inserted first).
+
+  `resume_step`: the step a (re)started training run continues from. The rows of
+  later steps, left by an earlier run that stopped before checkpointing them and
+  about to be written again, are first removed from metrics.jsonl and text.jsonl
+  (atomically: tmp file + os.replace) and TensorBoard is told to hide its later
+  scalars (`purge_step`), so that each step appears once. None (the default, e.g.
+  for evaluating a checkpoint) only appends.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True,
+               resume_step: Optional[int] = None):
     self.workdir = os.fspath(workdir)
     self.enabled = bool(enabled)
     self.jsonl_path = os.path.join(self.workdir, METRICS_FILENAME)
@@ -118,13 +127,18 @@ class MetricWriter:
       return
     try:
       os.makedirs(self.tb_dir, exist_ok=True)
+      if resume_step is not None:
+        for path in (self.jsonl_path, self.text_path):
+          _drop_records_after(path, int(resume_step))
       self._jsonl = _open_append(self.jsonl_path)
     except OSError as e:
       raise OSError(
           f"Cannot write metrics under workdir {self.workdir!r}: {e}") from e
     # Imported lazily so that disabled writers (non-zero hosts) need nothing.
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(logdir=self.tb_dir, flush_secs=30)
+    self._tb = SummaryWriter(
+        logdir=self.tb_dir, flush_secs=30,
+        purge_step=None if resume_step is None else int(resume_step) + 1)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Appends one JSON line and writes TensorBoard scalars for `metrics`."""
@@ -197,6 +211,42 @@ def _open_append(path: str):
   return f
 
 
+def _is_partial_record(line: str) -> bool:
+  """A JSON object cut off by a crash (see `read_jsonl`)."""
+  return line.lstrip().startswith("{") and not line.rstrip().endswith("}")
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites the JSONL file at `path` without its records of steps after `step` and
+  without partial lines left by a crash (atomically); other lines are kept as they are."""
+  if not os.path.exists(path):
+    return
+  with open(path, "r", encoding="utf-8") as f:
+    lines = [line for line in f.read().split("\n") if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      if not _is_partial_record(line):
+        kept.append(line)  # real corruption: left for read_jsonl to report
+      continue
+    if not (isinstance(record, dict) and isinstance(record.get("step"), int)
+            and record["step"] > step):
+      kept.append(line)
+  if len(kept) == len(lines):
+    return
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("".join(line + "\n" for line in kept))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  logging.getLogger("big_mm").info(
+      "Dropped %d record(s) of steps after %d from %s (the resumed run redoes "
+      "them).", len(lines) - len(kept), step, path)
+
+
 def _decode_nonfinite(value):
   if isinstance(value, str) and value in _STR_TO_NONFINITE:
     return _STR_TO_NONFINITE[value]
@@ -226,7 +276,7 @@ def read_jsonl(path: str) -> list[dict]:
     except json.JSONDecodeError as e:
       # A truncated record is a partial JSON object: tolerate it anywhere a crash
       # could have left it (the writer starts a new line after it on restart).
-      if i == last or line.lstrip().startswith("{") and not line.rstrip().endswith("}"):
+      if i == last or _is_partial_record(line):
         continue
       raise ValueError(f"{path}:{i + 1}: invalid JSON line: {e}") from e
     if not isinstance(record, dict):
@@ -253,7 +303,9 @@ def _iter_tfrecords(path: str) -> Iterator[bytes]:
 def read_tb_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
   """Reads scalar summaries from all event files in `logdir` (no TF needed).
 
-  Returns {tag: [(step, value), ...]} in file order.
+  Returns {tag: [(step, value), ...]} in file order. As in TensorBoard, a restart
+  marker (SessionLog.START at step s, written for `MetricWriter(resume_step=s - 1)`)
+  hides the values read before it at steps >= s.
   """
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   out: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
@@ -261,6 +313,11 @@ def read_tb_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     for raw in _iter_tfrecords(path):
       event = event_pb2.Event()
       event.ParseFromString(raw)
+      if (event.HasField("session_log")
+          and event.session_log.status == event_pb2.SessionLog.START):
+        for tag, values in out.items():
+          out[tag] = [(s, v) for s, v in values if s < event.step]
+        continue
       if not event.HasField("summary"):
         continue
       for v in event.summary.value:

@@ -282,7 +282,6 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
       os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
       save_every_steps=resolve_every(config.checkpoint, setup, default=setup.total_steps),
       async_save=config.checkpoint.async_save)
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   eval_every = {name: resolve_every(ev, setup) for name, ev in config.evals.items()}
   log_every = config.log_every_steps
 
@@ -308,6 +307,8 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
     else:
       start = 0
       state = load_init(config, ts, ts.init(jax.random.key(config.seed)))
+    # Rows of the steps after `start` come from a run that stopped before checkpointing them.
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start)
     if is_main:
       log.info("Training %d steps of batch %d on mesh %s; workdir %s", setup.total_steps,
                config.batch_size, dict(setup.mesh.shape), workdir)
@@ -343,7 +344,10 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
         first_batch = None
         state, step_metrics = train_step(state, batch)
         done = step == setup.total_steps
-        if step % log_every == 0 or done or step == start + 1:
+        # nan_policy="stop" looks at every step (one scalar fetched from the device), so it
+        # stops and saves at the first non-finite step, whose update was skipped.
+        if (step % log_every == 0 or done or step == start + 1 or config.nan_policy == "stop"
+            and int(step_metrics["nonfinite_skipped"]) > skipped_reported):
           host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           host.update(throughput.step_done(step, config.batch_size))
           host.update({f"data/{k}": float(v) for k, v in data.stats().items()})

@@ -147,10 +147,11 @@ def test_unwritable_directory_fails_at_construction(tmp_path):
 
 # -- integrity: manifests, verify, restore_latest_good --------------------------------
 
+import json
 import logging
 
 from big_mm.checkpoint import (CheckpointCorruptError, CheckpointMismatchError,
-                               MANIFEST_NAME)
+                               MANIFEST_NAME, QUARANTINE_DIRNAME)
 
 
 def _save_three(directory, mesh, async_save):
@@ -200,10 +201,12 @@ def test_truncated_latest_falls_back_to_previous(tmp_path, mesh, caplog, async_s
     problems = ckpt.verify(3)
     assert len(problems) == 1 and "size mismatch state/" in problems[0], problems
     assert ckpt.verify(2) == []
-    step, state, data_state = ckpt.restore_latest_good(_abstract(*saved[2][:1], shardings))
     with pytest.raises(CheckpointCorruptError, match=r"(?s)step 3 .*size mismatch"):
       ckpt.restore(3, _abstract(saved[3][0], shardings))
+    step, state, data_state = ckpt.restore_latest_good(_abstract(*saved[2][:1], shardings))
+    assert ckpt.all_steps() == [1, 2]  # step 3 moved aside: saving it again writes it afresh
   assert step == 2 and data_state == {"i": 2}
+  assert [n.split(".")[0] for n in os.listdir(os.path.join(d, QUARANTINE_DIRNAME))] == ["3"]
   _assert_equal(state, saved[2][0])
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
               and "Checkpoint step 3" in r.getMessage()]
@@ -227,22 +230,50 @@ def test_flipped_bytes_detected_by_checksum(tmp_path, mesh, caplog):
              for r in caplog.records if r.levelno == logging.WARNING)
 
 
-def test_missing_manifest_and_extra_file_fall_back(tmp_path, mesh, caplog):
+def _break_orbax_commit_record(directory, step):
+  """Makes orbax's step metadata say the save never committed."""
+  path = os.path.join(directory, str(step), "_CHECKPOINT_METADATA")
+  with open(path) as f:
+    meta = json.load(f)
+  meta["commit_timestamp_nsecs"] = None
+  with open(path, "w") as f:
+    json.dump(meta, f)
+
+
+def test_committed_step_without_manifest_is_restored_unverified(tmp_path, mesh, caplog):
+  """A process killed between orbax's commit and big_mm's manifest leaves a step that orbax's
+  own records vouch for: it is restored (with a warning), not rejected as corrupt."""
   d = str(tmp_path)
   saved, shardings = _save_three(d, mesh, async_save=False)
-  os.remove(os.path.join(d, "3", MANIFEST_NAME))
-  with open(os.path.join(d, "2", "state", "stray"), "w") as f:
+  for step in (1, 2, 3):
+    os.remove(os.path.join(d, str(step), MANIFEST_NAME))
+  _break_orbax_commit_record(d, 2)
+  os.remove(os.path.join(d, "1", "state", "_METADATA"))
+  caplog.set_level(logging.WARNING)
+  with Checkpointer(d, keep=None, save_every_steps=1, read_only=True) as ckpt:
+    assert ckpt.verify(3) == [] and not ckpt.has_manifest(3)
+    assert ckpt.verify(2) == ["no manifest, and orbax's _CHECKPOINT_METADATA records no commit"]
+    assert len(ckpt.verify(1)) == 1 and "state/_METADATA is unreadable" in ckpt.verify(1)[0]
+    step, state, data_state = ckpt.restore_latest_good(_abstract(saved[3][0], shardings))
+  assert (step, data_state) == (3, {"i": 3})
+  _assert_equal(state, saved[3][0])
+  assert any("Checkpoint step 3" in r.getMessage() and "used unverified" in r.getMessage()
+             for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_extra_file_falls_back(tmp_path, mesh, caplog):
+  d = str(tmp_path)
+  saved, shardings = _save_three(d, mesh, async_save=False)
+  with open(os.path.join(d, "3", "state", "stray"), "w") as f:
     f.write("x")
   caplog.set_level(logging.WARNING)
   with Checkpointer(d, keep=None, save_every_steps=1) as ckpt:
-    assert ckpt.verify(3) == ["no manifest (the save may not have finished)"]
-    assert ckpt.verify(2) == ["extra file state/stray (not in manifest)"]
+    assert ckpt.verify(3) == ["extra file state/stray (not in manifest)"]
     step, state, data_state = ckpt.restore_latest_good(_abstract(saved[3][0], shardings))
-  assert (step, data_state) == (1, {"i": 1})
-  _assert_equal(state, saved[1][0])
+  assert (step, data_state) == (2, {"i": 2})
+  _assert_equal(state, saved[2][0])
   msgs = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-  assert "Checkpoint step 3" in msgs and "no manifest" in msgs
-  assert "Checkpoint step 2" in msgs and "extra file" in msgs
+  assert "Checkpoint step 3" in msgs and "extra file" in msgs
 
 
 def test_all_corrupt_raises_listing_each_step(tmp_path, mesh):
@@ -251,6 +282,7 @@ def test_all_corrupt_raises_listing_each_step(tmp_path, mesh):
   _truncate(_biggest_state_file(d, 3))
   _flip(_biggest_state_file(d, 2))
   os.remove(os.path.join(d, "1", MANIFEST_NAME))
+  _break_orbax_commit_record(d, 1)
   with Checkpointer(d, keep=None, save_every_steps=1) as ckpt:
     with pytest.raises(RuntimeError) as e:
       ckpt.restore_latest_good(_abstract(saved[3][0], shardings))
@@ -258,7 +290,8 @@ def test_all_corrupt_raises_listing_each_step(tmp_path, mesh):
   assert "No good checkpoint" in msg
   assert "step 3:" in msg and "size mismatch" in msg
   assert "step 2:" in msg and "checksum mismatch" in msg
-  assert "step 1:" in msg and "no manifest" in msg
+  assert "step 1:" in msg and "records no commit" in msg
+  assert sorted(os.listdir(d)) == ["1", "2", "3"]  # nothing moved aside when none is good
 
 
 # A failed tensorstore read can leave an orbax event-loop callback behind
@@ -325,3 +358,35 @@ def test_shape_mismatch_is_not_swallowed_by_fallback(tmp_path, mesh):
     with pytest.raises(CheckpointMismatchError, match=r"(?s)step 2 .*params/img/kernel"):
       ckpt.restore_latest_good(bad)
   assert issubclass(CheckpointMismatchError, ValueError)
+
+
+def test_async_save_writes_its_manifest_once_committed(tmp_path, mesh):
+  """No later save(), wait() or close() needed: a process killed any time after the commit
+  (plus a poll interval) leaves a verified step."""
+  import time
+  state, _ = _state(mesh)
+  ckpt = Checkpointer(str(tmp_path), save_every_steps=1, async_save=True)
+  assert ckpt.save(1, state)
+  manifest = os.path.join(tmp_path, "1", MANIFEST_NAME)
+  deadline = time.monotonic() + 60
+  while not os.path.exists(manifest) and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert os.path.exists(manifest), os.listdir(tmp_path)
+  assert ckpt.verify(1) == []
+  ckpt.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_truncated_step_without_manifest_falls_back(tmp_path, mesh, caplog):
+  """Unverified steps are still read in full: a truncated data file fails the read."""
+  d = str(tmp_path)
+  saved, shardings = _save_three(d, mesh, async_save=False)
+  os.remove(os.path.join(d, "3", MANIFEST_NAME))
+  for root, _, files in os.walk(os.path.join(d, "3", "state")):
+    for name in files:
+      if os.path.basename(root) == "d":  # the array data (ocdbt)
+        _truncate(os.path.join(root, name))
+  with Checkpointer(d, keep=None, save_every_steps=1) as ckpt:
+    step, state, _ = ckpt.restore_latest_good(_abstract(saved[3][0], shardings))
+  assert step == 2
+  _assert_equal(state, saved[2][0])

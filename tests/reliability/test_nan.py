@@ -8,7 +8,7 @@ import pytest
 
 import faults
 from big_mm import train
-from conftest import read_metrics, tiny_config
+from conftest import final_params, read_metrics, tiny_config
 
 
 def poison(batch):
@@ -34,16 +34,18 @@ def test_skip_policy_skips_and_counts(data_dir, tmp_path, monkeypatch):
 
 
 def test_stop_policy_saves_last_good_state_and_reports(data_dir, tmp_path, monkeypatch):
-  config = tiny_config(data_dir, nan_policy="stop", **{"checkpoint.every_steps": 100})
+  """Every step is checked, not only the logged ones: with log_every_steps=4 the run still stops
+  at the poisoned step 3, saving the state whose params are those of step 2 (the last good one;
+  checkpointed at step 2 as usual), and no later step runs."""
+  config = tiny_config(data_dir, nan_policy="stop", log_every_steps=4)
   workdir = str(tmp_path / "run")
   with monkeypatch.context() as m:
     faults.on_batch(m, 3, poison)
     with pytest.raises(FloatingPointError, match=r"last at step 3 \(loss=nan"):
       train.train(config, workdir)
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
-  from big_mm import checkpoint
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every_steps=1,
-                                 read_only=True)
-  params = ckpt.restore_params(3)
-  ckpt.close()
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+  params = final_params(workdir, 3)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  jax.tree.map(np.testing.assert_array_equal, params, final_params(workdir, 2))
+  records = [r for r in read_metrics(workdir) if "loss" in r]
+  assert [r["step"] for r in records] == [1, 3] and np.isnan(records[-1]["loss"])
