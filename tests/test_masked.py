@@ -262,20 +262,27 @@ def test_sharded_loss_and_grad_equal_single_device():
 
 def test_demo_recipe_trains_and_evaluates_end_to_end(scenes_dir, tmp_path):
   """configs/demo_multimae.py shrunk, through the trainer on 8 devices: the scenes pipeline,
-  the loss, a checkpoint and both evaluators (cross_modal with its baselines, fewshot)."""
+  the loss, a checkpoint and both evaluators (cross_modal with its baselines, fewshot); 400
+  steps of training predict held-out depth from RGB clearly better than the training mean."""
   from big_mm import train
   user = config_lib.load_file(os.path.join(os.path.dirname(TOKENIZER), "..", "configs",
                                            "demo_multimae.py"))
-  user.batch_size, user.total_steps, user.log_every_steps = 16, 2, 1
+  steps = 400
+  user.batch_size, user.total_steps, user.log_every_steps = 32, steps, 100
   user.input.data_dir = scenes_dir
-  user.model.encoder.update(width=32, depth=1, mlp_dim=64, num_heads=2)
+  user.model.encoder.update(width=64, depth=1, mlp_dim=128, num_heads=2)
   user.model.decoder.update(width=16, mlp_dim=32, num_heads=2)
-  user.objective.num_visible = 32
-  user.optim.schedule.warmup_steps = 1
-  user.evals.cross_modal.update(split="test[:24]", baseline_examples=16, every_steps=2)
+  # 64 visible tokens (a whole modality) and a peaked Dirichlet(0.2) often give one modality
+  # all of them: the evaluator's setting (RGB fully visible, depth fully masked). With the
+  # demo's Dirichlet(1) and 32 visible tokens, 300 steps of batch 16 still predicted depth
+  # from RGB worse than the mean (abs-rel 0.71 vs 0.26).
+  user.objective.update(num_visible=64, dirichlet_alpha=0.2)
+  user.optim.update(lr=3e-3)
+  user.optim.schedule.warmup_steps = 10
+  user.evals.cross_modal.update(split="test[:48]", baseline_examples=256, every_steps=steps)
   user.evals.fewshot.update(split="test[:24]", train_split="train[:48]", shots=(2,),
-                            every_steps=2)
-  user.checkpoint = dict(every_steps=2, keep=1)
+                            every_steps=steps)
+  user.checkpoint = dict(every_steps=steps, keep=1)
   config = config_lib.load(user)
   results = train.train(config, str(tmp_path))
   for key in ("depth_from_rgb/abs_rel", "depth_from_rgb/abs_rel_mean_baseline",
@@ -283,6 +290,10 @@ def test_demo_recipe_trains_and_evaluates_end_to_end(scenes_dir, tmp_path):
               "rgb_from_depth_semseg/psnr"):
     value = results[f"eval/cross_modal/{key}"]
     assert np.isfinite(value), key
+  # Measured 0.189 vs the baseline's 0.264 (0.72x) with seeds 0 and 1; after 2 steps ~4x.
+  depth = results["eval/cross_modal/depth_from_rgb/abs_rel"]
+  baseline = results["eval/cross_modal/depth_from_rgb/abs_rel_mean_baseline"]
+  assert depth < 0.85 * baseline, (depth, baseline)
   assert 0.0 <= results["eval/fewshot/2shot_accuracy"] <= 1.0
-  assert results["eval/cross_modal/depth_from_rgb/num_examples"] == 24
-  assert os.path.isdir(os.path.join(tmp_path, "checkpoints", "2"))
+  assert results["eval/cross_modal/depth_from_rgb/num_examples"] == 48
+  assert os.path.isdir(os.path.join(tmp_path, "checkpoints", str(steps)))
