@@ -89,7 +89,10 @@ def trained_demo(data_dir, tmp_path_factory):
   temp dir; the others wait for it and reuse it."""
   import subprocess
   from filelock import FileLock
-  shared = tmp_path_factory.getbasetemp().parent  # common to all xdist workers
+  # xdist workers' base temps are subfolders of the session's; without xdist, the parent would
+  # be common to every past session, whose demo may come from older code.
+  basetemp = tmp_path_factory.getbasetemp()
+  shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
   workdir = shared / "trained_demo" / "run"
   with FileLock(str(shared / "trained_demo.lock")):
     done = shared / "trained_demo" / "result.json"
