@@ -81,7 +81,7 @@ def defaults() -> ConfigDict:
   c.total_examples = None
   c.log_every_steps = 50
   # A step with a non-finite loss or gradient never updates the params. "skip": count it and
-  # go on; "stop": save the last good state and stop (checked at every logged step).
+  # go on; "stop": save the last good state and stop (checked at every step).
   c.nan_policy = "stop"
 
   c.model_name = "two_towers"
