@@ -5,7 +5,7 @@ A recipe file defines `get_config(arg=None)` returning an `ml_collections.Config
 applies command-line overrides, validates and locks the result. Any key that is not
 in the schema fails here, before any compute, naming the key and the closest valid ones.
 Sections listed in `FREE_FORM` (model kwargs, eval definitions) are validated by their
-consumers (the model constructor, `EVAL_SCHEMAS`) instead.
+consumers (the model constructor; each evaluator type, through big_mm.evaluators.check) instead.
 """
 from __future__ import annotations
 
@@ -33,39 +33,6 @@ OBJECTIVE_IMPLEMENTATIONS = ("xla", "pallas")
 OPTIMIZERS = ("adamw", "adafactor")
 NAN_POLICIES = ("skip", "stop")
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
-
-# Per-evaluator-type keys (with defaults). `every_*` durations and `split` are common.
-# image_column / text_column: as input's, for the eval data (input's are not carried over to
-# an evaluator with its own `data`); e.g. text_column="captions/text" for coco_captions.
-_EVAL_COMMON = dict(type=None, split="test", batch_size=256, every_steps=None, every_epochs=None,
-                    every_examples=None, pp_image=None, data=None, image_column=None,
-                    text_column=None)
-# captioning: max_examples caps how many examples are decoded (None: all; 0: perplexity only;
-# whole eval batches are decoded until it is reached);
-# decode_options go to big_mm.decoding.decode (e.g. beam_size, length_penalty, temperature,
-# top_k, top_p); max_decode_len None: input.text_len; seed: the rng of method "sample".
-# classnames (optional there; required for scoring): one per label id, in order.
-DECODE_METHODS = ("greedy", "beam", "sample")
-CROSS_MODAL_TARGETS = ("rgb", "depth", "semseg")
-CROSS_MODAL_PREDICTIONS = (("depth", ("rgb",)), ("semseg", ("rgb",)),
-                           ("rgb", ("depth", "semseg")))
-EVAL_SCHEMAS = {
-    "zeroshot": dict(_EVAL_COMMON, classnames=(), templates=("{}",)),
-    # retrieval: the first captions_per_image captions of each image are candidates (COCO /
-    # Flickr30k: 5); see big_mm/evaluators/retrieval.py.
-    "retrieval": dict(_EVAL_COMMON, ks=(1, 5, 10), captions_per_image=5),
-    "captioning": dict(_EVAL_COMMON, max_examples=1000, decode_method="greedy",
-                       max_decode_len=None, decode_options={}, seed=0, classnames=()),
-    "scoring": dict(_EVAL_COMMON, classnames=(), templates=("{}",)),
-    # cross_modal (MultiMAE; big_mm/evaluators/cross_modal.py): predictions = ((target,
-    # (inputs...)), ...); rgb_range: the batch pixel range (pp_image's value_range).
-    "cross_modal": dict(_EVAL_COMMON, predictions=CROSS_MODAL_PREDICTIONS,
-                        baseline_examples=1024, rgb_range=(-1.0, 1.0)),
-    # fewshot (big_mm/evaluators/fewshot.py): ridge probe on image features, big_vision's.
-    "fewshot": dict(_EVAL_COMMON, train_split="train", shots=(1, 5, 10), l2_reg=2.0**10,
-                    repeats=3, seed=0),
-}
-
 
 class ConfigError(ValueError):
   """A config that cannot run: the message says which key and what to do."""
@@ -140,8 +107,8 @@ def defaults() -> ConfigDict:
       semseg_column=None, prefix_column=None, prefix_len=0, max_bad_fraction=0.5,
       drop_failing_parts=False,
   ))
-  # {name: {type: ..., ...}} (FREE_FORM, checked against EVAL_SCHEMAS). An evaluator runs every
-  # every_steps|epochs|examples and at the end; none given: only at the end; every_steps=0: never.
+  # {name: {type: ..., ...}} (FREE_FORM): each type's keys, defaults and checks are its
+  # evaluator's (big_mm/evaluators/; every_* durations: evaluators/common.py DEFAULTS).
   c.evals = ConfigDict()
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -306,97 +273,9 @@ def validate(config: ConfigDict) -> None:
   for axis, size in config.mesh.items():
     if not isinstance(size, int) or (size < 1 and size != -1):
       raise ConfigError(f"mesh.{axis} must be a positive integer or -1 (the rest), got {size!r}.")
+  from big_mm import evaluators  # pylint: disable=g-import-not-at-top
   for name, ev in config.evals.items():
-    ev_type = ev.get("type")
-    if ev_type not in EVAL_SCHEMAS:
-      raise ConfigError(f"evals.{name}.type is {ev_type!r}; valid types: {sorted(EVAL_SCHEMAS)}.")
-    schema = EVAL_SCHEMAS[ev_type]
-    for key in ev.keys():
-      if key not in schema:
-        raise ConfigError(f"Unknown config key 'evals.{name}.{key}' for a {ev_type} evaluator"
-                          f"{_suggest(key, schema)} Valid keys: {sorted(schema)}")
-    _one_duration(ev, "every", prefix=f"evals.{name}.")
-    _validate_eval_values(name, ev)
-
-
-def _validate_eval_values(name: str, ev) -> None:
-  """Values of evaluators' options (keys are checked against EVAL_SCHEMAS)."""
-  if ev.type == "cross_modal":
-    _validate_cross_modal(name, {**EVAL_SCHEMAS["cross_modal"], **ev})
-  if ev.type == "fewshot":
-    _validate_fewshot(name, {**EVAL_SCHEMAS["fewshot"], **ev})
-  if ev.type == "retrieval":
-    _int_at_least(f"evals.{name}.captions_per_image", ev.get("captions_per_image", 5), 1)
-  if ev.type == "scoring" and not ev.get("classnames"):
-    raise ConfigError(f"evals.{name} (scoring) needs classnames: one name per label id, in order.")
-  if ev.type != "captioning":
-    return
-  _choice(f"evals.{name}.decode_method", ev.get("decode_method", "greedy"), DECODE_METHODS)
-  for key, smallest in (("max_examples", 0), ("max_decode_len", 1)):
-    value = ev.get(key)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                              or value < smallest):
-      raise ConfigError(f"evals.{name}.{key} must be an integer >= {smallest} or None, got "
-                        f"{value!r}.")
-  options = ev.get("decode_options") or {}
-  if not hasattr(options, "keys") or "method" in options or "max_len" in options:
-    raise ConfigError(f"evals.{name}.decode_options must be a dict of extra decoding.decode "
-                      f"arguments (e.g. {{'beam_size': 4}}); set the method and length with "
-                      f"decode_method / max_decode_len. Got {options!r}.")
-
-
-def _int_at_least(key: str, value, smallest: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-    raise ConfigError(f"{key} must be an integer >= {smallest}, got {value!r}.")
-
-
-def _validate_cross_modal(name: str, ev: dict) -> None:
-  """Structure of evals.{name}.predictions; the evaluator checks the names against the
-  objective's modalities when it runs."""
-  predictions = ev["predictions"]
-  key = f"evals.{name}.predictions"
-  if not isinstance(predictions, (tuple, list)) or not predictions:
-    raise ConfigError(f"{key} must be a non-empty tuple of (target, (input, ...)) pairs, e.g. "
-                      f"{CROSS_MODAL_PREDICTIONS}; got {predictions!r}.")
-  for i, item in enumerate(predictions):
-    if (not isinstance(item, (tuple, list)) or len(item) != 2
-        or not isinstance(item[1], (tuple, list))):
-      raise ConfigError(f"{key}[{i}]={item!r} must be a pair (target, (input, ...)), e.g. "
-                        f"('depth', ('rgb',)).")
-    target, inputs = item
-    _choice(f"{key}[{i}] target", target, CROSS_MODAL_TARGETS)
-    for m in inputs:
-      _choice(f"{key}[{i}] input", m, MODALITIES)
-    if not inputs or target in inputs or len(set(inputs)) != len(inputs):
-      raise ConfigError(f"{key}[{i}]={item!r}: give at least one input, each once, and not "
-                        f"the target itself ({target!r} is predicted with its input masked).")
-  _int_at_least(f"evals.{name}.baseline_examples", ev["baseline_examples"], 0)
-  rgb_range = ev["rgb_range"]
-  if (not isinstance(rgb_range, (tuple, list)) or len(rgb_range) != 2
-      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                 for v in rgb_range)
-      or rgb_range[0] >= rgb_range[1]):
-    raise ConfigError(f"evals.{name}.rgb_range must be (lo, hi) with lo < hi: the range "
-                      f"pp_image's value_range puts pixels in, e.g. (-1.0, 1.0); got "
-                      f"{rgb_range!r}.")
-
-
-def _validate_fewshot(name: str, ev: dict) -> None:
-  shots = ev["shots"]
-  if not isinstance(shots, (tuple, list)) or not shots:
-    raise ConfigError(f"evals.{name}.shots must be a non-empty tuple of examples per class, "
-                      f"e.g. (1, 5, 10); got {shots!r}.")
-  for k in shots:
-    _int_at_least(f"evals.{name}.shots entries", k, 1)
-  l2_reg = ev["l2_reg"]
-  if isinstance(l2_reg, bool) or not isinstance(l2_reg, (int, float)) or not l2_reg > 0:
-    raise ConfigError(f"evals.{name}.l2_reg must be a number > 0 (big_vision: 2.0**10), got "
-                      f"{l2_reg!r}.")
-  _int_at_least(f"evals.{name}.repeats", ev["repeats"], 1)
-  _int_at_least(f"evals.{name}.seed", ev["seed"], 0)
-  if not isinstance(ev["train_split"], str) or not ev["train_split"]:
-    raise ConfigError(f"evals.{name}.train_split must be a split name, e.g. 'train' or "
-                      f"'train[:10000]'; got {ev['train_split']!r}.")
+    evaluators.check(name, ev)
 
 
 def _validate_generative(objective) -> None:
@@ -494,8 +373,9 @@ def _validate_data(config: ConfigDict) -> None:
     except sources.SpecError as e:
       raise ConfigError(f"{key}: {e}") from None
   shared = sources.files_without_split(config.input.data)
+  from big_mm.evaluators import common as evaluators_common  # pylint: disable=g-import-not-at-top
   for name, ev in config.evals.items():
-    split = ev.get("split") or _EVAL_COMMON["split"]
+    split = ev.get("split") or evaluators_common.DEFAULTS["split"]
     never_runs = ev.get("every_steps") == 0
     if shared and not ev.get("data") and "[" not in split and not never_runs:
       raise ConfigError(
@@ -546,9 +426,9 @@ def load(spec: str | ConfigDict, overrides: dict[str, Any] | None = None) -> Con
   for dotted, value in (overrides or {}).items():
     apply_override(config, dotted, value)
   validate(config)
+  from big_mm import evaluators  # pylint: disable=g-import-not-at-top
   for ev_name in list(config.evals.keys()):
-    ev = config.evals[ev_name]
-    config.evals[ev_name] = ConfigDict({**EVAL_SCHEMAS[ev.type], **ev.to_dict()})
+    config.evals[ev_name] = ConfigDict(evaluators.with_defaults(config.evals[ev_name].to_dict()))
   config.lock()
   return config
 

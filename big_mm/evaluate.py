@@ -48,12 +48,10 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   with train.use_mesh(setup):
     state, _ = ckpt.restore(step, ts.abstract)
     ckpt.close()
-    embedder = evaluators.Embedder(setup.objective, setup.mesh)
+    context = evaluators.EvalContext(config, setup.mesh, setup.objective, setup.tokenizer)
     results = {}
     for name, ev in config.evals.items():
-      results.update(evaluators.run(name, ev, embedder=embedder, objective=setup.objective,
-                                    mesh=setup.mesh, params=state["params"], config=config,
-                                    tokenizer=setup.tokenizer))
+      results.update(evaluators.build(name, ev, context)(state["params"]))
   with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
     writer.write(step, results)
   return results

@@ -314,7 +314,11 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
                config.batch_size, dict(setup.mesh.shape), workdir)
       log.info("Parameters:\n%s", optim.describe(config.optim, state["params"]))
     train_step = make_train_step(setup, ts)
-    embedder = evaluators.Embedder(setup.objective, setup.mesh)
+    # Built once per run (their jitted functions and cached data live on them); every_steps=0:
+    # never run, never built.
+    context = evaluators.EvalContext(config, setup.mesh, setup.objective, setup.tokenizer)
+    run_evaluators = {name: evaluators.build(name, config.evals[name], context)
+                      for name, every in eval_every.items() if every != 0}
 
     progress = metrics_lib.Progress(setup.total_steps, start_step=start,
                                     log=log.info if is_main else (lambda line: None))
@@ -326,10 +330,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
     def run_evals(step, names):
       results = {}
       for name in names:
-        results.update(evaluators.run(name, config.evals[name], embedder=embedder,
-                                      objective=setup.objective, mesh=setup.mesh,
-                                      params=state["params"], config=config,
-                                      tokenizer=setup.tokenizer))
+        results.update(run_evaluators[name](state["params"]))
       if results:
         writer.write(step, results)
         if is_main:
@@ -372,7 +373,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
           ckpt.save(step, state, data.get_state(), force=True)
         # After the save, so a failing evaluator never costs training. every_steps=0: never.
         due = [n for n, every in eval_every.items()
-               if every != 0 and ((every and step % every == 0) or done)]
+               if n in run_evaluators and ((every and step % every == 0) or done)]
         last.update(run_evals(step, due))
         if stop.requested or ckpt.reached_preemption(step):
           log.warning("Stopped at step %d after saving; run again to resume.", step)

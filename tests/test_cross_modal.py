@@ -1,5 +1,8 @@
 """cross_modal evaluator: metric arithmetic on hand-computed arrays, the whole evaluator (jit,
 mesh, masking, mean baselines) over in-memory batches with a fake objective, config checks."""
+import gc
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,8 +157,13 @@ def setup(monkeypatch):
 
   reads = {}
   monkeypatch.setattr(common, "iterate_split", fake_iterate_split)
-  monkeypatch.setattr(cross_modal, "_BASELINES", {})
   return config, mesh, train, test, reads
+
+
+def _run(config, mesh, objective, params, ev=None):
+  """The evaluator of `ev` (default: config.evals.e), built for one run and called once."""
+  context = evaluators.EvalContext(config, mesh, objective)
+  return evaluators.build("cm", ev or config.evals.e, context)(params)
 
 
 def test_evaluator_perfect_and_constant_predictors_and_baselines(setup):
@@ -164,11 +172,11 @@ def test_evaluator_perfect_and_constant_predictors_and_baselines(setup):
   means = _reference_means(train, 20)
   params = {"perfect": np.float32(0.0), "rgb": means["rgb"].astype(np.float32),
             "depth": means["depth"].astype(np.float32), "semseg": means["semseg"]}
-  kwargs = dict(embedder=None, objective=objective, mesh=mesh, config=config, tokenizer=None)
-
-  const = evaluators.run("cm", config.evals.e, params=params, **kwargs)
-  perfect = evaluators.run("cm", config.evals.e, params=dict(params, perfect=np.float32(1.0)),
-                           **kwargs)
+  # Built once per run, called at each evaluation.
+  evaluate = evaluators.build("cm", config.evals.e, evaluators.EvalContext(config, mesh,
+                                                                           objective))
+  const = evaluate(params)
+  perfect = evaluate(dict(params, perfect=np.float32(1.0)))
 
   reference = _reference_metrics(means, test)
   for key, value in reference.items():
@@ -192,13 +200,27 @@ def test_evaluator_perfect_and_constant_predictors_and_baselines(setup):
   assert objective.traces == [(("rgb",), ("depth", "semseg")), (("depth", "semseg"), ("rgb",))]
 
 
+def test_evaluator_state_belongs_to_its_run(setup):
+  """A new run's evaluator computes its own baselines, and a finished run's objective (with the
+  evaluator's jitted functions) is freed: no module-level cache outlives the run."""
+  config, mesh, _, _, reads = setup
+  params = {"perfect": np.float32(1.0), "rgb": 0.0, "depth": 1.0, "semseg": 0}
+  objective = _FakeMultiMAE()
+  first = _run(config, mesh, objective, params)
+  assert _run(config, mesh, _FakeMultiMAE(), params) == first
+  assert reads == {config.input.split: 2, config.evals.e.split: 2}
+  freed = weakref.ref(objective)
+  del objective
+  gc.collect()
+  assert freed() is None
+
+
 def test_evaluator_without_baselines(setup):
   config, mesh, *_ = setup
   ev = config_lib.ConfigDict(dict(config.evals.e.to_dict(), baseline_examples=0,
                                   predictions=(("depth", ("rgb", "semseg")),)))
   params = {"perfect": 1.0, "rgb": 0.0, "depth": 1.0, "semseg": 0}
-  out = evaluators.run("cm", ev, objective=_FakeMultiMAE(), mesh=mesh, params=params,
-                       config=config)
+  out = _run(config, mesh, _FakeMultiMAE(), params, ev)
   assert out == {"eval/cm/depth_from_rgb_semseg/abs_rel": 0.0,
                  "eval/cm/depth_from_rgb_semseg/delta1": 1.0,
                  "eval/cm/depth_from_rgb_semseg/num_examples": 21.0}
@@ -209,18 +231,16 @@ def test_evaluator_checks_modalities_and_rgb_range(setup):
   objective = _FakeMultiMAE()
   objective.modalities = ("rgb", "depth")
   with pytest.raises(ValueError, match=r"\['semseg'\] not among the objective's modalities"):
-    evaluators.run("cm", config.evals.e, objective=objective, mesh=mesh, params={},
-                   config=config)
+    _run(config, mesh, objective, {})
   with pytest.raises(TypeError, match=r"has no predict\(\).*multimae"):
-    evaluators.run("cm", config.evals.e, objective=object(), mesh=mesh, params={},
-                   config=config)
+    _run(config, mesh, object(), {})
   ev = config_lib.ConfigDict(dict(config.evals.e.to_dict(),
                                   pp_image="decode|resize(4)|value_range(0,1)"))
   with pytest.raises(ValueError, match=r"rgb_range=\(-1.0, 1.0\).*rgb_range=\(0.0, 1.0\)"):
-    evaluators.run("cm", ev, objective=_FakeMultiMAE(), mesh=mesh, params={}, config=config)
+    _run(config, mesh, _FakeMultiMAE(), {}, ev)
   ev = config_lib.ConfigDict(dict(config.evals.e.to_dict(), predictions=(("depth", ("text",)),)))
   with pytest.raises(ValueError, match=r"needs 'text' in the batches.*input.modalities"):
-    evaluators.run("cm", ev, objective=_FakeMultiMAE(), mesh=mesh, params={}, config=config)
+    _run(config, mesh, _FakeMultiMAE(), {}, ev)
 
 
 @pytest.mark.parametrize("changes,error", [
@@ -260,8 +280,7 @@ def test_evaluator_on_the_scenes_data(scenes_dir):
       data="multimodal_scenes", data_dir=scenes_dir, modalities=("rgb", "depth", "semseg"),
       pp_image="decode|value_range(-1,1)"), evals={"e": dict(
           type="cross_modal", batch_size=128, baseline_examples=256)})))
-  out = evaluators.run("cm", config.evals.e, objective=_PerfectMultiMAE(),
-                       mesh=sharding.make_mesh(config.mesh), params={}, config=config)
+  out = _run(config, sharding.make_mesh(config.mesh), _PerfectMultiMAE(), {})
   for name in ("depth_from_rgb", "semseg_from_rgb", "rgb_from_depth_semseg"):
     assert out[f"eval/cm/{name}/num_examples"] == 500
   assert out["eval/cm/depth_from_rgb/abs_rel"] == 0 and out["eval/cm/semseg_from_rgb/miou"] == 1

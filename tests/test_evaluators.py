@@ -74,11 +74,11 @@ def test_class_embeddings_average_templates_and_normalise():
 
 import sys  # noqa: E402
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import big_mm  # noqa: E402
 from big_mm import config as config_lib, evaluators, sharding  # noqa: E402
-from big_mm.evaluators import caption_metrics  # noqa: E402
+from big_mm.evaluators import caption_metrics, captioning  # noqa: E402
 from big_mm.input import pipeline  # noqa: E402
 from big_mm.input.tokenizer import Tokenizer  # noqa: E402
 from conftest import TOKENIZER, tiny_config  # noqa: E402
@@ -94,6 +94,12 @@ def _eval_setup(data_dir, ev):
   batches = list(pipeline.make_eval_batches(evaluators.common.eval_input_config(config, ev),
                                             ev.split, 256, None))
   return config, ev, sharding.make_mesh(config.mesh), batches
+
+
+def _run(name, ev, config, mesh, objective, tokenizer, params=None):
+  """The evaluator of `ev`, built for one run and called once."""
+  context = evaluators.EvalContext(config, mesh, objective, tokenizer)
+  return evaluators.build(name, ev, context)({} if params is None else params)
 
 
 def _image_class(images):
@@ -127,11 +133,9 @@ def test_captioning_perplexity_and_generated_caption_metrics(data_dir, monkeypat
   fake = type(sys)("big_mm.decoding")
   fake.decode = fake_decode
   fake.to_text = lambda tok, tokens: tok.decode(tokens)
-  monkeypatch.setitem(sys.modules, "big_mm.decoding", fake)
-  monkeypatch.setattr(big_mm, "decoding", fake, raising=False)
+  monkeypatch.setattr(captioning, "decoding", fake)
 
-  out = evaluators.run("cap", ev, embedder=None, objective=_TokenCountObjective(), mesh=mesh,
-                       params={}, config=config, tokenizer=tokenizer)
+  out = _run("cap", ev, config, mesh, _TokenCountObjective(), tokenizer)
 
   texts = np.concatenate([b["text"][b["mask"] > 0] for b in batches])
   labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
@@ -179,8 +183,7 @@ def test_scoring_averages_template_log_likelihoods(data_dir):
   prompts = tokenizer.encode([t.format(w) for w in WORDS for t in templates], 16)
   objective = _PromptScoringObjective(prompts, len(templates))
 
-  out = evaluators.run("score", ev, embedder=None, objective=objective, mesh=mesh, params={},
-                       config=config, tokenizer=tokenizer)
+  out = _run("score", ev, config, mesh, objective, tokenizer)
 
   images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
   labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
@@ -280,10 +283,8 @@ def _coco_run(coco_dir, **objective_options):
   captions = [c for caps in COCO_CAPTIONS for c in caps]
   objective = _TableObjective(tokenizer.encode(captions, 8),
                               [v for rows in CAPTION_SCORES for v in rows], **objective_options)
-  mesh = sharding.make_mesh(config.mesh)
-  return evaluators.run("coco", config.evals.coco, embedder=evaluators.Embedder(objective, mesh),
-                        objective=objective, mesh=mesh, params={}, config=config,
-                        tokenizer=tokenizer)
+  return _run("coco", config.evals.coco, config, sharding.make_mesh(config.mesh), objective,
+              tokenizer)
 
 
 def test_paper_coco_retrieval_uses_every_caption(coco_dir):
@@ -309,11 +310,80 @@ def test_collapsed_embeddings_score_chance_on_the_digits(data_dir):
                                                    pp_image=EVAL_PP, ks=(1, 5)))
   tokenizer = Tokenizer(TOKENIZER)
   objective = _TableObjective(np.zeros((1, 16), np.int32), np.zeros((1, 4)), collapse=True)
-  out = evaluators.run("r", ev, embedder=evaluators.Embedder(objective, mesh),
-                       objective=objective, mesh=mesh, params={}, config=config,
-                       tokenizer=tokenizer)
+  out = _run("r", ev, config, mesh, objective, tokenizer)
   for k in (1, 5):
     class_chance = 1 - math.comb(270, k) / math.comb(300, k)
     for direction in ("img2txt", "txt2img"):
       assert out[f"eval/r/{direction}/R@{k}"] == pytest.approx(k / 300)
       assert out[f"eval/r/{direction}/class_R@{k}"] == pytest.approx(class_chance)
+
+
+def test_a_finished_runs_objective_is_freed(coco_dir):
+  """Jitted functions live on the run's evaluators, not in module caches keyed by objective."""
+  import gc
+  import weakref
+  tokenizer = Tokenizer(TOKENIZER)
+  objective = _TableObjective(np.zeros((1, 8), np.int32), np.zeros((1, 4)), collapse=True)
+  evals = configs_common.paper_evals("decode|resize(8)|value_range(-1,1)", every_steps=1)
+  ev = dict(evals["retrieval_coco"], ks=(1,), batch_size=8)
+  config = tiny_config(coco_dir, **{"input.text_len": 8, "evals": {"coco": ev}})
+  assert _run("coco", config.evals.coco, config, sharding.make_mesh(config.mesh), objective,
+              tokenizer)["eval/coco/num_examples"] == 4
+  freed = weakref.ref(objective)
+  del objective
+  gc.collect()
+  assert freed() is None
+
+
+# ---------------------------------------------------------------------------------------
+# The evaluator contract: a new type is its class plus one line in evaluators.EVALUATORS.
+
+from big_mm import train  # noqa: E402
+from big_mm.evaluators import common  # noqa: E402
+from conftest import final_params, read_metrics  # noqa: E402
+
+
+class _ParamCount(evaluators.Evaluator):
+  """A toy evaluator type: scale x the number of parameters, and how often it was called."""
+  DEFAULTS = dict(common.DEFAULTS, scale=1.0)
+  built: list[str] = []
+
+  @staticmethod
+  def validate(name, ev):
+    if not ev["scale"] > 0:
+      raise config_lib.ConfigError(f"evals.{name}.scale must be > 0, got {ev['scale']!r}.")
+
+  def __init__(self, name, ev, context):
+    super().__init__(name, ev, context)
+    self.built.append(name)
+    self.calls = 0
+
+  def evaluate(self, params):
+    self.calls += 1
+    size = sum(x.size for x in jax.tree.leaves(params))
+    return {"params": self.ev.scale * size, "calls": float(self.calls)}
+
+
+def test_a_new_evaluator_type_is_one_registry_line(data_dir, tmp_path, monkeypatch):
+  """Its keys, defaults and checks come from its class; a run builds it once (every_steps=0:
+  never) and calls it with the current params at every evaluation."""
+  monkeypatch.setitem(evaluators.EVALUATORS, "param_count", _ParamCount)
+  monkeypatch.setattr(_ParamCount, "built", [])
+  with pytest.raises(config_lib.ConfigError, match=r"'evals.p.scal'.*Did you mean 'scale'"):
+    tiny_config(data_dir, evals={"p": dict(type="param_count", scal=2.0)})
+  with pytest.raises(config_lib.ConfigError, match=r"evals.p.scale must be > 0, got 0.0"):
+    tiny_config(data_dir, evals={"p": dict(type="param_count", scale=0.0)})
+  with pytest.raises(config_lib.ConfigError, match=r"evals.p.type is 'param_cout'.*param_count"):
+    tiny_config(data_dir, evals={"p": dict(type="param_cout")})
+  config = tiny_config(data_dir, total_steps=2, evals={
+      "p": dict(type="param_count", every_steps=1, scale=2.0),
+      "off": dict(type="param_count", every_steps=0)})
+  assert (config.evals.off.scale, config.evals.p.split, config.evals.p.batch_size) == (
+      1.0, "test", 256)
+  workdir = str(tmp_path / "run")
+  train.train(config, workdir)
+  assert _ParamCount.built == ["p"]
+  rows = [r for r in read_metrics(workdir) if "eval/p/calls" in r]
+  assert [(r["step"], r["eval/p/calls"]) for r in rows] == [(1, 1.0), (2, 2.0)]
+  size = sum(x.size for x in jax.tree.leaves(final_params(workdir, 2)))
+  assert rows[-1]["eval/p/params"] == 2.0 * size

@@ -98,9 +98,8 @@ def test_fewshot_evaluator_on_digits(data_dir, normalise):
   config = tiny_config(data_dir, evals={"f": ev})
   mesh = sharding.make_mesh(config.mesh)
   objective = _FakeObjective(normalise)
-  out = evaluators.run("f", config.evals.f, embedder=evaluators.Embedder(objective, mesh),
-                       objective=objective, mesh=mesh, params={"scale": 2.0}, config=config,
-                       tokenizer=None)
+  context = evaluators.EvalContext(config, mesh, objective)
+  out = evaluators.build("f", config.evals.f, context)({"scale": 2.0})
 
   def host(split):
     cfg = evaluators.common.eval_input_config(config, config.evals.f)

@@ -149,11 +149,13 @@ def test_evals_run_after_the_save_and_every_steps_0_disables(data_dir, tmp_path,
   """A failing evaluator never costs the training it evaluates; every_steps=0 never runs."""
   called = []
 
-  def failing_run(name, ev, **kwargs):
-    called.append(name)
-    raise RuntimeError("evaluator broke")
+  def failing_build(name, ev, context):
+    def evaluate(params):
+      called.append(name)
+      raise RuntimeError("evaluator broke")
+    return evaluate
 
-  monkeypatch.setattr(train.evaluators, "run", failing_run)
+  monkeypatch.setattr(train.evaluators, "build", failing_build)
   evals = {"zeroshot": dict(type="zeroshot", every_steps=0, classnames=("a",)),
            "retrieval": dict(type="retrieval")}
   workdir = str(tmp_path / "run")

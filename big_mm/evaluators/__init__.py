@@ -1,23 +1,52 @@
-"""Evaluators run on a schedule by the trainer and by big_mm.evaluate."""
-import inspect
+"""Evaluators, run on a schedule by the trainer and by big_mm.evaluate.
 
+EVALUATORS maps a config's `evals.<name>.type` to its common.Evaluator subclass, which declares
+its keys (DEFAULTS) and their checks (validate). config.load checks every evals entry through
+`check` and fills in its defaults; a run builds each evaluator once (`build`) and calls it with
+the params at every evaluation.
+"""
+from __future__ import annotations
+
+from big_mm import config as config_lib
 from big_mm.evaluators import captioning, cross_modal, fewshot, retrieval, scoring, zeroshot
-from big_mm.evaluators.common import Embedder
+from big_mm.evaluators.common import Embedder, EvalContext, Evaluator
 
-__all__ = ["EVALUATORS", "Embedder", "run"]
+__all__ = ["EVALUATORS", "Embedder", "EvalContext", "Evaluator", "build", "check",
+           "with_defaults"]
 
-EVALUATORS = {"zeroshot": zeroshot.evaluate, "retrieval": retrieval.evaluate,
-              "captioning": captioning.evaluate, "scoring": scoring.evaluate,
-              "cross_modal": cross_modal.evaluate, "fewshot": fewshot.evaluate}
+EVALUATORS: dict[str, type[Evaluator]] = {
+    "zeroshot": zeroshot.ZeroShot,
+    "retrieval": retrieval.Retrieval,
+    "captioning": captioning.Captioning,
+    "scoring": scoring.Scoring,
+    "cross_modal": cross_modal.CrossModal,
+    "fewshot": fewshot.FewShot,
+}
 
 
-def run(name, ev, **kwargs) -> dict[str, float]:
-  """Runs one configured evaluator; metric keys come back prefixed `eval/{name}/`.
+def check(name: str, ev) -> None:
+  """Raises ConfigError, naming the key and the valid ones, for an evals.{name} entry with an
+  unknown type or key, two `every_*` durations, or a bad value."""
+  ev_type = ev.get("type")
+  if ev_type not in EVALUATORS:
+    raise config_lib.ConfigError(f"evals.{name}.type is {ev_type!r}; valid types: "
+                                 f"{sorted(EVALUATORS)}.")
+  evaluator = EVALUATORS[ev_type]
+  for key in ev.keys():
+    if key not in evaluator.DEFAULTS:
+      raise config_lib.ConfigError(
+          f"Unknown config key 'evals.{name}.{key}' for a {ev_type} evaluator"
+          f"{config_lib._suggest(key, evaluator.DEFAULTS)} Valid keys: "
+          f"{sorted(evaluator.DEFAULTS)}")
+  config_lib._one_duration(ev, "every", prefix=f"evals.{name}.")
+  evaluator.validate(name, with_defaults(ev))
 
-  kwargs: everything an evaluator may need (embedder, objective, mesh, params, config,
-  tokenizer); each evaluator gets the ones its signature names, and `name` if it names it.
-  """
-  evaluate = EVALUATORS[ev.type]
-  wanted = inspect.signature(evaluate).parameters
-  results = evaluate(ev, **{k: v for k, v in dict(kwargs, name=name).items() if k in wanted})
-  return {f"eval/{name}/{k}": v for k, v in results.items()}
+
+def with_defaults(ev) -> dict:
+  """An evals entry (checked) with every key of its type, defaults filled in."""
+  return {**EVALUATORS[ev["type"]].DEFAULTS, **ev}
+
+
+def build(name: str, ev, context: EvalContext) -> Evaluator:
+  """The evaluator of evals.{name} (defaults filled in) for one run."""
+  return EVALUATORS[ev.type](name, ev, context)

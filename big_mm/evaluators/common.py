@@ -1,15 +1,26 @@
-"""Shared evaluator plumbing: iterating / embedding a whole held-out split, in order, under
-the mesh, and gathering the results to every process."""
+"""Shared evaluator plumbing: the keys every evaluator takes, the context evaluators are built
+with, the Evaluator base class, and iterating / embedding a whole held-out split, in order,
+under the mesh, gathering the results to every process."""
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
+from typing import Any
 
 import jax
 import numpy as np
 
+from big_mm import config as config_lib
 from big_mm import sharding
 from big_mm.input import pipeline
+
+# The keys of every evaluator type (each type's DEFAULTS add its own). An evaluator runs every
+# every_steps|epochs|examples and at the end; none given: only at the end; every_steps=0: never.
+# data / pp_image / image_column / text_column override input's for the eval split
+# (eval_input_config); e.g. text_column="captions/text" for coco_captions.
+DEFAULTS = dict(type=None, split="test", batch_size=256, every_steps=None, every_epochs=None,
+                every_examples=None, pp_image=None, data=None, image_column=None,
+                text_column=None)
 
 
 def eval_input_config(config, ev):
@@ -44,9 +55,8 @@ def iterate_split(input_cfg, batch_size: int, mesh, **options):
     yield batch, np.asarray(gather(batch["mask"])).astype(bool)
 
 
-@functools.lru_cache(maxsize=None)
-def jitted(objective, mesh, method: str):
-  """jax.jit(objective.<method>) with batch-sharded outputs, compiled once per objective."""
+def jit_method(objective, mesh, method: str):
+  """jax.jit(objective.<method>) with batch-sharded outputs."""
   fn = getattr(objective, method, None)
   if fn is None:
     raise TypeError(f"{type(objective).__name__} has no {method}(), which this evaluator needs. "
@@ -61,14 +71,20 @@ class Embedder:
 
   def __init__(self, objective, mesh):
     self.objective, self.mesh = objective, mesh
+    self._jitted = {}
+
+  def _method(self, method: str):
+    if method not in self._jitted:
+      self._jitted[method] = jit_method(self.objective, self.mesh, method)
+    return self._jitted[method]
 
   @property
   def embed_images(self):
-    return jitted(self.objective, self.mesh, "embed_images")
+    return self._method("embed_images")
 
   @property
   def embed_texts(self):
-    return jitted(self.objective, self.mesh, "embed_texts")
+    return self._method("embed_texts")
 
   def texts(self, params, tokens: np.ndarray, batch_size: int) -> np.ndarray:
     """Embeds host int32 tokens [N, L] in padded, sharded batches; returns [N, D]."""
@@ -121,3 +137,45 @@ def gather(x):
     from jax.experimental import multihost_utils
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
+
+
+@dataclasses.dataclass
+class EvalContext:
+  """What every evaluator of a run is built with (once per run, by big_mm.evaluators.build)."""
+  config: Any  # the run's config: input.* describes the training data
+  mesh: jax.sharding.Mesh
+  objective: Any
+  tokenizer: Any = None  # big_mm.input.tokenizer.Tokenizer; None without input.tokenizer
+  # Shared by the embedding evaluators, so each embedding function compiles once per run.
+  embedder: Embedder = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    self.embedder = Embedder(self.objective, self.mesh)
+
+
+class Evaluator:
+  """An evaluator type: DEFAULTS (its config keys, with defaults), validate (the values'
+  checks, before any compute) and the evaluation. Built once per run, so per-run state
+  (jitted functions, cached data) lives on the object; calling it with the params returns
+  its metrics keyed `eval/{name}/{metric}`."""
+  DEFAULTS = DEFAULTS
+
+  def __init__(self, name: str, ev, context: EvalContext):
+    self.name, self.ev, self.context = name, ev, context
+    self.input_cfg = eval_input_config(context.config, ev)
+
+  @staticmethod
+  def validate(name: str, ev: dict) -> None:
+    """Raises ConfigError for a bad value of evals.{name} (ev: its keys, defaults filled in)."""
+    del name, ev
+
+  def evaluate(self, params) -> dict[str, float]:
+    raise NotImplementedError
+
+  def __call__(self, params) -> dict[str, float]:
+    return {f"eval/{self.name}/{k}": v for k, v in self.evaluate(params).items()}
+
+
+def int_at_least(key: str, value, smallest: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+    raise config_lib.ConfigError(f"{key} must be an integer >= {smallest}, got {value!r}.")

@@ -30,25 +30,27 @@ prediction computed from the first `baseline_examples` real examples of the trai
 (config.input.data / input.split, read with the evaluator's pp_image, in order): per-pixel
 mean depth (over examples with d > 0 at that pixel; pixels never valid get the mean of all
 valid depths), per-pixel mean rgb image, per-pixel majority semseg class (ties: the lower
-id). baseline_examples=0 skips the baselines. The baselines are computed once per process
-(they depend on the data, not on the params).
+id). baseline_examples=0 skips the baselines. The baselines are computed once per run, at the
+evaluator's first call (they depend on the data, not on the params).
 """
 from __future__ import annotations
 
-import functools
-import json
+import math
 from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_mm import config as config_lib
 from big_mm import sharding
 from big_mm.evaluators import common
 from big_mm.input import preprocess
 from big_mm.objectives.masked import BATCH_KEYS
+
 MIN_MSE = 1e-10  # PSNR <= 100 dB.
-_BASELINES: dict = {}  # (training data config, targets, examples, classes) -> training_means
+TARGETS = ("rgb", "depth", "semseg")
+DEFAULT_PREDICTIONS = (("depth", ("rgb",)), ("semseg", ("rgb",)), ("rgb", ("depth", "semseg")))
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def _new_metrics(target: str, num_classes: int, rgb_range):
 
 def check_predictions(predictions, modalities) -> tuple[tuple[str, tuple[str, ...]], ...]:
   """(target, inputs) pairs as tuples; ValueError unless every name is one of the objective's
-  modalities (config.validate has checked the pairs' structure)."""
+  modalities (CrossModal.validate has checked the pairs' structure)."""
   out = tuple((target, tuple(inputs)) for target, inputs in predictions)
   for target, inputs in out:
     unknown = [m for m in (target,) + inputs if m not in modalities]
@@ -280,10 +282,8 @@ def score(predict: Callable, batches: Iterable, predictions, *, num_classes: int
   return results
 
 
-@functools.lru_cache(maxsize=None)
 def predictor(objective, mesh, inputs: tuple[str, ...], targets: tuple[str, ...]):
-  """jit (params, batch) -> {target: prediction} (semseg: int32 argmax ids), batch-sharded;
-  compiled once per (objective, mesh, inputs, targets)."""
+  """jit (params, batch) -> {target: prediction} (semseg: int32 argmax ids), batch-sharded."""
 
   def fn(params, batch):
     out = objective.predict(params, batch, inputs=inputs, targets=targets)
@@ -293,32 +293,83 @@ def predictor(objective, mesh, inputs: tuple[str, ...], targets: tuple[str, ...]
   return jax.jit(fn, out_shardings=sharding.batch_sharding(mesh))
 
 
-def evaluate(ev, *, objective, mesh, params, config) -> dict[str, float]:
-  if not hasattr(objective, "predict"):
-    raise TypeError(f"{type(objective).__name__} has no predict(); the cross_modal evaluator "
-                    "needs a masked multimodal objective (objective.name='multimae').")
-  predictions = check_predictions(ev.predictions, objective.modalities)
-  input_cfg = common.eval_input_config(config, ev)
-  targets = tuple(sorted({t for t, _ in predictions}))
-  if "rgb" in targets:
-    check_rgb_range(ev.rgb_range, input_cfg.pp_image)
-  num_classes = int(objective.num_semseg_classes) if "semseg" in targets else 0
-  baselines = None
-  if ev.baseline_examples:
-    train_cfg = input_cfg.copy_and_resolve_references()
+def _validate_predictions(key: str, predictions) -> None:
+  if not isinstance(predictions, (tuple, list)) or not predictions:
+    raise config_lib.ConfigError(f"{key} must be a non-empty tuple of (target, (input, ...)) "
+                                 f"pairs, e.g. {DEFAULT_PREDICTIONS}; got {predictions!r}.")
+  for i, item in enumerate(predictions):
+    if (not isinstance(item, (tuple, list)) or len(item) != 2
+        or not isinstance(item[1], (tuple, list))):
+      raise config_lib.ConfigError(f"{key}[{i}]={item!r} must be a pair (target, (input, ...)), "
+                                   f"e.g. ('depth', ('rgb',)).")
+    target, inputs = item
+    config_lib._choice(f"{key}[{i}] target", target, TARGETS)
+    for m in inputs:
+      config_lib._choice(f"{key}[{i}] input", m, config_lib.MODALITIES)
+    if not inputs or target in inputs or len(set(inputs)) != len(inputs):
+      raise config_lib.ConfigError(
+          f"{key}[{i}]={item!r}: give at least one input, each once, and not the target itself "
+          f"({target!r} is predicted with its input masked).")
+
+
+class CrossModal(common.Evaluator):
+  """Cross-modal prediction metrics and their mean baselines; see the module docstring."""
+  # predictions: ((target, (inputs...)), ...); rgb_range: the batch pixel range (pp_image's
+  # value_range).
+  DEFAULTS = dict(common.DEFAULTS, predictions=DEFAULT_PREDICTIONS, baseline_examples=1024,
+                  rgb_range=(-1.0, 1.0))
+
+  @staticmethod
+  def validate(name, ev):
+    """The structure of predictions (the names are checked against the objective's modalities
+    when the evaluator is built), baseline_examples, rgb_range."""
+    _validate_predictions(f"evals.{name}.predictions", ev["predictions"])
+    common.int_at_least(f"evals.{name}.baseline_examples", ev["baseline_examples"], 0)
+    rgb_range = ev["rgb_range"]
+    if (not isinstance(rgb_range, (tuple, list)) or len(rgb_range) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in rgb_range)
+        or rgb_range[0] >= rgb_range[1]):
+      raise config_lib.ConfigError(
+          f"evals.{name}.rgb_range must be (lo, hi) with lo < hi: the range pp_image's "
+          f"value_range puts pixels in, e.g. (-1.0, 1.0); got {rgb_range!r}.")
+
+  def __init__(self, name, ev, context):
+    super().__init__(name, ev, context)
+    objective = context.objective
+    if not hasattr(objective, "predict"):
+      raise TypeError(f"{type(objective).__name__} has no predict(); the cross_modal evaluator "
+                      "needs a masked multimodal objective (objective.name='multimae').")
+    self.predictions = check_predictions(ev.predictions, objective.modalities)
+    self.targets = tuple(sorted({t for t, _ in self.predictions}))
+    if "rgb" in self.targets:
+      check_rgb_range(ev.rgb_range, self.input_cfg.pp_image)
+    self.num_classes = int(objective.num_semseg_classes) if "semseg" in self.targets else 0
+    # One jit per distinct inputs (all targets sharing them predicted in one call).
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for target, inputs in self.predictions:
+      groups.setdefault(inputs, []).append(target)
+    self.predictors = {inputs: predictor(objective, context.mesh, inputs, tuple(targets))
+                       for inputs, targets in groups.items()}
+    self.baselines = None  # training_means, at the first call (baseline_examples > 0)
+
+  def _training_means(self):
+    train_cfg = self.input_cfg.copy_and_resolve_references()
     with train_cfg.unlocked():
-      train_cfg.data, train_cfg.split = config.input.data, config.input.split
-    # The baseline depends on the data only: computed once per process, not at every eval.
-    key = (json.dumps(train_cfg.to_dict(), sort_keys=True, default=str), targets,
-           ev.baseline_examples, num_classes)
-    if key not in _BASELINES:
-      _BASELINES[key] = training_means(common.iterate_split(train_cfg, ev.batch_size, mesh),
-                                       targets, ev.baseline_examples, num_classes)
-    baselines = _BASELINES[key]
+      train_cfg.data = self.context.config.input.data
+      train_cfg.split = self.context.config.input.split
+    return training_means(common.iterate_split(train_cfg, self.ev.batch_size, self.context.mesh),
+                          self.targets, self.ev.baseline_examples, self.num_classes)
 
-  def predict(batch, inputs, targets):
-    out = predictor(objective, mesh, inputs, targets)(params, batch)
-    return {t: common.gather(v) for t, v in out.items()}
+  def evaluate(self, params) -> dict[str, float]:
+    if self.ev.baseline_examples and self.baselines is None:
+      self.baselines = self._training_means()
 
-  return score(predict, common.iterate_split(input_cfg, ev.batch_size, mesh), predictions,
-               num_classes=num_classes, rgb_range=ev.rgb_range, baselines=baselines)
+    def predict(batch, inputs, targets):
+      out = self.predictors[inputs](params, batch)
+      return {t: common.gather(out[t]) for t in targets}
+
+    return score(predict, common.iterate_split(self.input_cfg, self.ev.batch_size,
+                                               self.context.mesh),
+                 self.predictions, num_classes=self.num_classes, rgb_range=self.ev.rgb_range,
+                 baselines=self.baselines)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from big_mm import config as config_lib
 from big_mm.evaluators import common
 
 BIAS_FEATURE = 100.0
@@ -73,19 +74,42 @@ def fewshot_accuracies(train_x, train_y, test_x, test_y, *, shots, l2_reg: float
   return {f"{k}shot_accuracy": float(np.mean(v)) for k, v in accuracies.items()}
 
 
-def evaluate(ev, *, embedder, params, config) -> dict[str, float]:
-  test_cfg = common.eval_input_config(config, ev)
-  train_cfg = test_cfg.copy_and_resolve_references()
-  with train_cfg.unlocked():
-    train_cfg.split = ev.train_split
-  data = {}
-  for name, cfg in (("train", train_cfg), ("test", test_cfg)):
-    data[name] = embedder.split(params, cfg, ev.batch_size, texts=False)
-    if "label" not in data[name] or not len(data[name]["label"]):
-      raise ValueError(f"The fewshot evaluator needs labelled examples, but split "
-                       f"{cfg.split!r} of {cfg.data!r} has none with a label.")
-  out = fewshot_accuracies(data["train"]["zimg"], data["train"]["label"], data["test"]["zimg"],
-                           data["test"]["label"], shots=tuple(ev.shots), l2_reg=float(ev.l2_reg),
-                           repeats=ev.repeats, seed=ev.seed)
-  out["num_examples"] = float(len(data["test"]["label"]))
-  return out
+class FewShot(common.Evaluator):
+  """k-shot ridge probes on frozen image features; see the module docstring."""
+  DEFAULTS = dict(common.DEFAULTS, train_split="train", shots=(1, 5, 10), l2_reg=2.0**10,
+                  repeats=3, seed=0)
+
+  @staticmethod
+  def validate(name, ev):
+    shots = ev["shots"]
+    if not isinstance(shots, (tuple, list)) or not shots:
+      raise config_lib.ConfigError(f"evals.{name}.shots must be a non-empty tuple of examples "
+                                   f"per class, e.g. (1, 5, 10); got {shots!r}.")
+    for k in shots:
+      common.int_at_least(f"evals.{name}.shots entries", k, 1)
+    l2_reg = ev["l2_reg"]
+    if isinstance(l2_reg, bool) or not isinstance(l2_reg, (int, float)) or not l2_reg > 0:
+      raise config_lib.ConfigError(f"evals.{name}.l2_reg must be a number > 0 (big_vision: "
+                                   f"2.0**10), got {l2_reg!r}.")
+    common.int_at_least(f"evals.{name}.repeats", ev["repeats"], 1)
+    common.int_at_least(f"evals.{name}.seed", ev["seed"], 0)
+    if not isinstance(ev["train_split"], str) or not ev["train_split"]:
+      raise config_lib.ConfigError(f"evals.{name}.train_split must be a split name, e.g. "
+                                   f"'train' or 'train[:10000]'; got {ev['train_split']!r}.")
+
+  def evaluate(self, params) -> dict[str, float]:
+    ev = self.ev
+    train_cfg = self.input_cfg.copy_and_resolve_references()
+    with train_cfg.unlocked():
+      train_cfg.split = ev.train_split
+    data = {}
+    for name, cfg in (("train", train_cfg), ("test", self.input_cfg)):
+      data[name] = self.context.embedder.split(params, cfg, ev.batch_size, texts=False)
+      if "label" not in data[name] or not len(data[name]["label"]):
+        raise ValueError(f"The fewshot evaluator needs labelled examples, but split "
+                         f"{cfg.split!r} of {cfg.data!r} has none with a label.")
+    out = fewshot_accuracies(data["train"]["zimg"], data["train"]["label"],
+                             data["test"]["zimg"], data["test"]["label"], shots=tuple(ev.shots),
+                             l2_reg=float(ev.l2_reg), repeats=ev.repeats, seed=ev.seed)
+    out["num_examples"] = float(len(data["test"]["label"]))
+    return out

@@ -69,21 +69,31 @@ def _check_finite(name, what, z):
         f"the value range the model was trained on).")
 
 
-def evaluate(ev, *, embedder, params, config, name="retrieval") -> dict[str, float]:
-  data = embedder.split(params, common.eval_input_config(config, ev), ev.batch_size,
-                        captions=ev.captions_per_image)
-  zimg, ztxt, owner = data["zimg"], data["ztxt"], data["caption_owner"]
-  _check_finite(name, "image", zimg)
-  _check_finite(name, "text", ztxt)
-  out = {}
-  # A right candidate has the query's key: its image index, or for class_R@k its label.
-  for prefix, key in (("", np.arange(len(zimg))), ("class_", data.get("label"))):
-    if key is None:
-      continue
-    img2txt = _recalls(zimg, ztxt, lambda rows: key[rows][:, None] == key[owner][None], ev.ks)
-    txt2img = _recalls(ztxt, zimg, lambda rows: key[owner[rows]][:, None] == key[None], ev.ks)
-    for direction, recalls in (("img2txt", img2txt), ("txt2img", txt2img)):
-      out.update({f"{direction}/{prefix}R@{k}": value for k, value in recalls.items()})
-  out["num_examples"] = float(len(zimg))
-  out["num_captions"] = float(len(ztxt))
-  return out
+class Retrieval(common.Evaluator):
+  """recall@k in both directions; see the module docstring."""
+  # COCO / Flickr30k: 5 captions per image.
+  DEFAULTS = dict(common.DEFAULTS, ks=(1, 5, 10), captions_per_image=5)
+
+  @staticmethod
+  def validate(name, ev):
+    common.int_at_least(f"evals.{name}.captions_per_image", ev["captions_per_image"], 1)
+
+  def evaluate(self, params) -> dict[str, float]:
+    ev = self.ev
+    data = self.context.embedder.split(params, self.input_cfg, ev.batch_size,
+                                       captions=ev.captions_per_image)
+    zimg, ztxt, owner = data["zimg"], data["ztxt"], data["caption_owner"]
+    _check_finite(self.name, "image", zimg)
+    _check_finite(self.name, "text", ztxt)
+    out = {}
+    # A right candidate has the query's key: its image index, or for class_R@k its label.
+    for prefix, key in (("", np.arange(len(zimg))), ("class_", data.get("label"))):
+      if key is None:
+        continue
+      img2txt = _recalls(zimg, ztxt, lambda rows: key[rows][:, None] == key[owner][None], ev.ks)
+      txt2img = _recalls(ztxt, zimg, lambda rows: key[owner[rows]][:, None] == key[None], ev.ks)
+      for direction, recalls in (("img2txt", img2txt), ("txt2img", txt2img)):
+        out.update({f"{direction}/{prefix}R@{k}": value for k, value in recalls.items()})
+    out["num_examples"] = float(len(zimg))
+    out["num_captions"] = float(len(ztxt))
+    return out

@@ -7,17 +7,15 @@ Cost: one teacher-forced pass per (image, prompt) pair (the image is re-encoded 
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_mm import config as config_lib
 from big_mm import sharding
 from big_mm.evaluators import common
 
 
-@functools.lru_cache(maxsize=None)
 def prompt_scorer(objective, mesh):
   """jit (params, images [B, ...], prompts i32 [P, L], prefix i32 [B, P'] or None) -> f32
   [B, P] total log-probs (the prompts scored as captions after the text prefix, if any)."""
@@ -34,27 +32,41 @@ def prompt_scorer(objective, mesh):
   return jax.jit(scores, out_shardings=batch)
 
 
-def evaluate(ev, *, objective, mesh, params, config, tokenizer) -> dict[str, float]:
-  if not ev.classnames:
-    raise ValueError("A scoring evaluator needs classnames (one per label id, in order).")
-  if tokenizer is None:
-    raise ValueError("The scoring evaluator needs input.tokenizer (to tokenize class prompts).")
-  classnames, templates = list(ev.classnames), list(ev.templates)
-  prompts = tokenizer.encode([t.format(c) for c in classnames for t in templates],
-                             config.input.text_len)
-  prompts = jax.device_put(prompts, sharding.replicated(mesh))
-  score = prompt_scorer(objective, mesh)
-  class_scores, labels = [], []
-  input_cfg = common.eval_input_config(config, ev)
-  for batch, mask in common.iterate_split(input_cfg, ev.batch_size, mesh):
-    if "label" not in batch:
-      raise ValueError(f"Split {ev.split!r} of {input_cfg.data!r} has no labels for scoring.")
-    logp = common.gather(score(params, batch["image"], prompts, batch.get("prefix")))[mask]
-    class_scores.append(logp.reshape(-1, len(classnames), len(templates)).mean(axis=-1))
-    labels.append(common.gather(batch["label"])[mask])
-  pred = np.argmax(np.concatenate(class_scores), axis=-1)
-  labels = np.concatenate(labels)
-  per_class = [np.mean(pred[labels == c] == c) for c in np.unique(labels)]
-  return {"accuracy": float(np.mean(pred == labels)),
-          "balanced_accuracy": float(np.mean(per_class)),
-          "num_examples": float(len(labels))}
+class Scoring(common.Evaluator):
+  """Zero-shot accuracy by prompt likelihood; classnames: one per label id, in order."""
+  DEFAULTS = dict(common.DEFAULTS, classnames=(), templates=("{}",))
+
+  @staticmethod
+  def validate(name, ev):
+    if not ev["classnames"]:
+      raise config_lib.ConfigError(f"evals.{name} (scoring) needs classnames: one name per "
+                                   f"label id, in order.")
+
+  def __init__(self, name, ev, context):
+    super().__init__(name, ev, context)
+    if context.tokenizer is None:
+      raise ValueError("The scoring evaluator needs input.tokenizer (to tokenize class "
+                       "prompts).")
+    self.num_classes, self.num_templates = len(ev.classnames), len(ev.templates)
+    prompts = context.tokenizer.encode([t.format(c) for c in ev.classnames for t in ev.templates],
+                                       context.config.input.text_len)
+    self.prompts = jax.device_put(prompts, sharding.replicated(context.mesh))
+    self.score = prompt_scorer(context.objective, context.mesh)
+
+  def evaluate(self, params) -> dict[str, float]:
+    class_scores, labels = [], []
+    for batch, mask in common.iterate_split(self.input_cfg, self.ev.batch_size,
+                                            self.context.mesh):
+      if "label" not in batch:
+        raise ValueError(f"Split {self.ev.split!r} of {self.input_cfg.data!r} has no labels for "
+                         f"scoring.")
+      logp = common.gather(self.score(params, batch["image"], self.prompts,
+                                      batch.get("prefix")))[mask]
+      class_scores.append(logp.reshape(-1, self.num_classes, self.num_templates).mean(axis=-1))
+      labels.append(common.gather(batch["label"])[mask])
+    pred = np.argmax(np.concatenate(class_scores), axis=-1)
+    labels = np.concatenate(labels)
+    per_class = [np.mean(pred[labels == c] == c) for c in np.unique(labels)]
+    return {"accuracy": float(np.mean(pred == labels)),
+            "balanced_accuracy": float(np.mean(per_class)),
+            "num_examples": float(len(labels))}
