@@ -82,6 +82,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from big_mm import tree_paths
+
 DEFAULT_WD_MASK = r".*/kernel$"
 DEFAULT_LR_MULTS = ((".*", 1.0),)
 FROZEN, TRAINABLE = "frozen", "trainable"
@@ -105,16 +107,9 @@ def _get(cfg, key, default=None):
   return value
 
 
-def _key_str(k):
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def _flatten(params):
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = ["/".join(_key_str(k) for k in path) for path, _ in leaves_with_path]
+  paths = [tree_paths.path_str(path) for path, _ in leaves_with_path]
   leaves = [leaf for _, leaf in leaves_with_path]
   return paths, leaves, treedef
 

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from big_mm import tree_paths
+
 BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axis (or tuple, or None). Flax uses each mesh axis at most once per
@@ -133,10 +135,10 @@ def shardings_like(tree: Any, mesh: Mesh, params: Any, param_shardings: Any) -> 
   by_path = {}
   for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(params),
                                     jax.tree.leaves(param_shardings)):
-    by_path[_dict_keys(path)] = (tuple(leaf.shape), sharding)
+    by_path[tree_paths.dict_keys(path)] = (tuple(leaf.shape), sharding)
 
   def pick(path, leaf):
-    keys = _dict_keys(path)
+    keys = tree_paths.dict_keys(path)
     for start in range(len(keys)):
       shape_sharding = by_path.get(keys[start:])
       if shape_sharding and shape_sharding[0] == tuple(getattr(leaf, "shape", ())):
@@ -144,10 +146,6 @@ def shardings_like(tree: Any, mesh: Mesh, params: Any, param_shardings: Any) -> 
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(pick, tree)
-
-
-def _dict_keys(path) -> tuple[str, ...]:
-  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def maybe_initialize_distributed(coordinator_address: str | None = None,

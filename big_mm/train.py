@@ -31,6 +31,7 @@ import optax
 from big_mm import checkpoint as checkpoint_lib
 from big_mm import config as config_lib
 from big_mm import evaluators, metrics as metrics_lib, models, objectives, optim, sharding
+from big_mm import tree_paths
 from big_mm.input import pipeline, sources
 from big_mm.input.tokenizer import Tokenizer
 
@@ -204,8 +205,7 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
                      "directory or .npz), not both.")
   if path:
     from big_mm import export  # torch-free, but only needed here
-    scan = any(any(str(getattr(k, "key", "")) == "encoderblock" for k in p)
-               for p, _ in jax.tree_util.tree_leaves_with_path(state["params"]))
+    scan = any("encoderblock" in name.split("/") for name in tree_paths.flat_dict(state["params"]))
     flat_loaded = export.load_params(path, scan=scan)
     source, step = path, None
   else:
@@ -217,14 +217,13 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
       raise FileNotFoundError(f"config.init.workdir={config.init.workdir!r} has no checkpoint.")
     loaded = ckpt.restore_params(step)
     ckpt.close()
-    flat_loaded = {"/".join(str(k.key) for k in p): v
-                   for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
+    flat_loaded = tree_paths.flat_dict(loaded)
     source = config.init.workdir
   pattern = re.compile(config.init.include)
   copied = []
 
   def take(path, current, target_sharding):
-    name = "/".join(str(k.key) for k in path)
+    name = tree_paths.path_str(path)
     if not pattern.fullmatch(name):
       return current
     if name not in flat_loaded:

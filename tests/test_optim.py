@@ -274,3 +274,20 @@ def test_configdict_and_abstract_params():
   step = jax.jit(lambda p, s, g: _step(tx, p, g, s)[::2])
   p, _ = step(params, tx.init(params), _grads(params))
   jax.tree.map(np.testing.assert_array_equal, p["img"], params["img"])
+
+
+def test_param_names_are_spelled_one_way():
+  """lr_mults / wd_mask regexes, init.include, exports and checkpoint messages name a param by
+  its '/'-joined dict keys (big_mm.tree_paths); an optimizer state's path also spells sequence
+  indices and attribute names, and its dict keys alone are its param's name."""
+  from big_mm import tree_paths
+  from big_mm.export import common
+  params = _params()
+  names = ["img/Dense_0/bias", "img/Dense_0/kernel", "t", "txt/Dense_0/bias",
+           "txt/Dense_0/kernel"]
+  assert optim.param_paths(params) == list(tree_paths.flat_dict(params)) == names
+  assert list(common.flatten(params)) == names
+  opt_paths = jax.tree_util.tree_leaves_with_path(optax.adam(0.1).init(params))
+  assert [tree_paths.path_str(p) for p, _ in opt_paths][:3] == [
+      "0/count", "0/mu/img/Dense_0/bias", "0/mu/img/Dense_0/kernel"]
+  assert tree_paths.dict_keys(opt_paths[2][0]) == ("img", "Dense_0", "kernel")

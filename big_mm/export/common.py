@@ -7,6 +7,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from big_mm import tree_paths
+
 
 class ExportError(ValueError):
   """A model that cannot be represented in the target format, or bad input files."""
@@ -17,11 +19,8 @@ def flatten(tree: Any) -> dict[str, np.ndarray]:
   if isinstance(tree, Mapping) and tree and not any(isinstance(v, Mapping)
                                                      for v in tree.values()):
     return {str(k): np.asarray(jax.device_get(v)) for k, v in tree.items()}  # already flat
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    key = "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
-    out[key] = np.asarray(jax.device_get(leaf))
-  return out
+  return {name: np.asarray(jax.device_get(leaf))
+          for name, leaf in tree_paths.flat_dict(tree).items()}
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:

@@ -255,9 +255,9 @@ def _expected_shapes(model_kwargs, image_size, text_len):
   img = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   txt = jnp.zeros((1, text_len), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), img, txt))["params"]
-  from big_mm import sharding
-  return {"/".join(str(p.key) for p in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(sharding.unbox(shapes))}
+  from big_mm import sharding, tree_paths
+  return {name: tuple(leaf.shape)
+          for name, leaf in tree_paths.flat_dict(sharding.unbox(shapes)).items()}
 
 
 def _identity_head(flat, name, width):
