@@ -4,8 +4,9 @@ A recipe file defines `get_config(arg=None)` returning an `ml_collections.Config
 `load()` merges it onto `defaults()` (the schema: every valid key with its default),
 applies command-line overrides, validates and locks the result. Any key that is not
 in the schema fails here, before any compute, naming the key and the closest valid ones.
-Sections listed in `FREE_FORM` (model kwargs, eval definitions) are validated by their
-consumers (the model constructor; each evaluator type, through big_mm.evaluators.check) instead.
+Sections listed in `FREE_FORM` (model kwargs, eval definitions, objective settings) are
+validated by their consumers (the model constructor; each evaluator type, through
+big_mm.evaluators.check; the named objective, through big_mm.objectives.settings) instead.
 """
 from __future__ import annotations
 
@@ -22,14 +23,10 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 
 # Sections whose keys are not fixed by the schema: checked by their consumers.
-FREE_FORM = ("model", "evals")
+FREE_FORM = ("model", "evals", "objective")
 DURATION_UNITS = ("steps", "epochs", "examples")
 
-OBJECTIVE_NAMES = ("contrastive", "captioning", "coca", "multimae")
 MODALITIES = ("rgb", "depth", "semseg", "text")  # input.modalities (MultiMAE)
-OBJECTIVE_LOSSES = ("sigmoid", "softmax")
-OBJECTIVE_STRATEGIES = ("local", "all_gather", "ring")
-OBJECTIVE_IMPLEMENTATIONS = ("xla", "pallas")
 OPTIMIZERS = ("adamw", "adafactor")
 NAN_POLICIES = ("skip", "stop")
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
@@ -54,23 +51,10 @@ def defaults() -> ConfigDict:
   c.model_name = "two_towers"
   c.model = ConfigDict()  # kwargs of the model class (FREE_FORM)
 
-  # micro_batches=m > 1: GradCache (open_clip's --accum-freq). The loss and its negatives stay
-  # the FULL batch; only the towers run m micro-batches at a time (two forward passes, one
-  # micro-batch's activations in memory). batch_size must divide by m x the batch devices.
-  # implementation: "xla" (jnp logits) or "pallas" (fused kernel, never builds the B x B
-  # logits; big_mm/kernels/contrastive.py).
-  # Generative objectives (captioning, coca; big_mm/objectives/generative.py):
-  # parallel_fraction: fraction of examples trained with CapPa's parallel prediction (all
-  # decoder inputs [MASK], no causal mask; CapPa 0.75); label_smoothing of the token loss;
-  # coca's loss = contrastive_weight * contrastive + caption_weight * captioning.
-  # MultiMAE (big_mm/objectives/masked.py): num_visible input tokens per example, split across
-  # the modalities by a symmetric Dirichlet(dirichlet_alpha); modality_weights: ((name, w), ...)
-  # loss weights (unlisted modalities: 1.0).
-  c.objective = ConfigDict(dict(name="contrastive", loss="sigmoid", strategy="all_gather",
-                                implementation="xla", micro_batches=1, parallel_fraction=0.0,
-                                label_smoothing=0.0, contrastive_weight=1.0,
-                                caption_weight=2.0, num_visible=98, dirichlet_alpha=1.0,
-                                modality_weights=()))
+  # name + that objective's keys only (FREE_FORM): each objective declares its SETTINGS with
+  # defaults and checks (big_mm/objectives/; the registry: objectives.OBJECTIVES); validate()
+  # fills them in and refuses any other key.
+  c.objective = ConfigDict(dict(name="contrastive"))
 
   c.optim = ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4, clip_norm=1.0,
@@ -185,8 +169,9 @@ def _merge(base: ConfigDict, user: ConfigDict | dict, prefix: str) -> None:
       raise ConfigError(f"Unknown config key {path!r}{_suggest(key, base.keys())} "
                         f"Valid keys under {prefix.rstrip('.') or 'the top level'}: "
                         f"{sorted(base.keys())}")
-    if path in FREE_FORM:
-      base[key] = ConfigDict(_to_dict(value)) if value is not None else ConfigDict()
+    if path in FREE_FORM:  # onto the section's defaults (only objective.name has one)
+      base[key] = ConfigDict({**_to_dict(base[key]), **(_to_dict(value) if value is not None
+                                                         else {})})
     elif isinstance(base[key], ConfigDict) and isinstance(value, (ConfigDict, dict)):
       _merge(base[key], value, path + ".")
     else:
@@ -244,16 +229,7 @@ def validate(config: ConfigDict) -> None:
   _one_duration(config.optim.schedule, "warmup", prefix="optim.schedule.")
   _one_duration(config.checkpoint, "every", prefix="checkpoint.")
   _validate_data(config)
-  _choice("objective.name", config.objective.name, OBJECTIVE_NAMES)
-  _choice("objective.loss", config.objective.loss, OBJECTIVE_LOSSES)
-  _choice("objective.strategy", config.objective.strategy, OBJECTIVE_STRATEGIES)
-  _choice("objective.implementation", config.objective.implementation,
-          OBJECTIVE_IMPLEMENTATIONS)
-  micro = config.objective.micro_batches
-  if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
-    raise ConfigError(f"objective.micro_batches must be a positive integer (1: the whole batch "
-                      f"at once; m > 1: GradCache over m micro-batches), got {micro!r}.")
-  _validate_generative(config.objective)
+  _validate_objective(config)
   _choice("optim.name", config.optim.name, OPTIMIZERS)
   _choice("nan_policy", config.nan_policy, NAN_POLICIES)
   _choice("optim.schedule.name", config.optim.schedule.name, SCHEDULES)
@@ -262,12 +238,6 @@ def validate(config: ConfigDict) -> None:
   if not 0 <= config.input.max_bad_fraction < 1:
     raise ConfigError(f"input.max_bad_fraction must be in [0, 1) (0: stop at the first bad "
                       f"record), got {config.input.max_bad_fraction!r}.")
-  if config.input.prefix_column and (config.objective.name != "captioning"
-                                     or config.input.modalities is not None):
-    raise ConfigError(
-        f"input.prefix_column={config.input.prefix_column!r} is read only by prefix-LM "
-        f"captioners (objective.name='captioning', model.prefix_lm=True, no input.modalities); "
-        f"objective.name is {config.objective.name!r}. Unset input.prefix_column.")
   if not isinstance(config.batch_size, int) or config.batch_size <= 0:
     raise ConfigError(f"batch_size must be a positive integer, got {config.batch_size!r}.")
   for axis, size in config.mesh.items():
@@ -278,26 +248,19 @@ def validate(config: ConfigDict) -> None:
     evaluators.check(name, ev)
 
 
-def _validate_generative(objective) -> None:
-  """Ranges of the generative objectives' keys (checked whatever the objective)."""
-  def number(key):
-    value = objective[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-      raise ConfigError(f"objective.{key} must be a number, got {value!r}.")
-    return value
-
-  if not 0.0 <= number("parallel_fraction") <= 1.0:
-    raise ConfigError(f"objective.parallel_fraction must be in [0, 1] (the fraction of examples "
-                      f"trained with parallel prediction), got {objective.parallel_fraction!r}.")
-  if not 0.0 <= number("label_smoothing") < 1.0:
-    raise ConfigError(f"objective.label_smoothing must be in [0, 1), got "
-                      f"{objective.label_smoothing!r}.")
-  for key in ("contrastive_weight", "caption_weight"):
-    if number(key) < 0:
-      raise ConfigError(f"objective.{key} must be >= 0, got {objective[key]!r}.")
-  if objective.name == "coca" and not objective.contrastive_weight + objective.caption_weight:
-    raise ConfigError("objective.contrastive_weight and objective.caption_weight are both 0: "
-                      "the coca loss would be 0; give at least one a positive weight.")
+def _validate_objective(config: ConfigDict) -> None:
+  """config.objective becomes `name` + that objective's settings (defaults filled in); unknown
+  keys and bad values fail (big_mm/objectives/). A text prefix (input.prefix_column makes
+  batch["prefix"]) needs an objective that reads it."""
+  from big_mm import objectives  # pylint: disable=g-import-not-at-top
+  config.objective = ConfigDict(objectives.settings(config.objective))
+  name = config.objective.name
+  if config.input.prefix_column and "prefix" not in objectives.get_objective(name).BATCH_KEYS:
+    readers = [n for n, cls in objectives.OBJECTIVES.items() if "prefix" in cls.BATCH_KEYS]
+    raise ConfigError(
+        f"input.prefix_column={config.input.prefix_column!r} is read only by prefix-LM "
+        f"captioners (objective.name in {readers}, model.prefix_lm=True); objective.name is "
+        f"{name!r}. Unset input.prefix_column.")
 
 
 def _validate_modalities(input_cfg) -> None:

@@ -15,7 +15,7 @@ import jax
 from big_mm import checkpoint as checkpoint_lib
 from big_mm import config as config_lib
 from big_mm import evaluators, metrics as metrics_lib, train
-from big_mm.input import pipeline, sources
+from big_mm.input import sources
 
 log = logging.getLogger("big_mm")
 
@@ -39,12 +39,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   step = step if step is not None else ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {workdir!r}; train first with big_mm.train.")
-  # One eval batch gives the input shapes the model was built with.
-  name, ev = next(iter(config.evals.items()))
-  batches = pipeline.make_eval_batches(evaluators.common.eval_input_config(config, ev),
-                                       ev.split, evaluators.common.round_batch(1, setup.mesh),
-                                       None)
-  ts = train.make_train_state(setup, train.abstract_inputs(next(iter(batches))))
+  ts = train.make_train_state(setup)
   with train.use_mesh(setup):
     state, _ = ckpt.restore(step, ts.abstract)
     ckpt.close()

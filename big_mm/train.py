@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -60,13 +61,7 @@ def build(config, *, num_train_examples: int | None = None, devices=None) -> Set
   sharding.check_batch_size(config.batch_size, mesh)
   model = models.get_model(config.model_name, **config.model.to_dict())
   tokenizer = Tokenizer(config.input.tokenizer) if config.input.tokenizer else None
-  text_cfg = config.model.get("text", {}) or {}
-  vocab = text_cfg.get("vocab_size")
-  if tokenizer is not None and vocab is not None and vocab != tokenizer.vocab_size:
-    raise config_lib.ConfigError(
-        f"model.text.vocab_size={vocab} but the tokenizer {config.input.tokenizer!r} has "
-        f"{tokenizer.vocab_size} pieces; set model.text.vocab_size={tokenizer.vocab_size}.")
-  objective = objectives.get_objective(config.objective.name)(config, model, mesh)
+  objective = make_objective(config, model, mesh, tokenizer)
   total_steps = config_lib.resolve_steps(config, "total", batch_size=config.batch_size,
                                          num_examples=num_train_examples)
   optim_cfg = config.optim.copy_and_resolve_references()
@@ -83,15 +78,22 @@ def build(config, *, num_train_examples: int | None = None, devices=None) -> Set
                optim_cfg)
 
 
+def make_objective(config, model, mesh, tokenizer: Tokenizer | None):
+  """config.objective's class, given its settings and what it reads of the run (the context)."""
+  modalities = config.input.modalities
+  ctx = objectives.Context(
+      mesh=mesh, batch_size=config.batch_size, text_len=config.input.text_len,
+      image_size=objectives.base.image_size(config.input.pp_image), tokenizer=tokenizer,
+      modalities=None if modalities is None else tuple(modalities),
+      prefix_column=config.input.prefix_column, prefix_len=config.input.prefix_len,
+      frozen=functools.partial(optim.frozen_mask, config.optim))
+  settings = config.objective.to_dict()
+  return objectives.get_objective(settings.pop("name"))(model, ctx, **settings)
+
+
 def resolve_every(section, setup: Setup, default=None):
   return config_lib.resolve_steps(section, "every", batch_size=setup.config.batch_size,
                                   num_examples=setup.num_train_examples, default=default)
-
-
-def abstract_inputs(batch: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of one example (batch of 1) for model init (every model input; not mask/label)."""
-  return {k: jax.ShapeDtypeStruct((1,) + tuple(v.shape[1:]), v.dtype)
-          for k, v in batch.items() if k not in ("mask", "label")}
 
 
 @dataclasses.dataclass
@@ -105,16 +107,10 @@ class TrainState:
   schedule: Callable
 
 
-def make_train_state(setup: Setup, example: dict[str, jax.ShapeDtypeStruct]) -> TrainState:
+def make_train_state(setup: Setup) -> TrainState:
+  """The params come from `objective.init_params(rng)` (its example batch: no data is read)."""
   config, mesh = setup.config, setup.mesh
-
-  def init_params(rng):
-    dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()}
-    objective_init = getattr(setup.objective, "init_params", None)
-    if objective_init is not None:
-      return objective_init(rng, dummy)
-    return setup.model.init({"params": rng}, dummy["image"], dummy["text"], train=False)["params"]
-
+  init_params = setup.objective.init_params
   with use_mesh(setup):
     abstract_boxed = jax.eval_shape(init_params, jax.random.key(0))
     param_shardings = sharding.logical_shardings(abstract_boxed, mesh, config.sharding_rules)
@@ -287,8 +283,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
   batch_sharding = sharding.batch_sharding(setup.mesh)
   data = pipeline.make_train_iterator(config.input, global_batch_size=config.batch_size,
                                       seed=config.seed, sharding=batch_sharding)
-  first_batch = next(data)
-  ts = make_train_state(setup, abstract_inputs(first_batch))
+  ts = make_train_state(setup)
   with use_mesh(setup):
     # The newest checkpoint that verifies (a corrupt or unfinished one is skipped, loudly).
     try:
@@ -301,7 +296,6 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
     if restored is not None:
       start, state, data_state = restored
       data.set_state(data_state)
-      first_batch = None
       log.info("Resumed from %s at step %d", ckpt.directory, start)
     else:
       start = 0
@@ -340,8 +334,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
     try:
       for step in range(start + 1, setup.total_steps + 1):
         with throughput.data_wait():
-          batch = first_batch if first_batch is not None else next(data)
-        first_batch = None
+          batch = next(data)
         state, step_metrics = train_step(state, batch)
         done = step == setup.total_steps
         # nan_policy="stop" looks at every step (one scalar fetched from the device), so it

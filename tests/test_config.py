@@ -96,3 +96,40 @@ def test_eval_reading_training_files_is_refused_unless_it_never_runs():
   c = _demo(**{"input.data": shards, "evals.retrieval.data": "tar:/data/val/*.tar",
                "evals.zeroshot.every_steps": 0})
   assert c.evals.zeroshot.every_steps == 0
+
+
+def test_objective_section_is_the_named_objectives_settings():
+  """config.objective holds `name` + that objective's keys, defaults filled in; naming another
+  objective (here by override) gives that one's keys and defaults."""
+  assert _demo().objective.to_dict() == dict(
+      name="contrastive", loss="sigmoid", strategy="all_gather", implementation="xla",
+      micro_batches=1)
+  coca = _demo(**{"objective.name": "coca", "objective.caption_weight": 1})
+  assert coca.objective.to_dict() == dict(
+      name="coca", loss="sigmoid", strategy="all_gather", implementation="xla",
+      label_smoothing=0.0, contrastive_weight=1.0, caption_weight=1)
+  assert config_lib.load("configs/demo_cappa.py").objective.to_dict() == dict(
+      name="captioning", parallel_fraction=0.5, label_smoothing=0.0)
+
+
+def test_objective_keys_of_another_objective_are_unknown():
+  with pytest.raises(ConfigError, match=r"Unknown config key 'objective.micro_batches' for "
+                                        r"objective.name='captioning': GradCache is implemented "
+                                        r"for the contrastive objective only"):
+    config_lib.load("configs/demo_cappa.py", {"objective.micro_batches": 2})
+  with pytest.raises(ConfigError, match=r"'objective.num_visibel'.*Did you mean 'num_visible'"):
+    config_lib.load("configs/demo_multimae.py", {"objective.num_visibel": 2})
+  with pytest.raises(ConfigError, match=r"objective.name='captionning'.*Did you mean "
+                                        r"'captioning'"):
+    _demo(**{"objective.name": "captionning"})
+
+
+def test_every_objective_declares_the_contract():
+  """One explicit registry; each objective's defaults pass its own checks."""
+  from big_mm import objectives
+  for name, cls in objectives.OBJECTIVES.items():
+    assert cls.NAME == name
+    assert objectives.settings({"name": name}) == {"name": name, **cls.SETTINGS}
+    assert set(cls.BATCH_KEYS) >= {"image"}
+    for method in ("loss_fn", "example_batch", "init_params"):
+      assert callable(getattr(cls, method)), (name, method)

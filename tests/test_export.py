@@ -501,15 +501,14 @@ def demo_zeroshot(demo_run, data_dir):
   embeddings, predictions; plus the prompts and the test images as PIL images."""
   from PIL import Image
 
-  from big_mm import evaluators, models, objectives
+  from big_mm import evaluators, models, train
   from big_mm.evaluators import common, zeroshot
   from big_mm.input import sources
   config, workdir = demo_run
   params, _ = export_tool_module().restore_params(workdir, 600)
   mesh = sharding.make_mesh(config.mesh)
   model = models.get_model(config.model_name, **config.model.to_dict())
-  embedder = evaluators.Embedder(objectives.get_objective("contrastive")(config, model, mesh),
-                                 mesh)
+  embedder = evaluators.Embedder(train.make_objective(config, model, mesh, None), mesh)
   ev = config.evals.zeroshot
   classes = zeroshot.class_embeddings(embedder, params, Tokenizer(TOKENIZER),
                                       list(ev.classnames), list(ev.templates),

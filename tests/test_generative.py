@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from big_mm import config as config_lib, decoding, sharding
+from big_mm import config as config_lib, decoding, objectives, sharding
 from big_mm.models import get_model
 from big_mm.evaluators import scoring
+from big_mm.input.tokenizer import Tokenizer
 from big_mm.models.decoder import Decoder, shift_right
-from big_mm.objectives import generative, get_objective
+from big_mm.objectives import Context, generative, get_objective
 
 from conftest import TOKENIZER
 
@@ -29,27 +30,22 @@ MODELS = {
 SHARED = ("cappa", "prefix_lm", "coca")  # the kinds every shared test runs
 
 
-def _config(kind, depth=None, **objective):
-  name, model_name, model = MODELS[kind]
+def _model(kind, depth=None, **changes):
+  _, model_name, model = MODELS[kind]
   if depth is not None:
     model = dict(model, decoder=dict(DEC, depth=depth))
-  c = config_lib.defaults()
-  c.total_steps = 1
-  c.batch_size = 8
-  c.model_name = model_name
-  c.model = model
-  c.input.tokenizer = TOKENIZER
-  c.input.text_len = 8
-  c.objective.name = name
-  c.objective.update(objective)
-  config_lib.validate(c)
-  return c
+  return get_model(model_name, **{**model, **changes})
+
+
+def _context(mesh=None, **changes):
+  """What the trainer would give the objective for 8-token texts of 32 x 32 images."""
+  return Context(**{**dict(mesh=mesh, batch_size=8, text_len=8, image_size=(32, 32),
+                           tokenizer=Tokenizer(TOKENIZER)), **changes})
 
 
 def _setup(kind, mesh=None, depth=None, **objective):
-  c = _config(kind, depth, **objective)
-  model = get_model(c.model_name, **c.model.to_dict())
-  obj = get_objective(c.objective.name)(c, model, mesh)
+  model = _model(kind, depth)
+  obj = get_objective(MODELS[kind][0])(model, _context(mesh), **objective)
   images = jax.random.normal(jax.random.key(1), (len(TEXTS), 32, 32, 3))
   params = sharding.unbox(model.init({"params": jax.random.key(0)}, images[:1], TEXTS[:1],
                                      train=False)["params"])
@@ -164,22 +160,19 @@ def test_coca_loss_is_weighted_sum(setups):
 
 
 def test_config_errors():
-  c = _config("cappa")
-  c.model.decoder.vocab_size = 100
-  model = get_model(c.model_name, **c.model.to_dict())
+  model = _model("cappa")
   with pytest.raises(config_lib.ConfigError, match=r"vocab_size=100.*has 128 pieces"):
-    generative.Captioning(c, model, None)
-  c.model.decoder.vocab_size = 128
-  c.objective.micro_batches = 2
+    generative.Captioning(_model("cappa", decoder=dict(DEC, vocab_size=100)), _context())
   with pytest.raises(config_lib.ConfigError, match="GradCache is implemented for the contrastive"):
-    generative.Captioning(c, get_model(c.model_name, **c.model.to_dict()), None)
-  c.input.tokenizer = None
+    generative.Captioning(model, _context(), micro_batches=2)
   with pytest.raises(config_lib.ConfigError, match="input.tokenizer"):
-    generative.Captioning(c, model, None)
+    generative.Captioning(model, _context(tokenizer=None))
   with pytest.raises(config_lib.ConfigError, match="parallel_fraction"):
-    _config("cappa", parallel_fraction=1.5)
+    objectives.settings(dict(name="captioning", parallel_fraction=1.5))
   with pytest.raises(config_lib.ConfigError, match="label_smoothing"):
-    _config("cappa", label_smoothing=1.0)
+    objectives.settings(dict(name="captioning", label_smoothing=1.0))
+  with pytest.raises(config_lib.ConfigError, match="both 0"):
+    objectives.settings(dict(name="coca", contrastive_weight=0, caption_weight=0.0))
 
 
 @pytest.mark.parametrize("kind,key,value", [
@@ -187,13 +180,15 @@ def test_config_errors():
     ("cappa", "implementation", "pallas"), ("cappa", "caption_weight", 1.0),
     ("coca", "micro_batches", 2), ("coca", "parallel_fraction", 0.5),
     ("coca", "num_visible", 10)])
-def test_unused_options_refused(kind, key, value):
-  """Options the objective does not read are refused, not silently ignored."""
-  c = _config(kind, **{key: value})
-  model = get_model(c.model_name, **c.model.to_dict())
-  with pytest.raises(config_lib.ConfigError,
-                     match=rf"objective.{key}={value!r} would be ignored.*'{c.objective.name}'"):
-    get_objective(c.objective.name)(c, model, None)
+def test_other_objectives_settings_are_unknown_keys(kind, key, value):
+  """Settings the objective does not have are refused (when the config loads and when the
+  objective is built), not silently ignored."""
+  name = MODELS[kind][0]
+  match = rf"Unknown config key 'objective.{key}' for objective.name='{name}'"
+  with pytest.raises(config_lib.ConfigError, match=match):
+    objectives.settings({"name": name, key: value})
+  with pytest.raises(config_lib.ConfigError, match=match):
+    get_objective(name)(_model(kind), _context(), **{key: value})
 
 
 def test_sharded_loss_and_grad_equal_single_device():
@@ -350,11 +345,6 @@ def test_text_prefix_loss_and_likelihood(setups, text_prefix):
 
 
 def test_text_prefix_config_errors():
-  def build(kind, **input_changes):
-    c = _config(kind)
-    c.input.update(input_changes)
-    return generative.Captioning if kind != "coca" else generative.CoCa, c
-
   for kind, changes, match in [
       ("text_prefix", dict(prefix_column="question"), r"prefix_len=0: a text prefix needs both"),
       ("text_prefix", dict(prefix_len=4), r"prefix_column=None and input.prefix_len=4"),
@@ -363,10 +353,16 @@ def test_text_prefix_config_errors():
       ("prefix_lm", dict(prefix_column="question", prefix_len=2),
        r"input.prefix_len=2 but model.text_prefix_len=0"),
       ("cappa", dict(prefix_column="question", prefix_len=2), r"prefix_lm=True"),
-      ("coca", dict(prefix_column="question", prefix_len=2), r"model_name='coca'"),
+      ("text_prefix", dict(prefix_column="question", prefix_len=4, modalities=("rgb", "text")),
+       r"not read with input.modalities"),
   ]:
-    cls, c = build(kind, **changes)
     with pytest.raises(config_lib.ConfigError, match=match):
-      cls(c, get_model(c.model_name, **c.model.to_dict()), None)
-  cls, c = build("text_prefix", prefix_column="question", prefix_len=4)
-  cls(c, get_model(c.model_name, **c.model.to_dict()), None)  # fits
+      generative.Captioning(_model(kind), _context(**changes))
+  # CoCa reads no text prefix: refused when the config loads.
+  c = config_lib.defaults()
+  c.total_steps = 1
+  c.objective = dict(name="coca")
+  c.input.update(prefix_column="question", prefix_len=2)
+  with pytest.raises(config_lib.ConfigError, match=r"read only by prefix-LM captioners.*'coca'"):
+    config_lib.validate(c)
+  generative.Captioning(_model("text_prefix"), _context(prefix_column="question", prefix_len=4))

@@ -9,7 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from big_mm import config as config_lib
-from big_mm import sharding
+from big_mm import objectives, sharding
+from big_mm.input.tokenizer import Tokenizer
 from big_mm.models import multimae as multimae_lib
 from big_mm.objectives import masked
 
@@ -25,14 +26,9 @@ def _objective(modalities=MODALITIES, num_visible=24, objective=(), **model_kw):
             vocab_size=VOCAB, text_len=6, depth_mean=5.0, depth_std=2.0)
   kw.update(model_kw)
   model = multimae_lib.MultiMAE(**kw)
-  config = config_lib.defaults()
-  config.model_name = config.objective.name = "multimae"
-  config.objective.num_visible = num_visible
-  config.input.modalities = tuple(modalities)
-  config.input.text_len = kw["text_len"]
-  config.input.tokenizer = TOKENIZER
-  config.objective.update(dict(objective))
-  return masked.MultiMAE(config, model, None)
+  ctx = objectives.Context(modalities=tuple(modalities), text_len=kw["text_len"],
+                           tokenizer=Tokenizer(TOKENIZER))
+  return masked.MultiMAE(model, ctx, num_visible=num_visible, **dict(objective))
 
 
 def _batch(b=4, seed=0, text=False):
@@ -47,8 +43,8 @@ def _batch(b=4, seed=0, text=False):
   return batch
 
 
-def _params(obj, batch):
-  return sharding.unbox(obj.init_params(jax.random.key(0), batch))
+def _params(obj):
+  return sharding.unbox(obj.init_params(jax.random.key(0)))
 
 
 def _concat_available(available):
@@ -105,7 +101,7 @@ def test_sample_visible_respects_absent_modalities_and_short_ones():
 def test_masked_tokens_never_reach_the_encoder():
   obj = _objective()
   batch = _batch()
-  params = _params(obj, batch)
+  params = _params(obj)
   visible, valid, _ = obj.masks(jax.random.key(7), batch)
 
   def encoded(b):
@@ -138,7 +134,7 @@ def test_masked_tokens_never_reach_the_encoder():
 def test_loss_only_on_masked_targets():
   obj = _objective()
   batch = _batch()
-  params = _params(obj, batch)
+  params = _params(obj)
   rng = jax.random.key(11)
   loss = jax.jit(obj.loss_fn)
   ref, metrics = loss(params, batch, rng)
@@ -163,7 +159,7 @@ def test_loss_only_on_masked_targets():
 def test_modality_absent_for_some_examples_gets_no_tokens_and_no_loss():
   obj = _objective()
   batch = dict(_batch(), depth_present=jnp.asarray([1, 0, 1, 0], jnp.int32))
-  params = _params(obj, batch)
+  params = _params(obj)
   visible, valid, available = obj.masks(jax.random.key(2), batch)
   for i in (1, 3):
     v = np.asarray(visible[i])[np.asarray(valid[i])]
@@ -183,7 +179,7 @@ def test_text_modality_pads_are_never_tokens_or_targets():
   obj = _objective(("rgb", "text"), num_visible=10)
   batch = _batch(text=True)
   batch = {"image": batch["image"], "text": batch["text"]}
-  params = _params(obj, batch)
+  params = _params(obj)
   visible, valid, available = obj.masks(jax.random.key(0), batch)
   np.testing.assert_array_equal(np.asarray(available["text"]), np.asarray(batch["text"]) != 0)
   v = np.asarray(visible)
@@ -196,7 +192,7 @@ def test_text_modality_pads_are_never_tokens_or_targets():
 def test_predict_and_embed_shapes_and_input_independence():
   obj = _objective()
   batch = _batch()
-  params = _params(obj, batch)
+  params = _params(obj)
   out = obj.predict(params, batch, inputs=("rgb",), targets=("depth", "semseg"))
   assert out["depth"].shape == (4, 16, 16) and out["semseg"].shape == (4, 16, 16, 4)
   # Targets are fully masked: their values in the batch do not matter.
@@ -231,25 +227,37 @@ def test_config_errors():
 @pytest.mark.parametrize("key,value", [
     ("micro_batches", 2), ("implementation", "pallas"), ("strategy", "ring"),
     ("loss", "softmax"), ("label_smoothing", 0.1), ("parallel_fraction", 0.5)])
-def test_unused_options_refused(key, value):
-  """The contrastive / generative options do nothing here, so they are refused."""
-  with pytest.raises(config_lib.ConfigError,
-                     match=rf"objective.{key}={value!r} would be ignored.*'multimae'"):
+def test_other_objectives_settings_are_unknown_keys(key, value):
+  """The contrastive / generative settings do nothing here, so they are unknown keys."""
+  match = rf"Unknown config key 'objective.{key}' for objective.name='multimae'"
+  with pytest.raises(config_lib.ConfigError, match=match):
     _objective(objective={key: value})
+  with pytest.raises(config_lib.ConfigError, match=match):
+    objectives.settings({"name": "multimae", key: value})
   _objective(objective={"modality_weights": (("depth", 2.0),)})
+
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(dirichlet_alpha=0.0), r"dirichlet_alpha must be > 0"),
+    (dict(num_visible=0), r"num_visible must be a positive integer"),
+    (dict(modality_weights=("depth", 2.0)), r"modality_weights must be \(\(modality, weight\)"),
+])
+def test_bad_settings_fail_when_the_config_loads(settings, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    objectives.settings(dict(name="multimae", **settings))
 
 
 def test_sharded_loss_and_grad_equal_single_device():
   obj = _objective()
   batch = _batch(b=8)
-  params = _params(obj, batch)
+  params = _params(obj)
   rng = jax.random.key(3)
   grad_fn = jax.jit(jax.value_and_grad(obj.loss_fn, has_aux=True))
   (ref_loss, _), ref_grads = grad_fn(params, batch, rng)
   mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(None)):
-    boxed = jax.eval_shape(lambda: obj.init_params(jax.random.key(0), batch))
+    boxed = jax.eval_shape(lambda: obj.init_params(jax.random.key(0)))
     param_sh = sharding.logical_shardings(boxed, mesh)
     assert any(s.spec != P() for s in jax.tree.leaves(param_sh))  # FSDP really shards
     sharded_params = jax.device_put(params, param_sh)

@@ -17,7 +17,7 @@ def run_steps(config, devices, batches):
   setup = train.build(config, devices=devices)
   placed = [{k: jax.device_put(v, sharding.batch_sharding(setup.mesh)) for k, v in b.items()}
             for b in batches]
-  ts = train.make_train_state(setup, train.abstract_inputs(placed[0]))
+  ts = train.make_train_state(setup)
   with train.use_mesh(setup):
     state = ts.init(jax.random.key(0))
     step = train.make_train_step(setup, ts)
@@ -114,6 +114,47 @@ def test_softmax_loss_trains_sharded(data_dir, host_batches):
   ref, _, _ = run_steps(single, jax.devices()[:1], host_batches)
   got, _, _ = run_steps(sharded, jax.devices(), host_batches)
   np.testing.assert_allclose(got, ref, rtol=2e-5)
+
+
+def test_params_are_built_from_the_objectives_example_batch(data_dir, host_batches):
+  """The objective's example batch has the pipeline's keys, shapes and dtypes (it comes from
+  the config: pp_image's size, text_len), so no batch is read to build the params."""
+  setup = train.build(tiny_config(data_dir))
+  example = setup.objective.example_batch()
+  assert set(example) == set(host_batches[0])
+  for key, spec in example.items():
+    assert spec.shape == (1,) + host_batches[0][key].shape[1:], key
+    assert spec.dtype == host_batches[0][key].dtype, key
+  with pytest.raises(config_lib.ConfigError, match=r"input.pp_image leaves images at the size"):
+    train.make_train_state(train.build(tiny_config(
+        data_dir, **{"input.pp_image": "decode|value_range(-1,1)"})))
+
+
+def test_fresh_and_resumed_runs_read_only_the_batches_they_train_on(data_dir, tmp_path,
+                                                                    monkeypatch):
+  """The trainer draws batch n for step n: none before the first step to learn shapes (on a
+  resume such a batch was drawn, then thrown away by restoring the iterator's state)."""
+  drawn = []
+  real = pipeline.make_train_iterator
+
+  def counting(*args, **kwargs):
+    it = real(*args, **kwargs)
+
+    class Counting(type(it)):
+      def __next__(self):
+        drawn.append(1)
+        return super().__next__()
+
+    it.__class__ = Counting
+    return it
+
+  monkeypatch.setattr(pipeline, "make_train_iterator", counting)
+  workdir = str(tmp_path / "run")
+  train.train(tiny_config(data_dir, total_steps=2), workdir)
+  assert len(drawn) == 2
+  drawn.clear()
+  train.train(tiny_config(data_dir, total_steps=4), workdir)  # resumes at step 2
+  assert len(drawn) == 2
 
 
 def test_lit_loads_and_freezes_image_tower(data_dir, tmp_path):

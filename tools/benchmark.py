@@ -50,8 +50,7 @@ def synthetic_batch(config, image_size: int, mesh) -> dict[str, jax.Array]:
   return {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
 
 
-def model_flops(config, example: dict[str, jax.ShapeDtypeStruct],
-                abstract_batch: dict[str, jax.ShapeDtypeStruct]) -> float | None:
+def model_flops(config, abstract_batch: dict[str, jax.ShapeDtypeStruct]) -> float | None:
   """FLOPs of one global train step of the config's model, unrolled and without remat."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -60,7 +59,7 @@ def model_flops(config, example: dict[str, jax.ShapeDtypeStruct],
         config.model[tower]["scan"] = False
         config.model[tower]["remat_policy"] = "none"
   setup = train.build(config)
-  ts = train.make_train_state(setup, example)
+  ts = train.make_train_state(setup)
   with train.use_mesh(setup):
     lowered = train.make_train_step(setup, ts).lower(ts.abstract, abstract_batch)
   return metrics.compiled_flops(lowered)
@@ -71,10 +70,12 @@ def run(config, *, steps: int, image_size: int | None) -> dict:
     # Timing only: a long horizon so any warmup fits; the lr schedule does not affect speed.
     config.total_steps, config.total_epochs, config.total_examples = 10**6, None, None
     config.input.tokenizer = None  # synthetic tokens: no tokenizer file needed
+    if image_size:  # the model is built for pp_image's size
+      config.input.pp_image = f"decode|resize({image_size})|value_range(-1,1)"
   setup = train.build(config)
   image_size = image_size or image_size_from_pp(config.input.pp_image)
   batch = synthetic_batch(config, image_size, setup.mesh)
-  ts = train.make_train_state(setup, train.abstract_inputs(batch))
+  ts = train.make_train_state(setup)
   with train.use_mesh(setup):
     state = ts.init(jax.random.key(0))
     step = train.make_train_step(setup, ts)
@@ -84,7 +85,7 @@ def run(config, *, steps: int, image_size: int | None) -> dict:
   flops = metrics.compiled_flops(compiled)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
                     for k, v in batch.items()}
-  total_flops = model_flops(config, train.abstract_inputs(batch), abstract_batch)
+  total_flops = model_flops(config, abstract_batch)
   memory = compiled.memory_analysis()
   for _ in range(2):  # warm-up
     state, m = compiled(state, batch)

@@ -27,26 +27,60 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_mm import config as config_lib
-from big_mm import optim, sharding
-from big_mm.objectives import losses, options
+from big_mm import sharding
+from big_mm.objectives import base, losses
+
+LOSSES = ("sigmoid", "softmax")
+STRATEGIES = ("local", "all_gather", "ring")
+IMPLEMENTATIONS = ("xla", "pallas")  # "pallas": fused kernel, never builds the B x B logits
+
+
+def check_loss_settings(settings) -> None:
+  """loss / strategy / implementation of `losses.contrastive_loss` (also CoCa's)."""
+  base.choice("loss", settings["loss"], LOSSES)
+  base.choice("strategy", settings["strategy"], STRATEGIES)
+  base.choice("implementation", settings["implementation"], IMPLEMENTATIONS)
 
 
 class Contrastive:
   """`loss_fn(params, batch, rng) -> (loss, metrics)`,
   `value_and_grad(params, batch, rng) -> ((loss, metrics), grads)` (GradCache when
-  `objective.micro_batches > 1`) and embedding predict fns."""
+  `micro_batches > 1`) and embedding predict fns. Reads the context's mesh, batch_size,
+  frozen mask and tokenizer (its vocabulary must be the text tower's)."""
+  NAME = "contrastive"
+  # micro_batches: GradCache (see the module docstring); 1: the whole batch at once.
+  SETTINGS = dict(loss="sigmoid", strategy="all_gather", implementation="xla", micro_batches=1)
+  HINTS = {"micro_batches": "GradCache is implemented for the contrastive objective only"}
+  BATCH_KEYS = ("image", "text")
 
-  def __init__(self, config, model, mesh):
-    options.refuse_unused(config, "contrastive")
+  @classmethod
+  def check_settings(cls, settings) -> None:
+    check_loss_settings(settings)
+    base.positive_int("micro_batches", settings["micro_batches"],
+                      " (1: the whole batch at once; m > 1: GradCache over m micro-batches)")
+
+  def __init__(self, model, ctx: base.Context, **settings):
+    settings = base.fill(type(self), settings)
     self.model = model
-    self.mesh = mesh
-    self.loss_name = config.objective.loss
-    self.strategy = config.objective.strategy
-    self.implementation = config.objective.implementation
-    self.micro_batches = int(config.objective.get("micro_batches", 1))
-    self.optim_cfg = config.optim
-    self._check_batch_size(config.batch_size)
+    self.ctx = ctx
+    self.mesh = ctx.mesh
+    self.loss_name = settings["loss"]
+    self.strategy = settings["strategy"]
+    self.implementation = settings["implementation"]
+    self.micro_batches = settings["micro_batches"]
+    base.check_vocab(ctx, dict(getattr(model, "text", None) or {}).get("vocab_size"),
+                     "model.text.vocab_size")
+    if ctx.batch_size is not None:
+      self._check_batch_size(ctx.batch_size)
+
+  def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    return base.image_text_example(self.ctx)
+
+  def init_params(self, rng):
+    """Initial (boxed) params, from zeros shaped like `example_batch()`."""
+    example = base.zeros(self.example_batch())
+    return self.model.init({"params": rng}, example["image"], example["text"],
+                           train=False)["params"]
 
   def _batch_devices(self):
     if self.mesh is None:
@@ -55,26 +89,29 @@ class Contrastive:
 
   def _check_batch_size(self, batch_size):
     m = self.micro_batches
-    if m < 1:
-      raise config_lib.ConfigError(f"objective.micro_batches must be >= 1, got {m}.")
     devices = self._batch_devices()
     n_dev = math.prod(devices.values())
     if batch_size % (m * n_dev):
-      raise config_lib.ConfigError(
+      raise base.ConfigError(
           f"objective.micro_batches={m} (GradCache) needs batch_size divisible by "
           f"micro_batches x batch devices = {m} x {n_dev} (mesh {devices}) = {m * n_dev}, so "
           f"that every micro-batch is spread evenly over the devices; got batch_size="
           f"{batch_size}. Use a batch_size that is a multiple of {m * n_dev} or change "
           "objective.micro_batches.")
 
+  def _frozen(self, params):
+    if self.ctx.frozen is None:
+      return jax.tree.map(lambda _: False, params)
+    return self.ctx.frozen(params)
+
   def _stop_frozen(self, params):
     # Frozen params (lr multiplier 0, e.g. LiT's image tower) get no gradient computed at all.
-    frozen = optim.frozen_mask(self.optim_cfg, params)
-    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
+                        self._frozen(params))
 
   def _frozen_towers(self, params):
     """{"img": bool, "txt": bool}: True where every param of that tower is frozen."""
-    frozen = optim.frozen_mask(self.optim_cfg, params)
+    frozen = self._frozen(params)
     return {k: bool(jax.tree.leaves(frozen.get(k, {}))) and all(jax.tree.leaves(frozen[k]))
             for k in ("img", "txt")}
 

@@ -30,10 +30,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from big_mm import config as config_lib
 from big_mm import sharding
-from big_mm.input.tokenizer import Tokenizer
-from big_mm.objectives import losses, options
+from big_mm.objectives import base, losses
+from big_mm.objectives.contrastive import check_loss_settings
 
 
 def token_loss(logits, targets, label_smoothing: float = 0.0):
@@ -56,55 +55,62 @@ def token_loss(logits, targets, label_smoothing: float = 0.0):
   return loss, metrics
 
 
-def check_vocab(config, model):
-  """Fails fast unless input.tokenizer is set and its vocab matches the model's."""
-  name = config.objective.name
-  if not config.input.tokenizer:
-    raise config_lib.ConfigError(
-        f"objective.name={name!r} predicts tokens, so it needs input.tokenizer (the path of a "
-        "SentencePiece .model, e.g. data/digits_spm.model).")
-  tokenizer_vocab = Tokenizer(config.input.tokenizer).vocab_size
-  if model.vocab_size != tokenizer_vocab:
-    key = "model.text.vocab_size" if config.model_name == "coca" else "model.decoder.vocab_size"
-    raise config_lib.ConfigError(
-        f"{key}={model.vocab_size} but the tokenizer {config.input.tokenizer!r} has "
-        f"{tokenizer_vocab} pieces; set {key}={tokenizer_vocab}.")
-
-
-def check_prefix(config, model):
+def check_prefix(ctx: base.Context, model) -> None:
   """Fails fast unless input.prefix_column / prefix_len fit each other and the model."""
-  column, length = config.input.get("prefix_column"), int(config.input.get("prefix_len") or 0)
+  column, length = ctx.prefix_column, int(ctx.prefix_len or 0)
   if not column and not length:
     return
   if not column or length <= 0:
-    raise config_lib.ConfigError(
+    raise base.ConfigError(
         f"input.prefix_column={column!r} and input.prefix_len={length}: a text prefix needs "
         "both (the record field and its token length > 0); set both, or neither.")
-  if config.model_name != "captioner" or not getattr(model, "prefix_lm", False):
-    raise config_lib.ConfigError(
+  if ctx.modalities is not None:
+    raise base.ConfigError(
+        f"input.prefix_column={column!r} is not read with input.modalities="
+        f"{tuple(ctx.modalities)}; unset one of them.")
+  if not getattr(model, "prefix_lm", False):
+    raise base.ConfigError(
         f"input.prefix_column={column!r} needs model_name='captioner' with model.prefix_lm=True "
-        f"and model.text_prefix_len >= input.prefix_len={length}; got model_name="
-        f"{config.model_name!r}" + (" with prefix_lm=False." if config.model_name == "captioner"
-                                    else "."))
+        f"and model.text_prefix_len >= input.prefix_len={length}; got a "
+        f"{type(model).__name__} with prefix_lm=False.")
   model_len = int(getattr(model, "text_prefix_len", 0) or 0)
   if model_len < length:
-    raise config_lib.ConfigError(
+    raise base.ConfigError(
         f"input.prefix_len={length} but model.text_prefix_len={model_len}; set "
         f"model.text_prefix_len >= {length} (or shorten input.prefix_len).")
 
 
-class _Generative:
-  """The decoding API shared by Captioning and CoCa (the model has encode/decode/prefill)."""
+def check_token_settings(settings) -> None:
+  if not 0.0 <= base.number("label_smoothing", settings["label_smoothing"]) < 1.0:
+    raise base.ConfigError(f"objective.label_smoothing must be in [0, 1), got "
+                           f"{settings['label_smoothing']!r}.")
 
-  def __init__(self, config, model, mesh):
-    check_vocab(config, model)
-    check_prefix(config, model)
-    options.refuse_unused(config, self.NAME)
+
+class _Generative:
+  """The decoding API shared by Captioning and CoCa (the model has encode/decode/prefill).
+  Reads the context's mesh, text_len and tokenizer (required: its vocabulary must be the
+  model's, `VOCAB_KEY`)."""
+  BATCH_KEYS = ("image", "text")
+
+  def __init__(self, model, ctx: base.Context, **settings):
+    settings = base.fill(type(self), settings)
+    base.check_vocab(ctx, model.vocab_size, self.VOCAB_KEY, needed_by=self.NAME)
     self.model = model
-    self.mesh = mesh
+    self.ctx = ctx
+    self.mesh = ctx.mesh
     self.vocab_size = model.vocab_size
-    self.max_text_len = int(config.input.text_len)
-    self.label_smoothing = float(config.objective.label_smoothing)
+    self.max_text_len = int(ctx.text_len)
+    self.label_smoothing = float(settings["label_smoothing"])
+    self.settings = settings
+
+  def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    return base.image_text_example(self.ctx)
+
+  def init_params(self, rng):
+    """Initial (boxed) params, from zeros shaped like `example_batch()` (image and text)."""
+    example = base.zeros(self.example_batch())
+    return self.model.init({"params": rng}, example["image"], example["text"],
+                           train=False)["params"]
 
   def _apply(self, params, *args, **kw):
     return self.model.apply({"params": params}, *args, **kw)
@@ -145,12 +151,33 @@ class _Generative:
 
 
 class Captioning(_Generative):
-  """Cap / CapPa (model "captioner", also its prefix-LM option)."""
+  """Cap / CapPa (model "captioner", also its prefix-LM option with a text prefix: the
+  context's prefix_column / prefix_len)."""
   NAME = "captioning"
+  VOCAB_KEY = "model.decoder.vocab_size"
+  # parallel_fraction: fraction of examples trained with CapPa's parallel prediction (all
+  # decoder inputs [MASK], no causal mask; CapPa 0.75); label_smoothing of the token loss.
+  SETTINGS = dict(parallel_fraction=0.0, label_smoothing=0.0)
+  BATCH_KEYS = ("image", "text", "prefix")
 
-  def __init__(self, config, model, mesh):
-    super().__init__(config, model, mesh)
-    self.parallel_fraction = float(config.objective.parallel_fraction)
+  @classmethod
+  def check_settings(cls, settings) -> None:
+    if not 0.0 <= base.number("parallel_fraction", settings["parallel_fraction"]) <= 1.0:
+      raise base.ConfigError(
+          f"objective.parallel_fraction must be in [0, 1] (the fraction of examples trained "
+          f"with parallel prediction), got {settings['parallel_fraction']!r}.")
+    check_token_settings(settings)
+
+  def __init__(self, model, ctx: base.Context, **settings):
+    super().__init__(model, ctx, **settings)
+    check_prefix(ctx, model)
+    self.parallel_fraction = float(self.settings["parallel_fraction"])
+
+  def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    example = super().example_batch()
+    if self.ctx.prefix_column:
+      example["prefix"] = jax.ShapeDtypeStruct((1, self.ctx.prefix_len), jnp.int32)
+    return example
 
   def _logits(self, params, images, texts, prefix=None):
     return self._apply(params, images, texts, prefix=prefix, train=False)[0]
@@ -174,15 +201,31 @@ class Captioning(_Generative):
 class CoCa(_Generative):
   """CoCa (model "coca"): contrastive + captioning; embed_images / embed_texts as Contrastive."""
   NAME = "coca"
+  VOCAB_KEY = "model.text.vocab_size"
+  # loss = contrastive_weight * contrastive (loss / strategy / implementation as the
+  # contrastive objective's) + caption_weight * captioning (label_smoothing).
+  SETTINGS = dict(loss="sigmoid", strategy="all_gather", implementation="xla",
+                  label_smoothing=0.0, contrastive_weight=1.0, caption_weight=2.0)
 
-  def __init__(self, config, model, mesh):
-    super().__init__(config, model, mesh)
-    obj = config.objective
-    self.loss_name = obj.loss
-    self.strategy = obj.strategy
-    self.implementation = obj.implementation
-    self.contrastive_weight = float(obj.contrastive_weight)
-    self.caption_weight = float(obj.caption_weight)
+  @classmethod
+  def check_settings(cls, settings) -> None:
+    check_loss_settings(settings)
+    check_token_settings(settings)
+    for key in ("contrastive_weight", "caption_weight"):
+      if base.number(key, settings[key]) < 0:
+        raise base.ConfigError(f"objective.{key} must be >= 0, got {settings[key]!r}.")
+    if not settings["contrastive_weight"] + settings["caption_weight"]:
+      raise base.ConfigError(
+          "objective.contrastive_weight and objective.caption_weight are both 0: the coca loss "
+          "would be 0; give at least one a positive weight.")
+
+  def __init__(self, model, ctx: base.Context, **settings):
+    super().__init__(model, ctx, **settings)
+    self.loss_name = self.settings["loss"]
+    self.strategy = self.settings["strategy"]
+    self.implementation = self.settings["implementation"]
+    self.contrastive_weight = float(self.settings["contrastive_weight"])
+    self.caption_weight = float(self.settings["caption_weight"])
 
   def _logits(self, params, images, texts):
     return self._apply(params, images, texts, train=False)[2]

@@ -26,9 +26,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from big_mm import config as config_lib
 from big_mm.models import multimae as multimae_lib
-from big_mm.objectives import generative, options
+from big_mm.objectives import base
 
 BATCH_KEYS = {"rgb": "image", "depth": "depth", "semseg": "semseg", "text": "text"}
 
@@ -72,48 +71,64 @@ def _masked_mean(values, weights):
 
 
 class MultiMAE:
-  """Objective "multimae" over model "multimae" (big_mm/models/multimae.py)."""
+  """Objective "multimae" over model "multimae" (big_mm/models/multimae.py). Reads the
+  context's modalities, text_len and tokenizer (with a text modality)."""
+  NAME = "multimae"
+  # num_visible input tokens per example, split across the modalities by a symmetric
+  # Dirichlet(dirichlet_alpha); modality_weights: ((name, w), ...) loss weights (unlisted: 1.0).
+  SETTINGS = dict(num_visible=98, dirichlet_alpha=1.0, modality_weights=())
+  # The batch keys it reads: the module's BATCH_KEYS (modality -> key) and presence masks.
+  BATCH_KEYS = tuple(BATCH_KEYS.values()) + tuple(f"{m}_present" for m in BATCH_KEYS)
 
-  def __init__(self, config, model, mesh):
+  @classmethod
+  def check_settings(cls, settings) -> None:
+    base.positive_int("num_visible", settings["num_visible"])
+    if not base.number("dirichlet_alpha", settings["dirichlet_alpha"]) > 0:
+      raise base.ConfigError(
+          f"objective.dirichlet_alpha must be > 0, got {settings['dirichlet_alpha']!r}.")
+    weights = settings["modality_weights"]
+    if (isinstance(weights, str) or not isinstance(weights, (tuple, list)) or not all(
+        isinstance(w, (tuple, list)) and len(w) == 2 for w in weights)):
+      raise base.ConfigError(f"objective.modality_weights must be ((modality, weight), ...), "
+                             f"e.g. (('depth', 2.0),); got {weights!r}.")
+    for m, w in weights:
+      base.number(f"modality_weights[{m!r}]", w)
+
+  def __init__(self, model, ctx: base.Context, **settings):
+    settings = base.fill(type(self), settings)
     if not isinstance(model, multimae_lib.MultiMAE):
-      raise config_lib.ConfigError(
-          f"objective.name='multimae' needs model_name='multimae', not {config.model_name!r}.")
-    options.refuse_unused(config, "multimae")
-    obj = config.objective
-    self.model, self.mesh = model, mesh
+      raise base.ConfigError(
+          f"objective.name='multimae' needs model_name='multimae', not a {type(model).__name__}.")
+    self.model, self.mesh, self.ctx = model, ctx.mesh, ctx
     self.modalities = tuple(model.modalities)
     self.num_semseg_classes = int(model.num_semseg_classes)
-    self.budget = int(obj.num_visible)
-    self.alpha = float(obj.dirichlet_alpha)
+    self.budget = int(settings["num_visible"])
+    self.alpha = float(settings["dirichlet_alpha"])
     counts = model.num_tokens()
     total = sum(counts.values())
     if not 0 < self.budget <= total:
-      raise config_lib.ConfigError(
-          f"objective.num_visible={obj.num_visible} must be in [1, {total}] (the model has "
+      raise base.ConfigError(
+          f"objective.num_visible={self.budget} must be in [1, {total}] (the model has "
           f"{total} tokens: {counts}).")
-    if not self.alpha > 0:
-      raise config_lib.ConfigError(
-          f"objective.dirichlet_alpha must be > 0, got {obj.dirichlet_alpha!r}.")
-    weights = dict(obj.modality_weights or ())
+    weights = dict(settings["modality_weights"] or ())
     unknown = sorted(set(weights) - set(self.modalities))
     if unknown:
-      raise config_lib.ConfigError(
+      raise base.ConfigError(
           f"objective.modality_weights names {unknown}, not modalities of the model "
           f"{self.modalities}.")
     self.weights = {m: float(weights.get(m, 1.0)) for m in self.modalities}
-    modalities = config.input.modalities
-    if modalities is not None:
-      missing = [m for m in self.modalities if m not in tuple(modalities)]
+    if ctx.modalities is not None:
+      missing = [m for m in self.modalities if m not in tuple(ctx.modalities)]
       if missing:
-        raise config_lib.ConfigError(
-            f"model.modalities has {missing} but input.modalities={tuple(modalities)} does not "
-            "load them; add them to input.modalities (or drop them from model.modalities).")
+        raise base.ConfigError(
+            f"model.modalities has {missing} but input.modalities={tuple(ctx.modalities)} does "
+            "not load them; add them to input.modalities (or drop them from model.modalities).")
     if "text" in self.modalities:
-      if config.input.text_len != model.text_len:
-        raise config_lib.ConfigError(
-            f"model.text_len={model.text_len} but input.text_len={config.input.text_len}; set "
+      if ctx.text_len != model.text_len:
+        raise base.ConfigError(
+            f"model.text_len={model.text_len} but input.text_len={ctx.text_len}; set "
             "both to the same length.")
-      generative.check_vocab(config, model)
+      base.check_vocab(ctx, model.vocab_size, "model.vocab_size", needed_by=self.NAME)
 
   # ---- pieces ----------------------------------------------------------------------------
 
@@ -225,9 +240,20 @@ class MultiMAE:
       metrics[f"{m}/loss"] = loss_m
     return loss, metrics
 
-  def init_params(self, rng, example):
-    """Initial (boxed) params from one example batch (every adapter and decoder is built)."""
-    visible = jnp.zeros((example["image"].shape[0], self.budget), jnp.int32)
+  def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """One example of each model modality the input loads (input.modalities; None: image and
+    text), at the model's sizes."""
+    loaded = self.ctx.modalities if self.ctx.modalities is not None else ("rgb", "text")
+    hw = (self.model.image_size, self.model.image_size)
+    shapes = {"rgb": (hw + (3,), jnp.float32), "depth": (hw, jnp.float32),
+              "semseg": (hw, jnp.int32), "text": ((self.model.text_len,), jnp.int32)}
+    return {BATCH_KEYS[m]: jax.ShapeDtypeStruct((1,) + shapes[m][0], shapes[m][1])
+            for m in self.modalities if m in loaded}
+
+  def init_params(self, rng):
+    """Initial (boxed) params from zeros shaped like `example_batch()`."""
+    example = base.zeros(self.example_batch())
+    visible = jnp.zeros((1, self.budget), jnp.int32)
     return self.model.init({"params": rng}, self.inputs(example), visible,
                            jnp.ones(visible.shape, bool))["params"]
 

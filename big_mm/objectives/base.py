@@ -1,0 +1,148 @@
+"""What every objective shares: the context the trainer hands it, its settings (filled from
+`config.objective` and checked), and the helpers its example batch and checks use.
+
+An objective class declares
+  NAME                                its key in objectives.OBJECTIVES
+  SETTINGS = dict(key=default, ...)   its `config.objective` keys besides `name`
+  check_settings(settings)            (classmethod) ConfigError for a bad value
+  BATCH_KEYS = (...)                  the batch keys it can read
+  HINTS = {key: why}                  optional: shown when another objective is given `key`
+and is built as `cls(model, context, **settings)` (missing settings take their defaults;
+`fill` checks them). It provides
+  example_batch() -> {key: ShapeDtypeStruct [1, ...]}   from the context, no data read
+  init_params(rng) -> boxed params                       from zeros like example_batch()
+  loss_fn(params, batch, rng) -> (loss, metrics)         [value_and_grad: optional]
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_mm import config as config_lib
+
+ConfigError = config_lib.ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What the trainer gives an objective besides its model and settings (never the config).
+
+  image_size: (height, width) of every batch image (input.pp_image's fixed output size;
+  None when the pp keeps the source's size). frozen: params -> pytree of bool (True: the
+  param is frozen, its lr multiplier 0), e.g. `functools.partial(optim.frozen_mask, optim)`.
+  """
+  mesh: Any = None                        # jax.sharding.Mesh; None: one device
+  batch_size: int | None = None           # the global batch
+  text_len: int = 16                      # batch["text"] is int32 [B, text_len]
+  image_size: tuple[int, int] | None = None
+  tokenizer: Any = None                   # big_mm.input.tokenizer.Tokenizer or None
+  modalities: tuple[str, ...] | None = None  # input.modalities (None: image and text)
+  prefix_column: str | None = None        # input.prefix_column: batch["prefix"] when set
+  prefix_len: int = 0                     # batch["prefix"] is int32 [B, prefix_len]
+  frozen: Callable[[Any], Any] | None = None
+
+
+def fill(cls, given: Mapping[str, Any]) -> dict:
+  """cls.SETTINGS with `given` on top, checked by cls.check_settings. An unknown key fails,
+  naming the closest valid ones, or which objective has it (its HINTS, if any)."""
+  settings = dict(cls.SETTINGS)
+  for key, value in given.items():
+    if key not in settings:
+      hint = _other_objectives_hint(key)
+      close = difflib.get_close_matches(key, list(cls.SETTINGS), n=3, cutoff=0.5)
+      raise ConfigError(
+          f"Unknown config key 'objective.{key}' for objective.name={cls.NAME!r}"
+          + (f": {hint}." if hint else ".")
+          + (f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else "")
+          + f" Valid keys under objective: {sorted(['name', *cls.SETTINGS])}")
+    settings[key] = value
+  cls.check_settings(settings)
+  return settings
+
+
+def _other_objectives_hint(key: str) -> str:
+  from big_mm.objectives import OBJECTIVES  # pylint: disable=g-import-not-at-top
+  owners = [name for name, cls in OBJECTIVES.items() if key in cls.SETTINGS]
+  hints = [getattr(OBJECTIVES[n], "HINTS", {}).get(key) for n in owners]
+  hints = [h for h in hints if h]
+  if hints:
+    return hints[0]
+  return f"it is a setting of objective.name in {owners} only" if owners else ""
+
+
+# ---- value checks (messages name the objective.* key) ---------------------------------------
+
+def choice(key: str, value, valid: tuple[str, ...]) -> None:
+  if value not in valid:
+    close = difflib.get_close_matches(str(value), list(valid), n=3, cutoff=0.5)
+    raise ConfigError(f"objective.{key}={value!r} is not valid; choose one of {list(valid)}"
+                      + (f". Did you mean {' or '.join(repr(c) for c in close)}?" if close
+                         else ""))
+
+
+def number(key: str, value) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ConfigError(f"objective.{key} must be a number, got {value!r}.")
+  return value
+
+
+def positive_int(key: str, value, meaning: str = "") -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ConfigError(f"objective.{key} must be a positive integer{meaning}, got {value!r}.")
+  return value
+
+
+# ---- checks against the model and the input -------------------------------------------------
+
+def check_vocab(ctx: Context, vocab_size: int | None, key: str, *,
+                needed_by: str | None = None) -> None:
+  """Fails fast unless the tokenizer's vocabulary is the model's (`key`: the config key that
+  sets the model's). needed_by: the objective that predicts tokens, so needs a tokenizer."""
+  if ctx.tokenizer is None:
+    if needed_by:
+      raise ConfigError(
+          f"objective.name={needed_by!r} predicts tokens, so it needs input.tokenizer (the "
+          "path of a SentencePiece .model, e.g. data/digits_spm.model).")
+    return
+  pieces = ctx.tokenizer.vocab_size
+  if vocab_size is not None and vocab_size != pieces:
+    raise ConfigError(f"{key}={vocab_size} but the tokenizer {ctx.tokenizer.path!r} has "
+                      f"{pieces} pieces; set {key}={pieces}.")
+
+
+def image_size(pp_image: str) -> tuple[int, int] | None:
+  """(height, width) of the images `pp_image` makes, or None when they keep the source's size.
+  Found by running its ops on two blank images of different sizes (no data is read)."""
+  from big_mm.input import preprocess  # pylint: disable=g-import-not-at-top
+  ops = preprocess.parse_pp(pp_image, preprocess.IMAGE)
+  sizes = set()
+  for shape in ((480, 640, 3), (600, 520, 3)):
+    out = preprocess.apply_pp(ops, np.zeros(shape, np.uint8), np.random.default_rng(0))
+    sizes.add(tuple(out.shape[:2]))
+  return sizes.pop() if len(sizes) == 1 else None
+
+
+def image_shape(ctx: Context) -> tuple[int, int, int]:
+  if ctx.image_size is None:
+    raise ConfigError(
+        "input.pp_image leaves images at the size they are stored at, so the model's input size "
+        "is unknown before reading data; end it with a fixed size, e.g. resize(224) or "
+        "resize_small(256)|central_crop(224).")
+  return tuple(ctx.image_size) + (3,)
+
+
+def image_text_example(ctx: Context) -> dict[str, jax.ShapeDtypeStruct]:
+  """One example (batch of 1) of an image-text batch: image float32 [1, H, W, 3], text int32
+  [1, text_len]."""
+  return {"image": jax.ShapeDtypeStruct((1,) + image_shape(ctx), jnp.float32),
+          "text": jax.ShapeDtypeStruct((1, ctx.text_len), jnp.int32)}
+
+
+def zeros(example: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+  return {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()}
