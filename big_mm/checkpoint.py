@@ -1,10 +1,11 @@
-"""Checkpoints: a thin, explicit wrapper around orbax's `CheckpointManager`.
+"""Checkpoints: an explicit wrapper around orbax's `CheckpointManager`.
 
 One checkpoint step holds two items in one composite orbax checkpoint::
 
     DIRECTORY/<step>/state/   the train-state pytree of jax.Arrays (StandardSave):
                               params, optimizer state, step, rng key data, ...
     DIRECTORY/<step>/data/    the data-iterator state dict (JsonSave), optional
+    DIRECTORY/<step>/big_mm_manifest.json   sizes and CRC32s of the step's files
 
 Usage in the trainer::
 
@@ -29,74 +30,46 @@ Notes:
   replicated). dtypes may differ (orbax casts); tree structure and shapes may not:
   they are checked against the checkpoint's stored metadata before reading
   anything, and a mismatch raises ValueError naming the parameter paths.
+  `restore_params` reads the params subtree alone (evaluation, init from another run,
+  export): the optimizer state and data-iterator state stay on disk.
 * Async saves: with `async_save=True` the device->host copy happens inside
   `save()` (so donating the state to the next step is safe) and the write to
   storage runs in a background thread; the next `save()`, `wait()` and `close()`
   wait for it. A step directory only appears under its final name once orbax has
   committed it, so `latest_step()` never names a partial checkpoint.
-* Integrity: as soon as orbax has committed a step (a sync save returned; an async
-  one's directory appeared under its final name, which a background thread polls
-  for without ever blocking training), process 0 writes
-  ``DIRECTORY/<step>/big_mm_manifest.json``: the relative path, size and
-  zlib.crc32 of every file in the step (atomically: tmp file + os.replace).
-  `verify(step)` re-checks them; `restore()` refuses a step that fails (ValueError)
-  and `restore_latest_good()` falls back to the newest step that passes, with a
-  warning per rejected step, or raises RuntimeError if none does. A step without a
-  manifest (the process died in the moment between orbax's commit and the manifest,
-  or a checkpoint written before manifests existed) is committed but unverified:
-  `verify` then checks what orbax itself recorded (its commit time and the items'
-  metadata) and a read that fails still makes `restore_latest_good` fall back; use
-  `write_manifest(step)` to adopt such a step after checking it by hand.
-  Remote paths (gs://...): no manifests are written and `verify` checks nothing
-  (object stores have their own checksums); orbax read errors still make
-  `restore_latest_good` fall back.
-* Healing: when a writable Checkpointer's `restore_latest_good()` falls back past
-  rejected steps, it moves them aside to ``DIRECTORY/quarantine/`` (kept for
-  inspection; delete them when done), so training saves those steps afresh when
-  it reaches them again and no tool picks a known-bad step as the latest.
+* Integrity (big_mm/checkpoint_integrity.py): each committed step gets a manifest;
+  `verify(step)` re-checks it (a step without one is committed but unverified: orbax's
+  own records are checked instead); `restore()` refuses a step that fails
+  (CheckpointCorruptError) and `restore_latest_good()` falls back to the newest step that
+  passes and reads, with a warning per rejected step, or raises RuntimeError if none does.
+  When a writable Checkpointer falls back, the rejected steps are moved aside to
+  ``DIRECTORY/quarantine/``. Remote paths (gs://...): no manifests; orbax read errors still
+  make `restore_latest_good` fall back.
 * Multi-host: call every method on every process (orbax synchronises them).
-  Integrity decisions are process 0's (its verify result is broadcast), so all
-  processes restore the same step.
+  Integrity decisions are process 0's, so all processes restore the same step.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
-import time
 import uuid
-import zlib
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from big_mm import tree_paths
+from big_mm.checkpoint_integrity import (DATA_ITEM, MANIFEST_NAME, MAX_LISTED,
+                                         QUARANTINE_DIRNAME, STATE_ITEM,
+                                         CheckpointCorruptError, CheckpointDirectoryError,
+                                         ManifestWatch, StepIntegrity, is_remote)
+
 __all__ = ["Checkpointer", "CheckpointDirectoryError", "CheckpointCorruptError",
            "CheckpointMismatchError", "STATE_ITEM", "DATA_ITEM", "MANIFEST_NAME",
            "QUARANTINE_DIRNAME"]
 
-STATE_ITEM = "state"
-DATA_ITEM = "data"
-MANIFEST_NAME = "big_mm_manifest.json"
-QUARANTINE_DIRNAME = "quarantine"
-# What orbax itself writes into a step: its step metadata (with the commit time, set just
-# before the commit) and each item's metadata.
-_ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
-_ORBAX_ITEM_METADATA = {STATE_ITEM: "_METADATA", DATA_ITEM: "metadata"}
-_COMMIT_POLL_S = 0.05
-_MANIFEST_FORMAT = 1
-_CHUNK = 1 << 20
-_MAX_LISTED = 20
-
-
-class CheckpointDirectoryError(OSError):
-  """The checkpoint directory cannot be created or written."""
-
-
-class CheckpointCorruptError(ValueError):
-  """A checkpoint step is incomplete or corrupt (fails `Checkpointer.verify`)."""
+PARAMS = "params"  # the train state's subtree that `restore_params` reads
 
 
 class CheckpointMismatchError(ValueError):
@@ -104,78 +77,10 @@ class CheckpointMismatchError(ValueError):
   (a config change, not corruption: never skipped by `restore_latest_good`)."""
 
 
-def _crc32_file(path: str) -> int:
-  crc = 0
-  with open(path, "rb") as f:
-    while chunk := f.read(_CHUNK):
-      crc = zlib.crc32(chunk, crc)
-  return crc
-
-
-def _is_manifest_file(rel: str) -> bool:
-  return rel == MANIFEST_NAME or rel.startswith(MANIFEST_NAME + ".tmp")
-
-
-def _list_files(step_dir: str) -> list[str]:
-  """'/'-joined paths of all files under `step_dir`, relative to it, sorted; the
-  manifest (and a leftover temporary manifest) excluded."""
-  out = []
-  for root, dirs, files in os.walk(step_dir):
-    dirs.sort()
-    for name in files:
-      rel = os.path.relpath(os.path.join(root, name), step_dir).replace(os.sep, "/")
-      if not _is_manifest_file(rel):
-        out.append(rel)
-  return sorted(out)
-
-
-def _orbax_commit_problems(step_dir: str) -> list[str]:
-  """What can be checked of a step without big_mm's manifest, from orbax's own records ([]
-  = committed): its step metadata carries a commit time and names the items, whose
-  metadata files are readable. The array data itself stays unchecked until it is read."""
-  def unreadable(name, e):
-    return [f"no manifest, and orbax's {name} is unreadable: {type(e).__name__}: {e}"]
-  try:
-    with open(os.path.join(step_dir, _ORBAX_STEP_METADATA)) as f:
-      step_meta = json.load(f)
-    committed, items = step_meta.get("commit_timestamp_nsecs"), step_meta.get("item_handlers")
-  except (OSError, ValueError, AttributeError) as e:
-    return unreadable(_ORBAX_STEP_METADATA, e)
-  if not committed:
-    return [f"no manifest, and orbax's {_ORBAX_STEP_METADATA} records no commit"]
-  if not isinstance(items, dict) or STATE_ITEM not in items:
-    return [f"no manifest, and orbax's {_ORBAX_STEP_METADATA} names no {STATE_ITEM!r} item"]
-  problems = []
-  for item, name in _ORBAX_ITEM_METADATA.items():
-    if item not in items:
-      continue
-    try:
-      with open(os.path.join(step_dir, item, name)) as f:
-        item_meta = json.load(f)
-    except (OSError, ValueError) as e:
-      problems += unreadable(f"{item}/{name}", e)
-      continue
-    ocdbt_root = os.path.join(step_dir, item, "manifest.ocdbt")
-    if isinstance(item_meta, dict) and item_meta.get("use_ocdbt") and not os.path.isfile(
-        ocdbt_root):
-      problems.append(f"no manifest, and orbax's {item}/manifest.ocdbt is missing")
-  return problems
-
-
-def _capped(items: list[str]) -> list[str]:
-  if len(items) <= _MAX_LISTED:
-    return items
-  return items[:_MAX_LISTED] + [f"... and {len(items) - _MAX_LISTED} more"]
-
-
-def _is_remote(path: str) -> bool:
-  return "://" in path
-
-
 def _check_directory(directory: str) -> None:
   """Creates `directory` and checks it is writable; raises CheckpointDirectoryError."""
   try:
-    if _is_remote(directory):
+    if is_remote(directory):
       epath.Path(directory).mkdir(parents=True, exist_ok=True)
       return  # object stores: no cheap, reliable write probe; orbax reports errors
     os.makedirs(directory, exist_ok=True)
@@ -191,28 +96,16 @@ def _check_directory(directory: str) -> None:
         "file exists where a directory is expected).") from e
 
 
-def _key_str(k: Any) -> str:
-  for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey/Flattened
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _path_str(path: Sequence[Any]) -> str:
-  return "/".join(_key_str(k) for k in path) or "<root>"
+def _is_metadata_leaf(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def _flat_shapes(tree: Any, is_leaf=None) -> dict[str, Optional[tuple[int, ...]]]:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   out = {}
-  for path, leaf in leaves:
+  for name, leaf in tree_paths.flat_dict(tree, is_leaf=is_leaf).items():
     shape = getattr(leaf, "shape", None)
-    out[_path_str(path)] = None if shape is None else tuple(int(d) for d in shape)
+    out[name or "<root>"] = None if shape is None else tuple(int(d) for d in shape)
   return out
-
-
-def _is_metadata_leaf(x: Any) -> bool:
-  return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def _fmt_shape(shape) -> str:
@@ -226,49 +119,18 @@ def _tree_mismatches(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> li
   shape = [p for p in wanted
            if p in stored and stored[p] is not None and wanted[p] is not None
            and tuple(stored[p]) != tuple(wanted[p])]
-  for p in shape[:_MAX_LISTED]:
+  for p in shape[:MAX_LISTED]:
     problems.append(f"  shape mismatch {p}: checkpoint {_fmt_shape(stored[p])}, "
                     f"expected {_fmt_shape(wanted[p])}")
-  for p in missing[:_MAX_LISTED]:
+  for p in missing[:MAX_LISTED]:
     problems.append(f"  missing from checkpoint: {p} (expected shape "
                     f"{_fmt_shape(wanted[p])})")
-  for p in unexpected[:_MAX_LISTED]:
+  for p in unexpected[:MAX_LISTED]:
     problems.append(f"  only in checkpoint: {p} (shape {_fmt_shape(stored[p])})")
   n_more = (len(shape) + len(missing) + len(unexpected)) - len(problems)
   if n_more > 0:
     problems.append(f"  ... and {n_more} more")
   return problems
-
-
-class _ManifestWatch:
-  """Writes a step's manifest from a background thread as soon as orbax has committed the
-  step (its directory appears under its final name), so that a process killed any time
-  after the commit leaves a verified step. `finish()`, called once orbax is done with the
-  save, makes it look one last time, waits for it and re-raises its error."""
-
-  def __init__(self, checkpointer: "Checkpointer", step: int):
-    self._step_dir = checkpointer._step_dir(step)  # pylint: disable=protected-access
-    self._write = lambda: checkpointer._write_manifest_if_present(step)  # pylint: disable=protected-access
-    self._stop = threading.Event()
-    self._error: Optional[BaseException] = None
-    self._thread = threading.Thread(target=self._run, name=f"big_mm_manifest_{step}",
-                                    daemon=True)
-    self._thread.start()
-
-  def _run(self) -> None:
-    try:
-      while not os.path.isdir(self._step_dir):
-        if self._stop.wait(_COMMIT_POLL_S):
-          break
-      self._write()  # nothing if the save never committed
-    except BaseException as e:  # pylint: disable=broad-except
-      self._error = e
-
-  def finish(self) -> None:
-    self._stop.set()
-    self._thread.join()
-    if self._error is not None:
-      raise self._error
 
 
 class Checkpointer:
@@ -283,12 +145,14 @@ class Checkpointer:
       force=True). Preemption saves (orbax's multi-host preemption sync point)
       are also honoured.
     async_save: write to storage in a background thread.
+    read_only: for reading another run's checkpoints: creates, deletes, quarantines and
+      writes (manifests included) nothing.
   """
 
   def __init__(self, directory: str, *, keep: Optional[int] = 3,
                save_every_steps: int, async_save: bool = True, read_only: bool = False):
     directory = os.fspath(directory)
-    if not _is_remote(directory):
+    if not is_remote(directory):
       directory = os.path.abspath(directory)
     if int(save_every_steps) <= 0:
       raise ValueError(f"save_every_steps must be positive, got {save_every_steps}")
@@ -303,10 +167,12 @@ class Checkpointer:
     self.keep = keep
     self.save_every_steps = int(save_every_steps)
     self.async_save = bool(async_save)
+    self.read_only = bool(read_only)
 
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(STATE_ITEM, ocp.args.StandardSave)
     registry.add(STATE_ITEM, ocp.args.StandardRestore)
+    registry.add(STATE_ITEM, ocp.args.PyTreeRestore)  # partial restores (`restore_params`)
     registry.add(DATA_ITEM, ocp.args.JsonSave)
     registry.add(DATA_ITEM, ocp.args.JsonRestore)
     policies = ocp.checkpoint_managers
@@ -323,15 +189,15 @@ class Checkpointer:
     )
     self._mngr = ocp.CheckpointManager(
         directory, options=options, handler_registry=registry)
-    self.read_only = bool(read_only)
+    self._integrity = StepIntegrity(directory, read_only=self.read_only)
     # The thread waiting for an async save to commit to write its manifest (see `save`).
-    self._manifest_watch: Optional[_ManifestWatch] = None
+    self._manifest_watch: Optional[ManifestWatch] = None
 
   # -- queries -------------------------------------------------------------
 
   def all_steps(self) -> list[int]:
     """Committed checkpoint steps, ascending."""
-    return sorted(int(s) for s in self._mngr.all_steps())
+    return sorted(self._mngr.all_steps())
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
@@ -374,11 +240,11 @@ class Checkpointer:
     if saved:
       logging.info("Saving checkpoint for step %d to %s%s.", step, self.directory,
                    " (async)" if self.async_save else "")
-      if self._manifests_enabled() and jax.process_index() == 0:
+      if self._integrity.manifests_enabled and jax.process_index() == 0:
         if self.async_save:
-          self._manifest_watch = _ManifestWatch(self, step)
+          self._manifest_watch = self._integrity.watch_commit(step)
         else:  # committed already
-          self._write_manifest_if_present(step)
+          self._integrity.write_manifest_if_committed(step)
     return bool(saved)
 
   def _finish_pending_save(self) -> None:
@@ -390,131 +256,38 @@ class Checkpointer:
       if watch is not None:
         watch.finish()
 
-  # -- integrity -------------------------------------------------------------
-
-  def _step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(int(step)))
-
-  def _manifests_enabled(self) -> bool:
-    return not _is_remote(self.directory) and not self.read_only
-
-  def _write_manifest_if_present(self, step: int) -> None:
-    if not os.path.isdir(self._step_dir(step)):  # never committed
-      return
-    try:
-      self.write_manifest(step)
-    except FileNotFoundError as e:  # removed while we read it
-      logging.info("Checkpoint step %d vanished while writing its manifest: %s", step, e)
+  # -- integrity (big_mm/checkpoint_integrity.py) ---------------------------
 
   def write_manifest(self, step: int) -> dict:
     """Writes DIRECTORY/<step>/big_mm_manifest.json for the files now in the step
     directory (atomically) and returns it. Called automatically after each save
     commits; call it by hand only to adopt a step you have checked otherwise
     (e.g. written before manifests existed). Local paths only."""
-    if _is_remote(self.directory):
-      raise ValueError(f"Manifests are only supported on local paths, not {self.directory!r}.")
-    step = int(step)
-    step_dir = self._step_dir(step)
-    t0 = time.perf_counter()
-    files = {}
-    for rel in _list_files(step_dir):
-      path = os.path.join(step_dir, rel)
-      files[rel] = {"size": os.path.getsize(path), "crc32": _crc32_file(path)}
-    manifest = {"format": _MANIFEST_FORMAT, "step": step, "files": files}
-    final = os.path.join(step_dir, MANIFEST_NAME)
-    tmp = f"{final}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    try:
-      with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=0, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, final)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-    try:  # make the rename durable
-      fd = os.open(step_dir, os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-    except OSError:
-      pass
-    logging.info("Wrote manifest for checkpoint step %d (%d files, %d bytes) in %.3fs.",
-                 step, len(files), sum(v["size"] for v in files.values()),
-                 time.perf_counter() - t0)
-    return manifest
+    return self._integrity.write_manifest(step)
 
   def has_manifest(self, step: int) -> bool:
     """Whether `step` has big_mm's manifest (local paths; see `verify`)."""
-    return os.path.exists(os.path.join(self._step_dir(step), MANIFEST_NAME))
+    return self._integrity.has_manifest(step)
 
   def verify(self, step: int) -> list[str]:
     """Problems with checkpoint `step` ([] = good): an unreadable manifest, files
     missing, of the wrong size or checksum, or not in the manifest.
 
     Reads every file of the step (crc32, ~GB/s). A step without a manifest
-    (committed but unverified, see the module docstring) is checked against
+    (committed but unverified, see big_mm/checkpoint_integrity.py) is checked against
     orbax's own records instead: a commit time and readable item metadata.
     On remote paths (gs://...) no manifests exist and this returns [] (nothing
     checked).
     """
-    step = int(step)
-    if _is_remote(self.directory):
-      return []
-    step_dir = self._step_dir(step)
-    if not os.path.isdir(step_dir):
-      return [f"step directory {step_dir} does not exist"]
-    manifest_path = os.path.join(step_dir, MANIFEST_NAME)
-    if not os.path.exists(manifest_path):
-      return _orbax_commit_problems(step_dir)
-    try:
-      with open(manifest_path) as f:
-        manifest = json.load(f)
-      expected = manifest["files"]
-      if not isinstance(expected, dict):
-        raise TypeError("'files' is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      return [f"manifest unreadable: {type(e).__name__}: {e}"]
-    problems = []
-    present = set(_list_files(step_dir))
-    for rel in sorted(expected):
-      want = expected[rel]
-      path = os.path.join(step_dir, rel)
-      if rel not in present:
-        problems.append(f"missing file {rel}")
-        continue
-      try:
-        size = os.path.getsize(path)
-        if size != want["size"]:
-          problems.append(f"size mismatch {rel}: {size} bytes, manifest says {want['size']}")
-        elif _crc32_file(path) != want["crc32"]:
-          problems.append(f"checksum mismatch {rel} (same size {size}; contents changed)")
-      except OSError as e:
-        problems.append(f"unreadable file {rel}: {type(e).__name__}: {e}")
-    for rel in sorted(present - set(expected)):
-      problems.append(f"extra file {rel} (not in manifest)")
-    return _capped(problems)
+    return self._integrity.verify(step)
 
-  def _agreed_problems(self, step: int) -> list[str]:
-    """`verify(step)` as decided by process 0, so all processes agree."""
-    problems = self.verify(step) if jax.process_index() == 0 else []
-    if (not problems and jax.process_index() == 0 and not _is_remote(self.directory)
-        and not self.has_manifest(step)):
-      logging.warning(
-          "Checkpoint step %d in %s has no big_mm manifest (the process stopped between "
-          "orbax's commit and the manifest, or the step predates manifests); orbax's "
-          "commit record and metadata are intact, so it is used unverified (file "
-          "checksums unchecked).", step, self.directory)
-    if jax.process_count() > 1:
-      import numpy as np
-      from jax.experimental import multihost_utils
-      bad = int(multihost_utils.broadcast_one_to_all(np.int32(1 if problems else 0)))
-      if bad and not problems:
-        problems = ["rejected by process 0's integrity check (see its log)"]
-      elif not bad:
-        problems = []
-    return problems
+  def _verified_step(self, step: Optional[int]) -> int:
+    """`step` (None = latest) once it exists and passes `verify` (as process 0 decides)."""
+    step = self._check_step(step)
+    problems = self._integrity.agreed_problems(step)
+    if problems:
+      raise self._integrity.corrupt_error(step, problems)
+    return step
 
   # -- restore -------------------------------------------------------------
 
@@ -531,25 +304,28 @@ class Checkpointer:
           f"steps: {steps if steps else 'none'}.")
     return step
 
+  def _stored_tree(self, step: int) -> Any:
+    """The train state's stored metadata tree (shapes and dtypes, no data)."""
+    meta = self._mngr.item_metadata(step)[STATE_ITEM]
+    return getattr(meta, "tree", meta)
+
   def stored_shapes(self, step: Optional[int] = None) -> dict[str, tuple]:
     """{'/'-joined param path: shape} of the train state stored at `step`."""
     step = self._check_step(step)
-    meta = self._mngr.item_metadata(step)[STATE_ITEM]
-    tree = getattr(meta, "tree", meta)
-    return _flat_shapes(tree, is_leaf=_is_metadata_leaf)
+    return _flat_shapes(self._stored_tree(step), is_leaf=_is_metadata_leaf)
 
   def _check_abstract(self, abstract_state: Any) -> None:
     missing_sharding = [
-        _path_str(p) for p, x in
-        jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+        name for name, x in tree_paths.flat_dict(abstract_state).items()
         if getattr(x, "sharding", None) is None]
     if missing_sharding:
       raise ValueError(
           "abstract_state leaves need a .sharding so the state is restored "
-          f"directly sharded; missing for: {missing_sharding[:_MAX_LISTED]}")
+          f"directly sharded; missing for: {missing_sharding[:MAX_LISTED]}")
 
-  def _check_shapes(self, step: int, abstract_state: Any) -> None:
-    problems = _tree_mismatches(self.stored_shapes(step), _flat_shapes(abstract_state))
+  def _check_shapes(self, step: int, abstract: Any, stored_tree: Any) -> None:
+    problems = _tree_mismatches(_flat_shapes(stored_tree, is_leaf=_is_metadata_leaf),
+                                _flat_shapes(abstract))
     if problems:
       raise CheckpointMismatchError(
           f"Checkpoint step {step} in {self.directory!r} does not match the "
@@ -565,12 +341,6 @@ class Checkpointer:
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     data_state = restored[DATA_ITEM] if has_data else None
     return restored[STATE_ITEM], data_state
-
-  def _corrupt_error(self, step: int, problems: Sequence[str]) -> CheckpointCorruptError:
-    return CheckpointCorruptError(
-        f"Checkpoint step {step} in {self.directory!r} is incomplete or corrupt:\n"
-        + "\n".join(f"  {p}" for p in problems)
-        + "\nUse restore_latest_good() to fall back to an earlier good step.")
 
   def restore(self, step: Optional[int], abstract_state: Any
               ) -> tuple[Any, Optional[dict]]:
@@ -588,12 +358,9 @@ class Checkpointer:
     differ from `abstract_state` (naming the mismatched parameter paths and shapes).
     """
     self._finish_pending_save()
-    step = self._check_step(step)
     self._check_abstract(abstract_state)
-    problems = self._agreed_problems(step)
-    if problems:
-      raise self._corrupt_error(step, problems)
-    self._check_shapes(step, abstract_state)
+    step = self._verified_step(step)
+    self._check_shapes(step, abstract_state, self._stored_tree(step))
     return self._read(step, abstract_state)
 
   def restore_latest_good(self, abstract_state: Any
@@ -618,10 +385,10 @@ class Checkpointer:
       return None
     rejected: list[tuple[int, list[str]]] = []
     for step in reversed(steps):
-      problems = self._agreed_problems(step)
+      problems = self._integrity.agreed_problems(step)
       if not problems:
         try:
-          self._check_shapes(step, abstract_state)  # mismatch: propagates
+          self._check_shapes(step, abstract_state, self._stored_tree(step))  # propagates
           state, data_state = self._read(step, abstract_state)
         except CheckpointMismatchError:
           raise
@@ -639,7 +406,8 @@ class Checkpointer:
             "Restored checkpoint step %d from %s, falling back past rejected newer "
             "step(s) %s.", step, self.directory, [s for s, _ in rejected])
         if not self.read_only:
-          self._quarantine([s for s, _ in rejected])
+          self._integrity.quarantine([s for s, _ in rejected])
+          self._mngr.reload()  # the moved steps are gone from orbax's step list
       return step, state, data_state
     lines = []
     for step, problems in rejected:
@@ -651,50 +419,37 @@ class Checkpointer:
         "\nRefusing to load them. Move the directory aside to start from scratch, "
         "or repair / restore a step from a backup.")
 
-  def _quarantine(self, steps: Sequence[int]) -> None:
-    """Moves rejected `steps` into DIRECTORY/quarantine/ (process 0; then every process
-    re-reads the directory), so they neither shadow the steps saved after the restored one
-    nor stop this run from saving those step numbers again."""
-    if jax.process_index() == 0:
-      quarantine = epath.Path(self.directory) / QUARANTINE_DIRNAME
-      for step in steps:
-        target = quarantine / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}.{uuid.uuid4().hex[:6]}"
-        try:
-          quarantine.mkdir(parents=True, exist_ok=True)
-          epath.Path(self._step_dir(step)).rename(target)
-        except OSError as e:
-          raise CheckpointDirectoryError(
-              f"Cannot move the rejected checkpoint step {step} aside to {target}: "
-              f"{type(e).__name__}: {e}. Move or delete {self._step_dir(step)} by hand, "
-              "then run again.") from e
-        logging.warning("Moved the rejected checkpoint step %d aside to %s (inspect it, "
-                        "then delete it); this run saves step %d afresh when it gets there.",
-                        step, target, step)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("big_mm_checkpoint_quarantine")
-    self._mngr.reload()
+  def restore_params(self, step: Optional[int] = None,
+                     abstract_params: Any = None) -> Any:
+    """The `params` subtree stored at `step` (None = latest), read alone: the rest of that
+    run's state (optimizer, ...) and its data-iterator state are never read, whatever they
+    hold. For evaluating a run, initialising one run from another (e.g. LiT) and exports.
 
-  def restore_params(self, step: Optional[int] = None) -> Any:
-    """The `params` subtree stored at `step`, replicated, whatever the rest of that run's
-    state (optimizer, ...) was: for initialising one run from another (e.g. LiT)."""
+    `abstract_params`: ShapeDtypeStructs with `.sharding` (e.g. the params of the evaluating
+    run's abstract train state): restored with those shardings and dtypes, shapes checked as
+    in `restore` (CheckpointMismatchError). None: as stored, replicated on every device.
+    Raises as `restore` does for a missing or corrupt step.
+    """
     self._finish_pending_save()
-    step = self._check_step(step)
-    problems = self._agreed_problems(step)
-    if problems:
-      raise self._corrupt_error(step, problems)
-    meta = self._mngr.item_metadata(step)[STATE_ITEM]
-    tree = getattr(meta, "tree", meta)
-    if "params" not in tree:
-      raise ValueError(f"Checkpoint step {step} in {self.directory!r} has no params.")
-    replicated = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(jax.devices(), ("devices",)), jax.sharding.PartitionSpec())
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated),
-        tree, is_leaf=_is_metadata_leaf)
-    restored = self._mngr.restore(
-        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)}))
-    return restored[STATE_ITEM]["params"]
+    step = self._verified_step(step)
+    stored = self._stored_tree(step)
+    if PARAMS not in stored:
+      raise ValueError(f"Checkpoint step {step} in {self.directory!r} has no {PARAMS}.")
+    if abstract_params is None:
+      replicated = jax.sharding.NamedSharding(
+          jax.sharding.Mesh(jax.devices(), ("devices",)), jax.sharding.PartitionSpec())
+      abstract_params = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated),
+          stored[PARAMS], is_leaf=_is_metadata_leaf)
+    else:
+      self._check_abstract(abstract_params)
+      self._check_shapes(step, {PARAMS: abstract_params}, {PARAMS: stored[PARAMS]})
+    item = {PARAMS: abstract_params}
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)}))
+    return restored[STATE_ITEM][PARAMS]
 
   # -- lifecycle -----------------------------------------------------------
 

@@ -41,12 +41,12 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
     raise FileNotFoundError(f"No checkpoint in {workdir!r}; train first with big_mm.train.")
   ts = train.make_train_state(setup)
   with train.use_mesh(setup):
-    state, _ = ckpt.restore(step, ts.abstract)
+    params = ckpt.restore_params(step, ts.abstract["params"])  # no optimizer state
     ckpt.close()
     context = evaluators.EvalContext(config, setup.mesh, setup.objective, setup.tokenizer)
     results = {}
     for name, ev in config.evals.items():
-      results.update(evaluators.build(name, ev, context)(state["params"]))
+      results.update(evaluators.build(name, ev, context)(params))
   with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
     writer.write(step, results)
   return results

@@ -390,3 +390,53 @@ def test_truncated_step_without_manifest_falls_back(tmp_path, mesh, caplog):
     step, state, _ = ckpt.restore_latest_good(_abstract(saved[3][0], shardings))
   assert step == 2
   _assert_equal(state, saved[2][0])
+
+
+# -- restore_params: the params subtree alone ----------------------------------------------
+
+def _leaf_names(tree, prefix):
+  return sorted(f"{prefix}.{'.'.join(str(k.key) for k in path)}"
+                for path, _ in jax.tree_util.tree_leaves_with_path(tree))
+
+
+def test_restore_params_reads_only_params(tmp_path, mesh, monkeypatch):
+  """Evaluation, init from another run and export read the params alone: orbax deserializes
+  no optimizer-state, step or rng array (the optimizer state is often twice the params)."""
+  import orbax.checkpoint as ocp
+  state, shardings = _state(mesh, scale=3.0)
+  with Checkpointer(str(tmp_path), save_every_steps=1, async_save=False) as ckpt:
+    assert ckpt.save(1, state, data_state={"i": 1})
+  read = []
+  deserialize = ocp.type_handlers.ArrayHandler.deserialize
+
+  async def recording_deserialize(self, infos, args=None):
+    read.extend(info.name for info in infos)
+    return await deserialize(self, infos, args)
+
+  monkeypatch.setattr(ocp.type_handlers.ArrayHandler, "deserialize", recording_deserialize)
+  with Checkpointer(str(tmp_path), save_every_steps=1, read_only=True) as ckpt:
+    replicated = ckpt.restore_params()  # latest step, as stored, on every device
+    assert sorted(read) == _leaf_names(state["params"], "params"), read
+    read.clear()
+    sharded = ckpt.restore_params(1, _abstract(state["params"], shardings["params"]))
+    assert sorted(read) == _leaf_names(state["params"], "params"), read
+  _assert_equal(replicated, state["params"])
+  _assert_equal(sharded, state["params"])
+  assert replicated["img"]["kernel"].sharding.is_fully_replicated
+  k = sharded["img"]["kernel"]
+  assert k.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), k.ndim)
+
+
+def test_restore_params_checks_shapes_and_integrity(tmp_path, mesh):
+  d = str(tmp_path)
+  saved, shardings = _save_three(d, mesh, async_save=False)
+  bad = _abstract(saved[3][0]["params"], shardings["params"])
+  bad["img"]["kernel"] = jax.ShapeDtypeStruct((16, 4), jnp.float32,
+                                              sharding=NamedSharding(mesh, P("data")))
+  _truncate(_biggest_state_file(d, 2))
+  with Checkpointer(d, keep=None, save_every_steps=1, read_only=True) as ckpt:
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)step 3 .*params/img/kernel.*\(16, 4\)"):
+      ckpt.restore_params(3, bad)
+    with pytest.raises(CheckpointCorruptError, match=r"(?s)step 2 .*size mismatch"):
+      ckpt.restore_params(2)
+    _assert_equal(ckpt.restore_params(1), saved[1][0]["params"])
