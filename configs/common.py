@@ -1,5 +1,5 @@
-"""Pieces shared by recipes: paper-scale evaluators (ImageNet zero-shot / COCO retrieval) and
-the generative demos' evaluators on the bundled digits."""
+"""Pieces shared by recipes: paper-scale evaluators (ImageNet zero-shot / COCO retrieval), and
+the digits demos' training input and evaluators on the bundled digits."""
 
 # The 80 CLIP ImageNet prompt templates are long; these 7 are CLIP's recommended subset.
 IMAGENET_TEMPLATES = (
@@ -33,6 +33,20 @@ CAPTION_CLASSES = tuple((word, str(i)) for i, word in enumerate(DIGITS))
 # Zero-shot and scoring prompts: data/digits_captions.py's HELD_OUT_TEMPLATES, which no
 # caption uses (so the model never trained on these phrasings).
 HELD_OUT_PROMPTS = ("a photo of the number {}", "the digit {}", "a scan of a handwritten {}")
+
+
+def digits_train_input() -> dict:
+  """The digits demos' training input (configs/demo.py, demo_cappa.py, demo_coca.py)."""
+  return dict(
+      data="digits_captions", split="train", data_dir=None, tokenizer="data/digits_spm.model",
+      text_len=16, pp_image="decode|resize(36)|random_crop(32)|value_range(-1,1)",
+      num_workers=0)
+
+
+def digits_zeroshot_eval(every_steps: int) -> dict:
+  """Zero-shot digit classification with the held-out prompts."""
+  return dict(type="zeroshot", split="test", every_steps=every_steps, pp_image=EVAL_PP,
+              classnames=DIGITS, templates=HELD_OUT_PROMPTS)
 
 
 def digits_caption_evals(every_steps: int) -> dict:

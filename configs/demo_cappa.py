@@ -28,10 +28,7 @@ def get_config(arg=None):
   c.total_steps = arg.steps
   c.log_every_steps = 50
 
-  c.input = dict(
-      data="digits_captions", split="train", data_dir=None, tokenizer="data/digits_spm.model",
-      text_len=16, pp_image="decode|resize(36)|random_crop(32)|value_range(-1,1)",
-      num_workers=0)
+  c.input = common.digits_train_input()
 
   c.model_name = "captioner"
   c.model = dict(

@@ -28,10 +28,7 @@ def get_config(arg=None):
   c.total_steps = arg.steps
   c.log_every_steps = 50
 
-  c.input = dict(
-      data="digits_captions", split="train", data_dir=None, tokenizer="data/digits_spm.model",
-      text_len=16, pp_image="decode|resize(36)|random_crop(32)|value_range(-1,1)",
-      num_workers=0)
+  c.input = common.digits_train_input()
 
   c.model_name = "coca"
   c.model = dict(
@@ -49,10 +46,8 @@ def get_config(arg=None):
   c.optim = dict(name="adamw", lr=3e-3, b1=0.9, b2=0.95, wd=1e-4, clip_norm=1.0,
                  schedule=dict(name="cosine", warmup_steps=min(50, arg.steps // 10)))
 
-  eval_pp = "decode|resize(32)|value_range(-1,1)"
   c.evals = dict(
-      zeroshot=dict(type="zeroshot", split="test", every_steps=200, pp_image=eval_pp,
-                    classnames=common.DIGITS, templates=common.HELD_OUT_PROMPTS),
+      zeroshot=common.digits_zeroshot_eval(every_steps=200),
       **common.digits_caption_evals(every_steps=200),
   )
   c.checkpoint = dict(every_steps=200, keep=2)
