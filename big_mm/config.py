@@ -95,7 +95,9 @@ def defaults() -> ConfigDict:
   # evaluator's (big_mm/evaluators/; every_* durations: evaluators/common.py DEFAULTS).
   c.evals = ConfigDict()
 
-  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh axis sizes, in mesh order (-1: the rest of the devices). The batch is split over
+  # data and fsdp; expert: the experts of mixture-of-experts params (logical axis "expert").
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   c.sharding_rules = None  # None: big_mm.sharding.DEFAULT_RULES
 
   c.checkpoint = ConfigDict(dict(every_steps=None, every_epochs=None, every_examples=None,

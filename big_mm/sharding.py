@@ -15,13 +15,16 @@ BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axis (or tuple, or None). Flax uses each mesh axis at most once per
 # array, first rule first: activations' "batch" takes (data, fsdp) so their "embed" stays
-# unsharded, while params (which have no "batch") shard "embed" over fsdp.
+# unsharded, while params (which have no "batch") shard "embed" over fsdp. "expert": the
+# experts dimension of mixture-of-experts params, over the `expert` mesh axis (size 1 unless
+# config.mesh.expert says otherwise).
 DEFAULT_RULES = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("vocab", "tensor"),
+    ("expert", "expert"),
     ("kv", None),
     ("length", None),
     ("patch", None),

@@ -443,3 +443,86 @@ def test_captioner_text_prefix_params_and_errors():
   with pytest.raises(ValueError, match=r"P <= text_prefix_len=3"):
     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _images(), _text(),
                                       prefix=jnp.ones((2, 4), jnp.int32)))
+
+
+class _SowingMlp(nn.Module):
+  """Stands in for a mixture-of-experts MLP: another class (so its own param names) built by
+  BlockConfig.mlp, with a setting of its own, that sows an auxiliary loss term."""
+  mlp_dim: int = None
+  dropout: float = 0.0
+  dtype: str = "float32"
+  weight: float = 1.0
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    y = layers.MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)(
+        x, deterministic)
+    self.sow(layers.AUX_LOSS, "toy", self.weight * jnp.mean(y ** 2))
+    return y
+
+
+def test_block_config_mlp_factory_and_aux_loss_under_scan():
+  """BlockConfig.mlp swaps the blocks' MLP (params under its class name); its sown aux loss is
+  collected per layer, and a scanned stack gives the same sum as the loop."""
+  import functools
+  from big_mm.models import aux_loss
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 32))
+  block = layers.BlockConfig(num_heads=4, mlp_dim=64,
+                             mlp=functools.partial(_SowingMlp, weight=0.5))
+  loop = layers.Encoder(depth=2, block=block)
+  params = nn.unbox(loop.init(jax.random.PRNGKey(1), x))["params"]
+  names = set(_flat(params))
+  assert "encoderblock_1/_SowingMlp_0/MlpBlock_0/Dense_0/kernel" in names
+  assert not any(k.startswith("encoderblock_0/MlpBlock_0") for k in names)
+  # The default factory keeps big_vision's names.
+  dense = nn.unbox(jax.eval_shape(layers.Encoder(depth=2, block=layers.BlockConfig(
+      num_heads=4, mlp_dim=64)).init, jax.random.PRNGKey(1), x))["params"]
+  assert "encoderblock_1/MlpBlock_0/Dense_0/kernel" in _flat(dense)
+
+  (y, _), aux = aux_loss.apply(loop, params, x)
+  _, sown = loop.apply({"params": params}, x, mutable=[layers.AUX_LOSS])
+  per_layer = [sown[layers.AUX_LOSS][f"encoderblock_{i}"]["_SowingMlp_0"]["toy"][0]
+               for i in range(2)]
+  assert set(aux) == {"aux_loss/toy"} and all(float(v) > 0 for v in per_layer)
+  np.testing.assert_allclose(aux["aux_loss/toy"], sum(per_layer), rtol=1e-6)
+  # Without the collection mutable (evaluation), sow does nothing.
+  np.testing.assert_array_equal(loop.apply({"params": params}, x)[0], y)
+
+  scanned = layers.Encoder(depth=2, block=block, scan=True, remat_policy="nothing_saveable")
+  (y_scan, _), aux_scan = aux_loss.apply(scanned, _stack_blocks(params, 2), x)
+  np.testing.assert_allclose(y_scan, y, atol=1e-5)
+  np.testing.assert_allclose(aux_scan["aux_loss/toy"], aux["aux_loss/toy"], rtol=1e-5)
+
+
+def test_aux_loss_add_and_gradient():
+  """aux_loss.add: the loss gains every aux_loss/* term (its gradient too) and the metrics
+  report them; with no terms the loss and metrics are the objective's own."""
+  from big_mm.models import aux_loss
+  model = layers.Encoder(depth=1, block=layers.BlockConfig(num_heads=4, mlp=_SowingMlp))
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 32))
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), x))["params"]
+
+  def loss_fn(p):
+    (y, _), aux = aux_loss.apply(model, p, x)
+    return aux_loss.add(jnp.mean(y), {"own": jnp.mean(y)}, aux)
+
+  def own_loss(p):
+    return jnp.mean(model.apply({"params": p}, x)[0])
+
+  def aux_term(p):
+    _, sown = model.apply({"params": p}, x, mutable=[layers.AUX_LOSS])
+    return sown[layers.AUX_LOSS]["encoderblock_0"]["_SowingMlp_0"]["toy"][0]
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  assert sorted(metrics) == ["aux_loss/toy", "own"]
+  np.testing.assert_allclose(loss, own_loss(params) + aux_term(params), rtol=1e-6)
+  np.testing.assert_allclose(metrics["aux_loss/toy"], aux_term(params), rtol=1e-6)
+  want = jax.tree.map(jnp.add, jax.grad(own_loss)(params), jax.grad(aux_term)(params))
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+  assert float(jnp.abs(jax.grad(aux_term)(params)["encoderblock_0"]["_SowingMlp_0"]["MlpBlock_0"]
+                       ["Dense_1"]["kernel"]).max()) > 1e-4
+
+  own = jnp.float32(2.5)
+  loss, metrics = aux_loss.add(own, {"own": own}, {})
+  assert loss is own and metrics == {"own": own}

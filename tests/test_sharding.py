@@ -67,3 +67,31 @@ def test_optimizer_state_shardings_follow_params():
   assert osh[0].mu["kernel"].spec == P("fsdp", "tensor")
   assert osh[0].nu["bias"].spec == P("tensor")
   assert osh[0].count.spec == P()
+
+
+class _Experts(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("experts", nn.with_logical_partitioning(nn.initializers.ones,
+                                                           ("expert", "embed", "mlp")),
+                   (4, x.shape[-1], 6))
+    return jnp.einsum("bd,edm->bem", x, w)
+
+
+def test_expert_axis_shards_expert_params():
+  """config.mesh has an `expert` axis (size 1 by default: every sharding stays as without
+  it); params with the logical axis "expert" are split over it."""
+  default = config_lib.defaults().mesh
+  assert dict(default) == {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1}
+  mesh = sharding.make_mesh(default)
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1, "expert": 1}
+  assert sharding.batch_axes(mesh) == ("data", "fsdp")
+  boxed = jax.eval_shape(_Tiny().init, jax.random.key(0), jnp.zeros((1, 8)))["params"]
+  with_expert = sharding.logical_shardings(
+      boxed, sharding.make_mesh(_cfg(data=1, fsdp=4, tensor=2, expert=1)))
+  without = sharding.logical_shardings(boxed, sharding.make_mesh(_cfg(data=1, fsdp=4, tensor=2)))
+  assert jax.tree.map(lambda s: s.spec, with_expert) == jax.tree.map(lambda s: s.spec, without)
+
+  mesh = sharding.make_mesh(_cfg(data=2, fsdp=1, tensor=2, expert=2))
+  boxed = jax.eval_shape(_Experts().init, jax.random.key(0), jnp.zeros((1, 8)))["params"]
+  assert sharding.logical_shardings(boxed, mesh)["experts"].spec == P("expert", None, "tensor")

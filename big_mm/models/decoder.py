@@ -106,31 +106,28 @@ class SelfAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """Pre-LN block: (causal) self-attention, cross-attention to `enc` (optional), MLP."""
-  mlp_dim: int
-  num_heads: int
+  """Pre-LN block: self-attention (masked by `attn_kw`), cross-attention to `enc` (optional),
+  MLP. `block.causal` is unused: the self-attention mask comes from `attn_kw`."""
+  block: layers.BlockConfig
   cross_attention: bool = True
-  dropout: float = 0.0
-  attn_implementation: str = "xla"
-  dtype: Any = "float32"
 
   @nn.compact
   def __call__(self, x, enc, attn_kw, deterministic=True):
+    cfg = self.block
     x = layers.constrain(x)
-    y = layers._layernorm(self.dtype)(x)
-    y = SelfAttention(num_heads=self.num_heads, implementation=self.attn_implementation,
-                      dtype=self.dtype, name="SelfAttention")(y, **attn_kw)
-    x = x + nn.Dropout(rate=self.dropout)(layers.constrain(y), deterministic)
+    y = layers._layernorm(cfg.dtype)(x)
+    y = SelfAttention(num_heads=cfg.num_heads, implementation=cfg.attn_implementation,
+                      dtype=cfg.dtype, name="SelfAttention")(y, **attn_kw)
+    x = x + nn.Dropout(rate=cfg.dropout)(layers.constrain(y), deterministic)
     if self.cross_attention:
-      y = layers._layernorm(self.dtype)(x)
+      y = layers._layernorm(cfg.dtype)(x)
       y = layers.MultiHeadDotProductAttention(
-          num_heads=self.num_heads, implementation=self.attn_implementation, dtype=self.dtype,
+          num_heads=cfg.num_heads, implementation=cfg.attn_implementation, dtype=cfg.dtype,
           name="CrossAttention")(y, enc)
-      x = x + nn.Dropout(rate=self.dropout)(layers.constrain(y), deterministic)
-    y = layers._layernorm(self.dtype)(x)
-    y = layers.MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)(
-        y, deterministic)
-    x = x + nn.Dropout(rate=self.dropout)(layers.constrain(y), deterministic)
+      x = x + nn.Dropout(rate=cfg.dropout)(layers.constrain(y), deterministic)
+    y = layers._layernorm(cfg.dtype)(x)
+    y = cfg.build_mlp()(y, deterministic)
+    x = x + nn.Dropout(rate=cfg.dropout)(layers.constrain(y), deterministic)
     return layers.constrain(x)
 
 
@@ -254,10 +251,11 @@ class Decoder(nn.Module):
                      prefix_len=prefix_len, key_mask=prefix_valid)
     else:
       attn_kw = self._full_mask(inputs, x.shape[1], n_prefix, n_text, parallel, prefix_valid)
+    block = layers.BlockConfig(num_heads=a["num_heads"], mlp_dim=a["mlp_dim"],
+                               dropout=self.dropout,
+                               attn_implementation=self.attn_implementation, dtype=self.dtype)
     for i in range(a["depth"]):
-      x = DecoderBlock(mlp_dim=a["mlp_dim"], num_heads=a["num_heads"],
-                       cross_attention=self.cross_attention, dropout=self.dropout,
-                       attn_implementation=self.attn_implementation, dtype=self.dtype,
+      x = DecoderBlock(block=block, cross_attention=self.cross_attention,
                        name=f"decoderblock_{i}")(x, enc, attn_kw, not train)
     x = layers._layernorm(self.dtype, name="decoder_norm")(x)
     if self.cls and not decode:

@@ -8,6 +8,7 @@ checkpoints load without renaming:
                  {query,key,value}/{kernel [D, H, Dh], bias [H, Dh]},
                  out/{kernel [H, Dh, D], bias [D]}
   Encoder1DBlock: LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0
+                 (the MLP is named after the class `BlockConfig.mlp` builds)
   Encoder:       encoderblock_{i}/... (scan=False) or encoderblock/... with a leading
                  `layers` axis of size depth (scan=True); encoder_norm
   MAPHead:       probe [1, 1, D], MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0
@@ -17,9 +18,15 @@ axis names of docs/CONTRACTS.md (embed, mlp, heads, kv, vocab, patch, layers,
 length); activations are constrained to ("batch", "length", "embed") at block
 boundaries. `dtype` is the compute dtype ("float32", "bfloat16" or a jnp dtype);
 parameters are always stored in float32.
+
+Blocks take one `BlockConfig` (heads, MLP size, dropout, causality, attention kernel, dtype
+and the `mlp` factory), so a tower builds it once from its own kwargs and a different MLP
+(e.g. mixture-of-experts) drops in without touching the blocks. A layer may add a term to the
+training loss with `self.sow(AUX_LOSS, name, scalar)` (big_mm/models/aux_loss.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -30,6 +37,7 @@ import numpy as np
 from big_mm.kernels import attention as attention_kernels
 
 Dtype = Any
+AUX_LOSS = "aux_loss"  # the collection of auxiliary loss terms (big_mm/models/aux_loss.py)
 ACT_AXES = ("batch", "length", "embed")
 REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable", "checkpoint_dots",
@@ -185,51 +193,63 @@ class MultiHeadDotProductAttention(nn.Module):
     return y
 
 
-class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block. Returns (x, None) so it can be the body of nn.scan."""
-  mlp_dim: Optional[int] = None
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """What a transformer block needs besides its input (whose last dim is the width).
+
+  mlp: builds the block's MLP as `mlp(mlp_dim=, dropout=, dtype=)`, a module called as
+  `(x, deterministic) -> same shape as x`; its params sit under the module's class name
+  (`MlpBlock_0` for the default), so another class (e.g. a mixture-of-experts MLP, with its
+  own settings bound by functools.partial) drops in without changing the blocks.
+  """
   num_heads: int = 12
+  mlp_dim: Optional[int] = None  # default 4 * width
   dropout: float = 0.0
   causal: bool = False
   attn_implementation: str = "xla"
   dtype: Dtype = "float32"
+  mlp: Callable[..., nn.Module] = MlpBlock
+
+  def build_mlp(self) -> nn.Module:
+    return self.mlp(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block. Returns (x, None) so it can be the body of nn.scan."""
+  block: BlockConfig = BlockConfig()
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
+    cfg = self.block
     x = constrain(x)
-    y = _layernorm(self.dtype)(x)
+    y = _layernorm(cfg.dtype)(x)
     y = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, causal=self.causal,
-        implementation=self.attn_implementation, dtype=self.dtype)(y, y, mask=mask)
+        num_heads=cfg.num_heads, causal=cfg.causal,
+        implementation=cfg.attn_implementation, dtype=cfg.dtype)(y, y, mask=mask)
     y = constrain(y)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    y = nn.Dropout(rate=cfg.dropout)(y, deterministic)
     x = x + y
-    y = _layernorm(self.dtype)(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)(y, deterministic)
+    y = _layernorm(cfg.dtype)(x)
+    y = cfg.build_mlp()(y, deterministic)
     y = constrain(y)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    y = nn.Dropout(rate=cfg.dropout)(y, deterministic)
     x = constrain(x + y)
     return x, None
 
 
 class Encoder(nn.Module):
-  """Stack of Encoder1DBlocks + final LayerNorm (`encoder_norm`).
+  """Stack of `depth` Encoder1DBlocks (all with `block`) + final LayerNorm (`encoder_norm`).
 
-  scan=True: one `encoderblock` whose params have a leading `layers` axis of size
-  depth (nn.scan); scan=False: `encoderblock_{i}`. remat_policy: "none" (no
+  scan=True: one `encoderblock` whose params (and sown aux losses) have a leading `layers`
+  axis of size depth (nn.scan); scan=False: `encoderblock_{i}`. remat_policy: "none" (no
   rematerialisation) or a `jax.checkpoint_policies` name applied with nn.remat.
   `mask` (boolean, broadcastable to [B, H, L, L]) is passed to every block.
   Returns (encoded, out) with out["pre_ln"] the output before `encoder_norm`.
   """
   depth: int
-  mlp_dim: Optional[int] = None
-  num_heads: int = 12
-  dropout: float = 0.0
-  causal: bool = False
+  block: BlockConfig = BlockConfig()
   scan: bool = False
   remat_policy: str = "none"
-  attn_implementation: str = "xla"
-  dtype: Dtype = "float32"
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
@@ -239,19 +259,18 @@ class Encoder(nn.Module):
     if policy is not False:
       # static_argnums counts `self`: (self, x, mask, deterministic).
       block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(3,), policy=policy)
-    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-              causal=self.causal, attn_implementation=self.attn_implementation, dtype=self.dtype)
     if self.scan:
       x, _ = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          block, variable_axes={"params": 0, AUX_LOSS: 0},
+          split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(name="encoderblock", **kw)(x, mask, deterministic)
+      )(name="encoderblock", block=self.block)(x, mask, deterministic)
     else:
       for i in range(self.depth):
-        x, _ = block(name=f"encoderblock_{i}", **kw)(x, mask, deterministic)
+        x, _ = block(name=f"encoderblock_{i}", block=self.block)(x, mask, deterministic)
     out["pre_ln"] = x
-    x = _layernorm(self.dtype, name="encoder_norm")(x)
+    x = _layernorm(self.block.dtype, name="encoder_norm")(x)
     return constrain(x), out
 
 

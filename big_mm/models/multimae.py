@@ -116,39 +116,35 @@ class InputAdapter(nn.Module):
 
 
 class CrossBlock(nn.Module):
-  """Pre-LN cross-attention (queries -> context) and MLP."""
-  num_heads: int
-  mlp_dim: int
-  attn_implementation: str = "xla"
-  dtype: Any = "float32"
+  """Pre-LN cross-attention (queries -> context) and MLP (no dropout)."""
+  block: layers.BlockConfig
 
   @nn.compact
   def __call__(self, x, context, context_mask):
-    q = layers._layernorm(self.dtype)(x)
-    kv = layers._layernorm(self.dtype)(context)
+    cfg = self.block
+    q = layers._layernorm(cfg.dtype)(x)
+    kv = layers._layernorm(cfg.dtype)(context)
     x = x + layers.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, implementation=self.attn_implementation, dtype=self.dtype,
+        num_heads=cfg.num_heads, implementation=cfg.attn_implementation, dtype=cfg.dtype,
         name="CrossAttention")(q, kv, mask=context_mask)
-    y = layers._layernorm(self.dtype)(x)
-    return layers.constrain(x + layers.MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype)(y))
+    y = layers._layernorm(cfg.dtype)(x)
+    return layers.constrain(x + cfg.build_mlp()(y, True))
 
 
 class OutputAdapter(nn.Module):
-  """Queries for every token of one modality -> per-token predictions [B, N_m, out_dim]."""
+  """Queries for every token of one modality -> per-token predictions [B, N_m, out_dim]
+  (`block`: the decoder blocks' config, dropout 0)."""
   modality: str
   num_tokens: int
   out_dim: int
   width: int
   depth: int
-  num_heads: int
-  mlp_dim: int
+  block: layers.BlockConfig
   grid: Optional[tuple] = None
-  attn_implementation: str = "xla"
-  dtype: Any = "float32"
 
   @nn.compact
   def __call__(self, encoded, encoded_mask, context_pos):
-    dtype = layers.to_dtype(self.dtype)
+    dtype = layers.to_dtype(self.block.dtype)
     b = encoded.shape[0]
     context = _dense(self.width, dtype, "context_proj")(encoded) + context_pos.astype(dtype)
     mask_token = _embedding(self, "mask_token", (1, 1, self.width), (None, None, "embed"))
@@ -158,15 +154,11 @@ class OutputAdapter(nn.Module):
       pos = layers.learned_posemb(self, "pos_embedding", self.num_tokens, self.width).astype(dtype)
     kind = _embedding(self, "modality_embedding", (1, 1, self.width), (None, None, "embed"))
     x = jnp.tile((mask_token + kind).astype(dtype), (b, self.num_tokens, 1)) + pos
-    x = CrossBlock(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                   attn_implementation=self.attn_implementation, dtype=self.dtype,
-                   name="cross")(x, context, encoded_mask[:, None, None, :])
+    x = CrossBlock(block=self.block, name="cross")(x, context, encoded_mask[:, None, None, :])
     if self.depth:
-      x, _ = layers.Encoder(depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                            attn_implementation=self.attn_implementation, dtype=self.dtype,
-                            name="Transformer")(x)
+      x, _ = layers.Encoder(depth=self.depth, block=self.block, name="Transformer")(x)
     else:
-      x = layers._layernorm(self.dtype, name="norm")(x)
+      x = layers._layernorm(self.block.dtype, name="norm")(x)
     return _dense(self.out_dim, dtype, "head", ("embed", None))(x).astype(jnp.float32)
 
 
@@ -242,17 +234,18 @@ class MultiMAE(nn.Module):
         "global_tokens", layers.logical(nn.initializers.normal(0.02), (None, None, "embed")),
         (1, self.num_global_tokens, enc["width"]), jnp.float32)
     self.input_dropout = nn.Dropout(rate=self.dropout)
-    self.transformer = layers.Encoder(
-        depth=enc["depth"], mlp_dim=enc["mlp_dim"], num_heads=enc["num_heads"],
-        dropout=self.dropout, scan=self.scan, remat_policy=self.remat_policy,
-        attn_implementation=self.attn_implementation, dtype=self.dtype, name="Transformer")
+    enc_block = layers.BlockConfig(num_heads=enc["num_heads"], mlp_dim=enc["mlp_dim"],
+                                   dropout=self.dropout,
+                                   attn_implementation=self.attn_implementation, dtype=self.dtype)
+    self.transformer = layers.Encoder(depth=enc["depth"], block=enc_block, scan=self.scan,
+                                      remat_policy=self.remat_policy, name="Transformer")
+    dec_block = layers.BlockConfig(num_heads=dec["num_heads"], mlp_dim=dec["mlp_dim"],
+                                   attn_implementation=self.attn_implementation, dtype=self.dtype)
     counts, dims = self.num_tokens(), self.out_dims()
     self.decoders = {
         m: OutputAdapter(modality=m, num_tokens=counts[m], out_dim=dims[m], width=dec["width"],
-                         depth=dec["depth"], num_heads=dec["num_heads"],
-                         mlp_dim=dec["mlp_dim"], grid=None if m == "text" else self.grid,
-                         attn_implementation=self.attn_implementation, dtype=self.dtype,
-                         name=f"decoder_{m}")
+                         depth=dec["depth"], block=dec_block,
+                         grid=None if m == "text" else self.grid, name=f"decoder_{m}")
         for m in self.modalities}
 
   def tokens(self, inputs: dict) -> jax.Array:

@@ -83,11 +83,11 @@ class TextTransformer(nn.Module):
     x = layers.constrain(x)
     x = nn.Dropout(rate=self.dropout)(x, not train)
     mask = nonpad[:, None, None, :] if self.pad_mask else None
-    x, enc_out = layers.Encoder(
-        depth=a["depth"], mlp_dim=a["mlp_dim"], num_heads=a["num_heads"], dropout=self.dropout,
-        causal=self.causal, scan=self.scan, remat_policy=self.remat_policy,
-        attn_implementation=self.attn_implementation, dtype=self.dtype,
-    )(x, mask, deterministic=not train)
+    block = layers.BlockConfig(num_heads=a["num_heads"], mlp_dim=a["mlp_dim"],
+                               dropout=self.dropout, causal=self.causal,
+                               attn_implementation=self.attn_implementation, dtype=self.dtype)
+    x, enc_out = layers.Encoder(depth=a["depth"], block=block, scan=self.scan,
+                                remat_policy=self.remat_policy)(x, mask, deterministic=not train)
     out.update(enc_out)
     out["transformed"] = x
 

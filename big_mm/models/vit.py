@@ -146,11 +146,12 @@ class ViT(nn.Module):
       x = layers._layernorm(self.dtype, name="norm_pre")(x)
     x = layers.constrain(x)
     x = nn.Dropout(rate=self.dropout)(x, not train)
-    x, enc_out = layers.Encoder(
-        depth=a["depth"], mlp_dim=a["mlp_dim"], num_heads=a["num_heads"], dropout=self.dropout,
-        scan=self.scan, remat_policy=self.remat_policy,
-        attn_implementation=self.attn_implementation, dtype=self.dtype,
-        name="Transformer")(x, deterministic=not train)
+    block = layers.BlockConfig(num_heads=a["num_heads"], mlp_dim=a["mlp_dim"],
+                               dropout=self.dropout,
+                               attn_implementation=self.attn_implementation, dtype=self.dtype)
+    x, enc_out = layers.Encoder(depth=a["depth"], block=block, scan=self.scan,
+                                remat_policy=self.remat_policy,
+                                name="Transformer")(x, deterministic=not train)
     out["encoder"] = enc_out
     encoded = out["encoded"] = x
 

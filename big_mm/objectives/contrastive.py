@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from big_mm import sharding
+from big_mm.models import aux_loss
 from big_mm.objectives import base, losses
 
 LOSSES = ("sigmoid", "softmax")
@@ -140,12 +141,14 @@ class Contrastive:
     return self._constrain(y, split=False)
 
   def _towers(self, params, images, texts, rng):
-    zimg, ztxt, _ = self.model.apply({"params": params}, images, texts, train=True,
-                                     rngs={"dropout": rng})
-    return zimg, ztxt
+    """-> (zimg, ztxt, the towers' aux loss terms)."""
+    (zimg, ztxt, _), aux = aux_loss.apply(self.model, params, images, texts, train=True,
+                                          rngs={"dropout": rng})
+    return zimg, ztxt, aux
 
   def _embed(self, params, batch, rng):
-    """Full-batch (zimg, ztxt), the towers run one micro-batch at a time (a scan)."""
+    """Full-batch (zimg, ztxt) and aux loss terms (the mean over micro-batches), the towers
+    run one micro-batch at a time (a scan)."""
     m = self.micro_batches
     if m == 1:
       return self._towers(params, batch["image"], batch["text"], rng)
@@ -156,8 +159,8 @@ class Contrastive:
       return None, self._towers(params, images, texts, jax.random.fold_in(rng, i))
 
     xs = (jnp.arange(m), self._split(batch["image"]), self._split(batch["text"]))
-    _, (zimg, ztxt) = jax.lax.scan(body, None, xs)
-    return self._merge(zimg), self._merge(ztxt)
+    _, (zimg, ztxt, aux) = jax.lax.scan(body, None, xs)
+    return self._merge(zimg), self._merge(ztxt), jax.tree.map(lambda a: jnp.mean(a, 0), aux)
 
   # ----------------------------------------------------------------------- loss
 
@@ -178,8 +181,8 @@ class Contrastive:
     by micro-batch (micro-batch i with dropout rng fold_in(rng, i)), exactly as in
     `value_and_grad`; differentiating this directly keeps every micro-batch's activations."""
     params = self._stop_frozen(params)
-    zimg, ztxt = self._embed(params, batch, rng)
-    return self._loss_from_embeddings(zimg, ztxt, params)
+    zimg, ztxt, aux = self._embed(params, batch, rng)
+    return aux_loss.add(*self._loss_from_embeddings(zimg, ztxt, params), aux)
 
   def value_and_grad(self, params, batch, rng):
     """((loss, metrics), grads) of `loss_fn`; GradCache when micro_batches > 1 (see the module
@@ -188,10 +191,11 @@ class Contrastive:
       return jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch, rng)
     params = self._stop_frozen(params)
     # (a) Full-batch embeddings, no gradients built.
-    zimg, ztxt = self._embed(params, batch, rng)
+    zimg, ztxt, aux = self._embed(params, batch, rng)
     # (b) Full-batch loss; gradients w.r.t. the embeddings and the params (only t, b non-zero).
     (loss, metrics), (g_zimg, g_ztxt, grads) = jax.value_and_grad(
         self._loss_from_embeddings, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, params)
+    loss, metrics = aux_loss.add(loss, metrics, aux)
     # (c) Back-propagate each micro-batch's embedding gradients through its towers. A fully
     # frozen tower (LiT) is not re-run: it has no gradient to give.
     frozen = self._frozen_towers(params)
@@ -203,8 +207,10 @@ class Contrastive:
     def body(acc, xs):
       i, images, texts, g_zimg, g_ztxt = xs
       rng_i = jax.random.fold_in(rng, i)  # micro-batch i's dropout rng, as in (a)
-      _, vjp = jax.vjp(lambda p: self._towers(p, images, texts, rng_i), params)
-      (g,) = vjp((g_zimg, g_ztxt))
+      (_, _, aux_i), vjp = jax.vjp(lambda p: self._towers(p, images, texts, rng_i), params)
+      # The loss holds the mean of the micro-batches' aux terms.
+      g_aux = jax.tree.map(lambda a: jnp.full_like(a, 1.0 / self.micro_batches), aux_i)
+      (g,) = vjp((g_zimg, g_ztxt, g_aux))
       return jax.tree.map(jnp.add, acc, g), None
 
     # The accumulator is laid out like the params, so with replicated params each micro-batch's

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from big_mm import sharding
+from big_mm.models import aux_loss
 from big_mm.objectives import base, losses
 from big_mm.objectives.contrastive import check_loss_settings
 
@@ -189,13 +190,14 @@ class Captioning(_Generative):
     parallel = None
     if self.parallel_fraction > 0:
       parallel = jax.random.uniform(rng_parallel, (text.shape[0],)) < self.parallel_fraction
-    logits, _ = self._apply(params, batch["image"], text, parallel=parallel, train=True,
-                            rngs={"dropout": rng_dropout},
-                            **self._prefix_kw(batch.get("prefix")))
+    (logits, _), aux = aux_loss.apply(self.model, params, batch["image"], text,
+                                      parallel=parallel, train=True,
+                                      rngs={"dropout": rng_dropout},
+                                      **self._prefix_kw(batch.get("prefix")))
     loss, metrics = token_loss(logits, text, self.label_smoothing)
     if parallel is not None:
       metrics["caption/parallel_fraction"] = jnp.mean(parallel.astype(jnp.float32))
-    return loss, metrics
+    return aux_loss.add(loss, metrics, aux)
 
 
 class CoCa(_Generative):
@@ -231,9 +233,10 @@ class CoCa(_Generative):
     return self._apply(params, images, texts, train=False)[2]
 
   def loss_parts(self, params, batch, rng):
-    """-> (contrastive loss, caption loss, metrics)."""
-    zimg, ztxt, logits, out = self._apply(params, batch["image"], batch["text"], train=True,
-                                          rngs={"dropout": rng})
+    """-> (contrastive loss, caption loss, metrics with the model's aux_loss/* terms)."""
+    (zimg, ztxt, logits, out), aux = aux_loss.apply(self.model, params, batch["image"],
+                                                    batch["text"], train=True,
+                                                    rngs={"dropout": rng})
     contrastive = losses.contrastive_loss(
         zimg, ztxt, out["t"], out["b"], loss=self.loss_name, strategy=self.strategy,
         implementation=self.implementation, mesh=self.mesh,
@@ -243,11 +246,13 @@ class CoCa(_Generative):
     metrics["contrastive_loss"] = contrastive
     metrics["caption_loss"] = caption
     metrics["img_txt_cos/pos"] = jnp.mean(jnp.sum(zimg * ztxt, axis=-1))
+    metrics.update(aux)
     return contrastive, caption, metrics
 
   def loss_fn(self, params, batch, rng):
     contrastive, caption, metrics = self.loss_parts(params, batch, rng)
-    return self.contrastive_weight * contrastive + self.caption_weight * caption, metrics
+    loss = self.contrastive_weight * contrastive + self.caption_weight * caption
+    return aux_loss.add(loss, metrics)  # the aux terms are in metrics already
 
   def embed_images(self, params, images):
     return self._apply(params, images, method=type(self.model).encode)[1]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from big_mm.models import aux_loss
 from big_mm.models import multimae as multimae_lib
 from big_mm.objectives import base
 
@@ -220,8 +221,9 @@ class MultiMAE:
     mask_rng, dropout_rng = jax.random.split(rng)
     visible, valid, available = self.masks(mask_rng, batch)
     targets = self.targets(batch)
-    preds, _ = self._apply(params, self.inputs(batch), visible, valid,
-                           targets=tuple(targets), train=True, rngs={"dropout": dropout_rng})
+    (preds, _), aux = aux_loss.apply(self.model, params, self.inputs(batch), visible, valid,
+                                     targets=tuple(targets), train=True,
+                                     rngs={"dropout": dropout_rng})
     # seen[b, n]: token n (concatenated order) was given to the encoder.
     total = sum(a.shape[1] for a in available.values())
     seen = jnp.zeros((visible.shape[0], total), bool)
@@ -238,7 +240,7 @@ class MultiMAE:
       loss_m = _masked_mean(values, weights * (avail & ~seen_m).astype(jnp.float32))
       loss = loss + self.weights[m] * loss_m
       metrics[f"{m}/loss"] = loss_m
-    return loss, metrics
+    return aux_loss.add(loss, metrics, aux)
 
   def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     """One example of each model modality the input loads (input.modalities; None: image and
