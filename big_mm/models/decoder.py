@@ -170,77 +170,27 @@ class Decoder(nn.Module):
     (prefix-LM). prefix_tokens: int [B, P'] text prefix (module docstring). parallel: bool
     [B] (full passes). decode: see the module docstring; cached_prefix: the prefix length
     already in the cache (prefix-LM token steps)."""
+    prefix_tokens = self._check_inputs(inputs, prefix, prefix_tokens, decode)
     a = self.arch()
     dtype = layers.to_dtype(self.dtype)
-    out = {}
-    if decode and (prefix is not None) and (inputs is not None):
-      raise ValueError("decode=True takes either the prefix (prefill) or the tokens, not both.")
-    if inputs is None and prefix is None and prefix_tokens is None:
-      raise ValueError("The decoder needs inputs (tokens), a prefix or prefix_tokens.")
-    token_step = decode and inputs is not None
-    if self.text_prefix_len:
-      if prefix_tokens is None:  # no text prefix: all pad
-        b = (inputs if inputs is not None else prefix).shape[0]
-        prefix_tokens = jnp.zeros((b, self.text_prefix_len), jnp.int32)
-      if prefix_tokens.ndim != 2 or prefix_tokens.shape[1] > self.text_prefix_len:
-        raise ValueError(f"prefix_tokens must be int [B, P] with P <= text_prefix_len="
-                         f"{self.text_prefix_len}; got shape {tuple(prefix_tokens.shape)}.")
-    elif prefix_tokens is not None:
-      raise ValueError("prefix_tokens given to a decoder with text_prefix_len=0; set the "
-                       "model's text_prefix_len.")
     embed = None
     if self.embed_input:
       embed = nn.Embed(num_embeddings=self.vocab_size, features=a["width"], dtype=dtype,
                        param_dtype=jnp.float32,
                        embedding_init=layers.logical(nn.linear.default_embed_init,
                                                      ("vocab", "embed")))
-    xs = [] if prefix is None else [prefix.astype(dtype)]
-    prefix_valid = None  # bool [B, prefix positions]: False = a pad key no query sees
-    if prefix_tokens is not None:
-      if embed is None:
-        raise ValueError("prefix_tokens need a decoder with embed_input=True.")
-      n_text_prefix = prefix_tokens.shape[1]
-      if token_step:  # the prefix is in the cache already and ends at cached_prefix
-        n_image = cached_prefix - n_text_prefix
-      else:
-        n_image = 0 if prefix is None else prefix.shape[1]
-        prefix_posemb = layers.learned_posemb(self, "prefix_pos_embedding", self.text_prefix_len,
-                                              a["width"]).astype(dtype)
-        xs.append(embed(prefix_tokens) + prefix_posemb[:, :n_text_prefix])
-      prefix_valid = jnp.concatenate(
-          [jnp.ones((prefix_tokens.shape[0], n_image), bool), prefix_tokens != 0], axis=1)
+    token_step = decode and inputs is not None
+    xs, prefix_valid = self._embed_prefix(embed, prefix, prefix_tokens, token_step,
+                                          cached_prefix, a["width"], dtype)
     n_prefix = sum(x.shape[1] for x in xs)
+    posemb = None
     if inputs is not None:
-      if self.embed_input:
-        x = embed(inputs)
-        if self.mask_token:
-          mask_embed = self.param("mask_embed", layers.logical(
-              nn.initializers.normal(0.02), ("embed",)), (a["width"],), jnp.float32)
-          if parallel is not None and not decode:
-            x = jnp.where(parallel[:, None, None], mask_embed.astype(dtype), x)
-        elif parallel is not None:
-          raise ValueError("parallel prediction needs a decoder with mask_token=True.")
-        rows = self.max_len + int(self.cls)
-        posemb = layers.learned_posemb(self, "pos_embedding", rows, a["width"]).astype(dtype)
-        t = x.shape[1]
-        if decode:
-          x = x + jax.lax.dynamic_slice_in_dim(posemb, position, t, axis=1)
-        else:
-          if t > self.max_len:
-            raise ValueError(f"{t} text tokens but the decoder has max_len={self.max_len}; "
-                             "raise the decoder's max_len (or shorten input.text_len).")
-          x = x + posemb[:, :t]
-      else:
-        x = inputs.astype(dtype)
+      x, posemb = self._embed_inputs(embed, inputs, parallel, decode, position, a["width"],
+                                     dtype)
       xs.append(x)
     n_text = 0 if inputs is None else xs[-1].shape[1]
     if self.cls and not decode:
-      cls = self.param("cls", layers.logical(nn.initializers.normal(0.02), (None, None, "embed")),
-                       (1, 1, a["width"]), jnp.float32).astype(dtype)
-      b = xs[-1].shape[0]
-      if self.embed_input:
-        cls = cls + posemb[:, self.max_len:self.max_len + 1]
-      xs.append(jnp.tile(cls, [b, 1, 1]))
+      xs.append(self._cls_token(posemb, xs[-1].shape[0], a["width"], dtype))
     x = jnp.concatenate(xs, axis=1) if len(xs) > 1 else xs[0]
     x = nn.Dropout(rate=self.dropout)(x, not train)
 
@@ -258,6 +208,83 @@ class Decoder(nn.Module):
       x = DecoderBlock(block=block, cross_attention=self.cross_attention,
                        name=f"decoderblock_{i}")(x, enc, attn_kw, not train)
     x = layers._layernorm(self.dtype, name="decoder_norm")(x)
+    return self._outputs(x, n_prefix, decode, dtype)
+
+  def _check_inputs(self, inputs, prefix, prefix_tokens, decode):
+    """Refuses combinations no mode takes; -> prefix_tokens (all pad when the decoder has a
+    text prefix and none is given)."""
+    if decode and (prefix is not None) and (inputs is not None):
+      raise ValueError("decode=True takes either the prefix (prefill) or the tokens, not both.")
+    if inputs is None and prefix is None and prefix_tokens is None:
+      raise ValueError("The decoder needs inputs (tokens), a prefix or prefix_tokens.")
+    if self.text_prefix_len:
+      if prefix_tokens is None:  # no text prefix: all pad
+        b = (inputs if inputs is not None else prefix).shape[0]
+        prefix_tokens = jnp.zeros((b, self.text_prefix_len), jnp.int32)
+      if prefix_tokens.ndim != 2 or prefix_tokens.shape[1] > self.text_prefix_len:
+        raise ValueError(f"prefix_tokens must be int [B, P] with P <= text_prefix_len="
+                         f"{self.text_prefix_len}; got shape {tuple(prefix_tokens.shape)}.")
+    elif prefix_tokens is not None:
+      raise ValueError("prefix_tokens given to a decoder with text_prefix_len=0; set the "
+                       "model's text_prefix_len.")
+    return prefix_tokens
+
+  def _embed_prefix(self, embed, prefix, prefix_tokens, token_step, cached_prefix, width,
+                    dtype):
+    """-> (the prefix embeddings to run: [prefix] + [embedded text prefix], each [B, n, D];
+    prefix_valid: bool [B, prefix positions], False = a pad key no query sees, or None).
+    On a token step the prefix is in the cache already: nothing to run, only its pads."""
+    xs = [] if prefix is None else [prefix.astype(dtype)]
+    if prefix_tokens is None:
+      return xs, None
+    if embed is None:
+      raise ValueError("prefix_tokens need a decoder with embed_input=True.")
+    n_text_prefix = prefix_tokens.shape[1]
+    if token_step:  # the prefix is in the cache already and ends at cached_prefix
+      n_image = cached_prefix - n_text_prefix
+    else:
+      n_image = 0 if prefix is None else prefix.shape[1]
+      prefix_posemb = layers.learned_posemb(self, "prefix_pos_embedding", self.text_prefix_len,
+                                            width).astype(dtype)
+      xs.append(embed(prefix_tokens) + prefix_posemb[:, :n_text_prefix])
+    prefix_valid = jnp.concatenate(
+        [jnp.ones((prefix_tokens.shape[0], n_image), bool), prefix_tokens != 0], axis=1)
+    return xs, prefix_valid
+
+  def _embed_inputs(self, embed, inputs, parallel, decode, position, width, dtype):
+    """-> (the caption inputs [B, T, D]: embedded tokens ([MASK] on parallel rows) plus their
+    position embedding, or the given embeddings; the position table [1, rows, D] or None)."""
+    if not self.embed_input:
+      return inputs.astype(dtype), None
+    x = embed(inputs)
+    if self.mask_token:
+      mask_embed = self.param("mask_embed", layers.logical(
+          nn.initializers.normal(0.02), ("embed",)), (width,), jnp.float32)
+      if parallel is not None and not decode:
+        x = jnp.where(parallel[:, None, None], mask_embed.astype(dtype), x)
+    elif parallel is not None:
+      raise ValueError("parallel prediction needs a decoder with mask_token=True.")
+    rows = self.max_len + int(self.cls)
+    posemb = layers.learned_posemb(self, "pos_embedding", rows, width).astype(dtype)
+    t = x.shape[1]
+    if decode:
+      return x + jax.lax.dynamic_slice_in_dim(posemb, position, t, axis=1), posemb
+    if t > self.max_len:
+      raise ValueError(f"{t} text tokens but the decoder has max_len={self.max_len}; "
+                       "raise the decoder's max_len (or shorten input.text_len).")
+    return x + posemb[:, :t], posemb
+
+  def _cls_token(self, posemb, batch, width, dtype):
+    """CoCa's learned cls input [B, 1, D] (with the last position row when embedding)."""
+    cls = self.param("cls", layers.logical(nn.initializers.normal(0.02), (None, None, "embed")),
+                     (1, 1, width), jnp.float32).astype(dtype)
+    if self.embed_input:
+      cls = cls + posemb[:, self.max_len:self.max_len + 1]
+    return jnp.tile(cls, [batch, 1, 1])
+
+  def _outputs(self, x, n_prefix, decode, dtype):
+    """Normed features [B, n_prefix + T (+1), D] -> (logits or caption features, out)."""
+    out = {}
     if self.cls and not decode:
       out["cls"] = x[:, -1]
       x = x[:, :-1]
