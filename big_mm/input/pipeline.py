@@ -565,7 +565,7 @@ class EvalBatches:
                                  **sources.source_options(input_cfg))
     self.num_examples = len(source)
     check_modalities(source, input_cfg, _get(input_cfg, "data"))
-    pp = pp_image or _get(input_cfg, "pp_image_eval") or _get(input_cfg, "pp_image")
+    pp = pp_image or _get(input_cfg, "pp_image")
     self._element = _EvalElement(
         _Example(source, input_cfg, pp_image=pp, keep_label=True, captions=captions),
         self.num_examples, batch_size, self.local_batch_size, self.process_index,
@@ -602,8 +602,8 @@ class EvalBatches:
 def make_eval_batches(input_cfg, split: str, batch_size: int, sharding, **kwargs) -> EvalBatches:
   """All of `split` in order, padded to full batches, with `mask` (and `label`).
 
-  Uses `pp_image=` if given, else input_cfg.pp_image_eval if set, else input_cfg.pp_image
-  (random ops then use a fixed per-example rng). kwargs: pp_image, process_index,
+  Uses `pp_image=` if given, else input_cfg.pp_image (random ops then use a fixed
+  per-example rng). kwargs: pp_image, process_index,
   process_count, captions (C: "text" is int32 [B, C, L], each example's first C captions
   tokenized, all-zero rows where it has fewer; retrieval's multi-caption protocol).
   """

@@ -12,6 +12,11 @@ and is built as `cls(model, context, **settings)` (missing settings take their d
   example_batch() -> {key: ShapeDtypeStruct [1, ...]}   from the context, no data read
   init_params(rng) -> boxed params                       from zeros like example_batch()
   loss_fn(params, batch, rng) -> (loss, metrics)         [value_and_grad: optional]
+and optionally state beside params and optimizer state (an EMA or frozen teacher, statistics),
+sharded, checkpointed and resumed with them (train.make_train_state):
+  init_extra_state(params) -> pytree                     state["extra"] at init
+  update_extra_state(extra, params, step) -> extra       after each step's update [optional]
+with which loss_fn / value_and_grad also get `extra=` (the state before the step).
 """
 from __future__ import annotations
 
@@ -146,3 +151,17 @@ def image_text_example(ctx: Context) -> dict[str, jax.ShapeDtypeStruct]:
 
 def zeros(example: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
   return {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()}
+
+
+class ImageTextInit:
+  """example_batch / init_params of an objective whose model is `model(image, text,
+  train=)`, built with `self.ctx` and `self.model`."""
+
+  def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    return image_text_example(self.ctx)
+
+  def init_params(self, rng):
+    """Initial (boxed) params, from zeros shaped like `example_batch()` (image and text)."""
+    example = zeros(self.example_batch())
+    return self.model.init({"params": rng}, example["image"], example["text"],
+                           train=False)["params"]

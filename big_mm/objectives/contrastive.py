@@ -43,7 +43,7 @@ def check_loss_settings(settings) -> None:
   base.choice("implementation", settings["implementation"], IMPLEMENTATIONS)
 
 
-class Contrastive:
+class Contrastive(base.ImageTextInit):
   """`loss_fn(params, batch, rng) -> (loss, metrics)`,
   `value_and_grad(params, batch, rng) -> ((loss, metrics), grads)` (GradCache when
   `micro_batches > 1`) and embedding predict fns. Reads the context's mesh, batch_size,
@@ -73,15 +73,6 @@ class Contrastive:
                      "model.text.vocab_size")
     if ctx.batch_size is not None:
       self._check_batch_size(ctx.batch_size)
-
-  def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-    return base.image_text_example(self.ctx)
-
-  def init_params(self, rng):
-    """Initial (boxed) params, from zeros shaped like `example_batch()`."""
-    example = base.zeros(self.example_batch())
-    return self.model.init({"params": rng}, example["image"], example["text"],
-                           train=False)["params"]
 
   def _batch_devices(self):
     if self.mesh is None:

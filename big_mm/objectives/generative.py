@@ -87,7 +87,7 @@ def check_token_settings(settings) -> None:
                            f"{settings['label_smoothing']!r}.")
 
 
-class _Generative:
+class _Generative(base.ImageTextInit):
   """The decoding API shared by Captioning and CoCa (the model has encode/decode/prefill).
   Reads the context's mesh, text_len and tokenizer (required: its vocabulary must be the
   model's, `VOCAB_KEY`)."""
@@ -103,15 +103,6 @@ class _Generative:
     self.max_text_len = int(ctx.text_len)
     self.label_smoothing = float(settings["label_smoothing"])
     self.settings = settings
-
-  def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-    return base.image_text_example(self.ctx)
-
-  def init_params(self, rng):
-    """Initial (boxed) params, from zeros shaped like `example_batch()` (image and text)."""
-    example = base.zeros(self.example_batch())
-    return self.model.init({"params": rng}, example["image"], example["text"],
-                           train=False)["params"]
 
   def _apply(self, params, *args, **kw):
     return self.model.apply({"params": params}, *args, **kw)
