@@ -99,18 +99,30 @@ def resolve_every(section, setup: Setup, default=None):
 @dataclasses.dataclass
 class TrainState:
   """How the train state is built, laid out and updated (the state itself is a plain dict
-  {"params", "opt", "step", "rng"} so checkpoints are ordinary pytrees)."""
+  {"params", "opt", "step", "rng", "nonfinite"}, plus "extra" for an objective with
+  `init_extra_state`, so checkpoints are ordinary pytrees)."""
   init: Callable[[jax.Array], dict]
   abstract: dict
   shardings: dict
   tx: optax.GradientTransformation
   schedule: Callable
+  init_extra: Callable[[Any], Any] | None = None  # the objective's init_extra_state, if any
 
 
 def make_train_state(setup: Setup) -> TrainState:
-  """The params come from `objective.init_params(rng)` (its example batch: no data is read)."""
+  """The params come from `objective.init_params(rng)` (its example batch: no data is read).
+
+  An objective with `init_extra_state(params) -> pytree` (an EMA or frozen teacher, statistics)
+  gets it as state["extra"], checkpointed and restored with the rest: a leaf mirroring a param
+  (same path suffix and shape, e.g. an EMA copy of the params) is sharded like it, any other
+  leaf replicated."""
   config, mesh = setup.config, setup.mesh
   init_params = setup.objective.init_params
+  init_extra = getattr(setup.objective, "init_extra_state", None)
+  if not init_extra and hasattr(setup.objective, "update_extra_state"):
+    raise TypeError(f"{type(setup.objective).__name__} has update_extra_state but no "
+                    "init_extra_state: define init_extra_state(params) -> the initial extra "
+                    "state.")
   with use_mesh(setup):
     abstract_boxed = jax.eval_shape(init_params, jax.random.key(0))
     param_shardings = sharding.logical_shardings(abstract_boxed, mesh, config.sharding_rules)
@@ -125,21 +137,28 @@ def make_train_state(setup: Setup) -> TrainState:
       "rng": replicated,
       "nonfinite": {k: replicated for k in ("count", "last_step", "loss", "grad_norm")},
   }
+  if init_extra:
+    state_shardings["extra"] = sharding.shardings_like(
+        jax.eval_shape(init_extra, abstract_params), mesh, abstract_params, param_shardings)
 
   def init(rng):
     params_rng, train_rng = jax.random.split(rng)
     params = sharding.unbox(init_params(params_rng))
-    return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(train_rng),
-            "nonfinite": {"count": jnp.zeros((), jnp.int32), "last_step": jnp.zeros((), jnp.int32),
-                          "loss": jnp.zeros((), jnp.float32),
-                          "grad_norm": jnp.zeros((), jnp.float32)}}
+    state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(train_rng),
+             "nonfinite": {"count": jnp.zeros((), jnp.int32),
+                           "last_step": jnp.zeros((), jnp.int32),
+                           "loss": jnp.zeros((), jnp.float32),
+                           "grad_norm": jnp.zeros((), jnp.float32)}}
+    if init_extra:
+      state["extra"] = init_extra(params)
+    return state
 
   abstract = jax.eval_shape(init, jax.random.key(0))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shardings)
   return TrainState(jax.jit(init, out_shardings=state_shardings), abstract, state_shardings,
-                    tx, schedule)
+                    tx, schedule, init_extra)
 
 
 def make_train_step(setup: Setup, ts: TrainState):
@@ -147,14 +166,20 @@ def make_train_step(setup: Setup, ts: TrainState):
 
   The gradients come from `objective.value_and_grad(params, batch, rng) -> ((loss, metrics),
   grads)` where the objective has one (e.g. contrastive GradCache), else from
-  `jax.value_and_grad` of `objective.loss_fn`."""
+  `jax.value_and_grad` of `objective.loss_fn`. With extra state (see `make_train_state`) both
+  also get `extra=state["extra"]` (no gradient flows into it), and after the update
+  `objective.update_extra_state(extra, params, step) -> extra` (if it has one) gets the new
+  params and the step's number (1 for the first)."""
   objective = setup.objective
   grad_fn = getattr(objective, "value_and_grad", None) or jax.value_and_grad(
       objective.loss_fn, has_aux=True)
+  has_extra = ts.init_extra is not None
+  update_extra = getattr(objective, "update_extra_state", None)
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    (loss, aux), grads = grad_fn(state["params"], batch, rng)
+    extra_kwargs = {"extra": state["extra"]} if has_extra else {}
+    (loss, aux), grads = grad_fn(state["params"], batch, rng, **extra_kwargs)
     updates, opt = ts.tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
@@ -171,8 +196,12 @@ def make_train_step(setup: Setup, ts: TrainState):
     metrics = {"loss": loss, "lr": ts.schedule(state["step"]), "grad_norm": grad_norm,
                "param_norm": optax.tree.norm(params), "nonfinite_skipped": nonfinite["count"],
                **aux}
-    return {**state, "params": params, "opt": keep(opt, state["opt"]),
-            "step": state["step"] + 1, "nonfinite": nonfinite}, metrics
+    new_state = {**state, "params": params, "opt": keep(opt, state["opt"]),
+                 "step": state["step"] + 1, "nonfinite": nonfinite}
+    if has_extra and update_extra:
+      new_state["extra"] = keep(update_extra(state["extra"], params, new_state["step"]),
+                                state["extra"])
+    return new_state, metrics
 
   batch_sharding = sharding.batch_sharding(setup.mesh)
   return jax.jit(step_fn, in_shardings=(ts.shardings, batch_sharding),
@@ -237,9 +266,13 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
     raise ValueError(f"init.include={config.init.include!r} matched no parameter.")
   log.info("Initialised %d params from %s%s", len(copied), source,
            "" if step is None else f" step {step}")
-  # The optimizer state was built for the random init; rebuild it for the loaded params.
-  opt = jax.jit(ts.tx.init, out_shardings=ts.shardings["opt"])(params)
-  return {**state, "params": params, "opt": opt}
+  # The optimizer state (and an objective's extra state) was built for the random init;
+  # rebuild it for the loaded params.
+  loaded = {**state, "params": params,
+            "opt": jax.jit(ts.tx.init, out_shardings=ts.shardings["opt"])(params)}
+  if ts.init_extra:
+    loaded["extra"] = jax.jit(ts.init_extra, out_shardings=ts.shardings["extra"])(params)
+  return loaded
 
 
 class _StopRequest:
