@@ -131,9 +131,10 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, config_rules=None) -> Any
 
 
 def shardings_like(tree: Any, mesh: Mesh, params: Any, param_shardings: Any) -> Any:
-  """Shardings for optimizer state: a leaf whose key path ends with a param's path (and has
-  its shape) gets that param's sharding, as optax states mirror the param tree (adam's mu/nu).
-  Anything else (counts, factored statistics) is replicated.
+  """Shardings for state that mirrors the params (optimizer state, an objective's extra state
+  such as an EMA copy): a leaf whose key path ends with a param's path (and has its shape) gets
+  that param's sharding, as optax states mirror the param tree (adam's mu/nu). Anything else
+  (counts, factored statistics) is replicated.
   """
   by_path = {}
   for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(params),
