@@ -38,7 +38,7 @@ def main(argv=None):
     for split, info in builder.info.splits.items():
       print(f"  {split}: {info.num_examples} examples")
   if args.tokenizer or not os.path.exists(args.tokenizer_out):
-    path = make_tokenizer.train_from_tfds(
+    path = make_tokenizer.train_from_data(
         "digits_captions", split="train", data_dir=args.data_dir,
         out=args.tokenizer_out, **make_tokenizer.DEMO_SETTINGS)
     print(f"tokenizer: {path}")

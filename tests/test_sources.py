@@ -1,8 +1,12 @@
 """Tests of the file-backed data sources (tar shards, tables, mixtures), specs, converter."""
+import ast
+import collections
+import glob
 import io
 import json
 import os
 import pickle
+import re
 import sys
 import tarfile
 
@@ -15,7 +19,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from big_mm import config as config_lib  # pylint: disable=wrong-import-position
-from big_mm.input import files, mixture, pipeline, sources, tokenizer, webdataset  # pylint: disable=wrong-import-position
+from big_mm.input import files, mixture, pipeline, preprocess, sources, tokenizer, webdataset  # pylint: disable=wrong-import-position
 from big_mm.input.preprocess import BadRecord  # pylint: disable=wrong-import-position
 
 TOKENIZER = os.path.join(ROOT, "data", "digits_spm.model")
@@ -205,6 +209,136 @@ def test_missing_field_skipped_and_counted(tmp_path):
   assert it.stats()["skipped/missing_field"] == it.get_state()["grain"]["next_index"] - 6 >= 1
 
 
+# ---- bad data: decoded captions, malformed lines, one vocabulary of skip reasons -------
+
+def _skip_reasons(spec, n_good, **options) -> set[str]:
+  """The skip reasons the train pipeline counts over (at least) one epoch of `spec`."""
+  it = pipeline.make_train_iterator(_cfg(spec, **options), global_batch_size=n_good, seed=0,
+                                    sharding=None)
+  next(it), next(it)  # pylint: disable=expression-not-assigned  2 n_good reads >= 1 epoch.
+  return {k.split("/", 1)[1] for k in it.stats() if k.startswith("skipped/")}
+
+
+def _reason(src, i) -> str:
+  with pytest.raises(BadRecord) as e:
+    src[i]  # pylint: disable=pointless-statement
+  return e.value.reason
+
+
+def test_table_caption_bytes_are_decoded(tmp_path):
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  captions = [b"0", b"\xff\xfe 1", "2 \u00fcn\u00ef".encode(), b"3"]
+  pq.write_table(pa.table({
+      "jpg": [_image(i, "PNG") for i in range(4)],
+      "caption": pa.array(captions, pa.binary()),
+      "captions": pa.array([[c, b"x"] for c in captions], pa.list_(pa.binary())),
+  }), tmp_path / "b.parquet")
+  src = sources.open_source(f"{tmp_path}/b.parquet")
+  assert [src[i]["text"] for i in (0, 2, 3)] == ["0", "2 \u00fcn\u00ef", "3"]  # Not "b'0'".
+  assert _reason(src, 1) == "bad_caption_encoding"
+  several = sources.open_source(f"{tmp_path}/b.parquet", text_column="captions")
+  assert preprocess.captions(several[0]["text"]) == ["0", "x"]
+  assert _reason(several, 1) == "bad_caption_encoding"
+  assert _skip_reasons(f"{tmp_path}/b.parquet", 3) == {"bad_caption_encoding"}
+
+
+def test_malformed_lines_are_skipped_and_counted(data, tmp_path, caplog):
+  img = data / "img"
+  lines = [json.dumps({"file": f"{img}/300.png", "sentence": "300"}),
+           '{"file": "x.png", "sentence": ',  # Cut short.
+           json.dumps({"file": f"{img}/301.png", "sentence": 5}),  # A number: still a caption.
+           "",
+           "[1, 2]"]  # Not an object.
+  (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+  with caplog.at_level("WARNING"):
+    src = sources.open_source(f"{tmp_path}/bad.jsonl", image_column="file",
+                              text_column="sentence")
+  assert len(src) == 4 and [src[0]["text"], src[1]["text"]] == ["300", "5"]
+  assert [_reason(src, i) for i in (2, 3)] == ["malformed_record"] * 2
+  with pytest.raises(BadRecord, match=r"bad\.jsonl line 5: a JSON list, not an object"):
+    src[3]  # pylint: disable=pointless-statement
+  assert re.search(rf"{tmp_path}/bad\.jsonl: skipping 2 malformed line.*line 2: .*line 5: ",
+                   caplog.text)
+  # CSV: a row with a field too many; cells read as written; a caption that is not UTF-8.
+  (tmp_path / "bad.csv").write_bytes(b"image_path,text\n" + f"{img}/200.png,007\n".encode()
+                                     + f"{img}/201.png,2,01\n".encode()
+                                     + f"{img}/202.png,".encode() + b"\xff202\n")
+  src = sources.open_source(f"csv:{tmp_path}/bad.csv")
+  assert len(src) == 3 and src[0]["text"] == "007"
+  assert [_reason(src, i) for i in (1, 2)] == ["bad_caption_encoding", "malformed_record"]
+  with pytest.raises(BadRecord, match=r"bad\.csv line 3: 3 fields, the header has 2"):
+    src[2]  # pylint: disable=pointless-statement
+  # The run goes on and counts them.
+  assert _skip_reasons(f"csv:{tmp_path}/bad.csv", 1) == {"malformed_record",
+                                                         "bad_caption_encoding"}
+  assert _skip_reasons(f"{tmp_path}/bad.jsonl", 2, image_column="file",
+                       text_column="sentence") == {"malformed_record"}
+
+
+def _raised_reasons():
+  """(file, regex) of each BadRecord(reason) raised in big_mm/ and tools/: a literal
+  reason, or an f-string one with its fields as `.+`; None for any other expression."""
+  for path in sorted(glob.glob(f"{ROOT}/big_mm/**/*.py", recursive=True)
+                     + glob.glob(f"{ROOT}/tools/*.py")):
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      func = getattr(node, "func", None)
+      if getattr(func, "id", getattr(func, "attr", None)) != "BadRecord" or not node.args:
+        continue
+      arg = node.args[0]
+      if isinstance(arg, ast.Constant):
+        yield path, re.escape(arg.value)
+      elif isinstance(arg, ast.JoinedStr):
+        yield path, "".join(re.escape(v.value) if isinstance(v, ast.Constant) else ".+"
+                            for v in arg.values)
+      else:
+        yield path, None
+
+
+def test_one_vocabulary_of_skip_reasons(tmp_path, coco_dir):
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  vocabulary = set(sources.SKIP_REASONS)
+  raised = list(_raised_reasons())
+  assert len(raised) > 20
+  for path, pattern in raised:
+    assert pattern and any(re.fullmatch(pattern, r) for r in vocabulary), (path, pattern)
+  with open(f"{ROOT}/big_mm/input/pipeline.py", encoding="utf-8") as f:
+    counted = set(re.findall(r'(?:_SKIP: |_skipped\[)"(\w+)"', f.read()))
+  assert counted and counted <= vocabulary
+  with open(f"{ROOT}/README.md", encoding="utf-8") as f:
+    readme = f.read()
+  assert not [r for r in vocabulary if f"`{r}`" not in readme]
+  # The same bad captions get the same reason from every source.
+  bad = [b"\xff\xfe not UTF-8", b"  ", b"3"]
+  _write_shard(tmp_path / "a.tar", [(f"{i}.png", _image(i, "PNG")) for i in range(4)]
+               + [(f"{i}.txt", c) for i, c in enumerate(bad)] + [("3.json", b'{"caption": ')])
+  tar = sources.open_source(f"{tmp_path}/a.tar")
+  assert [_reason(tar, i) for i in (0, 1, 3)] == ["bad_caption_encoding", "empty_caption",
+                                                  "malformed_record"]
+  pq.write_table(pa.table({"jpg": [_image(i, "PNG") for i in range(3)],
+                           "caption": pa.array(bad, pa.binary())}), tmp_path / "a.parquet")
+  table = sources.open_source(f"{tmp_path}/a.parquet")
+  assert [_reason(table, i) for i in (0, 1)] == ["bad_caption_encoding", "empty_caption"]
+  assert _skip_reasons(f"{tmp_path}/a.tar", 1) == _skip_reasons(f"{tmp_path}/a.parquet", 1) | {
+      "malformed_record"}
+  tfds_src = sources.open_source("coco_captions", "test", coco_dir, text_column="captions/text")
+  record = dict(tfds_src._ds[0])  # pylint: disable=protected-access
+  record["captions"] = {"text": np.array([b"ok", bad[0]], object), "id": np.arange(2)}
+  record["image/filename"] = bad[0]  # Not the caption: kept as bytes.
+  tfds_src._ds = [record]  # pylint: disable=protected-access
+  assert _reason(tfds_src, 0) == "bad_caption_encoding"
+  record["captions"]["text"] = np.array([b"ok"], object)
+  assert tfds_src[0]["text"] == ["ok"] and tfds_src[0]["image/filename"] == bad[0]
+  # make_tokenizer skips and counts them alike.
+  from tools import make_tokenizer  # pylint: disable=g-import-not-at-top
+  skipped = collections.Counter()
+  assert make_tokenizer.texts_from_data(f"{tmp_path}/a.tar", skipped=skipped) == ["3"]
+  assert skipped == {"bad_caption_encoding": 1, "empty_caption": 1, "malformed_record": 1}
+
+
 # ---- through the pipeline ------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["tar", "parquet", "csv", "jsonl"])
@@ -354,6 +488,43 @@ def test_tfds_nested_caption_field(coco_dir):
   with pytest.raises(ValueError, match=r"image_column 'captions' .* \['image'\]"):
     sources.open_source("coco_captions", "test", coco_dir, image_column="captions")
   assert "tensorflow" not in sys.modules
+
+
+def test_unknown_tfds_name_or_split_suggests_prepared_ones(coco_dir):
+  assert sources.prepared_datasets(coco_dir) == {"coco_captions/2014": ["1.1.0"]}
+  with pytest.raises(sources.DatasetNotFound,
+                     match=r"Did you mean 'coco_captions/2014' \(prepared there\)\?"):
+    sources.open_source("coco_caption/2014", "test", coco_dir)
+  with pytest.raises(sources.DatasetNotFound,
+                     match=r"Prepared versions of 'coco_captions/2014': \['1\.1\.0'\]"):
+    sources.open_source("coco_captions/2014:1.0.0", "test", coco_dir)
+  with pytest.raises(ValueError, match=r"Bad split 'tset\[:10%\]'.*Did you mean 'test'\?"):
+    sources.open_source("coco_captions/2014", "tset[:10%]", coco_dir)
+
+
+def test_make_tokenizer_reads_any_input_data(data, coco_dir, tmp_path, capsys):
+  from tools import make_tokenizer  # pylint: disable=g-import-not-at-top
+  specs = _specs(data)
+  # A mixture is read over its virtual epoch (parquet twice), so its weights hold.
+  mix = ((specs["tar"], 1.0), (specs["parquet"], 1.0))
+  assert sorted(make_tokenizer.texts_from_data(mix)) == sorted(
+      str(i) for i in TAR_IDS + TABLE_IDS["parquet"] * 2)
+  assert make_tokenizer.texts_from_data(specs["jsonl"], **_OPTIONS["jsonl"]) == [
+      str(i) for i in TABLE_IDS["jsonl"]]
+  coco = make_tokenizer.texts_from_data("coco_captions", "test", coco_dir,
+                                        text_column="captions/text")
+  assert sorted(coco) == sorted(sum(COCO_CAPTIONS, []))  # Every caption of each image.
+  some = make_tokenizer.texts_from_data(specs["tar"], max_records=5)
+  assert len(set(some)) == 5 and some == make_tokenizer.texts_from_data(specs["tar"],
+                                                                          max_records=5)
+  out = tmp_path / "mix.model"
+  assert make_tokenizer.main(["--data", repr(mix), "--out", str(out), "--vocab_size", "24",
+                              "--model_type", "bpe"]) == 0
+  tok = tokenizer.Tokenizer(str(out))
+  assert tok.decode(tok.encode(["104", "11"], 8)) == ["104", "11"]
+  with pytest.raises(SystemExit):
+    make_tokenizer.main(["--data", "coco_caption", "--data_dir", coco_dir, "--out", str(out)])
+  assert "Did you mean 'coco_captions/2014'" in capsys.readouterr().err
 
 
 def test_eval_batches_hold_every_caption(coco_dir):

@@ -1,22 +1,45 @@
-"""Trains a SentencePiece tokenizer from a TFDS dataset's text field or a text file.
+"""Trains a SentencePiece tokenizer from the captions of any `input.data`, or a text file.
 
-  python tools/make_tokenizer.py --tfds digits_captions --split train [--data_dir DIR] \
-      --out data/digits_spm.model --vocab_size 128
+  python tools/make_tokenizer.py --data digits_captions --out data/digits_spm.model \
+      --vocab_size 128 --model_type bpe --normalization identity
+  python tools/make_tokenizer.py --data 'tar:/data/shards/{00000..00099}.tar' \
+      --max_records 1000000 --vocab_size 32000 --out DIR/NAME.model
   python tools/make_tokenizer.py --text_file captions.txt --out DIR/NAME.model
+
+`--data` takes what `--config.input.data=` takes: a TFDS name, `tar:` shards,
+`parquet:` / `csv:` / `jsonl:` tables, or a mixture `((spec, weight), ...)`. It is opened by
+the trainer's own code (big_mm.input.sources.open_source) with the same `--split`,
+`--data_dir`, `--image_column` and `--text_column` as the input config's keys; a mixture
+is read over its virtual epoch, so its weights hold in the tokenizer's corpus too. Every
+caption of a record is used. Records the trainer would skip are skipped and counted under
+the same reasons (sources.SKIP_REASONS), printed at the end. `--max_records N` reads N
+records drawn at random (seeded) instead of all of them.
 
 Ids: pad 0, eos 1, unk 2, no bos (what big_mm.input.tokenizer.Tokenizer expects).
 Reads TFDS through array_record (no TensorFlow). Deterministic: one thread, no input
-sampling, inputs in split order.
+sampling by SentencePiece, records in source order.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import os
 import sys
 from typing import Iterable
 
+import numpy as np
 import sentencepiece as spm
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from big_mm import config
+from big_mm.input import preprocess
+from big_mm.input import sources
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 # The committed data/digits_spm.model was made with these.
 # BPE: on ~30 distinct words, unigram prunes to ~70 pieces and splits words into
@@ -65,39 +88,62 @@ def train(texts: Iterable[str], out: str, *, vocab_size: int = 128,
   return out
 
 
-def texts_from_tfds(name: str, split: str = "train", data_dir: str | None = None,
-                    field: str = "text") -> list[str]:
-  """The `field` captions of a TFDS split, in order, read TF-free. A record with several
-  captions (a list, or a JSON list string) gives all of them; records whose text is empty
-  or not UTF-8 give none (as the input pipeline skips them)."""
-  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  from big_mm.input import preprocess, sources
-  src = sources.open_source(name, split, data_dir=data_dir)
+def texts_from_data(data, split: str = "train", data_dir: str | None = None, *,
+                    image_column: str | None = None, text_column: str | None = None,
+                    max_records: int | None = None, seed: int = 0,
+                    skipped: collections.Counter | None = None) -> list[str]:
+  """The captions of `data` (any input.data spec, see the module docstring), in record
+  order: every caption of each record. Records the trainer would skip give none and are
+  counted by reason in `skipped`. max_records: read that many records, drawn at random
+  (`seed`), instead of all of them."""
+  src = sources.open_source(data, split, data_dir, image_column=image_column,
+                            text_column=text_column)
+  indices = range(len(src))
+  if max_records is not None and max_records < len(src):
+    indices = np.sort(np.random.default_rng(seed).permutation(len(src))[:max_records])
+  skipped = collections.Counter() if skipped is None else skipped
   texts = []
-  for i in range(len(src)):
-    try:
-      texts += preprocess.captions(src[i][field])
-    except preprocess.BadRecord:
-      continue
+  for i in indices:
+    try:  # The trainer's reasons: the source's own, then the caption's (see pipeline.py).
+      text = src[int(i)].get("text")
+      if text is None:
+        raise preprocess.BadRecord("missing_field")
+      texts += preprocess.captions(text)
+    except preprocess.BadRecord as e:
+      skipped[e.reason] += 1
+    except Exception:  # pylint: disable=broad-except  An unreadable record.
+      skipped["read"] += 1
+  if not texts:
+    hint = (" Check --text_column (the caption's column / field / TFDS feature)."
+            if skipped.get("missing_field") else "")
+    raise ValueError(f"make_tokenizer: no caption in {len(indices)} records of {data!r} "
+                     f"split {split!r}; skipped: {dict(skipped)}.{hint}")
   return texts
 
 
-def train_from_tfds(name: str, *, split: str = "train", data_dir: str | None = None,
-                    field: str = "text", out: str, **kwargs) -> str:
-  return train(texts_from_tfds(name, split, data_dir, field), out, **kwargs)
+def train_from_data(data, *, out: str, split: str = "train", data_dir: str | None = None,
+                    image_column: str | None = None, text_column: str | None = None,
+                    max_records: int | None = None, **kwargs) -> str:
+  """Trains on the captions of `data` (texts_from_data); kwargs: train()'s."""
+  return train(texts_from_data(data, split, data_dir, image_column=image_column,
+                               text_column=text_column, max_records=max_records),
+               out, **kwargs)
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="\n".join(__doc__.splitlines()[1:]))
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--tfds", help="TFDS dataset name, e.g. digits_captions")
+  src.add_argument("--data", help="an input.data spec: TFDS name, tar:/parquet:/csv:/jsonl: "
+                                  "files, or a mixture ((spec, weight), ...)")
   src.add_argument("--text_file", help="one training sentence per line")
   p.add_argument("--split", default="train")
-  p.add_argument("--data_dir", default=None)
-  p.add_argument("--field", default="text")
+  p.add_argument("--data_dir", default=None, help="TFDS data dir (input.data_dir)")
+  p.add_argument("--image_column", default=None, help="as input.image_column")
+  p.add_argument("--text_column", default=None, help="as input.text_column")
+  p.add_argument("--max_records", type=int, default=None,
+                 help="read this many records, drawn at random, instead of all")
   p.add_argument("--out", required=True, help="output path DIR/NAME.model")
   p.add_argument("--vocab_size", type=int, default=128)
   p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
@@ -107,13 +153,22 @@ def main(argv=None):
   args = p.parse_args(argv)
   kw = dict(vocab_size=args.vocab_size, model_type=args.model_type,
             lowercase=args.lowercase, normalization=args.normalization)
-  if args.tfds:
-    out = train_from_tfds(args.tfds, split=args.split, data_dir=args.data_dir,
-                          field=args.field, out=args.out, **kw)
+  if args.data:
+    data = config.parse_value(args.data)  # As --config.input.data= parses it.
+    skipped = collections.Counter()
+    try:
+      sources.check_data(data)
+      texts = texts_from_data(data, args.split, args.data_dir,
+                              image_column=args.image_column, text_column=args.text_column,
+                              max_records=args.max_records, skipped=skipped)
+    except (sources.SpecError, sources.DatasetNotFound) as e:
+      p.error(f"--data: {e}")
+    print(f"{len(texts)} captions; skipped records: {dict(skipped) or 'none'}",
+          file=sys.stderr)
   else:
     with open(args.text_file, encoding="utf-8") as f:
-      out = train(f.read().splitlines(), args.out, **kw)
-  print(out)
+      texts = f.read().splitlines()
+  print(train(texts, args.out, **kw))
   return 0
 
 

@@ -16,7 +16,8 @@ Record values. A dense map is a numpy array ([H, W] or [H, W, 1]), encoded image
          integer depths and 8-bit images have no known unit and are rejected.
   semseg integer arrays or 1-channel images (L, P: the palette indices, 16-bit) -> int32
          class ids; float arrays only with whole-number values.
-Bad maps raise preprocess.BadRecord (the pipeline skips and counts them by reason):
+Bad maps raise preprocess.BadRecord (the pipeline skips and counts them by reason, names
+of sources.SKIP_REASONS):
   corrupt_depth / corrupt_semseg      undecodable bytes, or a dtype / image mode whose
                                       meaning is unknown (8-bit depth, fractional ids)
   bad_depth_shape / bad_semseg_shape  not [H, W] / [H, W, 1] (e.g. an RGB map), empty, or

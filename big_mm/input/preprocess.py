@@ -26,10 +26,11 @@ string ('["a cat", "a pet"]'); it becomes a list of non-empty, stripped captions
 `choose_caption`, `tokenize` uses the first caption.
 
 Bad data raises `BadRecord(reason)`; the pipeline skips such examples and counts them by
-reason: corrupt_image (undecodable or truncated bytes), empty_image (no bytes or a 0-pixel
-image), image_too_large (more pixels than decode's max_pixels), too_small (smaller than a
-crop), empty_caption, bad_caption_encoding (bytes that are not UTF-8), missing_field (no
-image / text in the record). Truncated captions are not bad: `tokenize` counts them in
+reason (sources.SKIP_REASONS is the vocabulary every source shares): corrupt_image
+(undecodable or truncated bytes), empty_image (no bytes or a 0-pixel image),
+image_too_large (more pixels than decode's max_pixels), too_small (smaller than a crop),
+empty_caption, bad_caption_encoding (bytes that are not UTF-8), missing_field (no image /
+text in the record). Truncated captions are not bad: `tokenize` counts them in
 the returned counts as "text_truncated".
 """
 from __future__ import annotations

@@ -23,23 +23,49 @@ text as `str`; everything else as TFDS decodes it (numpy scalars / arrays, neste
 as nested dicts). `text_column` / `image_column` name the TFDS feature that becomes the
 record's "text" / "image"; a nested feature by its path, e.g. `captions/text` in
 `coco_captions` (a list of str: every caption of the image). File sources
-return {"image": bytes, "text": str, "key": str}, and raise `BadRecord("missing_field")`
-for a record without image or caption (the pipeline skips and counts it). Sources are
+return {"image": bytes, "text": str (several captions: a JSON list string), "key": str}. A
+record that cannot be used raises `BadRecord(reason)`, a reason of SKIP_REASONS (the
+pipeline skips and counts it; every source names the same problem alike). Sources are
 picklable (TFDS and table sources re-open their files after unpickling, tar sources
 carry their index), so grain worker processes can use them.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import os
 import re
 from typing import Any, Mapping
 
+import fsspec
 import numpy as np
 
 from big_mm.input import files
 from big_mm.input import tables
+from big_mm.input.preprocess import BadRecord
+
+# Why a record is skipped: the one vocabulary every source (TFDS, tar shards, tables,
+# mixtures) and every preprocessing step (images, captions, dense maps) counts under, as
+# `BadRecord.reason` and the `data/skipped/<reason>` metrics. README.md lists it.
+SKIP_REASONS = {
+    "read": "the record cannot be read (I/O error, corrupt file or record)",
+    "malformed_record": "a jsonl / csv line, or a tar record's .json, that does not parse",
+    "missing_field": "the record has no image or no caption (absent, null, wrong column / "
+                     "field name)",
+    "empty_caption": "the caption is empty or only whitespace",
+    "bad_caption_encoding": "the caption's bytes are not UTF-8, or it is not text",
+    "empty_image": "the image has 0 bytes or 0 pixels",
+    "corrupt_image": "the image bytes do not decode (truncated, not an image)",
+    "image_too_large": "the image has more pixels than decode's max_pixels",
+    "too_small": "the image is smaller than a crop",
+    "corrupt_depth": "the depth map does not decode, or has no known unit (8-bit)",
+    "corrupt_semseg": "the segmentation map does not decode, or holds non-integer ids",
+    "bad_depth_shape": "the depth map is not [H, W] / [H, W, 1] of the image's H, W",
+    "bad_semseg_shape": "the segmentation map is not [H, W] / [H, W, 1] of the image's H, W",
+    "nonfinite_depth": "the depth map holds NaN or inf",
+    "part_dropped": "a slot of a mixture part dropped by input.drop_failing_parts",
+}
 
 # Datasets whose builder lives in this repo, with the command that builds them.
 BUILD_COMMANDS = {
@@ -58,6 +84,42 @@ def _base_name(name: str) -> str:
   return name.split(":")[0].split("/")[0]
 
 
+def prepared_datasets(data_dir: str | None) -> dict[str, list[str]]:
+  """The datasets prepared in `data_dir` (None: TFDS's default): {"name" or "name/config":
+  [versions]}, found by their dataset_info.json files."""
+  root = data_dir or default_data_dir()
+  found: dict[str, list[str]] = {}
+  try:
+    fs, fs_root = fsspec.core.url_to_fs(root)
+    fs_root = fs_root.rstrip("/")
+    infos = (fs.glob(f"{fs_root}/*/*/dataset_info.json")
+             + fs.glob(f"{fs_root}/*/*/*/dataset_info.json"))
+  except Exception:  # pylint: disable=broad-except  Unlistable: nothing to suggest.
+    return found
+  for info in infos:
+    *parts, version, _ = info[len(fs_root) + 1:].split("/")
+    if _VERSION.match(version):
+      found.setdefault("/".join(parts), []).append(version)
+  return {k: sorted(v) for k, v in sorted(found.items())}
+
+
+def _closest_prepared(name: str, data_dir: str | None) -> str:
+  """A sentence naming the prepared datasets closest to `name` (difflib), or what is
+  prepared."""
+  prepared = prepared_datasets(data_dir)
+  wanted, _, version = name.partition(":")
+  if wanted in prepared and version:
+    return f"Prepared versions of {wanted!r}: {prepared[wanted]} (asked for {version!r})."
+  close = difflib.get_close_matches(wanted, list(prepared), n=3, cutoff=0.6)
+  if close:
+    return f"Did you mean {' or '.join(repr(c) for c in close)} (prepared there)?"
+  names = list(prepared)
+  if names:
+    more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+    return f"Prepared there: {names[:20]}{more}."
+  return "No dataset is prepared there."
+
+
 def missing_dataset_message(name: str, data_dir: str | None) -> str:
   searched = data_dir or f"{default_data_dir()} (TFDS default; set TFDS_DATA_DIR or input.data_dir)"
   cmd = BUILD_COMMANDS.get(_base_name(name))
@@ -66,7 +128,7 @@ def missing_dataset_message(name: str, data_dir: str | None) -> str:
   else:
     cmd = f"tfds build {name}" + (f" --data_dir {data_dir}" if data_dir else "")
   return (f"TFDS dataset {name!r} not found (prepared array_record files) in data_dir "
-          f"{searched}. Build it with: {cmd}")
+          f"{searched}. {_closest_prepared(name, data_dir)} To build it: {cmd}")
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -150,12 +212,16 @@ def _feature_paths(node, prefix: str = "") -> list[str]:
   return [p for k in node.keys() for p in _feature_paths(node[k], f"{prefix}{k}/")]
 
 
-def _decode_text(value):
-  """TFDS text as read (bytes, or a list / array of them) -> str / list of str."""
+def _decode_text(value, where: str):
+  """TFDS text as read (bytes, or a list / array of them) -> str / list of str; bytes that
+  are not UTF-8 raise BadRecord("bad_caption_encoding") naming `where`."""
   if isinstance(value, (bytes, np.bytes_)):
-    return bytes(value).decode("utf-8")
+    try:
+      return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise BadRecord("bad_caption_encoding", f"{where}: {e}") from None
   if isinstance(value, (list, tuple, np.ndarray)):
-    return [_decode_text(v) for v in value]
+    return [_decode_text(v, where) for v in value]
   return value
 
 
@@ -196,9 +262,13 @@ class TfdsSource:
       self._ds = builder.as_data_source(split=self.split,
                                         decoders=_skip_decoders(features))
     except ValueError as e:
-      raise ValueError(f"Bad split {self.split!r} for {self.name!r}: valid splits are "
-                       f"{sorted(builder.info.splits.keys())} (TFDS slicing like "
-                       f"'train[:90%]' works too).") from e
+      splits = sorted(builder.info.splits.keys())
+      asked = re.split(r"[\[+]", self.split)[0]
+      close = [s for s in splits if asked and (s.startswith(asked) or asked.startswith(s))]
+      close = close or difflib.get_close_matches(asked, splits, n=2, cutoff=0.6)
+      hint = f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+      raise ValueError(f"Bad split {self.split!r} for {self.name!r}: {hint}valid splits are "
+                       f"{splits} (TFDS slicing like 'train[:90%]' works too).") from e
 
   def __getstate__(self):
     return {"name": self.name, "split": self.split, "data_dir": self.data_dir,
@@ -213,12 +283,19 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     ex = dict(self._ds[int(index)])
+    where = f"{self.name} {self.split} example {index}"
     for k in self._text_keys:
       if isinstance(ex.get(k), (bytes, np.bytes_)):
-        ex[k] = bytes(ex[k]).decode("utf-8")
+        try:
+          ex[k] = _decode_text(ex[k], f"{where}, feature {k!r}")
+        except BadRecord:
+          if k == "text" and "text" not in self._columns:
+            raise  # The caption.
+          # Another text feature: kept as the bytes it holds.
     for field, keys in self._columns.items():
       value = functools.reduce(lambda node, key: node[key], keys, ex)
-      ex[field] = _decode_text(value) if field == "text" else value
+      ex[field] = (_decode_text(value, f"{where}, feature {self.text_column!r}")
+                   if field == "text" else value)
     return ex
 
   def __repr__(self):
@@ -230,6 +307,7 @@ class TfdsSource:
 
 SPEC_KINDS = ("tfds", "tar") + tables.FORMATS
 _EXTENSIONS = {".tar": "tar", ".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
+_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 _TFDS_NAME = re.compile(r"^[a-z0-9_]+(/[A-Za-z0-9_.+-]+)?(:[0-9.*]+)?$")
 _SPEC_HELP = ("Use a TFDS name (digits_captions), tar:PATH (e.g. tar:/data/{00000..00099}.tar "
               "or a folder), parquet:PATH, csv:PATH, jsonl:PATH (the prefix may be left out "

@@ -5,15 +5,29 @@
 
 The image column holds encoded image bytes, a Hugging Face style {"bytes", "path"} struct,
 or a path: relative paths are read relative to the table's folder, absolute paths and
-URLs (gs://, s3://, ... any fsspec path) as they are. Columns default to the first
-present of IMAGE_COLUMNS / TEXT_COLUMNS (case-insensitive); set input.image_column /
-input.text_column otherwise. Only those two columns are loaded, into memory, once per
-process (on first use after unpickling in a worker). Tables with image bytes hold them
-all in memory: convert large ones to array_record (data/convert.py).
-A row with an empty image or caption raises `BadRecord("missing_field")`.
+URLs (gs://, s3://, ... any fsspec path) as they are. The caption column holds strings,
+UTF-8 bytes (decoded) or lists of them (several captions, returned as a JSON list string,
+which preprocess.captions reads as such); CSV cells are read as written
+(all columns as strings: "007" stays "007"). Columns default to the first present of
+IMAGE_COLUMNS / TEXT_COLUMNS (case-insensitive); set input.image_column /
+input.text_column otherwise. Only those two columns are kept, in memory, once per process
+(on first use after unpickling in a worker). Tables with image bytes hold them all in
+memory: convert large ones to array_record (data/convert.py).
+
+Bad rows raise `BadRecord(reason)` (sources.SKIP_REASONS), which the pipeline skips and
+counts: no image or caption (null) -> missing_field, an empty caption -> empty_caption,
+caption bytes that are not UTF-8 -> bad_caption_encoding. A JSONL / CSV file that pyarrow
+cannot parse is re-read line by line (Python's json / csv); each line that does not parse
+(bad JSON, not an object, a wrong number of CSV fields) is logged as a warning naming the
+file and line, and stays a row that raises BadRecord("malformed_record"), so it is counted
+like any bad record (after the file's good rows).
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
+import logging
 import threading
 from typing import Any, Sequence
 
@@ -27,20 +41,91 @@ FORMATS = ("parquet", "csv", "jsonl")
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_path", "path", "filepath",
                  "file_name", "filename", "url")
 TEXT_COLUMNS = ("caption", "text", "txt", "alt", "title")
+_MALFORMED_SHOWN = 5  # Malformed lines of a file named in its warning.
+
+
+class _Rows:
+  """A table read line by line: its column names and each column as a Python list."""
+
+  def __init__(self, rows: list[dict[str, Any]], column_names: list[str]):
+    self.rows, self.column_names = rows, column_names
+
+  def column(self, name: str) -> list[Any]:
+    return [row.get(name) for row in self.rows]
+
+
+def _jsonl_lines(data: bytes) -> tuple[_Rows, list[tuple[int, str]]]:
+  """JSONL bytes parsed line by line -> (rows, [(line number, error)] of malformed lines)."""
+  rows, names, malformed = [], {}, []
+  for number, line in enumerate(data.split(b"\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError.
+      malformed.append((number, f"{type(e).__name__}: {e}"))
+      continue
+    if not isinstance(row, dict):
+      malformed.append((number, f"a JSON {type(row).__name__}, not an object"))
+      continue
+    rows.append(row)
+    names.update(dict.fromkeys(row))
+  return _Rows(rows, list(names)), malformed
+
+
+def _csv_lines(data: bytes) -> tuple[_Rows, list[tuple[int, str]]]:
+  """CSV bytes parsed row by row -> (rows, [(line number, error)] of malformed rows).
+
+  Bytes that are not UTF-8 are kept as surrogates (surrogateescape): a caption holding
+  them is then a bad_caption_encoding record, not a malformed line."""
+  reader = csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
+  header, rows, malformed = None, [], []
+  while True:
+    try:
+      fields = next(reader)
+    except StopIteration:
+      break
+    except csv.Error as e:
+      malformed.append((reader.line_num, f"csv.Error: {e}"))
+      continue
+    if not fields:  # A blank line.
+      continue
+    if header is None:
+      header = fields
+    elif len(fields) != len(header):
+      malformed.append((reader.line_num, f"{len(fields)} fields, the header has "
+                                         f"{len(header)}"))
+    else:
+      rows.append(dict(zip(header, fields)))
+  return _Rows(rows, header or []), malformed
 
 
 def _read_table(path: str, fmt: str):
-  with fsspec.open(path, "rb") as f:
+  """-> (table: .column_names and .column(name), [(line, error)] of malformed lines)."""
+  if fmt not in FORMATS:
+    raise ValueError(f"Unknown table format {fmt!r}; valid: {FORMATS}")
+  # pylint: disable=g-import-not-at-top
+  import pyarrow as pa
+  import pyarrow.csv as pcsv
+  import pyarrow.json as pjson
+  import pyarrow.parquet as pq
+  # pylint: enable=g-import-not-at-top
+  try:
+    with fsspec.open(path, "rb") as f:
+      if fmt == "parquet":
+        return pq.read_table(f), []
+      if fmt == "jsonl":
+        return pjson.read_json(f), []
+      header = next(csv.reader([f.readline().decode("utf-8", "replace")]), [])
+      f.seek(0)
+      return pcsv.read_csv(f, convert_options=pcsv.ConvertOptions(
+          column_types={name: pa.string() for name in header})), []
+  except pa.ArrowInvalid as e:
     if fmt == "parquet":
-      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-      return pq.read_table(f)
-    if fmt == "csv":
-      import pyarrow.csv as pcsv  # pylint: disable=g-import-not-at-top
-      return pcsv.read_csv(f)
-    if fmt == "jsonl":
-      import pyarrow.json as pjson  # pylint: disable=g-import-not-at-top
-      return pjson.read_json(f)
-  raise ValueError(f"Unknown table format {fmt!r}; valid: {FORMATS}")
+      raise ValueError(f"Cannot read parquet file {path}: {e}. Check that it is a complete "
+                       f"parquet file, or remove it from input.data.") from None
+  with fsspec.open(path, "rb") as f:  # Line by line, keeping the lines that parse.
+    return (_jsonl_lines if fmt == "jsonl" else _csv_lines)(f.read())
 
 
 def _pick(columns: Sequence[str], wanted: str | None, defaults: Sequence[str], what: str,
@@ -56,6 +141,31 @@ def _pick(columns: Sequence[str], wanted: str | None, defaults: Sequence[str], w
       return lower[name]
   raise ValueError(f"{path}: found no {what} column among {list(columns)} (looked for "
                    f"{list(defaults)}). Set input.{what}_column to the right one.")
+
+
+def _value(column, row: int):
+  """A cell as a Python value (arrow arrays hold arrow scalars, line-read tables values)."""
+  value = column[row]
+  return value.as_py() if hasattr(value, "as_py") else value
+
+
+def _caption(value, key: str):
+  """A caption cell (str, bytes, a list of them, a number) -> str, or a list of str."""
+  if isinstance(value, (bytes, bytearray)):
+    try:
+      return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise BadRecord("bad_caption_encoding", f"caption of row {key}: {e}") from None
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")  # Surrogates: bytes that are not UTF-8 (see _csv_lines).
+    except UnicodeEncodeError:
+      raise BadRecord("bad_caption_encoding", f"caption of row {key} is not UTF-8: "
+                                              f"{value!r:.80}") from None
+    return value
+  if isinstance(value, (list, tuple)):
+    return [_caption(v, key) for v in value if v is not None]
+  return str(value)
 
 
 class TableSource:
@@ -74,13 +184,26 @@ class TableSource:
     with self._lock:
       if self._columns is not None:
         return
-      columns = []  # Per file: (image values, text values) as pyarrow arrays.
+      # Per file: (image values, text values, [(line, error)] of malformed lines).
+      columns = []
       for path in self.paths:
-        table = _read_table(path, self.fmt)
+        table, malformed = _read_table(path, self.fmt)
+        if malformed:
+          shown = "; ".join(f"line {n}: {e}" for n, e in malformed[:_MALFORMED_SHOWN])
+          more = (f"; and {len(malformed) - _MALFORMED_SHOWN} more"
+                  if len(malformed) > _MALFORMED_SHOWN else "")
+          logging.warning("%s: skipping %d malformed line(s), counted as "
+                          "skipped/malformed_record: %s%s", path, len(malformed), shown, more)
+        if malformed and not table.column_names:  # No line parses: nothing to pick from.
+          columns.append(([], [], malformed))
+          continue
         img = _pick(table.column_names, self.image_column, IMAGE_COLUMNS, "image", path)
         txt = _pick(table.column_names, self.text_column, TEXT_COLUMNS, "text", path)
-        columns.append((table.column(img).combine_chunks(), table.column(txt).combine_chunks()))
-      self._starts = np.cumsum([0] + [len(c[0]) for c in columns])
+        images, texts = table.column(img), table.column(txt)
+        if hasattr(images, "combine_chunks"):
+          images, texts = images.combine_chunks(), texts.combine_chunks()
+        columns.append((images, texts, malformed))
+      self._starts = np.cumsum([0] + [len(c[0]) + len(c[2]) for c in columns])
       self._columns = columns
 
   def __getstate__(self):
@@ -98,10 +221,10 @@ class TableSource:
   def _image(self, value, folder: str, key: str) -> bytes:
     if isinstance(value, dict):  # Hugging Face datasets' Image: {"bytes", "path"}.
       value = value.get("bytes") or value.get("path")
-    if value is None or value == "" or value == b"":
-      raise BadRecord("missing_field", f"empty image for row {key}")
+    if value is None or value == "":
+      raise BadRecord("missing_field", f"no image in row {key}")
     if isinstance(value, (bytes, bytearray)):
-      return bytes(value)
+      return bytes(value)  # 0 bytes: decode skips it as empty_image.
     return files.read_bytes(files.join(folder, str(value)))
 
   def __getitem__(self, index: int) -> dict[str, Any]:
@@ -113,13 +236,21 @@ class TableSource:
     f = int(np.searchsorted(self._starts, index, side="right")) - 1
     row = index - int(self._starts[f])
     path = self.paths[f]
+    images, texts, malformed = self._columns[f]
+    if row >= len(images):  # A malformed line, after the file's good rows.
+      number, error = malformed[row - len(images)]
+      raise BadRecord("malformed_record", f"{path} line {number}: {error}")
     key = f"{path.rsplit('/', 1)[-1]}:{row}"
-    images, texts = self._columns[f]
-    text = texts[row].as_py()
-    if text is None or str(text).strip() == "":
-      raise BadRecord("missing_field", f"empty caption for row {key}")
-    return {"image": self._image(images[row].as_py(), files.dirname(path), key),
-            "text": str(text), "key": key}
+    text = _value(texts, row)
+    if text is None:
+      raise BadRecord("missing_field", f"no caption in row {key}")
+    text = _caption(text, key)
+    if not any(t.strip() for t in (text if isinstance(text, list) else [text])):
+      raise BadRecord("empty_caption", f"empty caption in row {key}")
+    if isinstance(text, list):  # Several captions: a JSON list, as preprocess reads them.
+      text = json.dumps(text, ensure_ascii=False)
+    return {"image": self._image(_value(images, row), files.dirname(path), key),
+            "text": text, "key": key}
 
   def __repr__(self):
     return f"TableSource({self.fmt}, {len(self.paths)} files)"

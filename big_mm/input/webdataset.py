@@ -5,8 +5,12 @@
 
 A record is the group of members sharing a key (the member path up to the first "." of
 its file name): `{key}.jpg|.jpeg|.png|.webp` is the image, the caption is `{key}.txt`,
-else the "caption" (or "text") field of `{key}.json`. A key without an image or a caption
-raises `BadRecord("missing_field")`, which the pipeline skips and counts.
+else the "caption" (or "text") field of `{key}.json` (a list there: several captions,
+returned as a JSON list string, which preprocess.captions reads as such).
+Bad records raise `BadRecord(reason)` (sources.SKIP_REASONS), which the pipeline skips and
+counts, as for every source: no image or no caption -> missing_field, an empty one ->
+empty_caption, a `.txt` that is not UTF-8 -> bad_caption_encoding, a `.json` that does
+not parse -> malformed_record.
 
 Index. Opening scans each shard's tar headers once (tarfile seeks past the data; shards
 are scanned in parallel threads) and keeps (offset, size) per member in memory, cached
@@ -173,17 +177,33 @@ class TarSource:
   def __len__(self) -> int:
     return int(self._starts[-1])
 
-  def _caption(self, shard: str, offsets, sizes) -> str | None:
+  def _caption(self, shard: str, key: str, offsets, sizes) -> str | None:
+    """The record's caption (a JSON list string: several, from a json list), "" if empty,
+    None if absent; BadRecord for bytes that are not UTF-8 or a .json that does not
+    parse."""
     field = self.text_column
     if field in (None, "txt") and offsets[_TXT] >= 0:
-      return files.read_range(shard, offsets[_TXT], sizes[_TXT]).decode("utf-8").strip()
+      data = files.read_range(shard, offsets[_TXT], sizes[_TXT])
+      try:
+        return data.decode("utf-8").strip()
+      except UnicodeDecodeError as e:
+        raise BadRecord("bad_caption_encoding", f"{key}.txt in {shard}: {e}") from None
     if field == "txt" or offsets[_JSON] < 0:
       return None
-    meta = json.loads(files.read_range(shard, offsets[_JSON], sizes[_JSON]))
-    for name in ((field,) if field else CAPTION_FIELDS):
-      if isinstance(meta, dict) and meta.get(name) not in (None, ""):
-        return str(meta[name])
-    return None
+    try:
+      meta = json.loads(files.read_range(shard, offsets[_JSON], sizes[_JSON]))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError.
+      raise BadRecord("malformed_record", f"{key}.json in {shard}: {type(e).__name__}: "
+                                          f"{e}") from None
+    values = [meta.get(name) for name in ((field,) if field else CAPTION_FIELDS)
+              if isinstance(meta, dict)]
+    value = next((v for v in values if v not in (None, "", [])), None)
+    if value is None:
+      return "" if any(v is not None for v in values) else None
+    if isinstance(value, list):  # Several captions: a JSON list, as preprocess reads them.
+      value = [str(v).strip() for v in value if v is not None]
+      return json.dumps(value, ensure_ascii=False) if any(value) else ""
+    return str(value).strip()
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
@@ -195,11 +215,13 @@ class TarSource:
     if offsets[_IMAGE] < 0:
       want = self.image_ext or "|".join(IMAGE_EXTS)
       raise BadRecord("missing_field", f"no image ({want}) for key {key!r} in {shard}")
-    text = self._caption(shard, offsets, sizes)
-    if not text:
+    text = self._caption(shard, key, offsets, sizes)
+    if text is None:
       raise BadRecord("missing_field", f"no caption for key {key!r} in {shard} "
                       f"(looked for {key}.txt or json field "
                       f"{self.text_column or ' / '.join(CAPTION_FIELDS)})")
+    if not text:
+      raise BadRecord("empty_caption", f"empty caption for key {key!r} in {shard}")
     image = files.read_range(shard, offsets[_IMAGE], sizes[_IMAGE])
     return {"image": image, "text": text, "key": key}
 
