@@ -1,29 +1,26 @@
 """Pieces shared by recipes: paper-scale evaluators (ImageNet zero-shot / COCO retrieval), and
 the digits demos' training input and evaluators on the bundled digits."""
 
-# The 80 CLIP ImageNet prompt templates are long; these 7 are CLIP's recommended subset.
-IMAGENET_TEMPLATES = (
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
-)
 
+def paper_evals(pp_image: str, *, every_steps: int):
+  """Zero-shot ImageNet and COCO retrieval, as the papers report them.
 
-def paper_evals(pp_image: str, *, every_steps: int, imagenet_classnames=()):
-  """Zero-shot ImageNet (needs class names; big_mm ships none) and COCO retrieval.
-
+  ImageNet: TFDS imagenet2012 `validation` (50,000 images; preparing it needs the ILSVRC2012
+  tars from image-net.org, see big_mm.input.sources.BUILD_COMMANDS), CLIP's curated class
+  names and its 80 prompt templates (big_mm/evaluators/imagenet.py). Checked at start-up: if
+  it is not prepared the run stops, saying how to prepare it
+  (--config.evals.zeroshot_imagenet.every_steps=0 turns the evaluator off).
   COCO: TFDS coco_captions (Karpathy splits), the 5,000-image `test` split that published
   R@1 numbers use, 5 captions per image (the standard protocol; retrieval.py).
   """
-  evals = dict(
+  return dict(
+      zeroshot_imagenet=dict(type="zeroshot", data="imagenet2012", split="validation",
+                             every_steps=every_steps, pp_image=pp_image,
+                             classnames="imagenet2012", templates="clip80"),
       retrieval_coco=dict(type="retrieval", data="coco_captions", split="test",
                           text_column="captions/text", captions_per_image=5,
                           every_steps=every_steps, pp_image=pp_image),
   )
-  if imagenet_classnames:
-    evals["zeroshot_imagenet"] = dict(type="zeroshot", data="imagenet2012", split="validation",
-                                      every_steps=every_steps, pp_image=pp_image,
-                                      classnames=imagenet_classnames, templates=IMAGENET_TEMPLATES)
-  return evals
 
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -387,3 +387,156 @@ def test_a_new_evaluator_type_is_one_registry_line(data_dir, tmp_path, monkeypat
   assert [(r["step"], r["eval/p/calls"]) for r in rows] == [(1, 1.0), (2, 2.0)]
   size = sum(x.size for x in jax.tree.leaves(final_params(workdir, 2)))
   assert rows[-1]["eval/p/params"] == 2.0 * size
+
+
+# ---------------------------------------------------------------------------------------
+# Zero-shot ImageNet as the paper configs run it: the shipped CLIP class names and 80 templates
+# on a tiny fake TFDS imagenet2012 whose images carry real label ids.
+
+from big_mm.evaluators import imagenet, prompts  # noqa: E402
+
+# Real ImageNet ids, and the class name the fake models "see" in image k / in a prompt. 744 is
+# the second "missile" (657 is the first): its prompts equal 657's, so it is never predicted.
+IMAGENET_LABELS = (0, 1, 207, 409, 999, 744)
+SEEN = ("tench", "goldfish", "Golden Retriever", "analog clock", "toilet paper", "missile")
+
+
+def build_fake_imagenet(data_dir) -> None:
+  """imagenet2012 5.1.0's features (image, label, file_name) and a 6-image `validation` split
+  (image k: grey level 40 k); read through TFDS's catalog builder, as a prepared copy is."""
+  import io  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  def jpeg(k):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+  with tfds.core.registered.skip_registration():
+    class Imagenet2012(tfds.core.GeneratorBasedBuilder):  # pylint: disable=unused-variable
+      VERSION = tfds.core.Version("5.1.0")
+
+      @tfds.core.utils.classproperty
+      @classmethod
+      def code_path(cls) -> epath.Path:
+        return epath.Path(__file__)
+
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=1000),
+            "file_name": tfds.features.Text(),
+        }))
+
+      def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"validation": self._generate_examples()}
+
+      def _generate_examples(self):
+        for k, label in enumerate(IMAGENET_LABELS):
+          yield k, {"image": jpeg(k), "label": label, "file_name": f"val_{k}.JPEG"}
+
+  Imagenet2012(data_dir=str(data_dir), file_format="array_record").download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+class _SeenNameTokenizer:
+  """Records the prompts; a prompt's 'token' is 1 + the index in SEEN of the name it holds
+  (len(SEEN) + 1: none of them)."""
+
+  def __init__(self):
+    self.prompts = []
+
+  def encode(self, texts, length):
+    self.prompts += texts
+    seen = [next((i for i, name in enumerate(SEEN) if name in t), len(SEEN)) for t in texts]
+    return np.pad(np.array(seen, np.int32)[:, None] + 1, ((0, 0), (0, length - 1)))
+
+
+class _SeenNameObjective:
+  """Image k (grey 40 k) and prompts naming SEEN[k] embed to one-hot(k); other prompts to the
+  last axis."""
+
+  def embed_images(self, params, images):
+    del params
+    k = jnp.round((images[:, 0, 0, 0] + 1) * 127.5 / 40).astype(jnp.int32)
+    return jax.nn.one_hot(k, len(SEEN) + 1)
+
+  def embed_texts(self, params, texts):
+    del params
+    return jax.nn.one_hot(texts[:, 0] - 1, len(SEEN) + 1)
+
+
+def test_shipped_imagenet_names_and_clip_templates():
+  """The lists are open_clip's / big_vision's, in label-id order; spot checks by id."""
+  assert len(imagenet.CLASSNAMES) == 1000 and len(set(imagenet.CLASSNAMES)) == 998
+  assert [imagenet.CLASSNAMES[i] for i in (0, 207, 409, 657, 744, 836, 837, 999)] == [
+      "tench", "Golden Retriever", "analog clock", "missile", "missile", "sunglasses",
+      "sunglasses", "toilet paper"]
+  templates = imagenet.CLIP_TEMPLATES
+  assert len(templates) == len(set(templates)) == 80
+  assert all(t.count("{}") == 1 for t in templates)
+  assert (templates[0], templates[-1]) == ("a bad photo of a {}.", "a tattoo of the {}.")
+  assert set(imagenet.CLIP_TEMPLATES_7) < set(templates)
+  assert prompts.CLASSNAMES["imagenet2012"] is imagenet.CLASSNAMES
+  assert prompts.TEMPLATES["clip80"] is templates
+
+
+def test_paper_imagenet_zeroshot_on_a_fake_imagenet2012(tmp_path):
+  """configs/siglip_b16.py's ImageNet evaluator, unchanged but for data_dir: 1000 classes x
+  80 prompts from the shipped lists, the accuracy over the images' real label ids."""
+  build_fake_imagenet(tmp_path)
+  ev = dict(config_lib.load_file("configs/siglip_b16.py").evals.zeroshot_imagenet)
+  assert (ev["data"], ev["split"], ev["classnames"], ev["templates"]) == (
+      "imagenet2012", "validation", "imagenet2012", "clip80")
+  config = tiny_config(str(tmp_path), evals={"imagenet": ev})
+  tokenizer = _SeenNameTokenizer()
+  out = _run("imagenet", config.evals.imagenet, config, sharding.make_mesh(config.mesh),
+             _SeenNameObjective(), tokenizer)
+  # Every class's 80 prompts, class by class in label-id order.
+  assert len(tokenizer.prompts) == 80_000
+  assert tokenizer.prompts[:2] == ["a bad photo of a tench.", "a photo of many tench."]
+  assert tokenizer.prompts[207 * 80 + 39] == "a photo of a Golden Retriever."
+  assert tokenizer.prompts[-1] == "a tattoo of the toilet paper."
+  # 5 of the 6 right: the image labelled 744 is predicted 657 (the first "missile").
+  assert out == {"eval/imagenet/accuracy": pytest.approx(5 / 6),
+                 "eval/imagenet/balanced_accuracy": pytest.approx(5 / 6),
+                 "eval/imagenet/num_examples": 6.0}
+
+
+def test_zeroshot_dataset_is_checked_when_the_evaluator_is_built(tmp_path, data_dir):
+  """Missing imagenet2012: the run stops at start-up saying how to prepare it; the digits'
+  10 labels with the 1000 ImageNet names: the counts disagree."""
+  ev = dict(type="zeroshot", data="imagenet2012", split="validation",
+            classnames="imagenet2012", templates="clip7")
+  config = tiny_config(str(tmp_path), evals={"imagenet": ev})
+  mesh = sharding.make_mesh(config.mesh)
+  with pytest.raises(FileNotFoundError, match=r"evals.imagenet: TFDS dataset 'imagenet2012' not "
+                     r"found.*ILSVRC2012_img_val.tar.*evals.imagenet.every_steps=0"):
+    _run("imagenet", config.evals.imagenet, config, mesh, _SeenNameObjective(),
+         _SeenNameTokenizer())
+  config = tiny_config(data_dir, evals={"d": dict(ev, data=None, split="test")})
+  with pytest.raises(config_lib.ConfigError, match=r"evals.d: 'digits_captions' has 10 classes "
+                     r"but classnames has 1000 names"):
+    _run("d", config.evals.d, config, mesh, _SeenNameObjective(), _SeenNameTokenizer())
+
+
+@pytest.mark.parametrize("change,error", [
+    (dict(classnames="imagenet"), r"evals.z.classnames='imagenet' names no list big_mm ships; "
+                                  r"shipped: \['imagenet2012'\]. Did you mean 'imagenet2012'"),
+    (dict(templates="clip_80"), r"evals.z.templates='clip_80'.*Did you mean 'clip80'"),
+    (dict(classnames=()), r"evals.z.classnames must be the class names, one per label id"),
+    (dict(templates=("a photo of a cat",)), r"entry 'a photo of a cat': each template must "
+                                            r"hold exactly one \"\{\}\""),
+    (dict(templates=("a {} of {x}",)), r"entry 'a \{\} of \{x\}'"),
+])
+@pytest.mark.parametrize("ev_type", ["zeroshot", "scoring"])
+def test_class_names_and_templates_are_checked_when_the_config_loads(data_dir, ev_type, change,
+                                                                     error):
+  ev = {**dict(type=ev_type, split="test", classnames=WORDS, templates=("{}",)), **change}
+  if ev_type == "scoring" and not ev["classnames"]:
+    error = r"evals.z \(scoring\) needs classnames"
+  with pytest.raises(config_lib.ConfigError, match=error):
+    tiny_config(data_dir, evals={"z": ev})

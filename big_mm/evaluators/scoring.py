@@ -14,6 +14,7 @@ import numpy as np
 from big_mm import config as config_lib
 from big_mm import sharding
 from big_mm.evaluators import common
+from big_mm.evaluators import prompts as prompt_lists
 
 
 def prompt_scorer(objective, mesh):
@@ -33,7 +34,8 @@ def prompt_scorer(objective, mesh):
 
 
 class Scoring(common.Evaluator):
-  """Zero-shot accuracy by prompt likelihood; classnames: one per label id, in order."""
+  """Zero-shot accuracy by prompt likelihood; classnames: one per label id, in order (or a
+  shipped list's name), templates: as zeroshot's (big_mm/evaluators/prompts.py)."""
   DEFAULTS = dict(common.DEFAULTS, classnames=(), templates=("{}",))
 
   @staticmethod
@@ -41,16 +43,20 @@ class Scoring(common.Evaluator):
     if not ev["classnames"]:
       raise config_lib.ConfigError(f"evals.{name} (scoring) needs classnames: one name per "
                                    f"label id, in order.")
+    prompt_lists.classnames(f"evals.{name}.classnames", ev["classnames"])
+    prompt_lists.templates(f"evals.{name}.templates", ev["templates"])
 
   def __init__(self, name, ev, context):
     super().__init__(name, ev, context)
     if context.tokenizer is None:
       raise ValueError("The scoring evaluator needs input.tokenizer (to tokenize class "
                        "prompts).")
-    self.num_classes, self.num_templates = len(ev.classnames), len(ev.templates)
-    prompts = context.tokenizer.encode([t.format(c) for c in ev.classnames for t in ev.templates],
-                                       context.config.input.text_len)
-    self.prompts = jax.device_put(prompts, sharding.replicated(context.mesh))
+    classnames = prompt_lists.classnames(f"evals.{name}.classnames", ev.classnames)
+    templates = prompt_lists.templates(f"evals.{name}.templates", ev.templates)
+    self.num_classes, self.num_templates = len(classnames), len(templates)
+    tokens = context.tokenizer.encode([t.format(c) for c in classnames for t in templates],
+                                      context.config.input.text_len)
+    self.prompts = jax.device_put(tokens, sharding.replicated(context.mesh))
     self.score = prompt_scorer(context.objective, context.mesh)
 
   def evaluate(self, params) -> dict[str, float]:

@@ -71,6 +71,10 @@ SKIP_REASONS = {
 BUILD_COMMANDS = {
     "digits_captions": "python data/build_demo.py --data_dir {data_dir}",
     "multimodal_scenes": "python data/build_demo.py --data_dir {data_dir}",
+    # ImageNet cannot be downloaded by TFDS: the tars come from image-net.org (log-in).
+    "imagenet2012": ("put ILSVRC2012_img_val.tar (and ILSVRC2012_img_train.tar) from "
+                     "image-net.org in the data dir's downloads/manual/, then tfds build "
+                     "imagenet2012 --file_format array_record --data_dir {data_dir}"),
 }
 
 
