@@ -15,6 +15,9 @@ wd / lr, see big_mm/optim.py), clip 1, cosine schedule with 10k warmup, 366,500 
 paper trained on WebLI (big_vision's config uses a coco_captions smoke test).
 Expected result: the paper's numbers are not verified here.
 Arguments: data, batch, steps, parallel (objective.parallel_fraction), res.
+Before running: the tokenizer c4_en_32k.model, big_vision's published c4_en SentencePiece
+(`gsutil cp gs://t5-data/vocabs/cc_en.32000/sentencepiece.model c4_en_32k.model`; missing,
+the run stops at start-up saying so).
 """
 from big_mm import config as config_lib
 

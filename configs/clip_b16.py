@@ -12,6 +12,12 @@ Temperature initialised to 1/0.07 (open_clip also clamps it at 100; big_mm does 
 Expected result (OpenCLIP B/16 laion400m_e32): ImageNet zero-shot 67.07%,
 COCO R@1 text->image 38.4, image->text 55.4.
 Arguments: data, batch, examples.
+Before running: a tokenizer. open_clip's is OpenAI's byte-level BPE, which is not
+SentencePiece: train a BPE SentencePiece of the same size on your captions
+(`python tools/make_tokenizer.py --data DATA --model_type bpe --vocab_size 49408 --out
+clip_bpe_49408.model`; missing, the run stops at start-up saying so), and TFDS imagenet2012
+(zero-shot: CLIP's class names and 80 templates) and coco_captions prepared in input.data_dir
+for the evaluators.
 """
 from big_mm import config as config_lib
 from configs import common

@@ -15,6 +15,10 @@ caption CE ignores pads. Unverified: the paper's batch (65,536), lr, steps, opti
 values below follow configs/clip_b16.py-style settings. Expected result: not verified here
 (open_clip's coca_ViT-B-32 on laion2b_s13b_b90k: ImageNet 0-shot 63.3%).
 Arguments: data, batch, examples, loss (softmax|sigmoid).
+Before running: the tokenizer c4_en_32k.model, big_vision's published c4_en SentencePiece
+(`gsutil cp gs://t5-data/vocabs/cc_en.32000/sentencepiece.model c4_en_32k.model`; missing,
+the run stops at start-up saying so), and TFDS imagenet2012 (zero-shot: CLIP's class names
+and 80 templates) and coco_captions prepared in input.data_dir for the evaluators.
 """
 from big_mm import config as config_lib
 from configs import common

@@ -14,6 +14,10 @@ decoupled wd, not scaled by lr: optax adamw's wd = 0.01 / lr = 10), clip 1, cosi
 warmup max(3%, 100) steps. Expected (B16B, 30k steps on CC12M+YFCC100M): ImageNet
 zero-shot 72.1%, COCO R@1 image->text 49.4, text->image 31.1. Global batch is not verified.
 Arguments: data, init, batch, steps.
+Before running: the tokenizer c4_en_32k.model, big_vision's published c4_en SentencePiece
+(`gsutil cp gs://t5-data/vocabs/cc_en.32000/sentencepiece.model c4_en_32k.model`; missing,
+the run stops at start-up saying so), and TFDS imagenet2012 (zero-shot: CLIP's class names
+and 80 templates) and coco_captions prepared in input.data_dir for the evaluators.
 """
 from big_mm import config as config_lib
 from configs import common

@@ -11,6 +11,10 @@ seen): ImageNet zero-shot 76.0%, COCO R@1 image->text 65.7, text->image 47.8.
 Optimizer: the paper's exact lr / wd / beta2 are not verified here (big_vision-style configs
 use lr 1e-3, wd 1e-4 decoupled, beta2 0.95); adamw's wd below is 1e-4 / lr = 0.1 (optax
 scales wd by lr). Arguments: data, batch, examples (examples seen), variant.
+Before running: the tokenizer c4_en_32k.model, big_vision's published c4_en SentencePiece
+(`gsutil cp gs://t5-data/vocabs/cc_en.32000/sentencepiece.model c4_en_32k.model`; missing,
+the run stops at start-up saying so), and TFDS imagenet2012 (zero-shot: CLIP's class names
+and 80 templates) and coco_captions prepared in input.data_dir for the evaluators.
 """
 from big_mm import config as config_lib
 from configs import common

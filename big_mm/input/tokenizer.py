@@ -4,7 +4,14 @@
   tok.encode(["handwritten 7"], length=16) -> int32 [1, 16]: ids..., EOS, 0, 0, ...
   tok.decode(ids) -> ["handwritten 7"]
 
-Expected ids (tools/make_tokenizer.py trains models this way): pad 0, eos 1, unk 2.
+`input.tokenizer` is a SentencePiece `.model` file, or a Hugging Face tokenizer directory that
+holds one (HF_SENTENCEPIECE_FILES: T5 / SigLIP's spiece.model, Gemma's tokenizer.model, ...):
+the model file is used as is (HF's tokenizer_config.json is not read). Expected ids
+(tools/make_tokenizer.py trains models this way): pad 0 (the models treat token 0 as
+padding), eos 1, unk 2; a model with another pad id is refused.
+
+The paper recipes (configs/*_b16.py) name published SentencePiece models that big_mm cannot
+ship (PUBLISHED); a missing one fails at start-up saying where to get it.
 """
 from __future__ import annotations
 
@@ -14,18 +21,77 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
+from big_mm import config as config_lib
+
+# The files a Hugging Face tokenizer directory keeps its SentencePiece model in, by preference.
+HF_SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
+                          "sentencepiece.model")
+
+# Published SentencePiece models (pad 0, eos 1, unk 2): the file name the recipes use ->
+# (what it is, where it lives). big_vision's pp/ops_text.py KNOWN_TOKENIZERS names these
+# T5 vocabularies "c4_en", "cc_all" and "mc4"; the public bucket gs://t5-data is also served
+# at https://storage.googleapis.com/t5-data/...
+PUBLISHED = {
+    "c4_en_32k.model": ("big_vision's c4_en (English C4, 32,000 pieces: the released English "
+                        "SigLIP models, CapPa)",
+                        "gs://t5-data/vocabs/cc_en.32000/sentencepiece.model"),
+    "cc_all_32k.model": ("big_vision's cc_all (T5's vocabulary, 32,000 pieces)",
+                         "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"),
+    "mc4_250k.model": ("big_vision's mc4 (mC4, 250,000 pieces: the released multilingual "
+                       "SigLIP models)",
+                       "gs://t5-data/vocabs/mc4.250000.100extra/sentencepiece.model"),
+}
+
 _HOW_TO_BUILD = (
-    "Train one with `python tools/make_tokenizer.py --tfds DATASET --out PATH.model` "
-    "(or, for the demo's data/digits_spm.model, `python data/build_demo.py --tokenizer`).")
+    "Train one with `python tools/make_tokenizer.py --data DATA --vocab_size N --out PATH.model` "
+    "(DATA: any input.data spec; set the text model's vocab_size to N), or, for the demo's "
+    "data/digits_spm.model, `python data/build_demo.py --tokenizer`.")
+
+
+def _published_list() -> str:
+  return "; ".join(f"{name}: {what}, {url}" for name, (what, url) in PUBLISHED.items())
+
+
+def missing_message(path: str) -> str:
+  """What to do about a tokenizer model that is not at `path`."""
+  name = os.path.basename(path)
+  if name in PUBLISHED:
+    what, url = PUBLISHED[name]
+    https = url.replace("gs://", "https://storage.googleapis.com/", 1)
+    return (f"Tokenizer model not found: {path!r}. {name} is {what}, a published SentencePiece "
+            f"model big_mm does not ship: download it (`gsutil cp {url} {path}`, or from "
+            f"{https}) and run again, or set input.tokenizer to where you keep it. "
+            f"{_HOW_TO_BUILD}")
+  return (f"Tokenizer model not found: {path!r}. input.tokenizer takes a SentencePiece .model "
+          f"file or a Hugging Face tokenizer directory holding one "
+          f"({', '.join(HF_SENTENCEPIECE_FILES)}). Published models (download with gsutil cp): "
+          f"{_published_list()}. {_HOW_TO_BUILD}")
+
+
+def model_path(path: str) -> str:
+  """The SentencePiece model file `input.tokenizer` names: the path itself, or the model file
+  in a Hugging Face tokenizer directory. FileNotFoundError says where to get one."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    for name in HF_SENTENCEPIECE_FILES:
+      if os.path.isfile(os.path.join(path, name)):
+        return os.path.join(path, name)
+    found = sorted(os.listdir(path))
+    more = ("; tokenizer.json alone is a Hugging Face fast tokenizer (e.g. CLIP's byte-level "
+            "BPE), which big_mm cannot use" if "tokenizer.json" in found else "")
+    raise FileNotFoundError(
+        f"Tokenizer directory {path!r} holds no SentencePiece model (looked for "
+        f"{', '.join(HF_SENTENCEPIECE_FILES)}; it has {found[:12]}){more}. {_HOW_TO_BUILD}")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(missing_message(path))
+  return path
 
 
 class Tokenizer:
   """Wraps a SentencePiece model; picklable (ships the model proto, not the path)."""
 
   def __init__(self, path: str):
-    self.path = os.fspath(path)
-    if not os.path.isfile(self.path):
-      raise FileNotFoundError(f"Tokenizer model not found: {self.path!r}. {_HOW_TO_BUILD}")
+    self.path = model_path(path)
     with open(self.path, "rb") as f:
       self._load(f.read())
 
@@ -33,9 +99,11 @@ class Tokenizer:
     self._proto = proto
     self._sp = spm.SentencePieceProcessor()
     self._sp.LoadFromSerializedProto(proto)
-    if self._sp.pad_id() < 0 or self._sp.eos_id() < 0:
-      raise ValueError(f"Tokenizer {self.path!r} needs pad and eos ids (got pad="
-                       f"{self._sp.pad_id()}, eos={self._sp.eos_id()}). {_HOW_TO_BUILD}")
+    if self._sp.pad_id() != 0 or self._sp.eos_id() < 0:
+      raise config_lib.ConfigError(f"Tokenizer {self.path!r} needs pad id 0 (big_mm's models "
+                                   f"treat token 0 as padding) and an eos id; it has pad="
+                                   f"{self._sp.pad_id()}, eos={self._sp.eos_id()}. "
+                                   f"{_HOW_TO_BUILD}")
 
   def __getstate__(self):
     return {"path": self.path, "proto": self._proto}
