@@ -7,12 +7,19 @@ in the schema fails here, before any compute, naming the key and the closest val
 Sections listed in `FREE_FORM` (model kwargs, eval definitions, objective settings) are
 validated by their consumers (the model constructor; each evaluator type, through
 big_mm.evaluators.check; the named objective, through big_mm.objectives.settings) instead.
+
+Durations (`total_*`, `optim.schedule.warmup_*`, `checkpoint.every_*`, `evals.*.every_*`, each
+in steps, epochs or examples) are resolved to steps after the overrides, and a duration set on
+the command line wins: it replaces the recipe's in another unit, and a run shortened there
+(`--config.total_steps=50` on a recipe that sized its warmup for 600 steps) scales the recipe's
+warmup down with it (`durations_after_overrides`). `diff` lists the keys two configs differ in.
 """
 from __future__ import annotations
 
 import ast
 import difflib
 import importlib.util
+import logging
 import math
 import os
 import sys
@@ -383,13 +390,114 @@ def resolve_steps(section, name: str, *, batch_size: int, num_examples: int | No
   return default
 
 
+def durations_after_overrides(config: ConfigDict, recipe: ConfigDict,
+                              overrides: dict[str, Any]) -> None:
+  """Durations set on the command line win over the recipe's (`recipe`: the config before the
+  overrides):
+
+  - `--config.NAME_UNIT=v` clears NAME in the recipe's other units (`--config.total_steps=50`
+    on a recipe that sets total_examples replaces it).
+  - A run made shorter on the command line (total_*), without a warmup of its own there,
+    shrinks the recipe's warmup (optim.schedule.warmup_*, and cooldown_steps) by the same
+    factor, so that it keeps its share of the run as the recipe's argument would (logged).
+    A longer run keeps the recipe's warmup. Periods (checkpoint.every_*, evals.*.every_*) are
+    not scaled: one longer than the run means "at the end only".
+  Every duration is then resolved to steps from the final config (`resolve_steps`).
+  """
+  for dotted, value in overrides.items():
+    section_path, _, key = dotted.rpartition(".")
+    name, _, unit = key.rpartition("_")
+    if value is None or unit not in DURATION_UNITS:
+      continue
+    section = config
+    for part in filter(None, section_path.split(".")):
+      section = section[part]
+    for other in DURATION_UNITS:
+      other_key = f"{name}_{other}"
+      other_dotted = f"{section_path}.{other_key}" if section_path else other_key
+      if other != unit and other_dotted not in overrides and section.get(other_key) is not None:
+        with section.ignore_type():
+          section[other_key] = None
+  if not any(k.startswith("total_") for k in overrides) or any(
+      k.startswith("optim.schedule.warmup_") or k == "optim.schedule.cooldown_steps"
+      for k in overrides):
+    return
+  old, new = _run_length(recipe), _run_length(config)
+  if old is None or new is None or old[0] != new[0] or not old[1]:
+    return
+  ratio = new[1] / old[1]  # of examples (or epochs)
+  ratio_steps = ratio * recipe.batch_size / config.batch_size
+  schedule = config.optim.schedule
+  scaled = []
+  for key, factor in (("warmup_steps", ratio_steps), ("warmup_examples", ratio),
+                      ("warmup_epochs", ratio), ("cooldown_steps", ratio_steps)):
+    value = schedule.get(key)
+    if value and factor < 1:
+      new_value = value * factor if key == "warmup_epochs" else max(1, round(value * factor))
+      with schedule.ignore_type():
+        schedule[key] = new_value
+      scaled.append(f"optim.schedule.{key} {value} -> {new_value}")
+  if scaled:
+    logging.getLogger("big_mm").info(
+        "The command line shortened the run to x%.3g of the recipe's steps; scaled %s to "
+        "keep their share (set --config.optim.schedule.warmup_* to choose yourself).",
+        ratio_steps, ", ".join(scaled))
+
+
+def _run_length(config: ConfigDict) -> tuple[str, float] | None:
+  """The run's length as ("examples", n) or ("epochs", n); None if not (yet) valid."""
+  batch_size = config.batch_size
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    return None
+  for unit, value in (("epochs", config.total_epochs), ("examples", config.total_examples),
+                      ("examples", None if config.total_steps is None
+                       else config.total_steps * batch_size)):
+    if value is not None:
+      return (unit, value) if isinstance(value, (int, float)) else None
+  return None
+
+
+class _Absent:
+  def __repr__(self):
+    return "(not set)"
+
+
+ABSENT = _Absent()
+
+
+def flatten(config, prefix: str = "") -> dict[str, Any]:
+  """{dotted key: value} of a config's leaves (an empty section is a leaf: {})."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, (ConfigDict, dict)) and value:
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = {} if isinstance(value, (ConfigDict, dict)) else value
+  return out
+
+
+def diff(old, new) -> list[tuple[str, Any, Any]]:
+  """(key, old value, new value) for each leaf whose value differs (ABSENT where one config
+  lacks the key), in `new`'s key order."""
+  flat_old, flat_new = flatten(old), flatten(new)
+  keys = list(flat_new) + [k for k in flat_old if k not in flat_new]
+  return [(k, flat_old.get(k, ABSENT), flat_new.get(k, ABSENT)) for k in keys
+          if flat_old.get(k, ABSENT) != flat_new.get(k, ABSENT)]
+
+
+def format_diff(changes: list[tuple[str, Any, Any]]) -> str:
+  return "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in changes)
+
+
 def load(spec: str | ConfigDict, overrides: dict[str, Any] | None = None) -> ConfigDict:
   """Config file spec (or a ConfigDict) + overrides -> a validated, locked ConfigDict."""
   user = load_file(spec) if isinstance(spec, str) else spec
   config = defaults()
   _merge(config, user, "")
+  recipe = config.copy_and_resolve_references()
   for dotted, value in (overrides or {}).items():
     apply_override(config, dotted, value)
+  durations_after_overrides(config, recipe, overrides or {})
   validate(config)
   from big_mm import evaluators  # pylint: disable=g-import-not-at-top
   for ev_name in list(config.evals.keys()):

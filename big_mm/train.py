@@ -1,13 +1,27 @@
 """The trainer: one loop for every recipe (a config names the model and the objective).
 
-    python -m big_mm.train --config configs/demo.py --workdir /tmp/demo [--config.optim.lr=1e-3]
+Usage:
+  python -m big_mm.train --config PATH.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
+  python -m big_mm.train --list_configs[=DIR]
 
+Example (the demo: a tiny SigLIP on the bundled digits, after `python data/build_demo.py`):
+  python -m big_mm.train --config configs/demo.py:steps=300 --workdir /tmp/big_mm_demo \\
+      --config.optim.lr=1e-3
+
+Flags:
+  --config         the recipe and its argument (see Configs below)
+  --workdir        the run's directory (local or gs://...): checkpoints/, metrics.jsonl, tb/
+                   and config.json (the resolved config). Running again resumes; a resumed
+                   run's config may differ from the stored one only where the checkpoint's
+                   shapes stay the same (the differences are listed).
+  --list_configs   lists the recipes with the first line of their docstrings
+  --debug          shows the traceback of a user error too
 Multi-process: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I, or
 --distributed to let JAX detect the cluster (Cloud TPU pod slices, SLURM, ...); SLURM job
 steps with several tasks are detected without it. --heartbeat_timeout_s=S (default 100)
 bounds how long the others wait for a dead process.
 
-Reads top to bottom like a recipe: config -> mesh -> data -> model + objective ->
+The code reads top to bottom like a recipe: config -> mesh -> data -> model + objective ->
 sharded train state (restored if the workdir has a checkpoint) -> jitted step -> loop with
 metrics, evaluators and checkpoints.
 """
@@ -30,6 +44,7 @@ import numpy as np
 import optax
 
 from big_mm import checkpoint as checkpoint_lib
+from big_mm import cli
 from big_mm import config as config_lib
 from big_mm import evaluators, metrics as metrics_lib, models, objectives, optim, sharding
 from big_mm import tree_paths
@@ -59,7 +74,10 @@ def build(config, *, num_train_examples: int | None = None, devices=None) -> Set
   """Config -> mesh, model, objective, tokenizer, durations. Fails fast on bad configs."""
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch_size(config.batch_size, mesh)
-  model = models.get_model(config.model_name, **config.model.to_dict())
+  try:
+    model = models.get_model(config.model_name, **config.model.to_dict())
+  except (TypeError, ValueError) as e:  # a bad model_name or model.* kwarg
+    raise config_lib.ConfigError(f"model_name={config.model_name!r} / model: {e}") from e
   tokenizer = Tokenizer(config.input.tokenizer) if config.input.tokenizer else None
   objective = make_objective(config, model, mesh, tokenizer)
   total_steps = config_lib.resolve_steps(config, "total", batch_size=config.batch_size,
@@ -73,7 +91,8 @@ def build(config, *, num_train_examples: int | None = None, devices=None) -> Set
   if optim_cfg.schedule.warmup_steps > total_steps:
     raise config_lib.ConfigError(
         f"The warmup ({optim_cfg.schedule.warmup_steps} steps) is longer than the run "
-        f"({total_steps} steps): shorten optim.schedule.warmup_* or lengthen total_*.")
+        f"({total_steps} steps): set --config.optim.schedule.warmup_steps="
+        f"{max(total_steps // 10, 1)} (or any value up to {total_steps}), or lengthen total_*.")
   return Setup(config, mesh, model, objective, tokenizer, num_train_examples, total_steps,
                optim_cfg)
 
@@ -226,8 +245,8 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
   if not config.init.workdir and not path:
     return state
   if config.init.workdir and path:
-    raise ValueError("Set config.init.workdir (a big_mm run) or config.init.path (an HF "
-                     "directory or .npz), not both.")
+    raise config_lib.ConfigError("Set config.init.workdir (a big_mm run) or config.init.path "
+                                 "(an HF directory or .npz), not both.")
   if path:
     from big_mm import export  # torch-free, but only needed here
     scan = any("encoderblock" in name.split("/") for name in tree_paths.flat_dict(state["params"]))
@@ -252,18 +271,18 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
     if not pattern.fullmatch(name):
       return current
     if name not in flat_loaded:
-      raise ValueError(f"init: param {name!r} matches init.include={config.init.include!r} but is not "
-                       f"in {source!r}.")
+      raise config_lib.ConfigError(f"init: param {name!r} matches init.include="
+                                   f"{config.init.include!r} but is not in {source!r}.")
     value = flat_loaded[name]
     if tuple(value.shape) != tuple(current.shape):
-      raise ValueError(f"init: param {name!r} has shape {tuple(value.shape)} in {source!r} "
-                       f"but {tuple(current.shape)} in this model.")
+      raise config_lib.ConfigError(f"init: param {name!r} has shape {tuple(value.shape)} in "
+                                   f"{source!r} but {tuple(current.shape)} in this model.")
     copied.append(name)
     return jax.device_put(np.asarray(value, current.dtype), target_sharding)
 
   params = jax.tree_util.tree_map_with_path(take, state["params"], ts.shardings["params"])
   if not copied:
-    raise ValueError(f"init.include={config.init.include!r} matched no parameter.")
+    raise config_lib.ConfigError(f"init.include={config.init.include!r} matched no parameter.")
   log.info("Initialised %d params from %s%s", len(copied), source,
            "" if step is None else f" step {step}")
   # The optimizer state (and an objective's extra state) was built for the random init;
@@ -300,135 +319,202 @@ class _StopRequest:
 def train(config, workdir: str, *, devices=None) -> dict[str, float]:
   """Runs (or resumes) training in `workdir` on `devices` (default: all).
 
-  Returns the last logged and eval metrics.
+  Logs the config's keys that differ from the schema's defaults and stores the whole config in
+  WORKDIR/config.json. A resume whose config changes the checkpoint's shapes is refused with
+  the keys that differ from the stored config named; other differences are logged as a
+  warning. Returns the last logged and eval metrics ({} if the run had already finished).
   """
   num_train = sources.num_examples(config.input.data, config.input.split, config.input.data_dir,
                                    **sources.source_options(config.input))
   setup = build(config, num_train_examples=num_train, devices=devices)
   is_main = jax.process_index() == 0
+  if is_main:
+    log.info("Config (the keys that differ from the defaults; all of it goes to %s):\n%s",
+             os.path.join(workdir, cli.CONFIG_FILENAME),
+             "\n".join(f"  {key} = {value!r}" for key, _, value in changes_from_defaults(config)))
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
       save_every_steps=resolve_every(config.checkpoint, setup, default=setup.total_steps),
       async_save=config.checkpoint.async_save)
-  eval_every = {name: resolve_every(ev, setup) for name, ev in config.evals.items()}
-  log_every = config.log_every_steps
-
-  batch_sharding = sharding.batch_sharding(setup.mesh)
   data = pipeline.make_train_iterator(config.input, global_batch_size=config.batch_size,
-                                      seed=config.seed, sharding=batch_sharding)
+                                      seed=config.seed,
+                                      sharding=sharding.batch_sharding(setup.mesh))
   ts = make_train_state(setup)
   with use_mesh(setup):
-    # The newest checkpoint that verifies (a corrupt or unfinished one is skipped, loudly).
-    try:
-      restored = ckpt.restore_latest_good(ts.abstract)
-    except checkpoint_lib.CheckpointMismatchError as e:
-      raise checkpoint_lib.CheckpointMismatchError(
-          f"{e}\nThe workdir {workdir!r} holds a run of a different model or optimizer. Use a new "
-          "--workdir, or to start a new run from this one's matching params set "
-          f"--config.init.workdir={workdir} (and init.include to pick them).") from None
-    if restored is not None:
-      start, state, data_state = restored
-      data.set_state(data_state)
-      log.info("Resumed from %s at step %d", ckpt.directory, start)
-    else:
-      start = 0
-      state = load_init(config, ts, ts.init(jax.random.key(config.seed)))
-    # Rows of the steps after `start` come from a run that stopped before checkpointing them.
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start)
+    start, state = restore_or_init(config, ts, ckpt, data, workdir)
+    if start >= setup.total_steps:
+      ckpt.close()
+      if is_main:
+        log.info("Nothing to do: the run in %s already finished at step %d of %d; checkpoints "
+                 "in %s, metrics in %s and tb/ (evaluate: python -m big_mm.evaluate --workdir "
+                 "%s; train on: a larger --config.total_steps).", workdir, start,
+                 setup.total_steps, ckpt.directory,
+                 os.path.join(workdir, metrics_lib.METRICS_FILENAME), workdir)
+      return {}
     if is_main:
+      cli.write_config(config, workdir)
+    loop = _TrainLoop(setup, ts, ckpt, data, workdir, start, state)
+    try:
+      return loop.run(state)
+    finally:
+      loop.close()
+
+
+def changes_from_defaults(config) -> list[tuple[str, Any, Any]]:
+  """config_lib.diff against the schema's defaults, each evaluator's and the objective's."""
+  baseline = config_lib.defaults()
+  baseline.objective = config_lib.ConfigDict(
+      objectives.settings({"name": config.objective.name}))
+  for name, ev in config.evals.items():
+    baseline.evals[name] = config_lib.ConfigDict(evaluators.with_defaults({"type": ev.type}))
+  return [c for c in config_lib.diff(baseline, config) if c[2] is not config_lib.ABSENT]
+
+
+def restore_or_init(config, ts: TrainState, ckpt, data, workdir: str) -> tuple[int, dict]:
+  """(start step, state): the newest checkpoint that verifies (a corrupt or unfinished one is
+  skipped, loudly) with the data iterator's position, else a fresh state (with `config.init`).
+  Compares the config with the one the run stored (WORKDIR/config.json)."""
+  stored = cli.read_config(workdir)
+  changes = config_lib.diff(stored, config) if stored is not None else []
+  try:
+    restored = ckpt.restore_latest_good(ts.abstract)
+  except checkpoint_lib.CheckpointMismatchError as e:
+    differs = (f"\nThe config differs from the run's stored {cli.CONFIG_FILENAME} in:\n"
+               f"{config_lib.format_diff(changes)}" if changes else "")
+    raise checkpoint_lib.CheckpointMismatchError(
+        f"{e}{differs}\nThe workdir {workdir!r} holds a run of a different model or optimizer. "
+        "Use a new --workdir, or to start a new run from this one's matching params set "
+        f"--config.init.workdir={workdir} (and init.include to pick them).") from None
+  if restored is None:
+    return 0, load_init(config, ts, ts.init(jax.random.key(config.seed)))
+  start, state, data_state = restored
+  data.set_state(data_state)
+  log.info("Resumed from %s at step %d", ckpt.directory, start)
+  if changes and jax.process_index() == 0:
+    log.warning("Resuming with a config that differs from the run's stored %s in:\n%s",
+                cli.CONFIG_FILENAME, config_lib.format_diff(changes))
+  return start, state
+
+
+class _TrainLoop:
+  """The steps from `start` to the end: metrics, the nan policy, checkpoints and evaluators."""
+
+  def __init__(self, setup: Setup, ts: TrainState, ckpt, data, workdir: str, start: int,
+               state: dict):
+    config = self.config = setup.config
+    self.setup, self.ckpt, self.data, self.workdir, self.start = setup, ckpt, data, workdir, start
+    self.is_main = jax.process_index() == 0
+    # Rows of the steps after `start` come from a run that stopped before checkpointing them.
+    self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_main, resume_step=start)
+    if self.is_main:
       log.info("Training %d steps of batch %d on mesh %s; workdir %s", setup.total_steps,
                config.batch_size, dict(setup.mesh.shape), workdir)
       log.info("Parameters:\n%s", optim.describe(config.optim, state["params"]))
-    train_step = make_train_step(setup, ts)
+    self.train_step = make_train_step(setup, ts)
+    self.eval_every = {name: resolve_every(ev, setup) for name, ev in config.evals.items()}
     # Built once per run (their jitted functions and cached data live on them); every_steps=0:
     # never run, never built.
     context = evaluators.EvalContext(config, setup.mesh, setup.objective, setup.tokenizer)
-    run_evaluators = {name: evaluators.build(name, config.evals[name], context)
-                      for name, every in eval_every.items() if every != 0}
+    self.evaluators = {name: evaluators.build(name, config.evals[name], context)
+                       for name, every in self.eval_every.items() if every != 0}
+    self.progress = metrics_lib.Progress(setup.total_steps, start_step=start,
+                                         log=log.info if self.is_main else (lambda line: None))
+    self.throughput = metrics_lib.Throughput()
+    self.stop = _StopRequest()
+    self.skipped_reported = int(jax.device_get(state["nonfinite"]["count"]))
 
-    progress = metrics_lib.Progress(setup.total_steps, start_step=start,
-                                    log=log.info if is_main else (lambda line: None))
-    throughput = metrics_lib.Throughput()
-    stop = _StopRequest()
+  def run(self, state: dict) -> dict[str, float]:
+    config, ckpt, total_steps = self.config, self.ckpt, self.setup.total_steps
     last: dict[str, float] = {}
-    skipped_reported = int(jax.device_get(state["nonfinite"]["count"]))
+    for step in range(self.start + 1, total_steps + 1):
+      with self.throughput.data_wait():
+        batch = next(self.data)
+      state, step_metrics = self.train_step(state, batch)
+      done = step == total_steps
+      # nan_policy="stop" looks at every step (one scalar fetched from the device), so it
+      # stops and saves at the first non-finite step, whose update was skipped.
+      if (step % config.log_every_steps == 0 or done or step == self.start + 1
+          or config.nan_policy == "stop"
+          and int(step_metrics["nonfinite_skipped"]) > self.skipped_reported):
+        last.update(self.log_step(step, state, step_metrics))
+      if done or self.stop.requested or ckpt.should_save(step):  # iterator state only when saving
+        ckpt.save(step, state, self.data.get_state(), force=True)
+      # After the save, so a failing evaluator never costs training. every_steps=0: never.
+      due = [n for n, every in self.eval_every.items()
+             if n in self.evaluators and ((every and step % every == 0) or done)]
+      last.update(self.run_evals(step, state["params"], due))
+      if self.stop.requested or ckpt.reached_preemption(step):
+        log.warning("Stopped at step %d after saving; run again to resume.", step)
+        break
+      if done and self.is_main:
+        log.info("Finished: step %d of %d; checkpoints in %s, metrics in %s and tb/.%s", step,
+                 total_steps, ckpt.directory,
+                 os.path.join(self.workdir, metrics_lib.METRICS_FILENAME), "".join(
+                     f" {k}={v:.4f}" for k, v in sorted(last.items()) if k.startswith("eval/")))
+    return last
 
-    def run_evals(step, names):
-      results = {}
-      for name in names:
-        results.update(run_evaluators[name](state["params"]))
-      if results:
-        writer.write(step, results)
-        if is_main:
-          log.info("step %d evals: %s", step,
-                   ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
-      return results
+  def log_step(self, step: int, state: dict, step_metrics: dict) -> dict[str, float]:
+    """Writes the step's metrics (and the input's statistics), applies the nan policy and
+    updates the progress line; returns what it wrote."""
+    host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    host.update(self.throughput.step_done(step, self.config.batch_size))
+    host.update({f"data/{k}": float(v) for k, v in self.data.stats().items()})
+    self.writer.write(step, host)
+    if host["nonfinite_skipped"] > self.skipped_reported:
+      self.report_nonfinite(step, state, int(host["nonfinite_skipped"]))
+    self.progress.update(step, {k: host[k] for k in PROGRESS_KEYS if k in host})
+    return host
 
-    try:
-      for step in range(start + 1, setup.total_steps + 1):
-        with throughput.data_wait():
-          batch = next(data)
-        state, step_metrics = train_step(state, batch)
-        done = step == setup.total_steps
-        # nan_policy="stop" looks at every step (one scalar fetched from the device), so it
-        # stops and saves at the first non-finite step, whose update was skipped.
-        if (step % log_every == 0 or done or step == start + 1 or config.nan_policy == "stop"
-            and int(step_metrics["nonfinite_skipped"]) > skipped_reported):
-          host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-          host.update(throughput.step_done(step, config.batch_size))
-          host.update({f"data/{k}": float(v) for k, v in data.stats().items()})
-          writer.write(step, host)
-          if host["nonfinite_skipped"] > skipped_reported:
-            skipped_reported = int(host["nonfinite_skipped"])
-            bad = {k: float(v) for k, v in jax.device_get(state["nonfinite"]).items()}
-            message = (f"{skipped_reported} update(s) skipped for a non-finite loss or "
-                       f"gradient; the last at step {int(bad['last_step'])} "
-                       f"(loss={bad['loss']}, grad_norm={bad['grad_norm']}).")
-            if config.nan_policy == "stop":
-              ckpt.save(step, state, data.get_state(), force=True)
-              ckpt.wait()
-              raise FloatingPointError(
-                  f"{message} nan_policy='stop': the last good state is saved in "
-                  f"{ckpt.directory} at step {step}. Lower optim.lr, check the data, or set "
-                  "nan_policy='skip'.")
-            log.warning("%s Continuing (nan_policy='skip').", message)
-          progress.update(step, {k: host[k] for k in PROGRESS_KEYS if k in host})
-          last.update(host)
-        if done or stop.requested or ckpt.should_save(step):  # iterator state only when saving
-          ckpt.save(step, state, data.get_state(), force=True)
-        # After the save, so a failing evaluator never costs training. every_steps=0: never.
-        due = [n for n, every in eval_every.items()
-               if n in run_evaluators and ((every and step % every == 0) or done)]
-        last.update(run_evals(step, due))
-        if stop.requested or ckpt.reached_preemption(step):
-          log.warning("Stopped at step %d after saving; run again to resume.", step)
-          break
-    finally:
-      stop.restore()
-      ckpt.close()
-      writer.close()
-  return last
+  def report_nonfinite(self, step: int, state: dict, skipped: int) -> None:
+    """New skipped updates: nan_policy="skip" warns; "stop" saves the state and raises."""
+    self.skipped_reported = skipped
+    bad = {k: float(v) for k, v in jax.device_get(state["nonfinite"]).items()}
+    message = (f"{skipped} update(s) skipped for a non-finite loss or gradient; the last at "
+               f"step {int(bad['last_step'])} (loss={bad['loss']}, "
+               f"grad_norm={bad['grad_norm']}).")
+    if self.config.nan_policy == "stop":
+      self.ckpt.save(step, state, self.data.get_state(), force=True)
+      self.ckpt.wait()
+      raise FloatingPointError(
+          f"{message} nan_policy='stop': the last good state is saved in "
+          f"{self.ckpt.directory} at step {step}. Lower optim.lr, check the data, or set "
+          "nan_policy='skip'.")
+    log.warning("%s Continuing (nan_policy='skip').", message)
+
+  def run_evals(self, step: int, params, names: list[str]) -> dict[str, float]:
+    results = {}
+    for name in names:
+      results.update(self.evaluators[name](params))
+    if results:
+      self.writer.write(step, results)
+      if self.is_main:
+        log.info("step %d evals: %s", step,
+                 ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+    return results
+
+  def close(self) -> None:
+    self.stop.restore()
+    self.ckpt.close()
+    self.writer.close()
+
+
+FLAGS = ("config", "workdir", "coordinator_address", "num_processes", "process_id",
+         "heartbeat_timeout_s", "distributed")
 
 
 def main(argv: list[str]) -> int:
-  metrics_lib.setup_logging()
-  flags, overrides = config_lib.parse_command_line(argv)
-  unknown = set(flags) - {"config", "workdir", "coordinator_address", "num_processes",
-                          "process_id", "heartbeat_timeout_s", "distributed"}
-  if unknown or "config" not in flags or "workdir" not in flags:
-    print(__doc__ if not unknown else f"Unknown flags {sorted(unknown)}.\n{__doc__}", file=sys.stderr)
-    return 2
+  return cli.main(_run_command_line, argv, doc=__doc__, flags=FLAGS,
+                  required=("config", "workdir"))
+
+
+def _run_command_line(flags: dict[str, str], overrides: dict[str, Any]) -> int:
   config = config_lib.load(flags["config"], overrides)  # config errors before anything else
   sharding.maybe_initialize_distributed(
-      flags.get("coordinator_address"),
-      int(flags["num_processes"]) if "num_processes" in flags else None,
-      int(flags["process_id"]) if "process_id" in flags else None,
+      flags.get("coordinator_address"), cli.int_flag(flags, "num_processes"),
+      cli.int_flag(flags, "process_id"),
       force=flags.get("distributed", "false").lower() in ("1", "true", "yes"),
-      heartbeat_timeout_s=int(flags.get("heartbeat_timeout_s", 100)))
-  results = train(config, flags["workdir"])
-  if jax.process_index() == 0:
-    log.info("Done. %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())
-                                      if k.startswith("eval/")))
+      heartbeat_timeout_s=cli.int_flag(flags, "heartbeat_timeout_s") or 100)
+  train(config, flags["workdir"])
   return 0
 
 

@@ -49,7 +49,7 @@ def test_bad_values():
   with pytest.raises(ConfigError, match="objective.loss='sigmod'.*sigmoid"):
     _demo(**{"objective.loss": "sigmod"})
   with pytest.raises(ConfigError, match="Set only one of total_steps, total_epochs"):
-    _demo(total_epochs=2)
+    _demo(total_epochs=2, total_steps=5)
   with pytest.raises(ConfigError, match="evals.zeroshot.every_step'.*every_steps"):
     _demo(**{"evals.zeroshot.every_step": 3})
   with pytest.raises(ConfigError, match="not found"):
@@ -63,6 +63,20 @@ def test_durations():
   assert config_lib.resolve_steps(c, "total", batch_size=100, num_examples=None) == 11
   c = config_lib.ConfigDict(dict(every_steps=None, every_epochs=None, every_examples=None))
   assert config_lib.resolve_steps(c, "every", batch_size=8, num_examples=10, default=None) is None
+
+
+def test_durations_from_the_command_line_win():
+  """configs/demo.py sizes its warmup (50 steps) for its 600 steps: --config.total_steps=50
+  shrinks it with the run rather than leaving the run in warmup; a longer run or a warmup of
+  its own keeps it. A unit given on the command line replaces the recipe's other unit."""
+  assert _demo(total_steps=50).optim.schedule.warmup_steps == 4  # 50 x 50 / 600
+  assert _demo(total_steps=6000).optim.schedule.warmup_steps == 50
+  assert _demo(**{"total_steps": 50, "optim.schedule.warmup_steps": 20}
+               ).optim.schedule.warmup_steps == 20
+  c = _demo(total_examples=6400)  # 50 steps of 128
+  assert (c.total_steps, c.total_examples, c.optim.schedule.warmup_steps) == (None, 6400, 4)
+  c = config_lib.load("configs/siglip_b16.py", {"total_steps": 50})
+  assert c.total_examples is None and 1 <= c.optim.schedule.warmup_steps < 50
 
 
 def test_command_line_parsing():

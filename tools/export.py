@@ -1,15 +1,26 @@
 r"""Export a big_mm run to Hugging Face transformers, open_clip or a big_vision-style npz.
 
-  python tools/export.py --config configs/demo.py[:args] [--config.x=y ...] \
-      --workdir /tmp/big_mm_demo [--step N] --format hf|open_clip|npz --out DIR_OR_FILE \
-      [--arch siglip|clip] [--image_size N]
+Usage:
+  python tools/export.py --workdir DIR --format hf|open_clip|npz --out DIR_OR_FILE [--step N]
+      [--arch siglip|clip] [--image_size N] [--config PATH.py[:ARG]] [--config.a.b=VALUE ...]
 
-The run's config is needed (a workdir does not store it): pass the same --config and
-overrides as for training. --arch defaults to siglip for objective.loss=sigmoid and clip for
-softmax. hf writes config.json + model.safetensors + the tokenizer and image processor
-(AutoProcessor / SiglipProcessor); open_clip writes a directory for
-open_clip.create_model_and_transforms / get_tokenizer("local-dir:DIR"); npz writes one array
-per '/'-joined param path.
+Example (the demo run of `python -m big_mm.train --help`):
+  python tools/export.py --workdir /tmp/big_mm_demo --format hf --out /tmp/demo_hf
+
+Flags:
+  --workdir     a run of big_mm.train: its checkpoints and stored config (WORKDIR/config.json)
+  --format      hf: config.json + model.safetensors + the tokenizer and image processor
+                (AutoProcessor / SiglipProcessor); open_clip: a directory for
+                open_clip.create_model_and_transforms / get_tokenizer("local-dir:DIR");
+                npz: one array per '/'-joined param path
+  --out         the directory (hf, open_clip) or .npz file to write
+  --step        the checkpoint's step (default: the newest)
+  --arch        hf only: siglip or clip (default: siglip for objective.loss=sigmoid, clip for
+                softmax)
+  --image_size  the processor's image size (default: the eval pp's last resize / crop)
+  --config      a recipe to use instead of the stored config (the keys that differ from the
+                stored one are logged); --config.a.b=VALUE overrides either
+  --debug       shows the traceback of a user error too
 Models the target cannot represent exactly are refused with the list of differences.
 """
 from __future__ import annotations
@@ -20,9 +31,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from big_mm import checkpoint as checkpoint_lib  # noqa: E402
-from big_mm import config as config_lib  # noqa: E402
-from big_mm import export  # noqa: E402
+from big_mm import cli, export  # noqa: E402
+from big_mm.input import tokenizer as tokenizer_lib  # noqa: E402
+from big_mm.cli import restore_params  # noqa: E402
 
 FLAGS = ("config", "workdir", "step", "format", "out", "arch", "image_size")
 
@@ -56,27 +67,9 @@ def check_pp(pp: str | None) -> str | None:
   return None
 
 
-def restore_params(workdir: str, step: int | None):
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No checkpoints directory in workdir {workdir!r}.")
-  ckpt = checkpoint_lib.Checkpointer(directory, keep=None, save_every_steps=1,
-                                     async_save=False, read_only=True)
-  try:
-    steps = ckpt.all_steps()
-    if step is not None and step not in steps:
-      raise ValueError(f"No checkpoint for step {step} in {directory!r}; available: {steps}.")
-    step = step if step is not None else ckpt.latest_step()
-    if step is None:
-      raise ValueError(f"No checkpoints in {directory!r}.")
-    return ckpt.restore_params(step), step
-  finally:
-    ckpt.close()
-
-
 def run(config, workdir, fmt, out, *, step=None, arch=None, image_size=None) -> str:
   if fmt not in export.FORMATS:
-    raise ValueError(f"--format must be one of {export.FORMATS}; got {fmt!r}.")
+    raise export.ExportError(f"--format must be one of {export.FORMATS}; got {fmt!r}.")
   params, step = restore_params(workdir, step)
   if fmt == "npz":
     return export.export_npz(params, out)
@@ -85,31 +78,26 @@ def run(config, workdir, fmt, out, *, step=None, arch=None, image_size=None) -> 
   if warning:
     print(warning, file=sys.stderr)
   image_size = image_size or image_size_from_pp(eval_pp(config))
+  # The .model file itself (input.tokenizer may name a Hugging Face tokenizer directory).
+  tokenizer = tokenizer_lib.model_path(config.input.tokenizer) if config.input.tokenizer else None
   if fmt == "hf":
     arch = arch or ("siglip" if config.objective.get("loss", "sigmoid") == "sigmoid" else "clip")
     return export.export_hf(params, model_kwargs, out, arch=arch,
-                            tokenizer=config.input.tokenizer, image_size=image_size)
+                            tokenizer=tokenizer, image_size=image_size)
   return export.export_open_clip(params, model_kwargs, out, image_size=image_size,
-                                 tokenizer=config.input.tokenizer)
+                                 tokenizer=tokenizer)
 
 
 def main(argv):
-  flags, overrides = config_lib.parse_command_line(argv)
-  unknown = set(flags) - set(FLAGS)
-  missing = {"config", "workdir", "format", "out"} - set(flags)
-  if unknown or missing:
-    print(f"{'Unknown flags ' + str(sorted(unknown)) if unknown else ''}"
-          f"{' Missing flags ' + str(sorted(missing)) if missing else ''}\n{__doc__}",
-          file=sys.stderr)
-    return 2
-  config = config_lib.load(flags["config"], overrides)
-  try:
-    out = run(config, flags["workdir"], flags["format"], flags["out"],
-              step=int(flags["step"]) if "step" in flags else None, arch=flags.get("arch"),
-              image_size=int(flags["image_size"]) if "image_size" in flags else None)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"Export failed: {e}", file=sys.stderr)
-    return 1
+  return cli.main(_run_command_line, argv, doc=__doc__, flags=FLAGS,
+                  required=("workdir", "format", "out"))
+
+
+def _run_command_line(flags, overrides) -> int:
+  config = cli.config_for_workdir(flags["workdir"], flags.get("config"), overrides)
+  out = run(config, flags["workdir"], flags["format"], flags["out"],
+            step=cli.int_flag(flags, "step"), arch=flags.get("arch"),
+            image_size=cli.int_flag(flags, "image_size"))
   print(f"Exported {flags['workdir']} to {out} ({flags['format']}).")
   return 0
 
