@@ -328,10 +328,6 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
                                    **sources.source_options(config.input))
   setup = build(config, num_train_examples=num_train, devices=devices)
   is_main = jax.process_index() == 0
-  if is_main:
-    log.info("Config (the keys that differ from the defaults; all of it goes to %s):\n%s",
-             os.path.join(workdir, cli.CONFIG_FILENAME),
-             "\n".join(f"  {key} = {value!r}" for key, _, value in changes_from_defaults(config)))
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
       save_every_steps=resolve_every(config.checkpoint, setup, default=setup.total_steps),
@@ -352,7 +348,9 @@ def train(config, workdir: str, *, devices=None) -> dict[str, float]:
                  os.path.join(workdir, metrics_lib.METRICS_FILENAME), workdir)
       return {}
     if is_main:
-      cli.write_config(config, workdir)
+      log.info("Config (the keys that differ from the defaults; all of it: %s):\n%s",
+               cli.write_config(config, workdir), "\n".join(
+                   f"  {key} = {value!r}" for key, _, value in changes_from_defaults(config)))
     loop = _TrainLoop(setup, ts, ckpt, data, workdir, start, state)
     try:
       return loop.run(state)
