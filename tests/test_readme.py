@@ -4,8 +4,8 @@ Each ```bash block runs in a sandbox: cwd the repo root, TFDS_DATA_DIR the sessi
 digits (`data/build_demo.py`'s output), absolute /tmp/... and /data/... paths moved into a
 temporary directory, where data/shards/{00000..00099}.tar and data/val/00000.tar hold digits
 in img2dataset's layout (for the "your own data" example). Training commands run 2 steps:
-`python -m big_mm.train` gets `--config.total_steps=2 --config.optim.schedule.warmup_steps=1`
-(the README's own flags come after, so they still apply). Blocks run in README order, so a
+`python -m big_mm.train` gets `--config.total_steps=2` (the recipe's warmup scales with it; the
+README's own flags come after, so they still apply). Blocks run in README order, so a
 block may use what an earlier one wrote (the demo's workdir).
 
 A block too slow for this (installs, the test suite, full demo trainings) carries a marker on
@@ -32,7 +32,7 @@ from conftest import ROOT
 README = os.path.join(ROOT, "README.md")
 SHELLS = ("bash", "sh", "shell", "console")
 MARKER = re.compile(r"<!--\s*readme-test:\s*(skip|big_mm only)\s*:\s*(.+?)\s*-->")
-SHRINK = "--config.total_steps=2 --config.optim.schedule.warmup_steps=1"
+SHRINK = "--config.total_steps=2"
 CONFIG_COMMANDS = re.compile(r"^-m big_mm\.(train|evaluate)$|^tools/\w+\.py$")
 
 
