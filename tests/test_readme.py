@@ -25,8 +25,6 @@ import subprocess
 import sys
 import tarfile
 
-import pytest
-
 from conftest import ROOT
 
 README = os.path.join(ROOT, "README.md")
@@ -37,7 +35,7 @@ CONFIG_COMMANDS = re.compile(r"^-m big_mm\.(train|evaluate)$|^tools/\w+\.py$")
 
 
 def shell_blocks(text: str) -> list[dict]:
-  """The README's shell blocks: line (of the fence), code (dedented), marker, reason."""
+  """The README's shell blocks: line (of the fence), code (dedented), marker."""
   lines = text.splitlines()
   blocks, i = [], 0
   while i < len(lines):
@@ -50,8 +48,7 @@ def shell_blocks(text: str) -> list[dict]:
     if lang in SHELLS:
       marker = MARKER.search(lines[i - 1]) if i else None
       code = "\n".join(l[len(indent):] if l.startswith(indent) else l for l in lines[i + 1:end])
-      blocks.append(dict(line=i + 1, code=code, marker=marker and marker.group(1),
-                         reason=marker and marker.group(2)))
+      blocks.append(dict(line=i + 1, code=code, marker=marker and marker.group(1)))
     i = end + 1
   return blocks
 
@@ -104,13 +101,17 @@ def sandboxed(code: str, root: str) -> str:
   return code.replace("python -m big_mm.train", f"python -m big_mm.train {SHRINK}")
 
 
-def test_readme_blocks_have_known_markers():
-  """A marker the test does not understand would silently run (or skip) its block."""
+def test_readme_markers_are_known_and_placed():
+  """A marker the test does not understand, or not right above a shell block, would silently
+  leave its block run as written."""
   with open(README) as f:
-    text = f.read()
-  for n, line in enumerate(text.splitlines(), 1):
+    lines = f.read().splitlines()
+  for n, line in enumerate(lines, 1):
     if "readme-test" in line:
       assert MARKER.search(line), f"README.md:{n}: unknown marker {line.strip()!r}"
+      fence = re.match(r"^\s*```(\w*)\s*$", lines[n] if n < len(lines) else "")
+      assert fence and fence.group(1) in SHELLS, (
+          f"README.md:{n}: a readme-test marker must be the line right above a ```bash block")
 
 
 def test_readme_shell_blocks_run(data_dir, tmp_path, monkeypatch):
