@@ -33,7 +33,6 @@ ConfigDict = ml_collections.ConfigDict
 FREE_FORM = ("model", "evals", "objective")
 DURATION_UNITS = ("steps", "epochs", "examples")
 
-MODALITIES = ("rgb", "depth", "semseg", "text")  # input.modalities (MultiMAE)
 OPTIMIZERS = ("adamw", "adafactor")
 NAN_POLICIES = ("skip", "stop")
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
@@ -55,8 +54,9 @@ def defaults() -> ConfigDict:
   # go on; "stop": save the last good state and stop (checked at every step).
   c.nan_policy = "stop"
 
-  c.model_name = "two_towers"
-  c.model = ConfigDict()  # kwargs of the model class (FREE_FORM)
+  c.model_name = "towers"
+  # kwargs of the model class (FREE_FORM); towers: model.towers = {modality: tower kwargs}.
+  c.model = ConfigDict()
 
   # name + that objective's keys only (FREE_FORM): each objective declares its SETTINGS with
   # defaults and checks (big_mm/objectives/; the registry: objectives.OBJECTIVES); validate()
@@ -132,7 +132,7 @@ def parse_arg(arg: str | None, **defaults_: Any) -> ConfigDict:
     key = key.strip()
     if key not in defaults_:
       raise ConfigError(f"Unknown config argument {key!r}; valid: {sorted(defaults_)}"
-                        f"{_suggest(key, defaults_)}")
+                        f"{suggest(key, defaults_)}")
     default = defaults_[key]
     if not eq:  # bare flag
       value = True
@@ -144,7 +144,7 @@ def parse_arg(arg: str | None, **defaults_: Any) -> ConfigDict:
   return out
 
 
-def _suggest(key: str, valid: Iterable[str]) -> str:
+def suggest(key: str, valid: Iterable[str]) -> str:
   close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
   return f". Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
@@ -175,7 +175,7 @@ def _merge(base: ConfigDict, user: ConfigDict | dict, prefix: str) -> None:
   for key, value in user.items():
     path = f"{prefix}{key}"
     if key not in base:
-      raise ConfigError(f"Unknown config key {path!r}{_suggest(key, base.keys())} "
+      raise ConfigError(f"Unknown config key {path!r}{suggest(key, base.keys())} "
                         f"Valid keys under {prefix.rstrip('.') or 'the top level'}: "
                         f"{sorted(base.keys())}")
     if path in FREE_FORM:  # onto the section's defaults (only objective.name has one)
@@ -216,7 +216,7 @@ def apply_override(config: ConfigDict, dotted: str, value: Any) -> None:
         node[part] = ConfigDict()
       else:
         raise ConfigError(f"Unknown config key {path!r} in override --config.{dotted}"
-                          f"{_suggest(part, node.keys())} Valid keys here: {sorted(node.keys())}")
+                          f"{suggest(part, node.keys())} Valid keys here: {sorted(node.keys())}")
     if last:
       old = node[part]
       if isinstance(old, ConfigDict):
@@ -232,16 +232,37 @@ def apply_override(config: ConfigDict, dotted: str, value: Any) -> None:
     node = node[part]
 
 
+def migrate_two_towers(config: ConfigDict) -> None:
+  """A config written for the old "two_towers" model (model.image / model.text / out_dim=
+  (image, text)) becomes the "towers" model (model.towers.image / .text, out_dim per
+  modality), with a warning naming the new keys. Mixing both layouts fails."""
+  legacy = [k for k in ("image", "text") if k in config.model]
+  if config.model_name != "two_towers":
+    if config.model_name == "towers" and legacy:
+      raise ConfigError(
+          f"model.{legacy[0]} is not a towers-model key: tower kwargs go under "
+          f"model.towers.{legacy[0]} (e.g. --config.model.towers.{legacy[0]}.variant=...).")
+    return
+  from big_mm.models import towers  # pylint: disable=g-import-not-at-top
+  if "towers" in config.model:
+    raise ConfigError("model_name='two_towers' with model.towers: set model_name='towers'.")
+  config.model_name = "towers"
+  config.model = ConfigDict(towers.from_two_towers(_to_dict(config.model)))
+  logging.warning("model_name='two_towers' is now 'towers': read model.image / model.text as "
+                  "model.towers.image / model.towers.text and out_dim=(image, text) as "
+                  "out_dim={'image': ..., 'text': ...}; update the config to silence this.")
+
+
 def validate(config: ConfigDict) -> None:
   """Checks values (not only keys). Raises ConfigError naming the key and valid choices."""
-  _one_duration(config, "total", required=True)
-  _one_duration(config.optim.schedule, "warmup", prefix="optim.schedule.")
-  _one_duration(config.checkpoint, "every", prefix="checkpoint.")
+  one_duration(config, "total", required=True)
+  one_duration(config.optim.schedule, "warmup", prefix="optim.schedule.")
+  one_duration(config.checkpoint, "every", prefix="checkpoint.")
   _validate_data(config)
   _validate_objective(config)
-  _choice("optim.name", config.optim.name, OPTIMIZERS)
-  _choice("nan_policy", config.nan_policy, NAN_POLICIES)
-  _choice("optim.schedule.name", config.optim.schedule.name, SCHEDULES)
+  choice("optim.name", config.optim.name, OPTIMIZERS)
+  choice("nan_policy", config.nan_policy, NAN_POLICIES)
+  choice("optim.schedule.name", config.optim.schedule.name, SCHEDULES)
   _validate_pp(config.input)
   _validate_modalities(config.input)
   if not 0 <= config.input.max_bad_fraction < 1:
@@ -273,25 +294,27 @@ def _validate_objective(config: ConfigDict) -> None:
 
 
 def _validate_modalities(input_cfg) -> None:
-  """input.modalities: None or distinct MODALITIES including rgb; dense ones need a pp_image
-  whose ops dense maps can follow (big_mm/input/dense.py)."""
+  """input.modalities: None or distinct names of big_mm/modalities.py including the image
+  ("rgb"); dense ones need a pp_image whose ops dense maps can follow (big_mm/input/dense.py)."""
+  from big_mm import modalities as modalities_lib  # pylint: disable=g-import-not-at-top
   modalities = input_cfg.modalities
   if modalities is None:
     return
   if isinstance(modalities, str) or not isinstance(modalities, (tuple, list)) or not modalities:
-    raise ConfigError(f"input.modalities must be None or a tuple of {list(MODALITIES)}, got "
-                      f"{modalities!r}.")
+    raise ConfigError(f"input.modalities must be None or a tuple of {modalities_lib.names()}, "
+                      f"got {modalities!r}.")
   for m in modalities:
-    _choice("input.modalities entry", m, MODALITIES)
-  if len(set(modalities)) != len(modalities) or "rgb" not in modalities:
+    choice("input.modalities entry", m, modalities_lib.names())
+  found = [modalities_lib.get(m) for m in modalities]
+  if len(set(found)) != len(found) or modalities_lib.get("image") not in found:
     raise ConfigError(f"input.modalities={tuple(modalities)!r} must name each modality once "
                       f"and include 'rgb' (the batch's image).")
-  for key in ("depth_column", "semseg_column"):
-    value = input_cfg.get(key)
+  for mod in found:
+    value = input_cfg.get(mod.column_key) if mod.column_key else None
     if value is not None and not (isinstance(value, str) and value):
-      raise ConfigError(f"input.{key} must be a field name (a non-empty string) or None, got "
-                        f"{value!r}.")
-  if {"depth", "semseg"} & set(modalities):
+      raise ConfigError(f"input.{mod.column_key} must be a field name (a non-empty string) or "
+                        f"None, got {value!r}.")
+  if any(mod.kind == modalities_lib.DENSE for mod in found):
     from big_mm.input import dense, preprocess  # pylint: disable=g-import-not-at-top
     try:
       dense.check_pp(preprocess.parse_pp(input_cfg.pp_image))
@@ -357,13 +380,13 @@ def _validate_data(config: ConfigDict) -> None:
           f"slice: input.split='train[:95%]' and evals.{name}.split='train[95%:]'.")
 
 
-def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+def choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
   if value not in valid:
     raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(valid)}"
-                      f"{_suggest(str(value), valid)}")
+                      f"{suggest(str(value), valid)}")
 
 
-def _one_duration(section, name: str, *, prefix: str = "", required: bool = False) -> None:
+def one_duration(section, name: str, *, prefix: str = "", required: bool = False) -> None:
   given = [u for u in DURATION_UNITS if section.get(f"{name}_{u}") is not None]
   if len(given) > 1:
     raise ConfigError(f"Set only one of {', '.join(prefix + name + '_' + u for u in given)}.")
@@ -498,6 +521,7 @@ def load(spec: str | ConfigDict, overrides: dict[str, Any] | None = None) -> Con
   for dotted, value in (overrides or {}).items():
     apply_override(config, dotted, value)
   durations_after_overrides(config, recipe, overrides or {})
+  migrate_two_towers(config)
   validate(config)
   from big_mm import evaluators  # pylint: disable=g-import-not-at-top
   for ev_name in list(config.evals.keys()):

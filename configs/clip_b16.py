@@ -34,13 +34,15 @@ def get_config(arg=None):
   pp = "decode|resize(224)|value_range(-1,1)"
   c.input = dict(data=arg.data, split="train", tokenizer="clip_bpe_49408.model", text_len=77,
                  pp_image=pp, num_workers=8)
-  c.model_name = "two_towers"
+  c.model_name = "towers"
   c.model = dict(
-      image=dict(variant="B/16", pool="tok", posemb="learn", scan=True,
-                 remat_policy="nothing_saveable", dtype="bfloat16"),
-      text=dict(width=512, depth=12, mlp_dim=2048, num_heads=8, vocab_size=49_408,
-                causal=True, pool="last", scan=True, remat_policy="nothing_saveable",
-                dtype="bfloat16"),
+      towers=dict(
+          image=dict(variant="B/16", pool="tok", posemb="learn", scan=True,
+                     remat_policy="nothing_saveable", dtype="bfloat16"),
+          text=dict(width=512, depth=12, mlp_dim=2048, num_heads=8, vocab_size=49_408,
+                    causal=True, pool="last", scan=True, remat_policy="nothing_saveable",
+                    dtype="bfloat16"),
+      ),
       out_dim=512,
       temperature_init=1 / 0.07,
       bias_init=None,

@@ -26,15 +26,17 @@ def get_config(arg=None):
 
   c.input = common.digits_train_input()
 
-  c.model_name = "two_towers"
+  c.model_name = "towers"
   c.model = dict(
-      image=dict(width=64, depth=2, mlp_dim=256, num_heads=4, patch_size=(4, 4),
-                 posemb="learn", pool="map"),
-      # HF-SigLIP-compatible (tools/export.py --format hf): the image embedding is the MAP
-      # output itself (no image head) and the text embedding is read at the last position.
-      text=dict(width=64, depth=2, mlp_dim=256, num_heads=4, vocab_size=128,
-                pool="last_position"),
-      out_dim=(0, 64),
+      towers=dict(
+          image=dict(width=64, depth=2, mlp_dim=256, num_heads=4, patch_size=(4, 4),
+                     posemb="learn", pool="map"),
+          # HF-SigLIP-compatible (tools/export.py --format hf): the image embedding is the MAP
+          # output itself (no image head) and the text embedding is read at the last position.
+          text=dict(width=64, depth=2, mlp_dim=256, num_heads=4, vocab_size=128,
+                    pool="last_position"),
+      ),
+      out_dim=dict(image=0, text=64),
       temperature_init=10.0,
       bias_init=-10.0 if arg.loss == "sigmoid" else None,
   )

@@ -34,12 +34,14 @@ def get_config(arg=None):
   pp = "decode|resize(224)|value_range(-1,1)"
   c.input = dict(data=arg.data, split="train", tokenizer="c4_en_32k.model", text_len=16,
                  pp_image=pp, num_workers=8)
-  c.model_name = "two_towers"
+  c.model_name = "towers"
   c.model = dict(
-      image=dict(variant="B/16", pool="tok", posemb="learn", dtype="bfloat16"),
-      text=dict(variant="B", vocab_size=32_000, pool="last", scan=True,
-                remat_policy="nothing_saveable", dtype="bfloat16"),
-      out_dim=(None, 768),  # no image head (frozen tower's features are used as is)
+      towers=dict(
+          image=dict(variant="B/16", pool="tok", posemb="learn", dtype="bfloat16"),
+          text=dict(variant="B", vocab_size=32_000, pool="last", scan=True,
+                    remat_policy="nothing_saveable", dtype="bfloat16"),
+      ),
+      out_dim=dict(image=None, text=768),  # no image head: the frozen features as they are
       temperature_init=10.0,
       bias_init=None,
   )

@@ -33,12 +33,14 @@ def get_config(arg=None):
   c.input = dict(data=arg.data, split="train", tokenizer="c4_en_32k.model", text_len=64,
                  pp_image=pp, num_workers=8)
 
-  c.model_name = "two_towers"
+  c.model_name = "towers"
   c.model = dict(
-      image=dict(variant=arg.variant, pool="map", posemb="learn", scan=True,
-                 remat_policy="nothing_saveable", dtype="bfloat16"),
-      text=dict(variant=arg.variant.split("/")[0], vocab_size=32_000, pool="last", scan=True,
-                remat_policy="nothing_saveable", dtype="bfloat16"),
+      towers=dict(
+          image=dict(variant=arg.variant, pool="map", posemb="learn", scan=True,
+                     remat_policy="nothing_saveable", dtype="bfloat16"),
+          text=dict(variant=arg.variant.split("/")[0], vocab_size=32_000, pool="last", scan=True,
+                    remat_policy="nothing_saveable", dtype="bfloat16"),
+      ),
       out_dim=None,  # embedding = width
       temperature_init=10.0,
       bias_init=-10.0,

@@ -44,9 +44,9 @@ def tiny_config(data_dir, **changes):
   user.input.data_dir = data_dir
   user.input.tokenizer = TOKENIZER
   user.input.text_len = 8
-  user.model.image.update(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=(8, 8))
-  user.model.text.update(width=32, depth=1, mlp_dim=64, num_heads=2)
-  user.model.out_dim = (16, 16)
+  user.model.towers.image.update(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=(8, 8))
+  user.model.towers.text.update(width=32, depth=1, mlp_dim=64, num_heads=2)
+  user.model.out_dim = dict(image=16, text=16)
   user.evals = {}
   user.optim.schedule.warmup_steps = 2
   # Attention key biases have an exactly-zero true gradient (softmax is shift-invariant); with

@@ -56,8 +56,9 @@ def _case(kind):
   """-> (setup, params, batch)."""
   img = dict(TINY, patch_size=(4, 4))
   if kind in ("contrastive", "gradcache"):
-    setup = _setup("demo.py", **{"model.image": dict(img, pool="map"), "model.out_dim": (16, 16),
-                                 "model.text": dict(TINY, vocab_size=128),
+    setup = _setup("demo.py", **{"model.towers.image": dict(img, pool="map"),
+                                 "model.out_dim": 16,
+                                 "model.towers.text": dict(TINY, vocab_size=128),
                                  "objective.micro_batches": 2 if kind == "gradcache" else 1})
   elif kind == "captioning":
     setup = _setup("demo_cappa.py", **{"model.image": img, "objective.parallel_fraction": 0.5,
@@ -78,6 +79,8 @@ def _case(kind):
     visible = jnp.zeros((B, 12), jnp.int32)
     inputs = {"rgb": batch["image"], "depth": batch["depth"], "semseg": batch["semseg"]}
     variables = setup.model.init(jax.random.key(0), inputs, visible, jnp.ones((B, 12), bool))
+  elif kind in ("contrastive", "gradcache"):
+    variables = setup.model.init(jax.random.key(0), batch)
   else:
     variables = setup.model.init(jax.random.key(0), batch["image"], batch["text"])
   return setup, sharding.unbox(variables["params"]), batch

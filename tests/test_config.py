@@ -20,10 +20,10 @@ def test_demo_loads_locked_with_defaults_filled():
 
 def test_arg_string_and_overrides():
   c = config_lib.load("configs/demo.py:loss=softmax,steps=7",
-                      {"optim.lr": 1, "model.image.pool": "gap", "mesh.fsdp": 2})
+                      {"optim.lr": 1, "model.towers.image.pool": "gap", "mesh.fsdp": 2})
   assert c.objective.loss == "softmax" and c.total_steps == 7
   assert c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
-  assert c.model.image.pool == "gap" and c.mesh.fsdp == 2
+  assert c.model.towers.image.pool == "gap" and c.mesh.fsdp == 2
 
 
 def test_unknown_override_names_closest_key():
@@ -91,7 +91,23 @@ def test_command_line_parsing():
 @pytest.mark.parametrize("name", ["demo", "siglip_b16", "clip_b16", "lit_b16"])
 def test_every_recipe_config_is_valid(name):
   c = config_lib.load(f"configs/{name}.py")
-  assert c.model_name == "two_towers"
+  assert c.model_name == "towers" and set(c.model.towers) == {"image", "text"}
+
+
+def test_two_towers_configs_are_migrated(caplog):
+  old = config_lib.load_file("configs/demo.py")
+  towers = old.model.towers
+  old.model_name = "two_towers"
+  old.model = dict(image=towers.image.to_dict(), text=towers.text.to_dict(), out_dim=(0, 64),
+                   temperature_init=10.0)
+  c = config_lib.load(old, {"model.image.pool": "gap"})
+  assert c.model_name == "towers" and c.model.towers.image.pool == "gap"
+  assert c.model.towers.text.vocab_size == 128 and c.model.out_dim.to_dict() == {
+      "image": 0, "text": 64}
+  assert "model.towers.image" in caplog.text
+  with pytest.raises(ConfigError, match=r"model.image is not a towers-model key.*"
+                                        r"model.towers.image"):
+    config_lib.load("configs/demo.py", {"model.image.pool": "gap"})
 
 
 def test_text_prefix_only_for_captioning():
@@ -117,7 +133,7 @@ def test_objective_section_is_the_named_objectives_settings():
   objective (here by override) gives that one's keys and defaults."""
   assert _demo().objective.to_dict() == dict(
       name="contrastive", loss="sigmoid", strategy="all_gather", implementation="xla",
-      micro_batches=1)
+      micro_batches=1, modalities=("image", "text"))
   coca = _demo(**{"objective.name": "coca", "objective.caption_weight": 1})
   assert coca.objective.to_dict() == dict(
       name="coca", loss="sigmoid", strategy="all_gather", implementation="xla",

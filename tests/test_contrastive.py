@@ -166,7 +166,8 @@ def tiny_two_towers(data_dir):
            "text": jax.random.randint(k2, (32, 8), 1, 128, jnp.int32)}
   batch = jax.device_put(batch, sharding.batch_sharding(setup.mesh))
   # Host params: jit places them (replicated, as the trainer does on a data-only mesh).
-  init = jax.jit(lambda rng: setup.model.init(rng, batch["image"][:1], batch["text"][:1]))
+  init = jax.jit(lambda rng: setup.model.init(rng, {"image": batch["image"][:1],
+                                                     "text": batch["text"][:1]}))
   params = jax.device_get(sharding.unbox(init(jax.random.key(0))["params"]))
   return setup, params, batch
 
@@ -222,7 +223,7 @@ def test_gradcache_with_dropout_and_frozen_image_tower(data_dir, tiny_two_towers
   micro-batch by micro-batch), and the frozen tower gets exactly zero gradient."""
   _, params, batch = tiny_two_towers
   config = tiny_config(data_dir, batch_size=32, **{
-      "model.image.dropout": 0.2, "model.text.dropout": 0.2,
+      "model.towers.image.dropout": 0.2, "model.towers.text.dropout": 0.2,
       "optim.lr_mults": ((r"img/.*", 0.0), (r".*", 1.0)), "objective.micro_batches": 2})
   setup = train.build(config)
   objective = setup.objective
@@ -263,3 +264,23 @@ def test_other_objectives_settings_are_unknown_keys(data_dir, tiny_two_towers):
       _objective(setup, **{key: value})
   with pytest.raises(config_lib.ConfigError, match=r"'objective.los'.*Did you mean 'loss'"):
     _objective(setup, los="softmax")
+
+
+def test_contrasted_modalities_are_named_towers(tiny_two_towers):
+  """objective.modalities picks the towers by name: swapping them transposes the logits (the
+  sigmoid loss sums over all pairs, so it is unchanged); a modality without a tower fails."""
+  setup, params, batch = tiny_two_towers
+  rng = jax.random.key(5)
+  with train.use_mesh(setup):
+    want, want_metrics = jax.jit(_objective(setup, loss="sigmoid").loss_fn)(params, batch, rng)
+    swapped = _objective(setup, loss="sigmoid", modalities=("text", "image"))
+    got, got_metrics = jax.jit(swapped.loss_fn)(params, batch, rng)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got_metrics["txt_img_cos/pos"], want_metrics["img_txt_cos/pos"],
+                             rtol=1e-5)
+  with pytest.raises(config_lib.ConfigError, match="two different modalities"):
+    _objective(setup, modalities=("image", "image"))
+  with pytest.raises(config_lib.ConfigError, match=r"objective.modalities entry='audio'"):
+    _objective(setup, modalities=("image", "audio"))
+  with pytest.raises(config_lib.ConfigError, match=r"no tower for \['depth'\].*\['image', 'text'\]"):
+    _objective(setup, modalities=("image", "depth"))

@@ -43,7 +43,7 @@ from big_mm import config as config_lib  # noqa: E402
 from big_mm import export, sharding  # noqa: E402
 from big_mm.export import ExportError  # noqa: E402
 from big_mm.input.tokenizer import Tokenizer  # noqa: E402
-from big_mm.models.two_towers import TwoTowers  # noqa: E402
+from big_mm.models.towers import Towers, from_two_towers  # noqa: E402
 from conftest import ROOT, TOKENIZER  # noqa: E402
 
 TOL = 1e-4
@@ -52,26 +52,27 @@ TOWER = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
 
 
 def siglip_kwargs(image=None, text=None, **kw):
-  return dict(image={**TOWER, "patch_size": (8, 8), "pool": "map", **(image or {})},
+  """Towers kwargs; image / text update the towers' kwargs, out_dim may be (image, text)."""
+  return from_two_towers(dict(image={**TOWER, "patch_size": (8, 8), "pool": "map", **(image or {})},
               text={**TOWER, "vocab_size": 128, "pool": "last_position", **(text or {})},
-              **{"out_dim": (0, 32), "temperature_init": 10.0, "bias_init": -10.0, **kw})
+              **{"out_dim": (0, 32), "temperature_init": 10.0, "bias_init": -10.0, **kw}))
 
 
 def clip_kwargs(image=None, text=None, **kw):
-  return dict(image={**TOWER, "patch_size": (8, 8), "pool": "tok", "pre_norm": True,
+  return from_two_towers(dict(image={**TOWER, "patch_size": (8, 8), "pool": "tok", "pre_norm": True,
                      "head_bias": False, **(image or {})},
               text={**TOWER, "vocab_size": 128, "pool": "last", "causal": True,
                     "head_bias": False, **(text or {})},
-              **{"out_dim": 24, "temperature_init": 10.0, "bias_init": None, **kw})
+              **{"out_dim": 24, "temperature_init": 10.0, "bias_init": None, **kw}))
 
 
 def random_params(kwargs, image_size=32, text_len=16, seed=0):
   """Random values of the model's param shapes (numpy: no XLA compile), with LayerNorm scales,
   biases and probes away from their trivial init so every mapping is exercised."""
-  model = TwoTowers(**kwargs)
+  model = Towers(**kwargs)
   shapes = jax.eval_shape(lambda: sharding.unbox(model.init(
-      jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
-      jnp.zeros((1, text_len), jnp.int32))["params"]))
+      jax.random.key(0), {"image": jnp.zeros((1, image_size, image_size, 3)),
+                          "text": jnp.zeros((1, text_len), jnp.int32)})["params"]))
   rng = np.random.RandomState(seed)
   flat = {}
   for path, s in jax.tree_util.tree_leaves_with_path(shapes):
@@ -92,7 +93,9 @@ def random_params(kwargs, image_size=32, text_len=16, seed=0):
 
 
 def apply(kwargs, params, img, txt):
-  return TwoTowers(**kwargs).apply({"params": params}, img, txt)
+  """-> (image embedding, text embedding, out)."""
+  z, out = Towers(**kwargs).apply({"params": params}, {"image": img, "text": txt})
+  return z["image"], z["text"], out
 
 
 def images(n=3, size=32, seed=0):
@@ -143,7 +146,7 @@ def test_siglip_matches_transformers(case, tmp_path):
   cfg = json.load(open(tmp_path / "hf" / "config.json"))
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
   has_mask = "attention_mask" in tok("x")
-  assert has_mask == bool(kwargs["text"].get("pad_mask", False))
+  assert has_mask == bool(kwargs["towers"]["text"].get("pad_mask", False))
   assert cfg["text_config"]["max_position_embeddings"] == 16
 
 

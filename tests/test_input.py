@@ -558,7 +558,7 @@ def test_modalities_absent_and_bad_maps(scenes_dir, monkeypatch):
 def test_modalities_missing_field_error(data_dir, scenes_dir):
   cfg = _cfg(data_dir, modalities=("rgb", "depth", "text"))
   msg = (r"input.modalities names 'depth' \(field 'depth'\) but dataset 'digits_captions' has "
-         r"fields \['id', 'image', 'label', 'text'\]; its modalities: rgb, text")
+         r"fields \['id', 'image', 'label', 'text'\]; its modalities: image, text")
   with pytest.raises(ValueError, match=msg):
     pipeline.make_train_iterator(cfg, global_batch_size=8, seed=0, sharding=None)
   with pytest.raises(ValueError, match=msg):

@@ -1,4 +1,4 @@
-"""Tests for big_mm.models (ViT, text transformer, two towers) and kernels.attention.
+"""Tests for big_mm.models (ViT, text transformer, towers) and kernels.attention.
 
 Tiny configs (width 32, depth 2, 16x16 images with 8x8 patches) to stay fast on CPU.
 """
@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 from big_mm.kernels import attention as attn
 from big_mm.models import MODELS, get_model, layers
 from big_mm.models.text import TextTransformer, last_token_index
-from big_mm.models.two_towers import TwoTowers
+from big_mm.models.towers import TOWERS, Towers
 from big_mm.models.vit import ViT, decode_variant
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4)
@@ -34,12 +34,27 @@ def _flat(tree):
   return {"/".join(k): v for k, v in flatten_dict(tree).items()}
 
 
+def _image_text(image, text, **kwargs):
+  return Towers(towers={"image": image, "text": text}, **kwargs)
+
+
+def _inputs(image, text):
+  return {"image": image, "text": text}
+
+
+def _apply(model, params, image, text):
+  """-> (image embedding, text embedding, out); None for an input that is None."""
+  z, out = model.apply({"params": params}, _inputs(image, text))
+  return z.get("image"), z.get("text"), out
+
+
 @pytest.fixture(scope="module")
 def two_towers():
-  model = TwoTowers(image=IMG, text=TXT, out_dim=(16, 24), temperature_init=10.0, bias_init=-10.0)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), _images(), _text())
+  model = _image_text(IMG, TXT, out_dim={"image": 16, "text": 24}, temperature_init=10.0,
+                      bias_init=-10.0)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), _inputs(_images(), _text()))
   params = nn.unbox(variables)["params"]
-  outs = jax.jit(lambda p, i, t: model.apply({"params": p}, i, t))(params, _images(), _text())
+  outs = jax.jit(lambda p, i, t: _apply(model, p, i, t))(params, _images(), _text())
   return model, params, outs
 
 
@@ -97,28 +112,27 @@ def test_outputs_normalised_and_scalars(two_towers):
 
 def test_either_input_may_be_none(two_towers):
   model, params, (zimg, ztxt, _) = two_towers
-  zi, zt, out = model.apply({"params": params}, _images(), None)
+  zi, zt, out = _apply(model, params, _images(), None)
   assert zt is None and not any(k.startswith("txt/") for k in out)
   np.testing.assert_allclose(zi, zimg, atol=1e-6)
-  zi, zt, out = model.apply({"params": params}, None, _text())
+  zi, zt, out = _apply(model, params, None, _text())
   assert zi is None and not any(k.startswith("img/") for k in out)
   np.testing.assert_allclose(zt, ztxt, atol=1e-6)
 
 
 def test_bias_none_gives_zero_b():
-  model = TwoTowers(image=IMG, text=TXT, out_dim=8)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), _images(), _text())
+  model = _image_text(IMG, TXT, out_dim=8)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), _inputs(_images(), _text()))
   assert nn.unbox(shapes)["params"]["b"].shape == (1,)
-  p = nn.unbox(model.init(jax.random.PRNGKey(0), None, _text()))["params"]
+  p = nn.unbox(model.init(jax.random.PRNGKey(0), _inputs(None, _text())))["params"]
   np.testing.assert_array_equal(p["b"], [0.0])
   np.testing.assert_allclose(p["t"], [0.0])  # temperature_init 1.0
 
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_every_param_has_logical_partition_spec(scan):
-  model = TwoTowers(image=dict(IMG, scan=scan), text=dict(TXT, scan=scan, pool="map"),
-                    out_dim=8)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), _images(), _text())
+  model = _image_text(dict(IMG, scan=scan), dict(TXT, scan=scan, pool="map"), out_dim=8)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), _inputs(_images(), _text()))
   specs = _flat(nn.get_partition_spec(shapes)["params"])
   arrays = _flat(nn.unbox(shapes)["params"])
   assert specs.keys() == arrays.keys()
@@ -287,12 +301,11 @@ def test_attention_errors():
 
 
 def test_bf16_compute_keeps_float32_params():
-  model = TwoTowers(image=dict(IMG, dtype="bfloat16"), text=dict(TXT, dtype=jnp.bfloat16),
-                    out_dim=8)
-  variables = model.init(jax.random.PRNGKey(0), _images(), _text())
+  model = _image_text(dict(IMG, dtype="bfloat16"), dict(TXT, dtype=jnp.bfloat16), out_dim=8)
+  variables = model.init(jax.random.PRNGKey(0), _inputs(_images(), _text()))
   params = nn.unbox(variables)["params"]
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
-  zimg, ztxt, out = model.apply({"params": params}, _images(), _text())
+  zimg, ztxt, out = _apply(model, params, _images(), _text())
   assert out["img/encoded"].dtype == jnp.bfloat16
   assert out["txt/transformed"].dtype == jnp.bfloat16
   assert zimg.dtype == jnp.float32 and ztxt.dtype == jnp.float32
@@ -348,15 +361,15 @@ def test_variant_with_overrides():
 
 def test_invalid_kwargs_messages():
   with pytest.raises(TypeError, match=r"'pool_type'.*Did you mean 'pool'.*Valid options"):
-    TwoTowers(image=dict(IMG, pool_type="map"), text=TXT)
-  with pytest.raises(TypeError, match=r"model.text.*'vocab'.*vocab_size"):
-    TwoTowers(image=IMG, text=dict(TXT, vocab=100))
+    _image_text(dict(IMG, pool_type="map"), TXT)
+  with pytest.raises(TypeError, match=r"model.towers.text.*'vocab'.*vocab_size"):
+    _image_text(IMG, dict(TXT, vocab=100))
   with pytest.raises(TypeError, match="temperature_init"):
-    get_model("two_towers", image=IMG, text=TXT, temperature=10.0)
-  with pytest.raises(ValueError, match=r"Unknown model 'two_tower'.*two_towers"):
-    get_model("two_tower")
-  assert MODELS["two_towers"] is TwoTowers
-  assert set(MODELS) == {"two_towers", "captioner", "coca", "multimae"}
+    get_model("towers", towers={"image": IMG, "text": TXT}, temperature=10.0)
+  with pytest.raises(ValueError, match=r"Unknown model 'tower'.*towers"):
+    get_model("tower")
+  assert MODELS["towers"] is Towers
+  assert set(MODELS) == {"towers", "captioner", "coca", "multimae"}
   with pytest.raises(ValueError, match=r"Unknown pool 'avg'"):
     ViT(**dict(IMG, pool="avg")).init(jax.random.PRNGKey(0), _images())
 
@@ -381,18 +394,18 @@ def test_sharded_init_and_apply_match_single_device():
   mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
   rules = (("batch", "data"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
            ("embed", None), ("kv", None), ("length", None), ("layers", None), ("patch", None))
-  model = TwoTowers(image=dict(IMG, scan=True), text=dict(TXT, vocab_size=64), out_dim=8)
+  model = _image_text(dict(IMG, scan=True), dict(TXT, vocab_size=64), out_dim=8)
   imgs, text = _images(b=8), jnp.tile(_text(), (4, 1))
-  init = lambda: model.init(jax.random.PRNGKey(0), imgs, text)
+  init = lambda: model.init(jax.random.PRNGKey(0), _inputs(imgs, text))
   ref_params = nn.unbox(init())["params"]
-  ref = model.apply({"params": ref_params}, imgs, text)
+  ref = _apply(model, ref_params, imgs, text)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     specs = nn.get_partition_spec(jax.eval_shape(init))
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
     params = nn.unbox(jax.jit(init, out_shardings=shardings)())["params"]
     k = "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"
     assert _flat(params)[k].sharding.spec == PartitionSpec(None, None, "tensor", None)
-    zimg, ztxt, _ = jax.jit(lambda p, i, t: model.apply({"params": p}, i, t))(params, imgs, text)
+    zimg, ztxt, _ = jax.jit(lambda p, i, t: _apply(model, p, i, t))(params, imgs, text)
   np.testing.assert_allclose(zimg, ref[0], atol=1e-5)
   np.testing.assert_allclose(ztxt, ref[1], atol=1e-5)
 

@@ -98,7 +98,8 @@ def test_pallas_kernels_from_config_train_like_xla(data_dir, host_batches, singl
         traced.append(_n), _f(*a, **k))[1])
   ref_losses, _, _ = single_device_run
   config = tiny_config(data_dir, mesh=dict(data=8, fsdp=1, tensor=1), **{
-      "model.image.attn_implementation": "pallas", "model.text.attn_implementation": "pallas",
+      "model.towers.image.attn_implementation": "pallas",
+      "model.towers.text.attn_implementation": "pallas",
       "objective.implementation": "pallas", "objective.strategy": "ring"})
   losses, _, _ = run_steps(config, jax.devices(), host_batches)
   assert {"flash_attention", "sigmoid_sum_fwd"} <= set(traced)  # the kernels really ran
@@ -181,7 +182,7 @@ def test_bad_inputs_fail_fast_with_helpful_messages(data_dir, tmp_path):
   with pytest.raises(sharding.ShardingError, match="batch_size=12 does not divide"):
     train.build(tiny_config(data_dir, batch_size=12))
   with pytest.raises(config_lib.ConfigError, match="vocab_size=99 but the tokenizer"):
-    train.build(tiny_config(data_dir, **{"model.text.vocab_size": 99}))
+    train.build(tiny_config(data_dir, **{"model.towers.text.vocab_size": 99}))
   with pytest.raises(FileNotFoundError, match="build_demo.py"):
     train.train(tiny_config(str(tmp_path / "empty")), str(tmp_path / "w"))
 

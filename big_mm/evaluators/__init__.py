@@ -36,9 +36,9 @@ def check(name: str, ev) -> None:
     if key not in evaluator.DEFAULTS:
       raise config_lib.ConfigError(
           f"Unknown config key 'evals.{name}.{key}' for a {ev_type} evaluator"
-          f"{config_lib._suggest(key, evaluator.DEFAULTS)} Valid keys: "
+          f"{config_lib.suggest(key, evaluator.DEFAULTS)} Valid keys: "
           f"{sorted(evaluator.DEFAULTS)}")
-  config_lib._one_duration(ev, "every", prefix=f"evals.{name}.")
+  config_lib.one_duration(ev, "every", prefix=f"evals.{name}.")
   evaluator.validate(name, with_defaults(ev))
 
 

@@ -30,7 +30,7 @@ class Captioning(common.Evaluator):
 
   @staticmethod
   def validate(name, ev):
-    config_lib._choice(f"evals.{name}.decode_method", ev["decode_method"],
+    config_lib.choice(f"evals.{name}.decode_method", ev["decode_method"],
                        decoding.METHODS)
     for key, smallest in (("max_examples", 0), ("max_decode_len", 1)):
       value = ev[key]

@@ -43,10 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_mm import config as config_lib
+from big_mm import modalities as modalities_lib
 from big_mm import sharding
 from big_mm.evaluators import common
 from big_mm.input import preprocess
-from big_mm.objectives.masked import BATCH_KEYS
+from big_mm.models import multimae
+from big_mm.objectives.masked import batch_key
 
 MIN_MSE = 1e-10  # PSNR <= 100 dB.
 TARGETS = ("rgb", "depth", "semseg")
@@ -174,13 +176,13 @@ def check_rgb_range(rgb_range, pp: str) -> None:
 
 def _require(batch, modalities) -> None:
   for m in modalities:
-    if BATCH_KEYS[m] not in batch:
-      raise ValueError(f"cross_modal needs {m!r} in the batches (key {BATCH_KEYS[m]!r}), which "
+    if batch_key(m) not in batch:
+      raise ValueError(f"cross_modal needs {m!r} in the batches (key {batch_key(m)!r}), which "
                        f"have only {sorted(batch)}; add it to input.modalities.")
 
 
 def _host(batch, modality: str) -> np.ndarray:
-  return common.gather(batch[BATCH_KEYS[modality]])
+  return common.gather(batch[batch_key(modality)])
 
 
 def _rows(batch, mask: np.ndarray, modalities) -> np.ndarray:
@@ -188,8 +190,8 @@ def _rows(batch, mask: np.ndarray, modalities) -> np.ndarray:
   always)."""
   rows = mask.copy()
   for m in modalities:
-    if f"{m}_present" in batch:
-      rows &= common.gather(batch[f"{m}_present"]).astype(bool)
+    if modalities_lib.present_key(m) in batch:
+      rows &= common.gather(batch[modalities_lib.present_key(m)]).astype(bool)
   return rows
 
 
@@ -303,9 +305,9 @@ def _validate_predictions(key: str, predictions) -> None:
       raise config_lib.ConfigError(f"{key}[{i}]={item!r} must be a pair (target, (input, ...)), "
                                    f"e.g. ('depth', ('rgb',)).")
     target, inputs = item
-    config_lib._choice(f"{key}[{i}] target", target, TARGETS)
+    config_lib.choice(f"{key}[{i}] target", target, TARGETS)
     for m in inputs:
-      config_lib._choice(f"{key}[{i}] input", m, config_lib.MODALITIES)
+      config_lib.choice(f"{key}[{i}] input", m, multimae.MODALITIES)
     if not inputs or target in inputs or len(set(inputs)) != len(inputs):
       raise config_lib.ConfigError(
           f"{key}[{i}]={item!r}: give at least one input, each once, and not the target itself "

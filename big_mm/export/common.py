@@ -77,32 +77,35 @@ def num_layers(flat: Mapping[str, np.ndarray], prefix: str) -> int:
 
 
 def model_kwargs(config) -> dict:
-  """config.model (ConfigDict or dict) -> plain dict of TwoTowers kwargs."""
+  """config.model (ConfigDict or dict; the former two_towers layout too) -> plain dict of
+  Towers kwargs with an image and a text tower (what the exported formats hold)."""
+  from big_mm.models import towers
   m = config.model if hasattr(config, "model") else config
-  m = m.to_dict() if hasattr(m, "to_dict") else dict(m)
-  m = dict(m)
-  m["image"] = dict(m.get("image") or {})
-  m["text"] = dict(m.get("text") or {})
+  m = dict(m.to_dict() if hasattr(m, "to_dict") else m)
+  if "towers" not in m:
+    m = towers.from_two_towers(m)
+  m["towers"] = {k: dict(v or {}) for k, v in dict(m["towers"]).items()}
+  if sorted(m["towers"]) != ["image", "text"]:
+    raise ExportError(f"Exports hold an image and a text tower; this model's towers are "
+                      f"{sorted(m['towers'])}.")
   return m
 
 
 def resolved_arch(model_kwargs_: Mapping) -> tuple[dict, dict, tuple]:
   """(image options, text options, (img_dim, txt_dim)) with every default filled in, as the
-  modules themselves resolve them (variants, mlp_dim = 4 * width, TwoTowers head defaults)."""
-  from big_mm.models.text import TextTransformer
-  from big_mm.models.two_towers import TwoTowers
-  from big_mm.models.vit import ViT
-  tt = TwoTowers(**{k: v for k, v in model_kwargs_.items()})
-  img_dim, txt_dim = tt._out_dims()
-  vit = ViT(**{"num_classes": img_dim, "head_zeroinit": False, **dict(tt.image or {})})
-  txt = TextTransformer(**{"num_classes": txt_dim, **dict(tt.text or {})})
+  modules themselves resolve them (variants, mlp_dim = 4 * width, Towers head defaults)."""
+  from big_mm.models.towers import Towers
+  model = Towers(**model_kwargs_)
+  dims = model.out_dims()
 
-  def opts(mod, arch):
+  def opts(modality):
+    cls, kwargs = model.tower_kwargs(modality)
+    mod = cls(**kwargs)
     fields = {f: getattr(mod, f) for f in mod.__dataclass_fields__ if f not in ("parent", "name")}
-    fields.update(arch)
+    fields.update(mod.arch())
     return fields
 
-  return opts(vit, vit.arch()), opts(txt, txt.arch()), (img_dim, txt_dim)
+  return opts("image"), opts("text"), (dims["image"], dims["text"])
 
 
 def check_refusals(problems: list[str], target: str) -> None:

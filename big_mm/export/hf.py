@@ -6,7 +6,7 @@
 What maps (exactly; anything else is refused with the list of differences):
 
 SigLIP (`transformers.SiglipModel`), usually big_mm `objective.loss="sigmoid"`:
-  image: pool="map", no image head (out_dim=(0 or None, D)): HF SigLIP's image embedding is
+  image: pool="map", no image head (out_dim image 0 or None): HF SigLIP's image embedding is
          the MAP head output itself; rep_size off, pre_norm off, square patches and grid;
          posemb "learn" or "sincos2d" (the fixed table is written as position_embedding).
   text:  pool="last_position" (the literal last position, as HF / big_vision), not causal;
@@ -199,7 +199,8 @@ def siglip_problems(img, txt, dims, flat) -> list[str]:
                     "(vision_use_head); use pool='map'.")
   if dims[0]:
     problems.append(f"image head (out_dim image={dims[0]}): HF SigLIP's image embedding is the "
-                    "MAP output with no projection; use out_dim=(0, D) with D = image width.")
+                    "MAP output with no projection; use out_dim={'image': 0, 'text': D} with D = "
+                    "image width.")
   if img.get("rep_size"):
     problems.append("image.rep_size (tanh pre-logits layer) has no HF SigLIP counterpart.")
   if img.get("pre_norm"):
@@ -224,7 +225,7 @@ def clip_problems(img, txt, dims, flat) -> list[str]:
     problems.append(f"image.pool={img['pool']!r}: HF CLIP pools the class token; use pool='tok'.")
   if not img.get("pre_norm"):
     problems.append("image.pre_norm=False: HF CLIP applies pre_layrnorm before the encoder; "
-                    "train with model.image.pre_norm=True.")
+                    "train with model.towers.image.pre_norm=True.")
   if img.get("rep_size"):
     problems.append("image.rep_size (tanh pre-logits layer) has no HF CLIP counterpart.")
   _square(img, problems)
@@ -235,7 +236,7 @@ def clip_problems(img, txt, dims, flat) -> list[str]:
   for tower, key in (("image", "img/head/bias"), ("text", "txt/head/bias")):
     if key in flat and np.any(flat[key] != 0):
       problems.append(f"{tower} head has a non-zero bias ({key}); CLIP projections have no bias "
-                      f"(train with model.{tower}.head_bias=False).")
+                      f"(train with model.towers.{tower}.head_bias=False).")
   img_out, txt_out = dims[0] or img["width"], dims[1] or txt["width"]
   if img_out != txt_out:
     problems.append(f"embedding sizes differ: image {img_out} vs text {txt_out}.")
@@ -250,11 +251,11 @@ def _expected_shapes(model_kwargs, image_size, text_len):
   import jax
   import jax.numpy as jnp
 
-  from big_mm.models.two_towers import TwoTowers
-  model = TwoTowers(**model_kwargs)
-  img = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  txt = jnp.zeros((1, text_len), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), img, txt))["params"]
+  from big_mm.models.towers import Towers
+  model = Towers(**model_kwargs)
+  inputs = {"image": jnp.zeros((1, image_size, image_size, 3), jnp.float32),
+            "text": jnp.zeros((1, text_len), jnp.int32)}
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs))["params"]
   from big_mm import sharding, tree_paths
   return {name: tuple(leaf.shape)
           for name, leaf in tree_paths.flat_dict(sharding.unbox(shapes)).items()}
@@ -277,8 +278,7 @@ def prepare(params, model_kwargs: Mapping, arch: str, *, image_size: Optional[in
   kwargs = common.model_kwargs(model_kwargs)
   img, txt, dims = common.resolved_arch(kwargs)
   flat = common.unstack_layers(common.flatten(params))
-  img_k = {**kwargs, "image": {**kwargs["image"], "scan": False},
-           "text": {**kwargs["text"], "scan": False}}
+  img_k = {**kwargs, "towers": {m: {**t, "scan": False} for m, t in kwargs["towers"].items()}}
   p = img["patch_size"]
   if "img/pos_embedding" in flat:
     n = flat["img/pos_embedding"].shape[1]
@@ -474,7 +474,8 @@ def _hf_to_options(cfg: Mapping, arch: str) -> dict:
       raise ExportError("HF SigLIP vision_use_head=False has no big_mm equivalent.")
     image["pool"] = "map"
     text.update(pool="last_position", pad_mask=bool(extra.get("text_pad_mask", False)))
-    return dict(image=image, text=text, out_dim=(0, t.get("projection_size", t["hidden_size"])),
+    return dict(towers=dict(image=image, text=text),
+                out_dim=dict(image=0, text=t.get("projection_size", t["hidden_size"])),
                 temperature_init=1.0, bias_init=0.0)
   eos = t.get("eos_token_id")
   if eos == 2:
@@ -483,13 +484,13 @@ def _hf_to_options(cfg: Mapping, arch: str) -> dict:
   image.update(pool="tok", pre_norm=True, head_bias=False)
   text.update(pool="last", causal=True, head_bias=False,
               pad_mask=bool(extra.get("text_pad_mask", False)))
-  return dict(image=image, text=text, out_dim=cfg["projection_dim"], temperature_init=1.0,
-              bias_init=None)
+  return dict(towers=dict(image=image, text=text), out_dim=cfg["projection_dim"],
+              temperature_init=1.0, bias_init=None)
 
 
 def import_hf(path: str) -> tuple[dict[str, np.ndarray], dict]:
   """HF SiglipModel / CLIPModel directory (config.json + model.safetensors) ->
-  (flat big_mm params, TwoTowers kwargs). Only safetensors are read (never pickles)."""
+  (flat big_mm params, Towers kwargs). Only safetensors are read (never pickles)."""
   from safetensors.numpy import load_file
   cfg_path, st_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
   for p in (cfg_path, st_path):

@@ -172,7 +172,7 @@ def problems_for(img, txt, dims, flat) -> list[str]:
   if (img["pool"] == "tok" and "img/head/bias" in flat
       and np.any(flat["img/head/bias"] != 0)):
     problems.append("image head has a non-zero bias; open_clip's native visual.proj has none "
-                    "(train with model.image.head_bias=False).")
+                    "(train with model.towers.image.head_bias=False).")
   if txt["pool"] not in TEXT_POOL:
     problems.append(f"text.pool={txt['pool']!r}: open_clip pools 'eos', 'last' or 'first'.")
   if txt.get("pad_mask") and not (txt.get("causal") and txt["pool"] == "last"):

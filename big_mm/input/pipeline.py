@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from big_mm import modalities as modalities_lib
 from big_mm.input import dense
 from big_mm.input import files
 from big_mm.input import mixture
@@ -156,8 +157,9 @@ class _Example:
     self.modalities = tuple(_get(input_cfg, "modalities") or ())
     if self.modalities:
       self.joint = dense.JointPreprocessor(self.pp.pp, tokenizer=self.pp.tokenizer)
-      self.fields = {m: f for m, f in modality_fields(input_cfg).items()
-                     if m in self.modalities and m != "rgb"}
+      image = modalities_lib.get("image")
+      self.fields = {m: modalities_lib.get(m).field(input_cfg) for m in self.modalities
+                     if modalities_lib.get(m) is not image}
       tokenize = [o for o in self.pp.ops if o.name == "tokenize"]
       if "text" in self.fields and not tokenize:
         raise ValueError("input.modalities has 'text', but the pp has no tokenize op; set "
@@ -212,24 +214,16 @@ class _Example:
       return {_SKIP: e.reason, "_detail": str(e), "_index": index}
     out = {"image": np.asarray(values[preprocess.IMAGE], np.float32)}
     hw = out["image"].shape[:2]
-    shapes = {dense.DEPTH: (hw, np.float32), dense.SEMSEG: (hw, np.int32),
-              preprocess.TEXT: ((self.text_len,), np.int32)}
     for m in self.fields:
-      shape, dtype = shapes[m]
-      out[m] = np.asarray(values[m], dtype) if m in values else np.zeros(shape, dtype)
-      out[f"{m}_present"] = np.int32(m in values)
+      mod = modalities_lib.get(m)
+      out[mod.batch_key] = (np.asarray(values[m], mod.dtype) if m in values else
+                            np.zeros(mod.example_shape(hw, self.text_len), mod.dtype))
+      out[modalities_lib.present_key(m)] = np.int32(m in values)
     if self.keep_label and self.label_key in record:
       out["label"] = np.asarray(record[self.label_key], np.int32)
     if any(counts.values()):
       out["_counts"] = dict(counts)
     return out
-
-
-def modality_fields(input_cfg) -> dict[str, str]:
-  """Modality -> the record field it is read from (rgb: "image", text: "text", depth /
-  semseg: input.depth_column / input.semseg_column, by default "depth" / "semseg")."""
-  return {"rgb": "image", "depth": _get(input_cfg, "depth_column") or "depth",
-          "semseg": _get(input_cfg, "semseg_column") or "semseg", "text": "text"}
 
 
 def _source_fields(source) -> set[str] | None:
@@ -257,14 +251,15 @@ def check_modalities(source, input_cfg, data) -> None:
   fields = _source_fields(source) if modalities else None
   if fields is None:
     return
-  wanted = modality_fields(input_cfg)
-  have = [m for m, f in wanted.items() if f in fields]
+  have = [name for name, mod in modalities_lib.MODALITIES.items()
+          if mod.field(input_cfg) in fields]
   for m in modalities:
-    if wanted[m] not in fields:
-      column = {"rgb": "image_column", "text": "text_column"}.get(m, f"{m}_column")
+    mod = modalities_lib.get(m)
+    if mod.field(input_cfg) not in fields:
+      column = mod.column_key or f"{mod.batch_key}_column"
       raise ValueError(
-          f"input.modalities names {m!r} (field {wanted[m]!r}) but dataset {data!r} has "
-          f"fields {sorted(fields)}; its modalities: {', '.join(have) or 'none'}. Drop "
+          f"input.modalities names {m!r} (field {mod.field(input_cfg)!r}) but dataset {data!r} "
+          f"has fields {sorted(fields)}; its modalities: {', '.join(have) or 'none'}. Drop "
           f"{m!r} from input.modalities or point input.{column} at the right field.")
 
 

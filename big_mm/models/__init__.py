@@ -1,11 +1,11 @@
 """Models. Lookups are explicit: `MODELS[name]` / `get_model(name, **kwargs)`."""
 import difflib
 
-from big_mm.models import captioner, multimae, two_towers
+from big_mm.models import captioner, multimae, towers
 from big_mm.models.vit import check_kwargs
 
 MODELS = {
-    "two_towers": two_towers.TwoTowers,
+    "towers": towers.Towers,
     "captioner": captioner.Captioner,
     "coca": captioner.CoCa,
     "multimae": multimae.MultiMAE,

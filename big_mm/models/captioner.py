@@ -37,7 +37,7 @@ import numpy as np
 
 from big_mm.models import layers
 from big_mm.models.decoder import Decoder, shift_right
-from big_mm.models.two_towers import l2_normalize
+from big_mm.models.towers import l2_normalize
 from big_mm.models.vit import ViT, check_kwargs
 
 

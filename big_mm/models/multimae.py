@@ -39,7 +39,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from big_mm.config import MODALITIES
 from big_mm.models import layers
 from big_mm.models.vit import decode_variant
 
@@ -68,6 +67,10 @@ def _dense(features, dtype, name, axes=("embed", None)):
 def _embedding(module, name, shape, axes, stddev=0.02):
   return module.param(name, layers.logical(nn.initializers.normal(stddev), axes), shape,
                       jnp.float32)
+
+
+# The modalities with adapters here (names of big_mm/modalities.py; "rgb" is the image).
+MODALITIES = ("rgb", "depth", "semseg", "text")
 
 
 class InputAdapter(nn.Module):
@@ -186,7 +189,8 @@ class MultiMAE(nn.Module):
     mods = tuple(self.modalities)
     unknown = [m for m in mods if m not in MODALITIES]
     if unknown or not mods or len(set(mods)) != len(mods):
-      raise ValueError(f"model.modalities={mods!r}: give distinct names from {MODALITIES}.")
+      raise ValueError(f"model.modalities={mods!r}: give distinct names from {MODALITIES} (the "
+                       "modalities MultiMAE has adapters for).")
     if self.image_size % self.patch_size:
       raise ValueError(f"model.image_size={self.image_size} is not divisible by "
                        f"model.patch_size={self.patch_size}.")

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_mm import config as config_lib
+from big_mm import modalities as modalities_lib
 
 ConfigError = config_lib.ConfigError
 
@@ -142,11 +143,20 @@ def image_shape(ctx: Context) -> tuple[int, int, int]:
   return tuple(ctx.image_size) + (3,)
 
 
+def modality_example(ctx: Context, names) -> dict[str, jax.ShapeDtypeStruct]:
+  """One example (batch of 1) of each named modality (big_mm/modalities.py), under its batch
+  key, e.g. image float32 [1, H, W, 3] and text int32 [1, text_len]."""
+  out = {}
+  for name in names:
+    mod = modalities_lib.get(name)
+    hw = image_shape(ctx)[:2] if mod.kind != modalities_lib.TOKENS else None
+    out[mod.batch_key] = jax.ShapeDtypeStruct((1,) + mod.example_shape(hw, ctx.text_len),
+                                              mod.dtype)
+  return out
+
+
 def image_text_example(ctx: Context) -> dict[str, jax.ShapeDtypeStruct]:
-  """One example (batch of 1) of an image-text batch: image float32 [1, H, W, 3], text int32
-  [1, text_len]."""
-  return {"image": jax.ShapeDtypeStruct((1,) + image_shape(ctx), jnp.float32),
-          "text": jax.ShapeDtypeStruct((1, ctx.text_len), jnp.int32)}
+  return modality_example(ctx, ("image", "text"))
 
 
 def zeros(example: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:

@@ -1,4 +1,5 @@
-"""Contrastive image-text objective (SigLIP sigmoid, CLIP softmax; LiT = frozen image tower).
+"""Contrastive objective (SigLIP sigmoid, CLIP softmax; LiT = frozen image tower) between two
+modalities of a towers model (`objective.modalities`, by default ("image", "text")).
 
 The loss is computed over the global batch with an explicit cross-device strategy
 (`objective.strategy`: all_gather | ring | local), see `losses.contrastive_loss`.
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from big_mm import modalities as modalities_lib
 from big_mm import sharding
 from big_mm.models import aux_loss
 from big_mm.objectives import base, losses
@@ -43,22 +45,31 @@ def check_loss_settings(settings) -> None:
   base.choice("implementation", settings["implementation"], IMPLEMENTATIONS)
 
 
-class Contrastive(base.ImageTextInit):
+class Contrastive:
   """`loss_fn(params, batch, rng) -> (loss, metrics)`,
   `value_and_grad(params, batch, rng) -> ((loss, metrics), grads)` (GradCache when
   `micro_batches > 1`) and embedding predict fns. Reads the context's mesh, batch_size,
   frozen mask and tokenizer (its vocabulary must be the text tower's)."""
   NAME = "contrastive"
-  # micro_batches: GradCache (see the module docstring); 1: the whole batch at once.
-  SETTINGS = dict(loss="sigmoid", strategy="all_gather", implementation="xla", micro_batches=1)
+  # modalities: the two towers' modalities whose embeddings are contrasted (a, b): the loss
+  # treats a as the "image" side and b as the "text" side. micro_batches: GradCache (see the
+  # module docstring); 1: the whole batch at once.
+  SETTINGS = dict(loss="sigmoid", strategy="all_gather", implementation="xla", micro_batches=1,
+                  modalities=("image", "text"))
   HINTS = {"micro_batches": "GradCache is implemented for the contrastive objective only"}
-  BATCH_KEYS = ("image", "text")
+  BATCH_KEYS = tuple(m.batch_key for m in modalities_lib.MODALITIES.values())
 
   @classmethod
   def check_settings(cls, settings) -> None:
     check_loss_settings(settings)
     base.positive_int("micro_batches", settings["micro_batches"],
                       " (1: the whole batch at once; m > 1: GradCache over m micro-batches)")
+    pair = settings["modalities"]
+    if isinstance(pair, str) or len(tuple(pair)) != 2 or len(set(pair)) != 2:
+      raise base.ConfigError(f"objective.modalities must be two different modalities, e.g. "
+                             f"('image', 'text'); got {pair!r}.")
+    for m in pair:
+      base.choice("modalities entry", m, tuple(modalities_lib.MODALITIES))
 
   def __init__(self, model, ctx: base.Context, **settings):
     settings = base.fill(type(self), settings)
@@ -69,10 +80,30 @@ class Contrastive(base.ImageTextInit):
     self.strategy = settings["strategy"]
     self.implementation = settings["implementation"]
     self.micro_batches = settings["micro_batches"]
-    base.check_vocab(ctx, dict(getattr(model, "text", None) or {}).get("vocab_size"),
-                     "model.text.vocab_size")
+    self.modalities = tuple(settings["modalities"])
+    towers = dict(getattr(model, "towers", None) or {})
+    missing = [m for m in self.modalities if m not in towers]
+    if missing:
+      raise base.ConfigError(
+          f"objective.modalities={self.modalities} but the model has no tower for {missing} "
+          f"(model.towers: {sorted(towers)}); use model_name='towers' with a tower per "
+          "contrasted modality.")
+    self.keys = tuple(modalities_lib.get(m).batch_key for m in self.modalities)
+    self.scopes = tuple(modalities_lib.get(m).scope for m in self.modalities)
+    if "text" in towers:
+      base.check_vocab(ctx, dict(towers["text"] or {}).get("vocab_size"),
+                       "model.towers.text.vocab_size")
     if ctx.batch_size is not None:
       self._check_batch_size(ctx.batch_size)
+
+  def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    return base.modality_example(self.ctx, self.model.towers)
+
+  def init_params(self, rng):
+    """Initial (boxed) params, from zeros shaped like `example_batch()` (every tower)."""
+    example = base.zeros(self.example_batch())
+    inputs = {m: example[modalities_lib.get(m).batch_key] for m in self.model.towers}
+    return self.model.init({"params": rng}, inputs, train=False)["params"]
 
   def _batch_devices(self):
     if self.mesh is None:
@@ -102,10 +133,10 @@ class Contrastive(base.ImageTextInit):
                         self._frozen(params))
 
   def _frozen_towers(self, params):
-    """{"img": bool, "txt": bool}: True where every param of that tower is frozen."""
+    """(a, b): True where every param of that contrasted tower is frozen."""
     frozen = self._frozen(params)
-    return {k: bool(jax.tree.leaves(frozen.get(k, {}))) and all(jax.tree.leaves(frozen[k]))
-            for k in ("img", "txt")}
+    return tuple(bool(jax.tree.leaves(frozen.get(k, {}))) and all(jax.tree.leaves(frozen[k]))
+                 for k in self.scopes)
 
   # ----------------------------------------------------------------------- micro-batches
 
@@ -131,40 +162,41 @@ class Contrastive(base.ImageTextInit):
     y = y.reshape((y.shape[0] * y.shape[1],) + y.shape[2:])
     return self._constrain(y, split=False)
 
-  def _towers(self, params, images, texts, rng):
-    """-> (zimg, ztxt, the towers' aux loss terms)."""
-    (zimg, ztxt, _), aux = aux_loss.apply(self.model, params, images, texts, train=True,
-                                          rngs={"dropout": rng})
-    return zimg, ztxt, aux
+  def _towers(self, params, xa, xb, rng):
+    """-> (za, zb, the towers' aux loss terms); a tower whose input is None does not run."""
+    (z, _), aux = aux_loss.apply(self.model, params, dict(zip(self.modalities, (xa, xb))),
+                                 train=True, rngs={"dropout": rng})
+    return z.get(self.modalities[0]), z.get(self.modalities[1]), aux
 
   def _embed(self, params, batch, rng):
-    """Full-batch (zimg, ztxt) and aux loss terms (the mean over micro-batches), the towers
+    """Full-batch (za, zb) and aux loss terms (the mean over micro-batches), the towers
     run one micro-batch at a time (a scan)."""
     m = self.micro_batches
+    xa, xb = (batch[k] for k in self.keys)
     if m == 1:
-      return self._towers(params, batch["image"], batch["text"], rng)
-    self._check_batch_size(batch["image"].shape[0])
+      return self._towers(params, xa, xb, rng)
+    self._check_batch_size(xa.shape[0])
 
     def body(_, xs):
-      i, images, texts = xs
-      return None, self._towers(params, images, texts, jax.random.fold_in(rng, i))
+      i, xa, xb = xs
+      return None, self._towers(params, xa, xb, jax.random.fold_in(rng, i))
 
-    xs = (jnp.arange(m), self._split(batch["image"]), self._split(batch["text"]))
-    _, (zimg, ztxt, aux) = jax.lax.scan(body, None, xs)
-    return self._merge(zimg), self._merge(ztxt), jax.tree.map(lambda a: jnp.mean(a, 0), aux)
+    xs = (jnp.arange(m), self._split(xa), self._split(xb))
+    _, (za, zb, aux) = jax.lax.scan(body, None, xs)
+    return self._merge(za), self._merge(zb), jax.tree.map(lambda a: jnp.mean(a, 0), aux)
 
   # ----------------------------------------------------------------------- loss
 
-  def _loss_from_embeddings(self, zimg, ztxt, params):
+  def _loss_from_embeddings(self, za, zb, params):
     # Only the head params (t, b) are read here; the towers do not run.
-    _, _, out = self.model.apply({"params": params}, None, None, train=True)
+    _, out = self.model.apply({"params": params}, {}, train=True)
     loss = losses.contrastive_loss(
-        zimg, ztxt, out["t"], out["b"], loss=self.loss_name, strategy=self.strategy,
+        za, zb, out["t"], out["b"], loss=self.loss_name, strategy=self.strategy,
         implementation=self.implementation,
         mesh=self.mesh, batch_axes=sharding.batch_axes(self.mesh))
     metrics = {"t": out["t"], "t/parameterized": out["t/parameterized"], "b": out["b"]}
-    # Diagnostics on the local logits' diagonal vs. off-diagonal (cheap, no B x B gather).
-    metrics["img_txt_cos/pos"] = jnp.mean(jnp.sum(zimg * ztxt, axis=-1))
+    # The positive pairs' mean cosine similarity, e.g. "img_txt_cos/pos".
+    metrics["{}_{}_cos/pos".format(*self.scopes)] = jnp.mean(jnp.sum(za * zb, axis=-1))
     return loss, metrics
 
   def loss_fn(self, params, batch, rng):
@@ -172,8 +204,8 @@ class Contrastive(base.ImageTextInit):
     by micro-batch (micro-batch i with dropout rng fold_in(rng, i)), exactly as in
     `value_and_grad`; differentiating this directly keeps every micro-batch's activations."""
     params = self._stop_frozen(params)
-    zimg, ztxt, aux = self._embed(params, batch, rng)
-    return aux_loss.add(*self._loss_from_embeddings(zimg, ztxt, params), aux)
+    za, zb, aux = self._embed(params, batch, rng)
+    return aux_loss.add(*self._loss_from_embeddings(za, zb, params), aux)
 
   def value_and_grad(self, params, batch, rng):
     """((loss, metrics), grads) of `loss_fn`; GradCache when micro_batches > 1 (see the module
@@ -182,40 +214,43 @@ class Contrastive(base.ImageTextInit):
       return jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch, rng)
     params = self._stop_frozen(params)
     # (a) Full-batch embeddings, no gradients built.
-    zimg, ztxt, aux = self._embed(params, batch, rng)
+    za, zb, aux = self._embed(params, batch, rng)
     # (b) Full-batch loss; gradients w.r.t. the embeddings and the params (only t, b non-zero).
-    (loss, metrics), (g_zimg, g_ztxt, grads) = jax.value_and_grad(
-        self._loss_from_embeddings, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, params)
+    (loss, metrics), (g_za, g_zb, grads) = jax.value_and_grad(
+        self._loss_from_embeddings, argnums=(0, 1, 2), has_aux=True)(za, zb, params)
     loss, metrics = aux_loss.add(loss, metrics, aux)
     # (c) Back-propagate each micro-batch's embedding gradients through its towers. A fully
     # frozen tower (LiT) is not re-run: it has no gradient to give.
-    frozen = self._frozen_towers(params)
-    images = None if frozen["img"] else self._split(batch["image"])
-    texts = None if frozen["txt"] else self._split(batch["text"])
-    g_zimg = None if frozen["img"] else self._split(g_zimg)
-    g_ztxt = None if frozen["txt"] else self._split(g_ztxt)
+    frozen_a, frozen_b = self._frozen_towers(params)
+    xa = None if frozen_a else self._split(batch[self.keys[0]])
+    xb = None if frozen_b else self._split(batch[self.keys[1]])
+    g_za = None if frozen_a else self._split(g_za)
+    g_zb = None if frozen_b else self._split(g_zb)
 
     def body(acc, xs):
-      i, images, texts, g_zimg, g_ztxt = xs
+      i, xa, xb, g_za, g_zb = xs
       rng_i = jax.random.fold_in(rng, i)  # micro-batch i's dropout rng, as in (a)
-      (_, _, aux_i), vjp = jax.vjp(lambda p: self._towers(p, images, texts, rng_i), params)
+      (_, _, aux_i), vjp = jax.vjp(lambda p: self._towers(p, xa, xb, rng_i), params)
       # The loss holds the mean of the micro-batches' aux terms.
       g_aux = jax.tree.map(lambda a: jnp.full_like(a, 1.0 / self.micro_batches), aux_i)
-      (g,) = vjp((g_zimg, g_ztxt, g_aux))
+      (g,) = vjp((g_za, g_zb, g_aux))
       return jax.tree.map(jnp.add, acc, g), None
 
     # The accumulator is laid out like the params, so with replicated params each micro-batch's
     # gradient is all-reduced inside the loop (as open_clip's accum-freq under DDP).
-    xs = (jnp.arange(self.micro_batches), images, texts, g_zimg, g_ztxt)
+    xs = (jnp.arange(self.micro_batches), xa, xb, g_za, g_zb)
     grads, _ = jax.lax.scan(body, grads, xs)
     return (loss, metrics), grads
 
   # ----------------------------------------------------------------------- predict fns
 
+  def embed(self, params, modality: str, x):
+    """The normalised embedding of `x` by `modality`'s tower."""
+    z, _ = self.model.apply({"params": params}, {modality: x}, train=False)
+    return z[modality]
+
   def embed_images(self, params, images):
-    zimg, _, _ = self.model.apply({"params": params}, images, None, train=False)
-    return zimg
+    return self.embed(params, "image", images)
 
   def embed_texts(self, params, texts):
-    _, ztxt, _ = self.model.apply({"params": params}, None, texts, train=False)
-    return ztxt
+    return self.embed(params, "text", texts)

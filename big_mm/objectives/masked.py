@@ -26,11 +26,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from big_mm import modalities as modalities_lib
 from big_mm.models import aux_loss
 from big_mm.models import multimae as multimae_lib
 from big_mm.objectives import base
 
-BATCH_KEYS = {"rgb": "image", "depth": "depth", "semseg": "semseg", "text": "text"}
+
+
+def batch_key(modality: str) -> str:
+  return modalities_lib.get(modality).batch_key
 
 
 def sample_visible(rng, available: dict, fractions, budget: int):
@@ -78,8 +82,9 @@ class MultiMAE:
   # num_visible input tokens per example, split across the modalities by a symmetric
   # Dirichlet(dirichlet_alpha); modality_weights: ((name, w), ...) loss weights (unlisted: 1.0).
   SETTINGS = dict(num_visible=98, dirichlet_alpha=1.0, modality_weights=())
-  # The batch keys it reads: the module's BATCH_KEYS (modality -> key) and presence masks.
-  BATCH_KEYS = tuple(BATCH_KEYS.values()) + tuple(f"{m}_present" for m in BATCH_KEYS)
+  # The batch keys it reads: MultiMAE's modalities and their presence masks.
+  BATCH_KEYS = tuple(batch_key(m) for m in multimae_lib.MODALITIES) + tuple(
+      modalities_lib.present_key(m) for m in multimae_lib.MODALITIES)
 
   @classmethod
   def check_settings(cls, settings) -> None:
@@ -137,7 +142,7 @@ class MultiMAE:
     return self.model.apply({"params": params}, *args, **kw)
 
   def inputs(self, batch) -> dict:
-    return {m: batch[BATCH_KEYS[m]] for m in self.modalities if BATCH_KEYS[m] in batch}
+    return {m: batch[batch_key(m)] for m in self.modalities if batch_key(m) in batch}
 
   def available(self, batch, allowed=None) -> dict:
     """{m: bool [B, N_m]}: tokens that exist (modality in the batch, present, not text pad)."""
@@ -145,10 +150,10 @@ class MultiMAE:
     counts = self.model.num_tokens()
     out = {}
     for m in self.modalities:
-      if BATCH_KEYS[m] not in batch or (allowed is not None and m not in allowed):
+      if batch_key(m) not in batch or (allowed is not None and m not in allowed):
         out[m] = jnp.zeros((b, counts[m]), bool)
         continue
-      present = batch.get(f"{m}_present")
+      present = batch.get(modalities_lib.present_key(m))
       present = jnp.ones((b,), bool) if present is None else jnp.asarray(present) > 0
       avail = jnp.broadcast_to(present[:, None], (b, counts[m]))
       if m == "text":
@@ -161,7 +166,7 @@ class MultiMAE:
     p = self.model.patch_size
     out = {}
     for m in self.modalities:
-      key = BATCH_KEYS[m]
+      key = batch_key(m)
       if key not in batch:
         continue
       x = batch[key]
@@ -247,10 +252,13 @@ class MultiMAE:
     text), at the model's sizes."""
     loaded = self.ctx.modalities if self.ctx.modalities is not None else ("rgb", "text")
     hw = (self.model.image_size, self.model.image_size)
-    shapes = {"rgb": (hw + (3,), jnp.float32), "depth": (hw, jnp.float32),
-              "semseg": (hw, jnp.int32), "text": ((self.model.text_len,), jnp.int32)}
-    return {BATCH_KEYS[m]: jax.ShapeDtypeStruct((1,) + shapes[m][0], shapes[m][1])
-            for m in self.modalities if m in loaded}
+    out = {}
+    for m in self.modalities:
+      if m in loaded:
+        mod = modalities_lib.get(m)
+        out[mod.batch_key] = jax.ShapeDtypeStruct(
+            (1,) + mod.example_shape(hw, self.model.text_len), mod.dtype)
+    return out
 
   def init_params(self, rng):
     """Initial (boxed) params from zeros shaped like `example_batch()`."""

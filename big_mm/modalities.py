@@ -1,0 +1,117 @@
+"""The modality contract: one table saying how each modality is read, batched and encoded.
+
+Every part of big_mm that handles a modality looks it up here by name (`get(name)`): the
+input pipeline (which record field, which dtype and per-example shape), the objectives (which
+batch key; example batches for init), towers models (which tower encodes it by default and
+under which param scope), MultiMAE (which adapter kind) and the evaluators.
+
+Batch conventions for a modality with batch key K:
+  batch[K]             the data, [B, ...] (`Modality.example_shape` gives one example's shape)
+  batch[K + "_present"] int32 [B]: 1 where the record has the modality (optional modalities;
+                        absent ones are zeros of the right shape)
+  batch[K + "_mask"]   bool [B, N]: True at real (non-padding) positions of a variable-length
+                        input (native-aspect patches, audio frames, video clips)
+  batch[K + "_shape"]  int32 [B, k]: per-example shape metadata of a variable-length input
+                        (e.g. the patch grid)
+`present_key` spells the first; variable-length families use the other two names.
+
+Adding a modality is one `register(Modality(...))` in its family's module (its reader,
+preprocessing ops and tower live there too); docs/CONTRACTS.md shows the whole path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Optional
+
+import numpy as np
+
+# How a modality's examples are shaped (drives example shapes, MultiMAE adapters, dense ops):
+IMAGE = "image"    # float32 [H, W, 3] (the pipeline's pp_image output)
+TOKENS = "tokens"  # int32 [text_len] token ids (0 = padding)
+DENSE = "dense"    # [H, W] per-pixel maps aligned with the image (depth, segmentation)
+KINDS = (IMAGE, TOKENS, DENSE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Modality:
+  """name: the config name. batch_key: its key in batches. kind: one of KINDS.
+  dtype: the batch dtype. column_key: the `input.*` key naming its record field (None: the
+  source renames its column to `batch_key` itself, as image_column / text_column do).
+  default_field: the record field when column_key is unset. tower: the default tower of a
+  towers model (big_mm.models.towers.TOWERS; None: none yet). param_scope: the towers
+  model's param subtree for it. aliases: other accepted names (MultiMAE's "rgb")."""
+  name: str
+  batch_key: str
+  kind: str
+  dtype: type
+  column_key: Optional[str] = None
+  default_field: Optional[str] = None
+  tower: Optional[str] = None
+  param_scope: Optional[str] = None
+  aliases: tuple[str, ...] = ()
+
+  def field(self, input_cfg) -> str:
+    """The record field this modality is read from under `input_cfg`."""
+    if self.column_key is None:
+      return self.batch_key
+    value = input_cfg.get(self.column_key) if hasattr(input_cfg, "get") else None
+    return value or self.default_field
+
+  def example_shape(self, image_hw: tuple[int, int], text_len: int) -> tuple[int, ...]:
+    """One example's shape given the batch's image size and text length."""
+    if self.kind == IMAGE:
+      return tuple(image_hw) + (3,)
+    if self.kind == DENSE:
+      return tuple(image_hw)
+    return (int(text_len),)
+
+  @property
+  def scope(self) -> str:
+    return self.param_scope or self.name
+
+
+MODALITIES: dict[str, Modality] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(modality: Modality) -> Modality:
+  if modality.kind not in KINDS:
+    raise ValueError(f"Modality {modality.name!r}: kind {modality.kind!r} is not one of {KINDS}.")
+  for name in (modality.name,) + modality.aliases:
+    if name in MODALITIES or name in _ALIASES:
+      raise ValueError(f"Modality name {name!r} is registered twice.")
+  MODALITIES[modality.name] = modality
+  _ALIASES.update({a: modality.name for a in modality.aliases})
+  return modality
+
+
+register(Modality("image", "image", IMAGE, np.float32, tower="vit", param_scope="img",
+                  aliases=("rgb",)))
+register(Modality("text", "text", TOKENS, np.int32, tower="text_transformer",
+                  param_scope="txt"))
+register(Modality("depth", "depth", DENSE, np.float32, column_key="depth_column",
+                  default_field="depth"))
+register(Modality("semseg", "semseg", DENSE, np.int32, column_key="semseg_column",
+                  default_field="semseg"))
+
+
+def names() -> list[str]:
+  """Every accepted name (aliases included)."""
+  return list(MODALITIES) + list(_ALIASES)
+
+
+def get(name: str) -> Modality:
+  """The modality called `name` (or an alias of it); unknown names raise ValueError listing
+  the valid ones."""
+  if name in MODALITIES:
+    return MODALITIES[name]
+  if name in _ALIASES:
+    return MODALITIES[_ALIASES[name]]
+  close = difflib.get_close_matches(str(name), names(), n=1)
+  hint = f" Did you mean {close[0]!r}?" if close else ""
+  raise ValueError(f"Unknown modality {name!r}.{hint} Known: {names()} (big_mm/modalities.py).")
+
+
+def present_key(name: str) -> str:
+  return get(name).batch_key + "_present"

@@ -1,0 +1,132 @@
+"""Towers model (CLIP, SigLIP, LiT, N-modal binding): a dict of named towers, one per modality,
+and the contrastive head scalars. big_vision `proj/image_text/two_towers.py` param layout.
+
+  model = Towers(towers={"image": {"tower": "vit", "variant": "B/16"},
+                         "text": {"vocab_size": 32_000}}, out_dim=512)
+  z, out = model.apply({"params": p}, {"image": images, "text": tokens}, train=False)
+
+towers: modality name (big_mm/modalities.py) -> that tower's kwargs; "tower" picks the tower
+class from TOWERS (default: the modality's `tower`), every other key goes to its constructor
+(invalid keys raise TypeError). Param tree: one subtree per tower under the modality's param
+scope (`img/...` ViT, `txt/...` TextTransformer; others their modality name), `t` [1] (log
+temperature), `b` [1] (bias; zeros when bias_init is None).
+
+z[m]: the L2-normalised float32 [B, D_m] embedding of every modality given (inputs that are
+absent or None are skipped). out["t"] = exp(t), out["t/parameterized"] = t, out["b"] (scalars),
+plus each tower's out dict under "<scope>/<key>".
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Union
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from big_mm import modalities
+from big_mm.models import layers
+from big_mm.models.text import TextTransformer
+from big_mm.models.vit import ViT, check_kwargs
+
+# Tower name -> module class: `cls(num_classes=D, **kwargs)(x, train=) -> (pooled [B, D], out)`.
+TOWERS = {"vit": ViT, "text_transformer": TextTransformer}
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  x = x.astype(jnp.float32)
+  return x * jnp.reciprocal(jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps)))
+
+
+def tower_spec(modality: str, kwargs: Optional[Mapping]) -> tuple[type, dict]:
+  """(tower class, its kwargs) for one `towers` entry; errors name the config key."""
+  kwargs = dict(kwargs or {})
+  try:
+    mod = modalities.get(modality)
+  except ValueError as e:
+    raise ValueError(f"model.towers: {e}") from None
+  name = kwargs.pop("tower", mod.tower)
+  if name not in TOWERS:
+    raise ValueError(f"model.towers.{modality}.tower={name!r} is not a tower; choose one of "
+                     f"{sorted(TOWERS)} (big_mm/models/towers.py TOWERS).")
+  check_kwargs(TOWERS[name], kwargs, f"model.towers.{modality}")
+  return TOWERS[name], kwargs
+
+
+class Towers(nn.Module):
+  """towers: {modality: kwargs} (see the module docstring).
+
+  out_dim: int (every tower) or {modality: int}; sets each tower's `head` Dense (`num_classes`);
+  0/None for a tower means no head (its pooled features are used). A head is initialised
+  non-zero unless the tower's kwargs say otherwise (a zero head would make the normalised
+  embedding undefined at init).
+  """
+  towers: Optional[Mapping[str, Any]] = None
+  out_dim: Union[int, Mapping[str, Optional[int]], None] = 128
+  temperature_init: float = 1.0
+  bias_init: Optional[float] = None
+
+  def __post_init__(self):
+    if not self.towers:
+      raise ValueError("model.towers is empty; give one entry per modality, e.g. "
+                       "towers={'image': {'variant': 'B/16'}, 'text': {'vocab_size': 32000}}.")
+    for m, kwargs in self.towers.items():
+      tower_spec(m, kwargs)
+    self.out_dims()
+    if self.temperature_init is not None and not self.temperature_init > 0:
+      raise ValueError(f"temperature_init must be > 0; got {self.temperature_init}.")
+    super().__post_init__()
+
+  def out_dims(self) -> dict[str, Optional[int]]:
+    d = self.out_dim
+    if d is None or isinstance(d, (int, np.integer)):
+      return {m: d for m in self.towers}
+    if not isinstance(d, Mapping) or set(d) - set(self.towers):
+      raise ValueError(f"model.out_dim must be an int or {{modality: int}} over the towers "
+                       f"{sorted(self.towers)}; got {self.out_dim!r}.")
+    return {m: d.get(m) for m in self.towers}
+
+  def tower_kwargs(self, modality: str) -> tuple[type, dict]:
+    """(class, full kwargs) of one tower, head size and head init included."""
+    cls, kwargs = tower_spec(modality, self.towers[modality])
+    defaults = {"num_classes": self.out_dims()[modality]}
+    if "head_zeroinit" in cls.__dataclass_fields__:
+      defaults["head_zeroinit"] = False
+    return cls, {**defaults, **kwargs}
+
+  @nn.compact
+  def __call__(self, inputs: Mapping[str, Any], *, train: bool = False):
+    out, z = {}, {}
+    unknown = set(inputs) - set(self.towers)
+    if unknown:
+      raise ValueError(f"Inputs {sorted(unknown)} have no tower; the towers are "
+                       f"{sorted(self.towers)}.")
+    for m in self.towers:
+      if inputs.get(m) is None:
+        continue
+      cls, kwargs = self.tower_kwargs(m)
+      scope = modalities.get(m).scope
+      pooled, tower_out = cls(**kwargs, name=scope)(inputs[m], train=train)
+      out.update({f"{scope}/{k}": v for k, v in tower_out.items()})
+      z[m] = l2_normalize(pooled)
+
+    t_init = float(np.log(self.temperature_init))
+    t = self.param("t", layers.logical(lambda k, s, d: jnp.full(s, t_init, d), (None,)),
+                   (1,), jnp.float32)
+    b_init = 0.0 if self.bias_init is None else float(self.bias_init)
+    b = self.param("b", layers.logical(lambda k, s, d: jnp.full(s, b_init, d), (None,)),
+                   (1,), jnp.float32)
+    out["t/parameterized"] = t[0]
+    out["t"] = jnp.exp(t[0])
+    out["b"] = b[0]
+    return z, out
+
+
+def from_two_towers(kwargs: Mapping[str, Any]) -> dict:
+  """Kwargs of the former two_towers model (image= / text= tower kwargs, out_dim=(image,
+  text)) -> Towers kwargs (towers={"image": ..., "text": ...}, out_dim per modality)."""
+  kwargs = dict(kwargs)
+  kwargs["towers"] = {m: dict(kwargs.pop(m, None) or {}) for m in ("image", "text")}
+  out_dim = kwargs.get("out_dim")
+  if isinstance(out_dim, (tuple, list)):
+    kwargs["out_dim"] = dict(zip(("image", "text"), out_dim))
+  return kwargs
