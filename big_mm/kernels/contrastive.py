@@ -200,28 +200,10 @@ def _tiled_pass(tile_fn, inits, out_shapes, *, over, params, zi, zt, row_vecs, c
   n_vec = len(row_vecs) + len(col_vecs)
   # Which operands belong to the "own" (gridded) side: zi and row_vecs when over rows.
   row_side_own = over == "rows"
-
-  def spec(shape, axis, tile, own):
-    """BlockSpec for an array tiled along `axis` (rows of zi/zt or an lse vector)."""
-    if own:
-      block = tuple(tile if a == axis else s for a, s in enumerate(shape))
-      return pl.BlockSpec(block, lambda p, *k, axis=axis: tuple(
-          p if a == axis else 0 for a in range(len(shape))))
-    if grid_mode:
-      block = tuple(tile if a == axis else s for a, s in enumerate(shape))
-      return pl.BlockSpec(block, lambda p, k, axis=axis: tuple(
-          k if a == axis else 0 for a in range(len(shape))))
-    return pl.BlockSpec(shape, lambda p: (0,) * len(shape))  # whole; sliced in the loop
-
-  in_specs = [_scalar_spec(cfg),
-              spec(zi.shape, 0, ti, row_side_own), spec(zt.shape, 0, tj, not row_side_own)]
-  in_specs += [spec(v.shape, 0, ti, row_side_own) for v in row_vecs]
-  in_specs += [spec(v.shape, 1, tj, not row_side_own) for v in col_vecs]
-  own_tile = ti if row_side_own else tj
-  out_specs = [spec(s, 0 if s[0] != 1 else 1, own_tile, True) for s in out_shapes]
   # Array inits come in after the side inputs and are aliased to their outputs.
   acc_inputs = [(k, init) for k, init in enumerate(inits) if not isinstance(init, float)]
-  in_specs += [out_specs[k] for k, _ in acc_inputs]
+  in_specs, out_specs = _pass_specs(cfg, row_side_own, zi, zt, row_vecs, col_vecs, out_shapes,
+                                    [k for k, _ in acc_inputs])
   first_acc, n_acc = 3 + n_vec, len(acc_inputs)
 
   def kernel(params_ref, zi_ref, zt_ref, *refs):
@@ -289,6 +271,35 @@ def _tiled_pass(tile_fn, inits, out_shapes, *, over, params, zi, zt, row_vecs, c
       interpret=cfg.interpret,
       name=f"contrastive_{tile_fn.__name__}",
   )(*inputs)
+
+
+def _pass_specs(cfg, row_side_own, zi, zt, row_vecs, col_vecs, out_shapes, acc_outputs):
+  """(in_specs, out_specs) of a `_tiled_pass`: the own (gridded) side's operands are tiled by
+  the program id; the other side's by the second grid axis (mode "grid") or passed whole and
+  sliced in the loop. acc_outputs: the outputs whose array inits come in as extra inputs."""
+  ti, tj = cfg.tile_rows, cfg.tile_cols
+  grid_mode = cfg.mode == "grid"
+
+  def spec(shape, axis, tile, own):
+    """BlockSpec for an array tiled along `axis` (rows of zi/zt or an lse vector)."""
+    if own:
+      block = tuple(tile if a == axis else s for a, s in enumerate(shape))
+      return pl.BlockSpec(block, lambda p, *k, axis=axis: tuple(
+          p if a == axis else 0 for a in range(len(shape))))
+    if grid_mode:
+      block = tuple(tile if a == axis else s for a, s in enumerate(shape))
+      return pl.BlockSpec(block, lambda p, k, axis=axis: tuple(
+          k if a == axis else 0 for a in range(len(shape))))
+    return pl.BlockSpec(shape, lambda p: (0,) * len(shape))  # whole; sliced in the loop
+
+  in_specs = [_scalar_spec(cfg),
+              spec(zi.shape, 0, ti, row_side_own), spec(zt.shape, 0, tj, not row_side_own)]
+  in_specs += [spec(v.shape, 0, ti, row_side_own) for v in row_vecs]
+  in_specs += [spec(v.shape, 1, tj, not row_side_own) for v in col_vecs]
+  own_tile = ti if row_side_own else tj
+  out_specs = [spec(s, 0 if s[0] != 1 else 1, own_tile, True) for s in out_shapes]
+  in_specs += [out_specs[k] for k in acc_outputs]
+  return in_specs, out_specs
 
 
 def _varying_union(xs):
