@@ -21,7 +21,6 @@ changed ones replace them in metrics.jsonl.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -111,25 +110,13 @@ def _same(old, new) -> bool:
 def _drop_keys_at_step(path: str, step: int, keys: set[str]) -> None:
   """Rewrites metrics.jsonl (atomically) without `keys` in its rows of `step`; a row left
   with only its step goes."""
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f.read().split("\n") if line.strip()]
-  kept = []
-  for line in lines:
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      kept.append(line)  # left for read_jsonl to handle
-      continue
-    if isinstance(row, dict) and row.get("step") == step:
-      row = {k: v for k, v in row.items() if k not in keys}
-      if set(row) == {"step"}:
-        continue
-      line = json.dumps(row)
-    kept.append(line)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write("".join(line + "\n" for line in kept))
-  os.replace(tmp, path)
+  def edit(row):
+    if row.get("step") != step or not keys & set(row):
+      return row
+    row = {k: v for k, v in row.items() if k not in keys}
+    return None if set(row) == {"step"} else row
+
+  metrics_lib.rewrite_jsonl(path, edit)
 
 
 def main(argv: list[str]) -> int:

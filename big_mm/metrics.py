@@ -216,35 +216,53 @@ def _is_partial_record(line: str) -> bool:
   return line.lstrip().startswith("{") and not line.rstrip().endswith("}")
 
 
-def _drop_records_after(path: str, step: int) -> None:
-  """Rewrites the JSONL file at `path` without its records of steps after `step` and
-  without partial lines left by a crash (atomically); other lines are kept as they are."""
+def rewrite_jsonl(path: str, edit: Callable[[dict], Optional[dict]]) -> int:
+  """Rewrites the JSONL file at `path` (atomically) with each record passed through `edit`
+  (None: drop it; the same object: keep its line as it is). Partial lines left by a crash
+  go; other lines that do not parse stay for read_jsonl to report. -> records changed or
+  dropped (0: the file is left untouched)."""
   if not os.path.exists(path):
-    return
+    return 0
   with open(path, "r", encoding="utf-8") as f:
     lines = [line for line in f.read().split("\n") if line.strip()]
-  kept = []
+  kept, changed = [], 0
   for line in lines:
     try:
       record = json.loads(line)
     except json.JSONDecodeError:
-      if not _is_partial_record(line):
-        kept.append(line)  # real corruption: left for read_jsonl to report
+      if _is_partial_record(line):
+        changed += 1
+      else:
+        kept.append(line)
       continue
-    if not (isinstance(record, dict) and isinstance(record.get("step"), int)
-            and record["step"] > step):
-      kept.append(line)
-  if len(kept) == len(lines):
-    return
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write("".join(line + "\n" for line in kept))
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  logging.getLogger("big_mm").info(
-      "Dropped %d record(s) of steps after %d from %s (the resumed run redoes "
-      "them).", len(lines) - len(kept), step, path)
+    new = edit(record) if isinstance(record, dict) else record
+    if new is not record:
+      changed += 1
+      if new is None:
+        continue
+      line = json.dumps(new)
+    kept.append(line)
+  if changed:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write("".join(line + "\n" for line in kept))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  return changed
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Drops the records of steps after `step` (and partial lines left by a crash)."""
+  def edit(record):
+    after = isinstance(record.get("step"), int) and record["step"] > step
+    return None if after else record
+
+  dropped = rewrite_jsonl(path, edit)
+  if dropped:
+    logging.getLogger("big_mm").info(
+        "Dropped %d record(s) of steps after %d from %s (the resumed run redoes "
+        "them).", dropped, step, path)
 
 
 def _decode_nonfinite(value):
