@@ -1,11 +1,12 @@
-"""Builds the demo data: the `digits_captions` and `multimodal_scenes` TFDS datasets and the
-digits tokenizer.
+"""Builds the demo data: the `digits_captions`, `digits_pairs` and `multimodal_scenes` TFDS
+datasets and the digits tokenizers.
 
   python data/build_demo.py [--data_dir DIR] [--tokenizer_out data/digits_spm.model]
 
 `--data_dir` defaults to TFDS's default (`$TFDS_DATA_DIR` or ~/tensorflow_datasets).
 No TensorFlow needed. Deterministic: building twice gives identical records.
-The tokenizer is only trained with `--tokenizer` (data/digits_spm.model is committed).
+The tokenizers are only trained with `--tokenizer` or when missing (data/digits_spm.model and
+data/digits_pairs_spm.model are committed).
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
 from data import digits_captions  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data import digits_pairs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import scenes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tools import make_tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_TOKENIZER = os.path.join(_ROOT, "data", "digits_spm.model")
+PAIRS_TOKENIZER = os.path.join(_ROOT, "data", "digits_pairs_spm.model")
 
 
 def main(argv=None):
@@ -32,7 +35,8 @@ def main(argv=None):
                  help="also (re)train the tokenizer into --tokenizer_out")
   p.add_argument("--tokenizer_out", default=DEFAULT_TOKENIZER)
   args = p.parse_args(argv)
-  for name, module in (("digits_captions", digits_captions), ("multimodal_scenes", scenes)):
+  for name, module in (("digits_captions", digits_captions), ("digits_pairs", digits_pairs),
+                       ("multimodal_scenes", scenes)):
     builder = module.build(args.data_dir)
     print(f"{name}: {builder.data_dir}")
     for split, info in builder.info.splits.items():
@@ -42,6 +46,8 @@ def main(argv=None):
         "digits_captions", split="train", data_dir=args.data_dir,
         out=args.tokenizer_out, **make_tokenizer.DEMO_SETTINGS)
     print(f"tokenizer: {path}")
+  if args.tokenizer or not os.path.exists(PAIRS_TOKENIZER):
+    print(f"tokenizer: {digits_pairs.train_tokenizer(PAIRS_TOKENIZER, args.data_dir)}")
   return 0
 
 

@@ -131,7 +131,7 @@ def convert(name: str, inputs: dict[str, str], data_dir: str | None, *, beam_run
     config.update(beam_runner=beam_runner,
                   beam_options=beam.options.pipeline_options.PipelineOptions(
                       (beam_options or "").split()))
-  with digits_captions._deterministic_serialization():  # pylint: disable=protected-access
+  with digits_captions.deterministic_serialization():
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**config))
   return builder
 

@@ -63,7 +63,11 @@ def to_png(digit: np.ndarray, size: int = IMAGE_SIZE) -> bytes:
   """8x8 array of 0..16 -> `size`x`size` RGB PNG bytes (bilinear upsampling)."""
   grey = np.clip(np.round(np.asarray(digit, np.float64) * (255.0 / 16.0)), 0, 255)
   img = Image.fromarray(grey.astype(np.uint8), mode="L")
-  img = img.resize((size, size), Image.BILINEAR).convert("RGB")
+  return png_bytes(img.resize((size, size), Image.BILINEAR).convert("RGB"))
+
+
+def png_bytes(img: Image.Image) -> bytes:
+  """A PIL image as PNG bytes, the same bytes on every build."""
   buf = io.BytesIO()
   img.save(buf, format="PNG", optimize=False, compress_level=6)
   return buf.getvalue()
@@ -145,7 +149,7 @@ class DigitsCaptions(tfds.core.GeneratorBasedBuilder):
 
 
 @contextlib.contextmanager
-def _deterministic_serialization():
+def deterministic_serialization():
   """Serialises tf.Example protos with sorted map keys while building.
 
   TFDS calls `SerializeToString()`, whose map-field order varies between processes, so
@@ -167,7 +171,7 @@ def _deterministic_serialization():
 def build(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Builds (if needed) and returns the builder; `data_dir=None` = TFDS's default."""
   builder = DigitsCaptions(data_dir=data_dir, file_format="array_record")
-  with _deterministic_serialization():
+  with deterministic_serialization():
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder

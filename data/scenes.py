@@ -39,7 +39,6 @@ without TensorFlow (the image goes in PNG-encoded; Tensor features need no TF), 
 """
 from __future__ import annotations
 
-import io
 
 from etils import epath
 import numpy as np
@@ -208,9 +207,7 @@ def split_ids(split: str) -> range:
 
 
 def to_png(rgb: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", optimize=False, compress_level=6)
-  return buf.getvalue()
+  return digits_captions.png_bytes(Image.fromarray(rgb, mode="RGB"))
 
 
 def generate(split: str, seed: int = SEED):
@@ -267,7 +264,7 @@ class MultimodalScenes(tfds.core.GeneratorBasedBuilder):
 def build(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Builds (if needed) and returns the builder; `data_dir=None` = TFDS's default."""
   builder = MultimodalScenes(data_dir=data_dir, file_format="array_record")
-  with digits_captions._deterministic_serialization():  # pylint: disable=protected-access
+  with digits_captions.deterministic_serialization():
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder

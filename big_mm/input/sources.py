@@ -70,6 +70,7 @@ SKIP_REASONS = {
 # Datasets whose builder lives in this repo, with the command that builds them.
 BUILD_COMMANDS = {
     "digits_captions": "python data/build_demo.py --data_dir {data_dir}",
+    "digits_pairs": "python data/build_demo.py --data_dir {data_dir}",
     "multimodal_scenes": "python data/build_demo.py --data_dir {data_dir}",
     # ImageNet cannot be downloaded by TFDS: the tars come from image-net.org (log-in).
     "imagenet2012": ("put ILSVRC2012_img_val.tar (and ILSVRC2012_img_train.tar) from "
