@@ -1,0 +1,124 @@
+"""FILIP: the token-wise similarity kernel against its reference, the loss of every strategy
+and implementation against the plain-jnp reference (1 and 8 devices), the objective and its
+evaluators' token-wise scores."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from big_mm.kernels import contrastive as kernels
+from big_mm.kernels import filip as filip_kernels
+from big_mm.objectives import filip_loss
+
+LI, LT, D = 4, 5, 8  # image tokens, text tokens, feature dim
+
+
+def _tokens(seed, n, length, pad_from=None):
+  """Flattened normalised token rows [n, length * D]; with pad_from, row i keeps its first
+  pad_from[i] tokens and the rest are padding (zero)."""
+  x = jax.random.normal(jax.random.key(seed), (n, length, D))
+  x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  mask = None if pad_from is None else jnp.arange(length)[None] < jnp.asarray(pad_from)[:, None]
+  return filip_kernels.flatten_tokens(x, mask)
+
+
+def _batch(n, seed=0):
+  ximg = _tokens(seed, n, LI)
+  xtxt = _tokens(seed + 1, n, LT, pad_from=[1 + i % LT for i in range(n)])
+  return ximg, xtxt
+
+
+def _close(got, want, tol=2e-5):
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol)
+
+
+def test_similarity_is_the_token_wise_max_mean():
+  # One image of 2 tokens, one caption of 3 tokens whose last is padding, by hand.
+  img = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
+  txt = jnp.array([[[0.6, 0.8], [-1.0, 0.0], [0.0, 0.0]]])  # third token: padding
+  xa, xb = img.reshape(1, -1), txt.reshape(1, -1)
+  # cosines: patch0 -> (0.6, -1.0), patch1 -> (0.8, 0.0); the pad token never counts.
+  i2t = filip_kernels.similarities_reference(xa, xb, 2, 3, 2, reduce="a")
+  t2i = filip_kernels.similarities_reference(xa, xb, 2, 3, 2, reduce="b")
+  _close(i2t, [[(0.6 + 0.8) / 2]])
+  _close(t2i, [[(0.8 + 0.0) / 2]])
+  for reduce, want in (("a", i2t), ("b", t2i)):
+    sim = filip_kernels.TokenwiseMax(2, 3, 2, reduce)
+    _close(sim(xa, xb), want)
+    _close(sim.diagonal(xa, xb), want[0])
+
+
+@pytest.mark.parametrize("reduce", ["a", "b", "both"])
+def test_kernel_block_lse_equals_reference(reduce):
+  ximg, xtxt = filip_kernels.same_width(*_batch(11))
+  sim = filip_kernels.TokenwiseMax(LI, LT, D, reduce)
+  cfg = kernels.kernel_config("cpu", tile_rows=8, tile_cols=8)  # several, partly padded tiles
+  t, b = 3.0, -0.5
+
+  def reference(zi, zt):
+    zi, zt = zi[:, :LI * D], zt[:, :LT * D]
+    logits = t * filip_kernels.similarities_reference(zi, zt, LI, LT, D, reduce) + b
+    return jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0)
+
+  def fused(zi, zt):
+    return kernels.block_lse(zi, zt, t, b, similarity=sim, config=cfg)
+
+  w_r, w_c = jnp.linspace(0.5, 1.5, 11), jnp.linspace(-1.0, 1.0, 11)
+  scalar = lambda f: lambda zi, zt: (lambda r, c: jnp.sum(w_r * r) + jnp.sum(w_c * c))(
+      *f(zi, zt))
+  for got, want in zip(fused(ximg, xtxt), reference(ximg, xtxt)):
+    _close(got, want)
+  for got, want in zip(jax.grad(scalar(fused), (0, 1))(ximg, xtxt),
+                       jax.grad(scalar(reference), (0, 1))(ximg, xtxt)):
+    _close(got, want)
+
+
+def test_kernel_sigmoid_sum_equals_reference():
+  ximg, xtxt = filip_kernels.same_width(*_batch(11, seed=3))
+  sim = filip_kernels.TokenwiseMax(LI, LT, D, "both")
+  cfg = kernels.kernel_config("cpu", tile_rows=8, tile_cols=8)
+
+  def reference(zi, zt, t, b):
+    zi, zt = zi[:, :LI * D], zt[:, :LT * D]
+    logits = t * filip_kernels.similarities_reference(zi, zt, LI, LT, D) + b
+    pos = jnp.eye(11, dtype=bool)
+    return -jnp.sum(jax.nn.log_sigmoid(jnp.where(pos, logits, -logits)))
+
+  fused = lambda zi, zt, t, b: kernels.block_sigmoid_sum(zi, zt, t, b, 0, similarity=sim,
+                                                         config=cfg)
+  args = (ximg, xtxt, 4.0, -2.0)
+  _close(fused(*args), reference(*args), 1e-5)
+  for got, want in zip(jax.grad(fused, (0, 1, 2, 3))(*args),
+                       jax.grad(reference, (0, 1, 2, 3))(*args)):
+    _close(got, want)
+
+
+def _mesh():
+  return jax.make_mesh((4, 2), ("data", "fsdp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_loss_equals_reference_every_strategy(loss, implementation):
+  n = 16
+  ximg, xtxt = _batch(n, seed=5)
+  t, b = 5.0, -1.0
+  ref = functools.partial(filip_loss.filip_loss_reference, tokens=(LI, LT), dim=D, loss=loss)
+  want, want_grads = jax.value_and_grad(ref, (0, 1, 2, 3))(ximg, xtxt, t, b)
+  cfg = (kernels.kernel_config("cpu", tile_rows=8, tile_cols=8)
+         if implementation == "pallas" else None)
+  mesh = _mesh()
+  shard = lambda x: jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+  for strategy, m in (("local", None), ("local", mesh), ("all_gather", mesh), ("ring", mesh)):
+    fn = functools.partial(filip_loss.filip_loss, tokens=(LI, LT), dim=D, loss=loss,
+                           strategy=strategy, mesh=m, implementation=implementation,
+                           kernel_config=cfg)
+    args = (ximg, xtxt) if m is None else (shard(ximg), shard(xtxt))
+    got, grads = jax.jit(jax.value_and_grad(fn, (0, 1, 2, 3)))(*args, t, b)
+    _close(got, want, 1e-5)
+    for g, w in zip(grads, want_grads):
+      _close(g, w)
