@@ -1,5 +1,6 @@
 """Sharded contrastive losses equal the single-device full-batch reference (values and grads);
-GradCache (objective.micro_batches) equals the whole-batch gradient."""
+GradCache (objective.micro_batches) equals the whole-batch gradient; Matryoshka (MRL) losses
+equal a plain jnp reference."""
 import functools
 
 import jax
@@ -9,7 +10,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from big_mm import config as config_lib, sharding, train
-from big_mm.objectives import Contrastive, losses
+from big_mm import objectives
+from big_mm.models.towers import Towers
+from big_mm.objectives import Contrastive, contrastive, losses
 from conftest import tiny_config
 
 MESHES = {
@@ -284,3 +287,123 @@ def test_contrasted_modalities_are_named_towers(tiny_two_towers):
     _objective(setup, modalities=("image", "audio"))
   with pytest.raises(config_lib.ConfigError, match=r"no tower for \['depth'\].*\['image', 'text'\]"):
     _objective(setup, modalities=("image", "depth"))
+
+
+# ------------------------------------------------------------------------- Matryoshka (MRL)
+
+MRL_DIMS, MRL_WEIGHTS = (2, 4, 8), (0.5, 1.0, 2.0)
+
+
+def _normalise(x):
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _mrl_reference(loss, zi, zt, t, b):
+  """sum_k w_k * loss(normalise(zi[:, :d_k]), normalise(zt[:, :d_k])), written out in jnp. The
+  full dim is taken as it is: the model's embeddings are unit vectors already (normalising
+  them again would change the gradient w.r.t. z by its radial part, which the model's own
+  normalisation removes anyway)."""
+  ref = losses.sigmoid_loss if loss == "sigmoid" else losses.softmax_loss
+  prefix = lambda x, d: x if d == x.shape[1] else _normalise(x[:, :d])
+  return sum(w * ref(prefix(zi, d), prefix(zt, d), t, b) for d, w in zip(MRL_DIMS, MRL_WEIGHTS))
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("strategy", ["one_device", "local", "all_gather", "ring"])
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_matryoshka_loss_equals_reference(loss, strategy, implementation):
+  """Every prefix's loss is re-normalised and weighted, for both losses, every strategy on the
+  8-device mesh (and one device), the xla code and the fused kernel (interpret mode)."""
+  mesh = None if strategy == "one_device" else _mesh("data8")
+  zi, zt = _emb(6, 32, 8)
+  t, b = jnp.float32(TB[loss][0]), jnp.float32(TB[loss][1])
+  want_v, want_g = jax.value_and_grad(functools.partial(_mrl_reference, loss), (0, 1, 2, 3))(
+      zi, zt, t, b)
+
+  def mrl(zi, zt, t, b):
+    pair_loss = lambda za, zb: losses.contrastive_loss(
+        za, zb, t, b, loss=loss, strategy="local" if mesh is None else strategy, mesh=mesh,
+        implementation=implementation)
+    return contrastive.matryoshka_loss(pair_loss, zi, zt, MRL_DIMS, MRL_WEIGHTS)
+
+  args = (zi, zt, t, b)
+  if mesh is not None:
+    sh, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    args = tuple(jax.device_put(x, sh if i < 2 else rep) for i, x in enumerate(args))
+  (got_v, prefix_losses), got_g = jax.jit(jax.value_and_grad(mrl, (0, 1, 2, 3), has_aux=True))(
+      *args)
+  np.testing.assert_allclose(got_v, want_v, rtol=1e-5, atol=1e-6)
+  for name, g, w in zip(("zimg", "ztxt", "t", "b"), got_g, want_g):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6,
+                               err_msg=f"grad {name}")
+  # Each prefix's own (unweighted) loss is reported.
+  ref = losses.sigmoid_loss if loss == "sigmoid" else losses.softmax_loss
+  assert sorted(prefix_losses) == ["loss@d2", "loss@d4", "loss@d8"]
+  np.testing.assert_allclose(prefix_losses["loss@d4"],
+                             ref(_normalise(zi[:, :4]), _normalise(zt[:, :4]), t, b), rtol=1e-5)
+  # The prefixes' gradients are not those of the full-dim loss alone (so the test could fail).
+  full_g = jax.grad(ref)(zi, zt, t, b)
+  assert float(jnp.abs(want_g[0] - MRL_WEIGHTS[-1] * full_g).max()) > 1e-3
+
+
+def test_matryoshka_full_dim_alone_is_the_plain_loss(tiny_two_towers):
+  """matryoshka_dims=(D,) is today's loss exactly (values and gradients, bit for bit)."""
+  setup, params, batch = tiny_two_towers
+  value_and_grad = lambda objective: _value_and_grad(
+      setup, jax.value_and_grad(objective.loss_fn, has_aux=True), params, batch)
+  (want, _), want_grads = value_and_grad(_objective(setup))
+  (got, metrics), got_grads = value_and_grad(_objective(setup, matryoshka_dims=(16,)))
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(metrics["loss@d16"], want)
+  jax.tree.map(np.testing.assert_array_equal, got_grads, want_grads)
+
+
+def test_matryoshka_gradcache_equals_full_batch(tiny_two_towers):
+  """GradCache with MRL on: the prefix losses share one pass over the towers and its gradient
+  equals the whole-batch one; the loss is the weighted sum of the logged prefix losses."""
+  setup, params, batch = tiny_two_towers
+  mrl = dict(loss="softmax", matryoshka_dims=(4, 8, 16), matryoshka_weights=(2.0, 1.0, 0.5))
+  plain = _objective(setup, **mrl)
+  want = _value_and_grad(setup, jax.value_and_grad(plain.loss_fn, has_aux=True), params, batch)
+  (loss, metrics), _ = want
+  np.testing.assert_allclose(
+      loss, 2.0 * metrics["loss@d4"] + metrics["loss@d8"] + 0.5 * metrics["loss@d16"], rtol=1e-6)
+  assert abs(float(metrics["loss@d4"]) - float(metrics["loss@d16"])) > 1e-3
+  got = _value_and_grad(setup, _objective(setup, micro_batches=2, **mrl).value_and_grad, params,
+                        batch)
+  _assert_same(got, want)
+
+
+def test_matryoshka_settings_errors(data_dir, tiny_two_towers):
+  setup, _, _ = tiny_two_towers
+  for dims, match in (((8, 4), "strictly increasing"), ((0, 4), "positive embedding dims"),
+                      ("8", "positive embedding dims"), ((4.0, 8), "positive embedding dims")):
+    with pytest.raises(config_lib.ConfigError, match=rf"objective.matryoshka_dims must be .*"
+                                                     rf"{match}"):
+      tiny_config(data_dir, **{"objective.matryoshka_dims": dims})
+  for weights, match in (((1.0,), "has 1 entries but matryoshka_dims=\\(4, 8\\) has 2"),
+                         ((1.0, 0.0), "entries must be > 0"),
+                         ((1.0, "a"), "must be a number")):
+    with pytest.raises(config_lib.ConfigError, match=rf"objective.matryoshka_weights.*{match}"):
+      tiny_config(data_dir, **{"objective.matryoshka_dims": (4, 8),
+                               "objective.matryoshka_weights": weights})
+  # The embedding is 16-d (model.out_dim): checked against the model when the objective is built.
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"matryoshka_dims=\(4, 32\) goes beyond the embedding.*'image': 16"):
+    _objective(setup, matryoshka_dims=(4, 32))
+  with pytest.raises(config_lib.ConfigError, match="implemented for the contrastive objective"):
+    objectives.settings({"name": "captioning", "matryoshka_dims": (4, 8)})
+
+
+@pytest.mark.parametrize("recipe,image_size,text_len,dims,embedding", [
+    ("demo_mrl.py", (32, 32), 16, (8, 16, 32, 64), 64),
+    ("demo_mrl.py:mrl=false,dim=8", (32, 32), 16, (), 8),
+    ("mrl_siglip_b16.py", (224, 224), 64, (12, 24, 48, 96, 192, 384, 768), 768)])
+def test_matryoshka_recipes_are_valid(recipe, image_size, text_len, dims, embedding):
+  """The MRL recipes load and their dims fit their models' embeddings (shapes only)."""
+  c = config_lib.load(f"configs/{recipe}")
+  objective = Contrastive(Towers(**c.model.to_dict()),
+                          objectives.Context(image_size=image_size, text_len=text_len),
+                          **{k: v for k, v in c.objective.items() if k != "name"})
+  assert objective.matryoshka_dims == dims
+  assert objective.embedding_dims() == {"image": embedding, "text": embedding}

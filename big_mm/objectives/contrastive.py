@@ -19,6 +19,14 @@ gradient of `loss_fn` (which computes its embeddings micro-batch by micro-batch 
 This is NOT plain gradient accumulation, which would shrink the negatives to a micro-batch.
 Micro-batch i is rows i, i+m, i+2m, ... of the batch: with the batch sharded contiguously over
 the batch axes, every device holds B/(m*n_dev) rows of every micro-batch (no data moves).
+
+`objective.matryoshka_dims = (d1, ..., D)` trains Matryoshka embeddings (Kusupati et al. 2022,
+MRL): the loss is sum_k w_k * loss(prefix_k(za), prefix_k(zb)), prefix_k(z) = z[:, :d_k]
+re-normalised (the full dim as it is), with `matryoshka_weights` w_k (default all 1) and the
+temperature and bias shared by every prefix. Every prefix loss reads the same embeddings, so
+the towers run once (GradCache too: it only needs the embeddings' gradients). Metrics
+`loss@d<k>` give each prefix's unweighted loss; the evaluators report their metrics at each
+prefix dim too (`accuracy@d<k>`). Empty (the default): the plain loss.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from big_mm import modalities as modalities_lib
 from big_mm import sharding
 from big_mm.models import aux_loss
+from big_mm.models.towers import l2_normalize
 from big_mm.objectives import base, losses
 
 LOSSES = ("sigmoid", "softmax")
@@ -45,6 +54,85 @@ def check_loss_settings(settings) -> None:
   base.choice("implementation", settings["implementation"], IMPLEMENTATIONS)
 
 
+# ----------------------------------------------------------------------- Matryoshka (MRL)
+
+def check_matryoshka_settings(settings) -> None:
+  """matryoshka_dims: () or increasing positive ints; matryoshka_weights: () or one positive
+  number per dim. (That the dims fit the embedding is checked against the model.)"""
+  dims, weights = settings["matryoshka_dims"], settings["matryoshka_weights"]
+  example = "e.g. (32, 64, 128, 256) for a 256-d embedding; () for the plain loss"
+  if isinstance(dims, str) or not isinstance(dims, (tuple, list)) or any(
+      isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+    raise base.ConfigError(f"objective.matryoshka_dims must be a tuple of positive embedding "
+                           f"dims ({example}); got {dims!r}.")
+  if any(a >= b for a, b in zip(dims, dims[1:])):
+    raise base.ConfigError(f"objective.matryoshka_dims must be strictly increasing (nested "
+                           f"prefixes, {example}); got {tuple(dims)!r}.")
+  if isinstance(weights, str) or not isinstance(weights, (tuple, list)):
+    raise base.ConfigError(f"objective.matryoshka_weights must be a tuple of loss weights, one "
+                           f"per matryoshka_dims entry (() = all 1); got {weights!r}.")
+  if weights and (not dims or len(weights) != len(dims)):
+    raise base.ConfigError(f"objective.matryoshka_weights has {len(weights)} entries but "
+                           f"matryoshka_dims={tuple(dims)!r} has {len(dims)}; give one weight "
+                           "per dim, or () for all 1.")
+  for w in weights:
+    if not base.number("matryoshka_weights entry", w) > 0:
+      raise base.ConfigError(f"objective.matryoshka_weights entries must be > 0; got "
+                             f"{tuple(weights)!r}.")
+
+
+def matryoshka_prefix(z, dim: int):
+  """The first `dim` features of the embeddings z [B, D], re-normalised; z itself when dim
+  is D (the model's embeddings are normalised already, so the full-dim loss is unchanged)."""
+  return z if dim == z.shape[-1] else l2_normalize(z[..., :dim])
+
+
+def matryoshka_loss(loss_fn, za, zb, dims, weights):
+  """(sum_k weights[k] * loss_fn(prefix_k(za), prefix_k(zb)), {"loss@d<k>": that prefix's
+  loss}); loss_fn(za, zb) -> scalar is the contrastive loss of one pair of embeddings."""
+  total, metrics = None, {}
+  for dim, weight in zip(dims, weights):
+    loss = loss_fn(matryoshka_prefix(za, dim), matryoshka_prefix(zb, dim))
+    metrics[f"loss@d{dim}"] = loss
+    total = weight * loss if total is None else total + weight * loss
+  return total, metrics
+
+
+# ----------------------------------------------------------------------- several positives
+# input.captions_per_example = k > 1 gives the text side k captions per image, [B, k, L]: the
+# tower embeds the B*k captions and the loss gets zb [B, k, D], every caption a positive of its
+# image (losses.multi_positive_loss).
+
+def _has_positives_axis(x, modality: str) -> bool:
+  """x holds k inputs per example: one axis more than [B] + the modality's example shape."""
+  return x is not None and x.ndim == len(modalities_lib.get(modality).example_shape(
+      (1, 1), 1)) + 2
+
+
+def flatten_positives(xa, xb, modalities):
+  """(xb as [B*k, ...], k) where xb is [B, k, ...] (k positives per example); else (xb,
+  None). Only the second contrasted modality may have several: the loss takes one za row per
+  example."""
+  if _has_positives_axis(xa, modalities[0]):
+    raise ValueError(f"objective.modalities={tuple(modalities)}: {modalities[0]!r} has several "
+                     f"inputs per example ({xa.shape}), but only the second contrasted "
+                     f"modality may (input.captions_per_example); put the modality with "
+                     f"several inputs second.")
+  if not _has_positives_axis(xb, modalities[1]):
+    return xb, None
+  return xb.reshape((-1,) + xb.shape[2:]), xb.shape[1]
+
+
+def unflatten_positives(zb, k):
+  """[B*k, D] embeddings -> [B, k, D] (k None: zb as it is)."""
+  return zb if k is None or zb is None else zb.reshape((-1, k) + zb.shape[1:])
+
+
+def positive_cosine(za, zb):
+  """The positive pairs' mean cosine similarity; zb [B, D], or [B, k, D] (k positives each)."""
+  return jnp.mean(jnp.sum((za if zb.ndim == za.ndim else za[:, None]) * zb, axis=-1))
+
+
 class Contrastive:
   """`loss_fn(params, batch, rng) -> (loss, metrics)`,
   `value_and_grad(params, batch, rng) -> ((loss, metrics), grads)` (GradCache when
@@ -54,9 +142,14 @@ class Contrastive:
   # modalities: the two towers' modalities whose embeddings are contrasted (a, b): the loss
   # treats a as the "image" side and b as the "text" side. micro_batches: GradCache (see the
   # module docstring); 1: the whole batch at once.
+  # matryoshka_dims / matryoshka_weights: Matryoshka embeddings (see the module docstring).
   SETTINGS = dict(loss="sigmoid", strategy="all_gather", implementation="xla", micro_batches=1,
-                  modalities=("image", "text"))
-  HINTS = {"micro_batches": "GradCache is implemented for the contrastive objective only"}
+                  modalities=("image", "text"), matryoshka_dims=(), matryoshka_weights=())
+  HINTS = {"micro_batches": "GradCache is implemented for the contrastive objective only",
+           "matryoshka_dims": "Matryoshka embeddings are implemented for the contrastive "
+                              "objective only",
+           "matryoshka_weights": "Matryoshka embeddings are implemented for the contrastive "
+                                 "objective only"}
   BATCH_KEYS = tuple(m.batch_key for m in modalities_lib.MODALITIES.values())
 
   @classmethod
@@ -70,6 +163,7 @@ class Contrastive:
                              f"('image', 'text'); got {pair!r}.")
     for m in pair:
       base.choice("modalities entry", m, tuple(modalities_lib.MODALITIES))
+    check_matryoshka_settings(settings)
 
   def __init__(self, model, ctx: base.Context, **settings):
     settings = base.fill(type(self), settings)
@@ -95,6 +189,29 @@ class Contrastive:
                        "model.towers.text.vocab_size")
     if ctx.batch_size is not None:
       self._check_batch_size(ctx.batch_size)
+    self.matryoshka_dims = tuple(settings["matryoshka_dims"])
+    self.matryoshka_weights = tuple(float(w) for w in settings["matryoshka_weights"]) or (
+        1.0,) * len(self.matryoshka_dims)
+    if self.matryoshka_dims:
+      self._check_matryoshka_dims()
+
+  def embedding_dims(self) -> dict[str, int]:
+    """{modality: D}: the contrasted towers' embedding dims (shapes only, nothing computed)."""
+    example = base.zeros(base.modality_example(self.ctx, self.modalities))
+    inputs = {m: example[k] for m, k in zip(self.modalities, self.keys)}
+    (z, _), _ = jax.eval_shape(lambda: self.model.init_with_output(
+        jax.random.key(0), inputs, train=False))
+    return {m: z[m].shape[-1] for m in self.modalities}
+
+  def _check_matryoshka_dims(self):
+    dims = self.embedding_dims()
+    largest = min(dims.values())
+    if self.matryoshka_dims[-1] > largest:
+      raise base.ConfigError(
+          f"objective.matryoshka_dims={self.matryoshka_dims} goes beyond the embedding: the "
+          f"contrasted towers embed in {dims} dims (model.out_dim, or the tower width where a "
+          f"tower has no head); use prefixes of at most {largest}, e.g. "
+          f"{tuple(largest // 2 ** i for i in (3, 2, 1, 0) if largest // 2 ** i)}.")
 
   def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     return base.modality_example(self.ctx, self.model.towers)
@@ -164,9 +281,10 @@ class Contrastive:
 
   def _towers(self, params, xa, xb, rng):
     """-> (za, zb, the towers' aux loss terms); a tower whose input is None does not run."""
+    xb, k = flatten_positives(xa, xb, self.modalities)
     (z, _), aux = aux_loss.apply(self.model, params, dict(zip(self.modalities, (xa, xb))),
                                  train=True, rngs={"dropout": rng})
-    return z.get(self.modalities[0]), z.get(self.modalities[1]), aux
+    return z.get(self.modalities[0]), unflatten_positives(z.get(self.modalities[1]), k), aux
 
   def _embed(self, params, batch, rng):
     """Full-batch (za, zb) and aux loss terms (the mean over micro-batches), the towers
@@ -190,13 +308,22 @@ class Contrastive:
   def _loss_from_embeddings(self, za, zb, params):
     # Only the head params (t, b) are read here; the towers do not run.
     _, out = self.model.apply({"params": params}, {}, train=True)
-    loss = losses.contrastive_loss(
-        za, zb, out["t"], out["b"], loss=self.loss_name, strategy=self.strategy,
-        implementation=self.implementation,
-        mesh=self.mesh, batch_axes=sharding.batch_axes(self.mesh))
+
+    def contrastive(za, zb):
+      return losses.contrastive_loss(
+          za, zb, out["t"], out["b"], loss=self.loss_name, strategy=self.strategy,
+          implementation=self.implementation,
+          mesh=self.mesh, batch_axes=sharding.batch_axes(self.mesh))
+
     metrics = {"t": out["t"], "t/parameterized": out["t/parameterized"], "b": out["b"]}
+    if self.matryoshka_dims:
+      loss, prefix_losses = matryoshka_loss(contrastive, za, zb, self.matryoshka_dims,
+                                            self.matryoshka_weights)
+      metrics.update(prefix_losses)
+    else:
+      loss = contrastive(za, zb)
     # The positive pairs' mean cosine similarity, e.g. "img_txt_cos/pos".
-    metrics["{}_{}_cos/pos".format(*self.scopes)] = jnp.mean(jnp.sum(za * zb, axis=-1))
+    metrics["{}_{}_cos/pos".format(*self.scopes)] = positive_cosine(za, zb)
     return loss, metrics
 
   def loss_fn(self, params, batch, rng):
