@@ -26,6 +26,14 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
+        # Exports (HF, open_clip) and the HF / open_clip imports: pip install -e ".[export]".
+        # big_vision / big_mm .npz files need none of it.
+        "export": [
+            "torch==2.13.0",
+            "transformers>=5.0",  # its SentencePiece -> tokenizer.json converter
+            "safetensors>=0.4",
+            "timm==1.0.31",  # open_clip's SigLIP (timm) vision towers, read on import
+        ],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",

@@ -239,8 +239,11 @@ def use_mesh(setup: Setup):
 def load_init(config, ts: TrainState, state: dict) -> dict:
   """`config.init`: copies params whose path matches `init.include` from another run's checkpoint
   (`init.workdir`, e.g. LiT's pretrained image tower) or from an exported / foreign model
-  (`init.path`: a Hugging Face SiglipModel / CLIPModel directory or a big_vision-style .npz,
-  read by big_mm.export.load_params); shapes must agree."""
+  (`init.path`, read by big_mm.export.load_params: a Hugging Face SiglipModel / CLIPModel or
+  open_clip directory, a big_vision .npz, `file.npz:img` for one of its sub-trees, a ViT
+  classifier .npz as the image tower); shapes must agree. A param under a top-level scope the
+  source has nothing of (`txt/...` from `file.npz:img`, `b` from a CLIP checkpoint) keeps its
+  init, said in the log; one missing from a scope the source has is an error."""
   path = config.init.get("path")
   if not config.init.workdir and not path:
     return state
@@ -264,15 +267,20 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
     flat_loaded = tree_paths.flat_dict(loaded)
     source = config.init.workdir
   pattern = re.compile(config.init.include)
-  copied = []
+  covered = {n.split("/")[0] for n in flat_loaded}
+  copied, kept = [], []
 
   def take(path, current, target_sharding):
     name = tree_paths.path_str(path)
     if not pattern.fullmatch(name):
       return current
     if name not in flat_loaded:
+      if name.split("/")[0] not in covered:
+        kept.append(name)
+        return current
       raise config_lib.ConfigError(f"init: param {name!r} matches init.include="
-                                   f"{config.init.include!r} but is not in {source!r}.")
+                                   f"{config.init.include!r} but is not in {source!r} (which "
+                                   f"has {sorted(covered)}).")
     value = flat_loaded[name]
     if tuple(value.shape) != tuple(current.shape):
       raise config_lib.ConfigError(f"init: param {name!r} has shape {tuple(value.shape)} in "
@@ -285,6 +293,14 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
     raise config_lib.ConfigError(f"init.include={config.init.include!r} matched no parameter.")
   log.info("Initialised %d params from %s%s", len(copied), source,
            "" if step is None else f" step {step}")
+  if kept:
+    scopes = sorted({n.split("/")[0] for n in kept})
+    log.info("init: %s not in %s: %d params keep their init.", ", ".join(scopes), source,
+             len(kept))
+  unused = sorted(set(flat_loaded) - set(copied))
+  if unused:
+    log.info("init: %d params of %s not loaded (not in this model or not in init.include), "
+             "e.g. %s", len(unused), source, unused[:5])
   # The optimizer state (and an objective's extra state) was built for the random init;
   # rebuild it for the loaded params.
   loaded = {**state, "params": params,

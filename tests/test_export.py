@@ -610,3 +610,290 @@ def test_run_starts_from_an_hf_export(demo_run, tmp_path):
     np.testing.assert_array_equal(flat[name], exported[name], err_msg=name)
   # The text tower was not included: it starts from a fresh init, not the export.
   assert not np.array_equal(flat["txt/Embed_0/embedding"], exported["txt/Embed_0/embedding"])
+
+
+# ---- checkpoints people already have: big_vision npz, open_clip / OpenAI CLIP -------------
+
+STRICT = 1e-5  # issue 18: the same embeddings within 1e-5 (float32)
+
+
+def hf_embeddings(d, img, ids):
+  """Normalised image / text embeddings of the HF model in `d` (the independent forward)."""
+  model = transformers.AutoModel.from_pretrained(d).eval()
+  with torch.no_grad():
+    o = model(pixel_values=torch.from_numpy(img).permute(0, 3, 1, 2),
+              input_ids=torch.from_numpy(np.asarray(ids, np.int64)))
+  return o.image_embeds.numpy(), o.text_embeds.numpy()
+
+
+def assert_embeddings(kwargs, flat, img, ids, want_img, want_txt):
+  zimg, ztxt, _ = apply(kwargs, export.unflatten(flat), img, ids)
+  diffs = (np.abs(np.asarray(zimg) - want_img).max(), np.abs(np.asarray(ztxt) - want_txt).max())
+  assert max(diffs) < STRICT, diffs
+
+
+def test_big_vision_npz_as_published(tmp_path):
+  """A SigLIP .npz as big_vision saves it (`params/` prefix; unscanned as released or scanned
+  as trained with scan=True) loads through load_params with the embeddings of transformers'
+  SiglipModel holding the same weights; `file.npz:img` is the image tower alone; bfloat16
+  arrays (numpy's 2-byte void) are read back."""
+  kwargs = siglip_kwargs(image={"depth": 2}, text={"depth": 2})
+  params = random_params(kwargs)
+  export.export_hf(params, kwargs, str(tmp_path / "hf"), arch="siglip")
+  img, ids = images(), Tokenizer(TOKENIZER).encode(TEXTS, 16)
+  want = hf_embeddings(str(tmp_path / "hf"), img, ids)
+  flat = export.flatten(params)
+  published = str(tmp_path / "webli.npz")
+  np.savez(published, **{"params/" + k: v for k, v in flat.items()})
+  scanned = str(tmp_path / "scanned.npz")
+  np.savez(scanned, **{"params/" + k: v for k, v in export.stack_layers(flat).items()})
+  assert "params/img/Transformer/encoderblock/LayerNorm_0/scale" in np.load(scanned).files
+  for path in (published, scanned):
+    assert_embeddings(kwargs, export.load_params(path), img, ids, *want)
+    scan_kwargs = siglip_kwargs(image={"depth": 2, "scan": True}, text={"depth": 2, "scan": True})
+    assert_embeddings(scan_kwargs, export.load_params(path, scan=True), img, ids, *want)
+  img_only = export.load_params(published + ":img")
+  assert set(img_only) == {k for k in flat if k.startswith("img/")}
+  with pytest.raises(ExportError, match=r"no sub-tree 'image'.*\['b', 'img', 't', 'txt'\]"):
+    export.load_params(published + ":image")
+  import ml_dtypes
+  bf16 = np.asarray([1.5, -2.25, 3.0078125], ml_dtypes.bfloat16)
+  np.savez(str(tmp_path / "bf16.npz"), **{"params/t": bf16.view(np.dtype("V2"))})
+  np.testing.assert_array_equal(export.load_params(str(tmp_path / "bf16.npz"))["t"],
+                                bf16.astype(np.float32))
+
+
+def test_vit_classifier_npz_into_image_tower(tmp_path):
+  """A plain ViT classifier .npz in the layout the ViT releases use (no `img/`, pre-linen
+  module numbers, the class token's position inside Transformer/posembed_input, a class head)
+  becomes big_mm's image tower computing what transformers' ViTModel computes."""
+  from big_mm.models.vit import ViT
+  d, heads, p, depth = 32, 2, 8, 2
+  cfg = transformers.ViTConfig(hidden_size=d, num_hidden_layers=depth, num_attention_heads=heads,
+                               intermediate_size=64, image_size=32, patch_size=p,
+                               hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+  torch.manual_seed(0)
+  ref = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+  with torch.no_grad():
+    for name, w in ref.named_parameters():
+      w.copy_(torch.randn_like(w) * (0.1 if w.ndim == 1 else 1 / np.sqrt(w.shape[-1]))
+              + (1.0 if "layernorm" in name and name.endswith("weight") else 0.0))
+  sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+  heads_split = lambda w: w.T.reshape(d, heads, d // heads)  # noqa: E731  torch [out, in]
+  npz = {"embedding/kernel": sd["embeddings.patch_embeddings.projection.weight"].transpose(
+             2, 3, 1, 0),
+         "embedding/bias": sd["embeddings.patch_embeddings.projection.bias"],
+         "cls": sd["embeddings.cls_token"],
+         "Transformer/posembed_input/pos_embedding": sd["embeddings.position_embeddings"],
+         "Transformer/encoder_norm/scale": sd["layernorm.weight"],
+         "Transformer/encoder_norm/bias": sd["layernorm.bias"],
+         "head/kernel": np.zeros((d, 10), np.float32), "head/bias": np.zeros(10, np.float32)}
+  for i in range(depth):
+    b, h = f"Transformer/encoderblock_{i}", f"layers.{i}"
+    att = f"{b}/MultiHeadDotProductAttention_1"
+    for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+      npz[f"{att}/{ours}/kernel"] = heads_split(sd[f"{h}.attention.{theirs}.weight"])
+      npz[f"{att}/{ours}/bias"] = sd[f"{h}.attention.{theirs}.bias"].reshape(heads, -1)
+    npz[f"{att}/out/kernel"] = sd[f"{h}.attention.o_proj.weight"].T.reshape(heads, -1, d)
+    npz[f"{att}/out/bias"] = sd[f"{h}.attention.o_proj.bias"]
+    for ln, theirs in (("LayerNorm_0", "layernorm_before"), ("LayerNorm_2", "layernorm_after")):
+      npz[f"{b}/{ln}/scale"], npz[f"{b}/{ln}/bias"] = (sd[f"{h}.{theirs}.weight"],
+                                                       sd[f"{h}.{theirs}.bias"])
+    for dense, theirs in (("Dense_0", "mlp.fc1"), ("Dense_1", "mlp.fc2")):
+      npz[f"{b}/MlpBlock_3/{dense}/kernel"] = sd[f"{h}.{theirs}.weight"].T
+      npz[f"{b}/MlpBlock_3/{dense}/bias"] = sd[f"{h}.{theirs}.bias"]
+  path = str(tmp_path / "vit_classifier.npz")
+  np.savez(path, **npz)
+  flat = export.load_params(path)
+  assert all(k.startswith("img/") for k in flat) and "img/head/kernel" not in flat
+  assert "img/Transformer/encoderblock_1/MlpBlock_0/Dense_1/kernel" in flat
+  tower = {k[len("img/"):]: v for k, v in flat.items()}
+  img = images()
+  x, _ = ViT(width=d, depth=depth, mlp_dim=64, num_heads=heads, patch_size=p, pool="tok").apply(
+      {"params": export.unflatten(tower)}, img)
+  with torch.no_grad():
+    want = ref(pixel_values=torch.from_numpy(img).permute(0, 3, 1, 2)).last_hidden_state[:, 0]
+  assert np.abs(np.asarray(x) - want.numpy()).max() < STRICT
+
+
+def test_init_path_subtree_and_checkpoint_without_b(data_dir, tmp_path, caplog):
+  """config.init.path takes big_vision's `file.npz:img` (only the image tower is loaded) and a
+  CLIP-style checkpoint without the SigLIP bias `b` (b keeps its init, said in the log) with the
+  default init.include; a param missing inside a tower the file has is still an error."""
+  from big_mm import train
+  from conftest import tiny_config
+  config = tiny_config(data_dir)
+  setup = train.build(config)
+  ts = train.make_train_state(setup)
+  state = ts.init(jax.random.key(0))
+  fresh = export.flatten(state["params"])
+  source = export.flatten(ts.init(jax.random.key(1))["params"])  # another model's weights
+  clip_like = {k: v for k, v in source.items() if k != "b"}
+  path = str(tmp_path / "clip_like.npz")
+  np.savez(path, **{"params/" + k: v for k, v in clip_like.items()})
+
+  def load(init_path):
+    with config.unlocked():
+      config.init.path = init_path
+    with caplog.at_level(logging.INFO, logger="big_mm"):
+      return export.flatten(train.load_init(config, ts, state)["params"])
+
+  loaded = load(path)
+  for k in fresh:
+    np.testing.assert_array_equal(loaded[k], fresh[k] if k == "b" else source[k], err_msg=k)
+  assert "b not in" in caplog.text and "keep their init" in caplog.text
+  loaded = load(path + ":img")
+  for k in fresh:
+    want = source[k] if k.startswith("img/") else fresh[k]
+    np.testing.assert_array_equal(loaded[k], want, err_msg=k)
+  np.savez(path, **{"params/" + k: v for k, v in clip_like.items()
+                    if k != "txt/pos_embedding"})
+  with pytest.raises(config_lib.ConfigError, match=r"txt/pos_embedding.*is not in"):
+    load(path)
+
+
+def test_text_pool_type_has_big_vision_semantics():
+  """pool_type is big_vision's key with its meanings: 'last' reads the last POSITION (big_mm's
+  'last_position', not 'last'), 'mean' / 'map' pool every position, pads included;
+  pool_masks_pads switches that for big_mm's own pool names."""
+  from big_mm.models.text import TextTransformer
+  ids = Tokenizer(TOKENIZER).encode(TEXTS, 16)
+  assert (ids == 0).any()
+  base = dict(TOWER, vocab_size=128)
+  params = TextTransformer(**base, pool="map").init(jax.random.key(0), ids)["params"]
+
+  def run(**kw):
+    m = TextTransformer(**base, **kw)
+    p = params if m.pooling()["pool"] == "map" else {k: v for k, v in params.items()
+                                                     if k != "MAPHead_0"}
+    x, out = m.apply({"params": p}, ids)
+    return np.asarray(x), out
+
+  last_position, out = run(pool="last_position")
+  np.testing.assert_array_equal(run(pool_type="last")[0], last_position)
+  assert np.abs(run(pool="last")[0] - last_position).max() > 1e-3
+  np.testing.assert_allclose(run(pool_type="gap")[0],
+                             np.asarray(out["transformed"]).mean(axis=1), atol=1e-6)
+  bv_map = run(pool_type="map")[0]
+  np.testing.assert_array_equal(bv_map, run(pool="map", pool_masks_pads=False)[0])
+  assert np.abs(run(pool="map")[0] - bv_map).max() > 1e-3
+  with pytest.raises(ValueError, match="set one of them"):
+    run(pool="first", pool_type="last")
+  with pytest.raises(ValueError, match=r"Unknown pool_type 'tok'"):
+    run(pool_type="tok")
+
+
+def write_open_clip(d, model_cfg, state, *, as_bin=False):
+  """A directory as open_clip / the Hugging Face hub publish it."""
+  from safetensors.torch import save_file
+  os.makedirs(d, exist_ok=True)
+  with open(os.path.join(d, "open_clip_config.json"), "w") as f:
+    json.dump({"model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}},
+              f)
+  if as_bin:
+    torch.save(state, os.path.join(d, "open_clip_pytorch_model.bin"))
+  else:
+    save_file({k: v.contiguous() for k, v in state.items()},
+              os.path.join(d, "open_clip_model.safetensors"))
+
+
+def test_openai_clip_in_open_clip_layout(tmp_path):
+  """An OpenAI-style CLIP (QuickGELU, LayerNorm eps 1e-5, ln_pre, class token, causal text
+  pooled at the argmax token, no logit bias) as open_clip publishes it imports into a big_mm
+  Towers model with open_clip's embeddings; the .bin form is read with weights_only=True and
+  a pickle of anything else is refused."""
+  import open_clip
+  model_cfg = {"embed_dim": 24, "quick_gelu": True,
+               "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
+                              "patch_size": 8},
+               "text_cfg": {"context_length": 16, "vocab_size": 128, "width": 32, "heads": 2,
+                            "layers": 2}}
+  torch.manual_seed(0)
+  ref = open_clip.model.CLIP(**model_cfg)
+  with torch.no_grad():
+    for name, w in ref.named_parameters():
+      if "ln" in name and name.endswith("weight"):
+        w.copy_(1 + 0.1 * torch.randn_like(w))
+      elif w.ndim <= 1 and name != "logit_scale":
+        w.copy_(0.1 * torch.randn_like(w))
+  d = str(tmp_path / "openai_clip")
+  write_open_clip(d, model_cfg, ref.state_dict())
+  published, _, _ = open_clip.create_model_and_transforms("local-dir:" + d)  # open_clip reads it
+  rng = np.random.RandomState(0)
+  lengths = [5, 16, 9]
+  ids = np.zeros((3, 16), np.int64)
+  for row, n in enumerate(lengths):  # CLIP tokens: text ids, then the largest id (EOT), then pads
+    ids[row, :n - 1] = rng.randint(1, 127, n - 1)
+    ids[row, n - 1] = 127
+  img = images()
+  with torch.no_grad():
+    zi = published.eval().encode_image(torch.from_numpy(img).permute(0, 3, 1, 2), normalize=True)
+    zt = published.encode_text(torch.from_numpy(ids), normalize=True)
+  flat, kwargs = export.load_params(d, with_model_kwargs=True)
+  assert kwargs["towers"]["image"]["act"] == kwargs["towers"]["text"]["act"] == "quick_gelu"
+  assert kwargs["towers"]["text"]["norm_eps"] == 1e-5 and kwargs["bias_init"] is None
+  assert "b" not in flat
+  full = {**flat, "b": np.zeros((1,), np.float32)}
+  assert_embeddings(kwargs, full, img, ids.astype(np.int32), zi.numpy(), zt.numpy())
+  np.testing.assert_allclose(flat["t"], [float(ref.logit_scale.detach())], rtol=1e-6)
+
+  d_bin = str(tmp_path / "openai_clip_bin")
+  write_open_clip(d_bin, model_cfg, ref.state_dict(), as_bin=True)
+  from_bin = export.load_params(d_bin)
+  assert set(from_bin) == set(flat)
+  assert all(np.array_equal(from_bin[k], flat[k]) for k in flat)
+  import datetime
+  torch.save({"state_dict": {"x": torch.zeros(1)}, "not_a_tensor": datetime.date(2026, 1, 1)},
+             os.path.join(d_bin, "open_clip_pytorch_model.bin"))
+  with pytest.raises(ExportError, match=r"weights_only=True.*never unpickles"):
+    export.load_params(d_bin)
+  attn_pool = dict(model_cfg, vision_cfg=dict(model_cfg["vision_cfg"], attentional_pool=True))
+  write_open_clip(str(tmp_path / "coca"), attn_pool, ref.state_dict())
+  with pytest.raises(ExportError, match="attentional_pool"):
+    export.load_params(str(tmp_path / "coca"))
+
+
+def test_open_clip_siglip_timm_tower_imports(tmp_path):
+  """open_clip's SigLIP layout (timm trunk with a MAP head, custom text tower, logit bias), as
+  export_open_clip writes it, imports back with open_clip's own embeddings."""
+  kwargs = siglip_kwargs(image={"act": "gelu"}, text={"act": "gelu"})
+  params = random_params(kwargs)
+  d = str(tmp_path / "oc")
+  export.export_open_clip(params, kwargs, d, image_size=32)
+  model, _, _ = load_open_clip(d)
+  img, ids = images(), Tokenizer(TOKENIZER).encode(TEXTS, 16)
+  with torch.no_grad():
+    zi = model.encode_image(torch.from_numpy(img).permute(0, 3, 1, 2), normalize=True)
+    zt = model.encode_text(torch.from_numpy(np.asarray(ids, np.int64)), normalize=True)
+  flat, back = export.load_params(d, with_model_kwargs=True)
+  assert back["towers"]["image"]["pool"] == "map" and back["towers"]["image"]["act"] == "gelu"
+  assert_embeddings(back, flat, img, ids, zi.numpy(), zt.numpy())
+  np.testing.assert_array_equal(flat["b"], export.flatten(params)["b"])
+
+
+def test_exports_are_atomic_and_name_the_extra(tmp_path, monkeypatch):
+  """A failing export leaves no half-written directory (and an earlier export intact); a
+  missing export dependency names `pip install -e ".[export]"`."""
+  import sys
+
+  import safetensors.numpy
+  kwargs = siglip_kwargs()
+  params = random_params(kwargs)
+  out = tmp_path / "hf"
+  export.export_hf(params, kwargs, str(out), arch="siglip")
+  before = sorted(os.listdir(out))
+
+  def broken(*a, **k):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(safetensors.numpy, "save_file", broken)
+  for fn, target in ((export.export_hf, out), (export.export_open_clip, tmp_path / "oc")):
+    with pytest.raises(OSError, match="disk full"):
+      fn(params, kwargs, str(target), **({"arch": "siglip"} if fn is export.export_hf
+                                         else {"image_size": 32}))
+  assert sorted(os.listdir(out)) == before and not (tmp_path / "oc").exists()
+  assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary directories left behind
+  monkeypatch.undo()
+  monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+  with pytest.raises(ExportError, match=r'pip install -e "\.\[export\]"'):
+    export.export_hf(params, kwargs, str(tmp_path / "x"), arch="siglip")

@@ -360,8 +360,8 @@ def test_variant_with_overrides():
 
 
 def test_invalid_kwargs_messages():
-  with pytest.raises(TypeError, match=r"'pool_type'.*Did you mean 'pool'.*Valid options"):
-    _image_text(dict(IMG, pool_type="map"), TXT)
+  with pytest.raises(TypeError, match=r"'poool'.*Did you mean 'pool'.*Valid options"):
+    _image_text(dict(IMG, poool="map"), TXT)
   with pytest.raises(TypeError, match=r"model.towers.text.*'vocab'.*vocab_size"):
     _image_text(IMG, dict(TXT, vocab=100))
   with pytest.raises(TypeError, match="temperature_init"):

@@ -1,7 +1,12 @@
 """Shared helpers for export / import: flat '/'-path trees, scan layouts, model kwargs, errors."""
 from __future__ import annotations
 
+import contextlib
+import importlib
+import os
 import re
+import shutil
+import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -12,6 +17,58 @@ from big_mm import tree_paths
 
 class ExportError(ValueError):
   """A model that cannot be represented in the target format, or bad input files."""
+
+
+def requires(*modules: str, what: str):
+  """Imports `modules` (returned in order) or raises ExportError naming the export extra."""
+  try:
+    return [importlib.import_module(m) for m in modules]
+  except ImportError as e:
+    raise ExportError(f"{what} needs {e.name!r}, which `pip install -e .` does not install: "
+                      "pip install -e \".[export]\" (safetensors, transformers, torch, timm)."
+                      ) from None
+
+
+def load_torch_weights(path: str) -> dict[str, np.ndarray]:
+  """A torch state dict file (.bin / .pt) read with torch.load(weights_only=True): tensors and
+  plain containers only, never arbitrary pickled objects; anything else is refused."""
+  torch, = requires("torch", what=f"Reading {os.path.basename(path)}")
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 - torch raises several types; all mean "refused"
+    raise ExportError(
+        f"{path!r} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:300]}). big_mm never unpickles arbitrary objects (nor loads "
+        "TorchScript archives such as OpenAI's original ViT-B-32.pt): use the safetensors file "
+        "open_clip / the Hugging Face hub publish, or convert it where you trust the file.") from None
+  if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+    state = state["state_dict"]  # open_clip training checkpoints
+  if not isinstance(state, Mapping):
+    raise ExportError(f"{path!r} holds a {type(state).__name__}, not a state dict.")
+  return {k[len("module."):] if k.startswith("module.") else k:
+          v.float().numpy() for k, v in state.items() if hasattr(v, "float")}
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str):
+  """Yields a fresh directory beside `out_dir`; on success it replaces `out_dir` (a rename), on
+  any error it is removed, so `out_dir` never holds a half-written export."""
+  out_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".partial-", dir=parent)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if os.path.exists(out_dir):
+    old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
+    os.rename(out_dir, os.path.join(old, "x"))
+  os.rename(tmp, out_dir)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def flatten(tree: Any) -> dict[str, np.ndarray]:
@@ -103,6 +160,7 @@ def resolved_arch(model_kwargs_: Mapping) -> tuple[dict, dict, tuple]:
     mod = cls(**kwargs)
     fields = {f: getattr(mod, f) for f in mod.__dataclass_fields__ if f not in ("parent", "name")}
     fields.update(mod.arch())
+    fields.update(mod.pooling())  # pool_type (big_vision's names) resolved to big_mm's pool
     return fields
 
   return opts("image"), opts("text"), (dims["image"], dims["text"])

@@ -22,7 +22,8 @@ CLIP (`transformers.CLIPModel`), usually `objective.loss="softmax"`:
   text:  causal=True, pool="last" (the EOS position; HF pools at the first eos_token_id=1);
          head without bias as for the image.
   t -> logit_scale; b must be 0 (CLIP has no logit bias; a softmax loss never moves it).
-Both: activations are tanh-GELU ("gelu_pytorch_tanh"), LayerNorm eps 1e-6, float32 weights.
+Both: the towers' activations (act: tanh-GELU "gelu_pytorch_tanh", "gelu", "quick_gelu") and
+LayerNorm eps (norm_eps) as configured, float32 weights.
 The tokenizer (`write_tokenizer`) encodes exactly as big_mm's: SentencePiece pieces, EOS, pads.
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ from big_mm.export.common import ExportError
 ARCHS = ("siglip", "clip")
 LN_EPS = 1e-6
 ACT = "gelu_pytorch_tanh"  # flax nn.gelu defaults to the tanh approximation.
+# big_mm's MLP activations (models/layers.py ACTIVATIONS) by their HF hidden_act names.
+ACT_TO_HF = {"gelu_tanh": ACT, "gelu": "gelu", "quick_gelu": "quick_gelu"}
 
 
 # ---- rules: (big_mm names, HF names, big_mm->HF, HF->big_mm) -------------------------------
@@ -325,7 +328,8 @@ def hf_config(arch, img, txt, dims, image_size, text_len, vocab_size,
   def tower(o):
     return dict(hidden_size=o["width"], intermediate_size=o["mlp_dim"],
                 num_hidden_layers=o["depth"], num_attention_heads=o["num_heads"],
-                hidden_act=ACT, layer_norm_eps=LN_EPS, attention_dropout=0.0)
+                hidden_act=ACT_TO_HF[o["act"]], layer_norm_eps=o["norm_eps"],
+                attention_dropout=0.0)
   vision = dict(tower(img), image_size=image_size, patch_size=img["patch_size"][0],
                 num_channels=3)
   text = dict(tower(txt), vocab_size=vocab_size, max_position_embeddings=text_len,
@@ -363,7 +367,8 @@ def export_hf(params, model_kwargs: Mapping, out_dir: str, *, arch: str = "sigli
   """Writes config.json + model.safetensors (+ tokenizer / processor files when `tokenizer`,
   a SentencePiece .model path, is given) loadable with `SiglipModel/CLIPModel.from_pretrained`.
   """
-  from safetensors.numpy import save_file
+  save_file = common.requires("safetensors.numpy",
+                              what="Exporting to Hugging Face")[0].save_file
   flat, img, txt, dims, image_size, text_len = prepare(params, model_kwargs, arch,
                                                        image_size=image_size)
   if arch == "siglip":
@@ -378,13 +383,13 @@ def export_hf(params, model_kwargs: Mapping, out_dir: str, *, arch: str = "sigli
   cfg = hf_config(arch, img, txt, dims, image_size, text_len, vocab,
                   logit_scale=float(flat["t"].reshape(-1)[0]))
   cfg["big_mm"] = dict(text_pad_mask=bool(txt.get("pad_mask")), image_posemb=img["posemb"])
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
-  save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  if tokenizer:
-    write_processor(out_dir, tokenizer, image_size=image_size, text_len=text_len,
-                    pad_mask=bool(txt.get("pad_mask")))
+  with common.atomic_dir(out_dir) as tmp:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(cfg, f, indent=2)
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer:
+      write_processor(tmp, tokenizer, image_size=image_size, text_len=text_len,
+                      pad_mask=bool(txt.get("pad_mask")))
   return out_dir
 
 
@@ -405,7 +410,7 @@ def write_tokenizer(out_dir, tokenizer_path, *, text_len, pad_mask) -> None:
   except (ImportError, AttributeError) as e:
     raise ExportError(f"Writing the tokenizer needs transformers 5 (its SentencePiece "
                       f"converter build_tokenizer_from_spm_proto; {e}): "
-                      "pip install -U transformers.") from None
+                      "pip install -e \".[export]\" (or pip install -U transformers).") from None
   proto = import_protobuf().ModelProto()
   with open(tokenizer_path, "rb") as f:
     proto.ParseFromString(f.read())
@@ -452,22 +457,27 @@ def write_processor(out_dir, tokenizer_path, *, image_size, text_len, pad_mask):
 
 # ---- import ---------------------------------------------------------------------------------
 
+HF_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu",
+          "quick_gelu": "quick_gelu"}
+
+
 def _hf_to_options(cfg: Mapping, arch: str) -> dict:
   v, t = cfg["vision_config"], cfg["text_config"]
+  opts = {}
   for c, what in ((v, "vision"), (t, "text")):
     act = c.get("hidden_act", "gelu_pytorch_tanh" if arch == "siglip" else "quick_gelu")
-    if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-      raise ExportError(f"HF {what} hidden_act={act!r}: big_mm's MLP uses tanh-GELU; importing "
-                        "would change the function.")
+    if act not in HF_ACT:
+      raise ExportError(f"HF {what} hidden_act={act!r}: big_mm's MLP activations are "
+                        f"{sorted(HF_ACT)} (HF names); importing would change the function.")
     eps = c.get("layer_norm_eps", 1e-6 if arch == "siglip" else 1e-5)
-    if abs(eps - LN_EPS) > 1e-12:
-      raise ExportError(f"HF {what} layer_norm_eps={eps}: big_mm's LayerNorm uses 1e-6.")
+    opts[what] = dict(act=HF_ACT[act], norm_eps=float(eps))
 
   def tower(c):
     return dict(width=c["hidden_size"], depth=c["num_hidden_layers"],
                 mlp_dim=c["intermediate_size"], num_heads=c["num_attention_heads"])
-  image = dict(tower(v), patch_size=(v["patch_size"], v["patch_size"]), posemb="learn")
-  text = dict(tower(t), vocab_size=t["vocab_size"])
+  image = dict(tower(v), patch_size=(v["patch_size"], v["patch_size"]), posemb="learn",
+               **opts["vision"])
+  text = dict(tower(t), vocab_size=t["vocab_size"], **opts["text"])
   extra = cfg.get("big_mm", {})
   if arch == "siglip":
     if not v.get("vision_use_head", True):
@@ -477,10 +487,8 @@ def _hf_to_options(cfg: Mapping, arch: str) -> dict:
     return dict(towers=dict(image=image, text=text),
                 out_dim=dict(image=0, text=t.get("projection_size", t["hidden_size"])),
                 temperature_init=1.0, bias_init=0.0)
-  eos = t.get("eos_token_id")
-  if eos == 2:
-    raise ExportError("HF CLIP with eos_token_id=2 pools at argmax(input_ids) (legacy); big_mm "
-                      "pools at the last non-pad token. Not imported.")
+  # eos_token_id=2 (OpenAI's configs): HF pools at argmax(input_ids), the end-of-text token that
+  # CLIP's tokenizer gives the largest id and puts last before the pads: big_mm's "last" too.
   image.update(pool="tok", pre_norm=True, head_bias=False)
   text.update(pool="last", causal=True, head_bias=False,
               pad_mask=bool(extra.get("text_pad_mask", False)))
@@ -489,20 +497,24 @@ def _hf_to_options(cfg: Mapping, arch: str) -> dict:
 
 
 def import_hf(path: str) -> tuple[dict[str, np.ndarray], dict]:
-  """HF SiglipModel / CLIPModel directory (config.json + model.safetensors) ->
-  (flat big_mm params, Towers kwargs). Only safetensors are read (never pickles)."""
-  from safetensors.numpy import load_file
+  """HF SiglipModel / CLIPModel directory (config.json + model.safetensors, or
+  pytorch_model.bin read with torch weights_only=True) -> (flat big_mm params, Towers kwargs)."""
   cfg_path, st_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
-  for p in (cfg_path, st_path):
-    if not os.path.isfile(p):
-      raise ExportError(f"{path!r} is not an HF model directory: {os.path.basename(p)} missing "
-                        "(only safetensors weights are read; pytorch_model.bin is refused).")
+  bin_path = os.path.join(path, "pytorch_model.bin")
+  if not os.path.isfile(cfg_path) or not (os.path.isfile(st_path) or os.path.isfile(bin_path)):
+    raise ExportError(f"{path!r} is not an HF model directory: it needs config.json and "
+                      "model.safetensors (or pytorch_model.bin).")
   with open(cfg_path) as f:
     cfg = json.load(f)
   arch = cfg.get("model_type")
   if arch not in ARCHS:
     raise ExportError(f"{path!r}: model_type={arch!r}; big_mm imports {ARCHS}.")
-  state = load_file(st_path)
+  if os.path.isfile(st_path):
+    load_file = common.requires("safetensors.numpy", what="Reading safetensors")[0].load_file
+    state = load_file(st_path)
+  else:
+    st_path = bin_path
+    state = common.load_torch_weights(bin_path)
   state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
   kwargs = _hf_to_options(cfg, arch)
   img, txt, dims = common.resolved_arch(kwargs)

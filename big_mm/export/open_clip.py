@@ -26,8 +26,10 @@ Text tower: open_clip's native TextTransformer: pool "last" (pool_type "eos", eo
 "last_position" ("last") or "first", causal or not (no_causal_mask), head with or without bias.
 b -> logit_bias. Also refused: text pool "mean"/"map", pad_mask=True unless causal with pool
 "last" (open_clip's CLIP.encode_text masks no pads), non-integer mlp ratios, rep_size.
-Everything runs tanh-GELU (act_kwargs / act_layer "gelu_tanh") with LayerNorm eps 1e-6, so the
-function is big_mm's exactly.
+Activations and LayerNorm eps are the towers' own (act "gelu_tanh" -> act_kwargs / act_layer
+"gelu_tanh", "gelu" -> torch's GELU, "quick_gelu" -> model_cfg.quick_gelu; norm_eps ->
+norm_kwargs), so the function is big_mm's exactly. `import_open_clip` reads such directories,
+and open_clip's / OpenAI CLIP's published ones, back (see its docstring).
 
 Tokenizer: open_clip's HFTokenizer cleans every text before tokenizing (ftfy.fix_text,
 html.unescape, runs of whitespace -> one space, stripped); for such clean text its ids equal
@@ -181,6 +183,12 @@ def problems_for(img, txt, dims, flat) -> list[str]:
   for tower, o in (("image", img), ("text", txt)):
     if o["width"] % o["num_heads"]:
       problems.append(f"{tower} width {o['width']} not divisible by num_heads.")
+  native_acts = {txt["act"]} | ({img["act"]} if img["pool"] not in TIMM_POOL else set())
+  if "quick_gelu" in native_acts and len(native_acts) > 1:
+    problems.append(f"activations {sorted(native_acts)}: open_clip's model_cfg.quick_gelu "
+                    "switches QuickGELU on for both native towers.")
+  if img["pool"] in TIMM_POOL and img["norm_eps"] != 1e-6:
+    problems.append(f"image.norm_eps={img['norm_eps']}: timm's ViT LayerNorms use 1e-6.")
   img_out, txt_out = dims[0] or img["width"], dims[1] or txt["width"]
   if img_out != txt_out:
     problems.append(f"embedding sizes differ: image {img_out} vs text {txt_out}.")
@@ -195,7 +203,7 @@ def _timm_config(img, image_size) -> dict:
                       embed_dim=img["width"], depth=img["depth"], num_heads=img["num_heads"],
                       mlp_ratio=img["mlp_dim"] / img["width"], class_token=False,
                       global_pool=TIMM_POOL[img["pool"]], fc_norm=False,
-                      pre_norm=bool(img.get("pre_norm")), act_layer="gelu_tanh"),
+                      pre_norm=bool(img.get("pre_norm")), act_layer=img["act"]),
       pretrained_cfg=dict(input_size=[3, image_size, image_size], mean=[0.5] * 3,
                           std=[0.5] * 3, interpolation="bilinear", crop_pct=1.0,
                           num_classes=0))
@@ -203,7 +211,7 @@ def _timm_config(img, image_size) -> dict:
 
 def export_open_clip(params, model_kwargs: Mapping, out_dir: str, *,
                      image_size: Optional[int] = None, tokenizer: Optional[str] = None) -> str:
-  from safetensors.numpy import save_file
+  save_file = common.requires("safetensors.numpy", what="Exporting to open_clip")[0].save_file
   kwargs = common.model_kwargs(model_kwargs)
   img, txt, dims = common.resolved_arch(kwargs)
   # Shape checks and sincos tables as for HF; the HF-specific refusals are replaced by ours.
@@ -234,8 +242,10 @@ def export_open_clip(params, model_kwargs: Mapping, out_dir: str, *,
   embed_dim = dims[0] or img["width"]
 
   def tower(o):
+    act = {"gelu_tanh": {"act_kwargs": {"approximate": "tanh"}}, "gelu": {},
+           "quick_gelu": {}}[o["act"]]  # quick_gelu: model_cfg.quick_gelu
     return dict(width=o["width"], layers=o["depth"], mlp_ratio=o["mlp_dim"] / o["width"],
-                act_kwargs={"approximate": "tanh"}, norm_kwargs={"eps": hf.LN_EPS})
+                norm_kwargs={"eps": o["norm_eps"]}, **act)
   for name, o in (("image", img), ("text", txt)):
     if int(o["width"] * (o["mlp_dim"] / o["width"])) != o["mlp_dim"]:
       raise ExportError(f"{name} mlp_dim is not width * a float open_clip reproduces exactly.")
@@ -258,19 +268,232 @@ def export_open_clip(params, model_kwargs: Mapping, out_dir: str, *,
     # open_clip's get_tokenizer("local-dir:DIR") loads DIR whenever this is set; the path
     # also serves a plain AutoTokenizer (point it at a hub repo after uploading DIR there).
     text_cfg["hf_tokenizer_name"] = out_dir
-  model_cfg = dict(embed_dim=embed_dim, quick_gelu=False, vision_cfg=vision_cfg,
+  model_cfg = dict(embed_dim=embed_dim, quick_gelu=txt["act"] == "quick_gelu", vision_cfg=vision_cfg,
                    text_cfg=text_cfg, init_logit_bias=float(flat["b"].reshape(-1)[0]))
   preprocess_cfg = dict(size=[image_size, image_size], mode="RGB", mean=[0.5] * 3,
                         std=[0.5] * 3, interpolation="bilinear", resize_mode="squash")
-  os.makedirs(out_dir, exist_ok=True)
-  if timm_route:
-    os.makedirs(timm_dir, exist_ok=True)
-    with open(os.path.join(timm_dir, "config.json"), "w") as f:
-      json.dump(_timm_config(img, image_size), f, indent=2)
-  with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
-    json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, f, indent=2)
-  save_file(state, os.path.join(out_dir, "open_clip_model.safetensors"))
-  if tokenizer:
-    shutil.copyfile(tokenizer, os.path.join(out_dir, "spiece.model"))
-    hf.write_tokenizer(out_dir, tokenizer, text_len=text_len, pad_mask=bool(txt.get("pad_mask")))
+  with common.atomic_dir(out_dir) as tmp:  # open_clip_config names out_dir, the final place
+    if timm_route:
+      os.makedirs(os.path.join(tmp, "timm_vision"))
+      with open(os.path.join(tmp, "timm_vision", "config.json"), "w") as f:
+        json.dump(_timm_config(img, image_size), f, indent=2)
+    with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
+      json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, f, indent=2)
+    save_file(state, os.path.join(tmp, "open_clip_model.safetensors"))
+    if tokenizer:
+      shutil.copyfile(tokenizer, os.path.join(tmp, "spiece.model"))
+      hf.write_tokenizer(tmp, tokenizer, text_len=text_len, pad_mask=bool(txt.get("pad_mask")))
   return out_dir
+
+
+# ---- import ---------------------------------------------------------------------------------
+
+# open_clip text pool_type -> big_mm pool. "argmax" (OpenAI CLIP: the end-of-text token has the
+# largest id) and "eos" (the first eos_id) both read the end-of-text token, which ends every
+# text before the pads: big_mm's "last" (the last non-pad token).
+IMPORT_TEXT_POOL = {"argmax": "last", "eos": "last", "last": "last_position", "first": "first"}
+_UNSUPPORTED = ("ls_init_value", "qk_norm", "scaled_cosine_attn", "scale_heads",
+                "scale_attn_inner", "scale_attn", "scale_fc")
+VISION_DEFAULTS = dict(layers=12, width=768, head_width=64, mlp_ratio=4.0, patch_size=16,
+                       image_size=224)
+TEXT_DEFAULTS = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12,
+                     mlp_ratio=4.0)
+
+
+def _act(quick_gelu: bool, act_kwargs) -> str:
+  """open_clip's native towers: QuickGELU if quick_gelu else torch nn.GELU (erf), which
+  act_kwargs={"approximate": "tanh"} makes tanh-GELU."""
+  if quick_gelu:
+    return "quick_gelu"
+  return "gelu_tanh" if (act_kwargs or {}).get("approximate") == "tanh" else "gelu"
+
+
+def _weights(path: str) -> tuple[str, dict]:
+  """(directory, state dict as float32 numpy) of an open_clip directory or weights file."""
+  d, file = (path, None) if os.path.isdir(path) else (os.path.dirname(path) or ".", path)
+  if file is None:
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+      if os.path.isfile(os.path.join(d, name)):
+        file = os.path.join(d, name)
+        break
+    else:
+      raise ExportError(f"{path!r}: open_clip_config.json but no open_clip_model.safetensors "
+                        "(or open_clip_pytorch_model.bin) beside it.")
+  if file.endswith(".safetensors"):
+    load_file = common.requires("safetensors.numpy", what="Reading safetensors")[0].load_file
+    state = load_file(file)
+  else:
+    state = common.load_torch_weights(file)
+  return d, {k: np.asarray(v, np.float32) for k, v in state.items()}
+
+
+def _timm_tower(v: Mapping, image_size) -> dict:
+  """big_mm ViT kwargs of open_clip's timm vision trunk (a timm VisionTransformer without class
+  token, MAP or mean pooling), read off the trunk timm builds on the meta device."""
+  timm, torch = common.requires("timm", "torch", what="Importing an open_clip timm tower")
+  from timm.models.vision_transformer import VisionTransformer
+  pool = v.get("timm_pool", "avg")
+  if pool not in ("map", "avg"):
+    raise ExportError(f"vision_cfg.timm_pool={pool!r}: big_mm imports timm towers pooled by a "
+                      "MAP head ('map') or the token mean ('avg').")
+  with torch.device("meta"):
+    trunk = timm.create_model(v["timm_model_name"], pretrained=False, num_classes=0,
+                              global_pool=pool, img_size=image_size)
+  problems = []
+  if not isinstance(trunk, VisionTransformer):
+    raise ExportError(f"{v['timm_model_name']!r} is a timm {type(trunk).__name__}; big_mm "
+                      "imports timm VisionTransformers.")
+  if trunk.num_prefix_tokens:
+    problems.append(f"{trunk.num_prefix_tokens} class / register tokens (big_mm's MAP / mean "
+                    "pooled ViT has none)")
+  if not isinstance(trunk.fc_norm, torch.nn.Identity):
+    problems.append("fc_norm after pooling")
+  block = trunk.blocks[0]
+  act = block.mlp.act
+  name = type(act).__name__
+  if name == "QuickGELU":
+    act_name = "quick_gelu"
+  elif "GELU" in name:
+    tanh = getattr(act, "approximate", "none") == "tanh" or "Tanh" in name
+    act_name = "gelu_tanh" if tanh else "gelu"
+  else:
+    problems.append(f"activation {name}")
+  if pool == "map":
+    ap = trunk.attn_pool
+    if ap.latent_len != 1 or ap.num_heads != block.attn.num_heads:
+      problems.append("a MAP head with several latents or its own number of heads")
+    if ap.mlp.fc1.out_features != block.mlp.fc1.out_features:
+      problems.append("a MAP head MLP of another size")
+  if problems:
+    raise ExportError(f"open_clip timm tower {v['timm_model_name']!r} has no big_mm "
+                      "equivalent: " + "; ".join(problems) + ".")
+  p = trunk.patch_embed.patch_size
+  return dict(width=trunk.embed_dim, depth=len(trunk.blocks), num_heads=block.attn.num_heads,
+              mlp_dim=block.mlp.fc1.out_features, patch_size=tuple(p), posemb="learn",
+              pool={"map": "map", "avg": "gap"}[pool],
+              pre_norm=not isinstance(trunk.norm_pre, torch.nn.Identity), act=act_name,
+              norm_eps=float(trunk.norm.eps))
+
+
+def open_clip_kwargs(model_cfg: Mapping, state: Mapping) -> tuple[dict, dict]:
+  """(big_mm Towers kwargs, facts the weight mapping needs) of an open_clip model config;
+  ExportError naming what has no big_mm equivalent."""
+  v = {**VISION_DEFAULTS, **(model_cfg.get("vision_cfg") or {})}
+  t = {**TEXT_DEFAULTS, **(model_cfg.get("text_cfg") or {})}
+  quick = bool(model_cfg.get("quick_gelu", False))
+  problems = []
+  if isinstance(v["layers"], (list, tuple)):
+    problems.append("a ModifiedResNet image tower (vision_cfg.layers is a list)")
+  if t.get("hf_model_name"):
+    problems.append(f"a Hugging Face text tower ({t['hf_model_name']})")
+  for tower, c in (("vision", v), ("text", t)):
+    set_ = [k for k in _UNSUPPORTED if c.get(k)]
+    if set_ or c.get("block_type") not in (None, "default"):
+      problems.append(f"{tower}_cfg {set_ or ['block_type']} (custom blocks / layer scale)")
+  if t.get("embed_cls"):
+    problems.append("text_cfg.embed_cls (a text class token)")
+  if t.get("pool_type", "argmax") not in IMPORT_TEXT_POOL:
+    problems.append(f"text_cfg.pool_type={t.get('pool_type')!r}; importable: "
+                    f"{sorted(IMPORT_TEXT_POOL)}")
+  timm_route = bool(v.get("timm_model_name"))
+  if not timm_route:
+    if v.get("attentional_pool"):
+      problems.append("vision_cfg.attentional_pool (CoCa's attentional pooler: queries with "
+                      "their own LayerNorms, no MLP; big_mm's MAP head is SigLIP's)")
+    if v.get("pool_type", "tok") != "tok":
+      problems.append(f"vision_cfg.pool_type={v.get('pool_type')!r}: the native ViT keeps its "
+                      "class token in attention, so only 'tok' pooling maps (big_mm pool='tok')")
+  elif v.get("timm_proj", "linear") not in ("linear", "none", "", None):
+    problems.append(f"vision_cfg.timm_proj={v.get('timm_proj')!r}")
+  if problems:
+    raise ExportError("This open_clip model has no exact big_mm equivalent:\n  - "
+                      + "\n  - ".join(problems))
+  image_size = v["image_size"]
+  image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+  embed_dim = model_cfg["embed_dim"]
+  if timm_route:
+    image = _timm_tower(v, image_size)
+    proj = v.get("timm_proj", "linear")
+    image_head = {"linear": "linear_bias" if v.get("timm_proj_bias") else "linear",
+                  "none": "none"}.get(proj, "trunk_head")
+    image["head_bias"] = image_head in ("linear_bias", "trunk_head")
+  else:
+    p = v["patch_size"]
+    image = dict(width=v["width"], depth=v["layers"], num_heads=v["width"] // v["head_width"],
+                 mlp_dim=int(v["width"] * v["mlp_ratio"]), patch_size=(p, p), posemb="learn",
+                 pool="tok", pre_norm=not v.get("no_ln_pre", False), head_bias=False,
+                 act=_act(quick, v.get("act_kwargs")),
+                 norm_eps=float((v.get("norm_kwargs") or {}).get("eps", 1e-5)))
+    image_head = "native"
+  text_proj = t.get("proj_type", "linear") != "none" and bool(embed_dim)
+  text = dict(width=t["width"], depth=t["layers"], num_heads=t["heads"],
+              mlp_dim=int(t["width"] * t["mlp_ratio"]), vocab_size=t["vocab_size"],
+              pool=IMPORT_TEXT_POOL[t.get("pool_type", "argmax")],
+              causal=not t.get("no_causal_mask", False), head_bias=bool(t.get("proj_bias")),
+              act=_act(quick, t.get("act_kwargs")),
+              norm_eps=float((t.get("norm_kwargs") or {}).get("eps", 1e-5)))
+  has_bias = "logit_bias" in state
+  kwargs = dict(towers=dict(image=image, text=text),
+                out_dim=dict(image=0 if image_head == "none" else embed_dim,
+                             text=embed_dim if text_proj else 0),
+                temperature_init=1.0, bias_init=0.0 if has_bias else None)
+  facts = dict(image_head=image_head, text_proj=text_proj, has_bias=has_bias,
+               image_size=image_size, text_len=t["context_length"],
+               prefix="text." if model_cfg.get("custom_text") else "")
+  return kwargs, facts
+
+
+def import_open_clip(path: str) -> tuple[dict[str, np.ndarray], dict]:
+  """An open_clip directory (open_clip_config.json + open_clip_model.safetensors, as open_clip
+  and the Hugging Face hub publish CLIP / OpenAI CLIP / SigLIP models, and as export_open_clip
+  writes) -> (flat big_mm params, Towers kwargs) computing the same embeddings.
+
+  Native towers: class-token ViT (ln_pre or not), QuickGELU / GELU / tanh-GELU and the
+  LayerNorm eps as the config says, text pooled at argmax / eos (big_mm "last"), last position
+  or first, causal or not, projections with or without bias. timm towers (open_clip's SigLIP
+  models, this module's MAP / mean-pooled exports): a timm VisionTransformer without class
+  token, built on the meta device to read its sizes. Anything else is refused with the reason.
+  """
+  d, state = _weights(path)
+  cfg_path = os.path.join(d, "open_clip_config.json")
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  model_cfg = cfg.get("model_cfg", cfg)
+  kwargs, facts = open_clip_kwargs(model_cfg, state)
+  img, txt, _ = common.resolved_arch(kwargs)
+  head = facts["image_head"]
+  rules = open_clip_rules(img, txt, image_head="linear" if head == "trunk_head" else head,
+                          text_proj_bias=txt["head_bias"] and facts["text_proj"])
+  if head == "trunk_head":  # timm's own classifier head is the projection
+    rules = [r for r in rules if r.hf[0] != "visual.head.proj.weight"]
+    rules += hf._dense("img/head", "visual.trunk.head")
+  if not facts["text_proj"]:
+    rules = [r for r in rules if not r.bm[0].startswith("txt/head/")]
+  if not facts["has_bias"]:
+    rules = [r for r in rules if r.bm != ["b"]]
+  prefix = facts["prefix"]
+  if prefix:  # CustomTextCLIP: the text tower under `text.`
+    for r in rules:
+      r.hf = [n if n.startswith(("visual.", "logit_")) else prefix + n for n in r.hf]
+  expected = {n for r in rules for n in r.hf}
+  state = {k: v for k, v in state.items() if not k.endswith(("attn_mask", "position_ids"))}
+  missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+  if missing or extra:
+    raise ExportError(f"{path!r}: the weights do not match open_clip_config.json as big_mm "
+                      f"reads it:\n  missing ({len(missing)}): {missing[:20]}\n  unexpected "
+                      f"({len(extra)}): {extra[:20]}")
+  flat = {}
+  for r in rules:
+    try:
+      values = r.inv([state[n] for n in r.hf])
+    except ValueError as e:
+      raise ExportError(f"{r.hf}: cannot convert ({e}); shapes "
+                        f"{[tuple(state[n].shape) for n in r.hf]}.") from None
+    flat.update({n: np.asarray(x, np.float32) for n, x in zip(r.bm, values)})
+  want = hf._expected_shapes(kwargs, facts["image_size"], facts["text_len"])
+  if not facts["has_bias"]:
+    want.pop("b")  # no logit_bias: `b` is not imported (config.init keeps the model's own)
+  common.compare_keys(flat, want,
+                      f"The weights of {path!r} converted to big_mm and the big_mm model of its "
+                      "open_clip_config.json")
+  return flat, kwargs

@@ -27,6 +27,7 @@ training loss with `self.sow(AUX_LOSS, name, scalar)` (big_mm/models/aux_loss.py
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -81,18 +82,37 @@ def remat_policy_fn(name: Optional[str]):
   return policy
 
 
-def _layernorm(dtype, name=None):
+def _layernorm(dtype, name=None, eps=1e-6):
   return nn.LayerNorm(
-      dtype=dtype, param_dtype=jnp.float32, name=name,
+      epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
       scale_init=logical(nn.initializers.ones, ("embed",)),
       bias_init=logical(nn.initializers.zeros, ("embed",)))
 
 
+def quick_gelu(x):
+  """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# MLP activations by name: big_vision's (flax nn.gelu, the tanh approximation) is the default;
+# "gelu" (exact, erf: torch nn.GELU, timm) and "quick_gelu" reproduce imported torch models.
+ACTIVATIONS = {"gelu_tanh": functools.partial(nn.gelu, approximate=True),
+               "gelu": functools.partial(nn.gelu, approximate=False),
+               "quick_gelu": quick_gelu}
+
+
+def activation(name: str) -> Callable:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"Unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
 class MlpBlock(nn.Module):
-  """Dense_0 -> gelu -> dropout -> Dense_1 (big_vision MlpBlock)."""
+  """Dense_0 -> activation -> dropout -> Dense_1 (big_vision MlpBlock)."""
   mlp_dim: Optional[int] = None  # default 4 * width
   dropout: float = 0.0
   dtype: Dtype = "float32"
+  act: str = "gelu_tanh"  # a name in ACTIVATIONS
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -104,7 +124,7 @@ class MlpBlock(nn.Module):
                  bias_init=logical(nn.initializers.normal(stddev=1e-6), ("mlp",)))(x)
     if x.ndim == 3:
       x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
-    x = nn.gelu(x)
+    x = activation(self.act)(x)
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
     x = nn.Dense(d, dtype=dtype, param_dtype=jnp.float32,
                  kernel_init=logical(nn.initializers.xavier_uniform(), ("mlp", "embed")),
@@ -200,7 +220,10 @@ class BlockConfig:
   mlp: builds the block's MLP as `mlp(mlp_dim=, dropout=, dtype=)`, a module called as
   `(x, deterministic) -> same shape as x`; its params sit under the module's class name
   (`MlpBlock_0` for the default), so another class (e.g. a mixture-of-experts MLP, with its
-  own settings bound by functools.partial) drops in without changing the blocks.
+  own settings bound by functools.partial) drops in without changing the blocks. A non-default
+  `act` is passed to it as `act=` too.
+  act: the MLP activation (ACTIVATIONS); norm_eps: the blocks' LayerNorm epsilon (1e-6 as
+  big_vision; torch models imported from open_clip / OpenAI CLIP use 1e-5).
   """
   num_heads: int = 12
   mlp_dim: Optional[int] = None  # default 4 * width
@@ -209,9 +232,12 @@ class BlockConfig:
   attn_implementation: str = "xla"
   dtype: Dtype = "float32"
   mlp: Callable[..., nn.Module] = MlpBlock
+  act: str = "gelu_tanh"
+  norm_eps: float = 1e-6
 
   def build_mlp(self) -> nn.Module:
-    return self.mlp(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)
+    kwargs = {} if self.act == "gelu_tanh" else {"act": self.act}
+    return self.mlp(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype, **kwargs)
 
 
 class Encoder1DBlock(nn.Module):
@@ -222,14 +248,14 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x, mask=None, deterministic: bool = True):
     cfg = self.block
     x = constrain(x)
-    y = _layernorm(cfg.dtype)(x)
+    y = _layernorm(cfg.dtype, eps=cfg.norm_eps)(x)
     y = MultiHeadDotProductAttention(
         num_heads=cfg.num_heads, causal=cfg.causal,
         implementation=cfg.attn_implementation, dtype=cfg.dtype)(y, y, mask=mask)
     y = constrain(y)
     y = nn.Dropout(rate=cfg.dropout)(y, deterministic)
     x = x + y
-    y = _layernorm(cfg.dtype)(x)
+    y = _layernorm(cfg.dtype, eps=cfg.norm_eps)(x)
     y = cfg.build_mlp()(y, deterministic)
     y = constrain(y)
     y = nn.Dropout(rate=cfg.dropout)(y, deterministic)
@@ -270,7 +296,7 @@ class Encoder(nn.Module):
       for i in range(self.depth):
         x, _ = block(name=f"encoderblock_{i}", block=self.block)(x, mask, deterministic)
     out["pre_ln"] = x
-    x = _layernorm(self.block.dtype, name="encoder_norm")(x)
+    x = _layernorm(self.block.dtype, name="encoder_norm", eps=self.block.norm_eps)(x)
     return constrain(x), out
 
 
@@ -283,6 +309,8 @@ class MAPHead(nn.Module):
   num_heads: int = 12
   attn_implementation: str = "xla"
   dtype: Dtype = "float32"
+  act: str = "gelu_tanh"
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -294,8 +322,8 @@ class MAPHead(nn.Module):
     x = MultiHeadDotProductAttention(
         num_heads=self.num_heads, implementation=self.attn_implementation,
         dtype=self.dtype)(probe, x, mask=attn_mask)
-    y = _layernorm(self.dtype)(x)
-    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype)(y)
+    y = _layernorm(self.dtype, eps=self.norm_eps)(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, act=self.act)(y)
     return x[:, 0]
 
 

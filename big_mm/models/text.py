@@ -12,11 +12,19 @@ Input: int32 tokens [B, L], 0 = pad (docs/CONTRACTS.md), EOS appended.
 Padding. `pad_mask=False` (default, as big_vision): pad tokens are attended to like
 any other token, which keeps released big_vision checkpoints numerically identical.
 `pad_mask=True`: keys at pad positions are masked out in every layer, so outputs do
-not depend on how much padding follows. Independently of `pad_mask`, pooling always
-ignores pads, except "last_position": "last" takes the token at the last non-pad position (with sticky EOS
-this is the EOS), "mean" averages over non-pad tokens, "map" masks pad keys. "last_position" takes the literal last position (index -1, a pad
-when the text is shorter than L) as big_vision's and Hugging Face SigLIP's text towers do;
-use it for models meant to be exported to transformers.SiglipModel.
+not depend on how much padding follows.
+
+Pooling, `pool` (big_mm's names): "last" takes the token at the last non-pad position (with
+sticky EOS this is the EOS); "last_position" the literal last position (index -1, a pad when
+the text is shorter than L) as big_vision's and Hugging Face SigLIP's text towers do (use it for
+models meant to be exported to transformers.SiglipModel); "first"; "mean" / "max" over the
+tokens; "map" a MAP head; "none" the token sequence. `pool_masks_pads` (default True with `pool`):
+"mean", "max" and "map" pool the non-pad tokens only; False pools pads like any token.
+
+`pool_type` is big_vision's key with big_vision's semantics, so a big_vision text config ports
+as written: "last" = the last POSITION (big_mm's "last_position"), "first", "mean"/"gap",
+"max"/"gmp", "map", all pooling every position, pads included (`pool_masks_pads` defaults to
+False with it). It overrides `pool` (setting both to different things is an error).
 `causal=True` adds a causal mask (token i sees only tokens <= i).
 """
 from __future__ import annotations
@@ -29,7 +37,10 @@ import jax.numpy as jnp
 from big_mm.models import layers
 from big_mm.models.vit import resolve_arch
 
-POOL_TYPES = ("last", "last_position", "first", "mean", "map", "none")
+POOL_TYPES = ("last", "last_position", "first", "mean", "max", "map", "none")
+# big_vision text_transformer pool_type -> big_mm pool (pads pooled like any token there).
+BIG_VISION_POOL = {"last": "last_position", "first": "first", "mean": "mean", "gap": "mean",
+                   "max": "max", "gmp": "max", "map": "map"}
 
 
 def last_token_index(text):
@@ -48,10 +59,15 @@ class TextTransformer(nn.Module):
   num_heads: Optional[int] = None
   vocab_size: int = 32_000
   num_classes: Optional[int] = None  # head output size; None/0 = no head (big_vision name)
-  pool: str = "last"                 # "last" | "last_position" | "first" | "mean" | "map" | "none"
+  pool: str = "last"                 # "last" | "last_position" | "first" | "mean" | "max" | "map"
+                                     # | "none"
+  pool_type: Optional[str] = None    # big_vision's key and semantics (module docstring)
+  pool_masks_pads: Optional[bool] = None  # mean/max/map skip pads; default True, False w/ pool_type
   causal: bool = False
   pad_mask: bool = False
   head_bias: bool = True             # False: head without bias (CLIP / open_clip projections)
+  act: str = "gelu_tanh"             # MLP activation: "gelu_tanh" | "gelu" (erf) | "quick_gelu"
+  norm_eps: float = 1e-6             # LayerNorm epsilon (open_clip / OpenAI CLIP: 1e-5)
   dropout: float = 0.0
   scan: bool = False
   remat_policy: str = "none"
@@ -63,16 +79,34 @@ class TextTransformer(nn.Module):
     a.pop("patch_size", None)
     return a
 
+  def pooling(self) -> dict:
+    """{"pool": big_mm's pool name, "pool_masks_pads": bool}, from pool or pool_type."""
+    pool, masks = self.pool, True
+    if self.pool_type is not None:
+      if self.pool_type not in BIG_VISION_POOL:
+        raise ValueError(f"Unknown pool_type {self.pool_type!r} (big_vision's names); valid: "
+                         f"{sorted(BIG_VISION_POOL)}. Or use pool with big_mm's: {POOL_TYPES}.")
+      pool, masks = BIG_VISION_POOL[self.pool_type], False
+      if self.pool not in (pool, self.__dataclass_fields__["pool"].default):
+        raise ValueError(f"pool={self.pool!r} and pool_type={self.pool_type!r}: set one of them "
+                         f"(pool_type={self.pool_type!r} is big_mm's pool={pool!r}).")
+    if pool not in POOL_TYPES:
+      raise ValueError(f"Unknown pool {pool!r}; valid: {POOL_TYPES}.")
+    if self.pool_masks_pads is not None:
+      masks = bool(self.pool_masks_pads)
+    return {"pool": pool, "pool_masks_pads": masks}
+
   @nn.compact
   def __call__(self, text, *, train: bool = False):
-    if self.pool not in POOL_TYPES:
-      raise ValueError(f"Unknown pool {self.pool!r}; valid: {POOL_TYPES}.")
+    pooling = self.pooling()
+    pool = pooling["pool"]
     if text.ndim != 2:
       raise ValueError(f"text must be int tokens [batch, length]; got shape {tuple(text.shape)}.")
     a = self.arch()
     dtype = layers.to_dtype(self.dtype)
     out = {}
     nonpad = text != 0
+    pooled_tokens = nonpad if pooling["pool_masks_pads"] else jnp.ones_like(nonpad)
     x = out["embedded"] = nn.Embed(
         num_embeddings=self.vocab_size, features=a["width"], dtype=dtype,
         param_dtype=jnp.float32,
@@ -84,28 +118,32 @@ class TextTransformer(nn.Module):
     x = nn.Dropout(rate=self.dropout)(x, not train)
     mask = nonpad[:, None, None, :] if self.pad_mask else None
     block = layers.BlockConfig(num_heads=a["num_heads"], mlp_dim=a["mlp_dim"],
-                               dropout=self.dropout, causal=self.causal,
+                               dropout=self.dropout, causal=self.causal, act=self.act,
+                               norm_eps=self.norm_eps,
                                attn_implementation=self.attn_implementation, dtype=self.dtype)
     x, enc_out = layers.Encoder(depth=a["depth"], block=block, scan=self.scan,
                                 remat_policy=self.remat_policy)(x, mask, deterministic=not train)
     out.update(enc_out)
     out["transformed"] = x
 
-    if self.pool == "last":
+    if pool == "last":
       idx = last_token_index(text)
       x = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
-    elif self.pool == "last_position":
+    elif pool == "last_position":
       x = x[:, -1]
-    elif self.pool == "first":
+    elif pool == "first":
       x = x[:, 0]
-    elif self.pool == "mean":
-      w = nonpad.astype(jnp.float32)[..., None]
+    elif pool == "mean":
+      w = pooled_tokens.astype(jnp.float32)[..., None]
       x = (jnp.sum(x.astype(jnp.float32) * w, axis=1)
            / jnp.maximum(jnp.sum(w, axis=1), 1.0)).astype(x.dtype)
-    elif self.pool == "map":
-      x = layers.MAPHead(num_heads=a["num_heads"], mlp_dim=a["mlp_dim"],
-                         attn_implementation=self.attn_implementation,
-                         dtype=self.dtype)(x, mask=nonpad)
+    elif pool == "max":
+      x = jnp.max(jnp.where(pooled_tokens[..., None], x, jnp.finfo(x.dtype).min), axis=1)
+      x = jnp.where(jnp.any(pooled_tokens, axis=1, keepdims=True), x, 0)  # an all-pad row
+    elif pool == "map":
+      x = layers.MAPHead(num_heads=a["num_heads"], mlp_dim=a["mlp_dim"], act=self.act,
+                         norm_eps=self.norm_eps, attn_implementation=self.attn_implementation,
+                         dtype=self.dtype)(x, mask=pooled_tokens)
     out["pre_logits"] = x
 
     if self.num_classes:

@@ -104,10 +104,13 @@ class ViT(nn.Module):
   num_classes: Optional[int] = None  # head output size; None/0 = no head (big_vision name)
   posemb: str = "learn"              # "learn" | "sincos2d"
   pool: str = "gap"                  # "map" | "gap" | "tok" | "0" | "none"
+  pool_type: Optional[str] = None    # big_vision's spelling of `pool` (same values); overrides it
   rep_size: Union[int, bool] = False
   head_zeroinit: bool = True
   head_bias: bool = True             # False: head without bias (CLIP / open_clip projections)
   pre_norm: bool = False             # LayerNorm "norm_pre" before the encoder (CLIP's ln_pre)
+  act: str = "gelu_tanh"             # MLP activation: "gelu_tanh" | "gelu" (erf) | "quick_gelu"
+  norm_eps: float = 1e-6             # LayerNorm epsilon (open_clip / OpenAI CLIP: 1e-5)
   dropout: float = 0.0
   scan: bool = False
   remat_policy: str = "none"
@@ -121,10 +124,21 @@ class ViT(nn.Module):
     a["patch_size"] = (int(p), int(p)) if isinstance(p, int) else tuple(int(i) for i in p)
     return a
 
+  def pooling(self) -> dict:
+    """{"pool": the pooling in use}: `pool_type` (big_vision's key, same values) wins."""
+    pool = self.pool
+    if self.pool_type is not None:
+      if self.pool not in (self.pool_type, self.__dataclass_fields__["pool"].default):
+        raise ValueError(f"pool={self.pool!r} and pool_type={self.pool_type!r}: set one of them "
+                         "(pool_type is big_vision's spelling of pool).")
+      pool = self.pool_type
+    if pool not in POOL_TYPES:
+      raise ValueError(f"Unknown pool {pool!r}; valid: {POOL_TYPES}.")
+    return {"pool": pool}
+
   @nn.compact
   def __call__(self, image, *, train: bool = False):
-    if self.pool not in POOL_TYPES:
-      raise ValueError(f"Unknown pool {self.pool!r}; valid: {POOL_TYPES}.")
+    pool = self.pooling()["pool"]
     a = self.arch()
     dtype = layers.to_dtype(self.dtype)
     out = {}
@@ -138,16 +152,16 @@ class ViT(nn.Module):
     x = jnp.reshape(x, [n, h * w, c])
     x = out["with_posemb"] = x + layers.get_posemb(self, self.posemb, (h, w), c, "pos_embedding",
                                                    x.dtype)
-    if self.pool == "tok":
+    if pool == "tok":
       cls = self.param("cls", layers.logical(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, c), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
     if self.pre_norm:
-      x = layers._layernorm(self.dtype, name="norm_pre")(x)
+      x = layers._layernorm(self.dtype, name="norm_pre", eps=self.norm_eps)(x)
     x = layers.constrain(x)
     x = nn.Dropout(rate=self.dropout)(x, not train)
     block = layers.BlockConfig(num_heads=a["num_heads"], mlp_dim=a["mlp_dim"],
-                               dropout=self.dropout,
+                               dropout=self.dropout, act=self.act, norm_eps=self.norm_eps,
                                attn_implementation=self.attn_implementation, dtype=self.dtype)
     x, enc_out = layers.Encoder(depth=a["depth"], block=block, scan=self.scan,
                                 remat_policy=self.remat_policy,
@@ -155,15 +169,15 @@ class ViT(nn.Module):
     out["encoder"] = enc_out
     encoded = out["encoded"] = x
 
-    if self.pool == "map":
+    if pool == "map":
       x = out["head_input"] = layers.MAPHead(
-          num_heads=a["num_heads"], mlp_dim=a["mlp_dim"],
+          num_heads=a["num_heads"], mlp_dim=a["mlp_dim"], act=self.act, norm_eps=self.norm_eps,
           attn_implementation=self.attn_implementation, dtype=self.dtype)(x)
-    elif self.pool == "gap":
+    elif pool == "gap":
       x = out["head_input"] = jnp.mean(x, axis=1)
-    elif self.pool == "0":
+    elif pool == "0":
       x = out["head_input"] = x[:, 0]
-    elif self.pool == "tok":
+    elif pool == "tok":
       x = out["head_input"] = x[:, 0]
       encoded = encoded[:, 1:]
     # "none": x stays the token sequence.
