@@ -3,6 +3,7 @@ and implementation against the plain-jnp reference (1 and 8 devices), the object
 evaluators' token-wise scores."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,3 +123,57 @@ def test_loss_equals_reference_every_strategy(loss, implementation):
     _close(got, want, 1e-5)
     for g, w in zip(grads, want_grads):
       _close(g, w)
+
+
+def _objective(mesh=None, batch_size=8, **settings):
+  from big_mm.models.towers import Towers
+  from big_mm.objectives import Context, filip
+  model = Towers(towers=dict(
+      image=dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=(4, 4), pool="map"),
+      text=dict(width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=32)),
+      out_dim=8, temperature_init=10.0, bias_init=-5.0)
+  ctx = Context(mesh=mesh, batch_size=batch_size, text_len=6, image_size=(8, 8))
+  return filip.Filip(model, ctx, **settings)
+
+
+def _example_batch(n):
+  rng = np.random.default_rng(0)
+  text = rng.integers(2, 32, (n, 6)).astype(np.int32)
+  text[np.arange(6)[None] >= rng.integers(1, 7, n)[:, None]] = 0  # padded captions
+  return {"image": rng.normal(size=(n, 8, 8, 3)).astype(np.float32), "text": text}
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_objective_loss_is_the_reference_on_its_token_features(loss):
+  obj = _objective(loss=loss)
+  assert obj.tokens == (4, 6) and obj.dim == 8  # 2x2 patches; 6 text positions
+  params = nn.unbox(obj.init_params(jax.random.key(0)))
+  batch = _example_batch(8)
+  got, metrics = obj.loss_fn(params, batch, jax.random.key(1))
+  ximg, xtxt = obj.embed_images(params, batch["image"]), obj.embed_texts(params, batch["text"])
+  # Padding tokens are zero rows, real ones unit vectors.
+  norms = np.linalg.norm(np.asarray(xtxt).reshape(8, 6, 8), axis=-1)
+  np.testing.assert_allclose(norms, (batch["text"] != 0).astype(np.float32), atol=1e-5)
+  want = filip_loss.filip_loss_reference(ximg, xtxt, metrics["t"], metrics["b"], tokens=(4, 6),
+                                         dim=8, loss=loss)
+  _close(got, want, 1e-5)
+  # The evaluators' scores are the same similarities.
+  for direction, reduce in (("img2txt", "a"), ("txt2img", "b")):
+    _close(obj.similarity(np.asarray(ximg), np.asarray(xtxt), direction),
+           filip_kernels.similarities_reference(ximg, xtxt, 4, 6, 8, reduce))
+
+
+def test_image_token_dropping_keeps_a_random_subset():
+  obj = _objective(image_token_keep=0.5)
+  assert obj.tokens == (2, 6)
+  image = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
+  kept = np.asarray(obj._drop_image_tokens(image, jax.random.key(0)))
+  assert kept.shape == (2, 2, 3)
+  for row, full in zip(kept, np.asarray(image)):  # distinct patches of that image
+    assert len({tuple(r) for r in row}) == 2 and all(tuple(r) in set(map(tuple, full))
+                                                     for r in row)
+  params = nn.unbox(obj.init_params(jax.random.key(0)))
+  loss, _ = obj.loss_fn(params, _example_batch(8), jax.random.key(1))
+  assert np.isfinite(loss)
+  with pytest.raises(Exception, match="image_token_keep"):
+    _objective(image_token_keep=0.0)

@@ -11,11 +11,12 @@ from typing import Any, Mapping
 from big_mm.objectives import base
 from big_mm.objectives.base import Context
 from big_mm.objectives.contrastive import Contrastive
+from big_mm.objectives.filip import Filip
 from big_mm.objectives.generative import CoCa, Captioning
 from big_mm.objectives.masked import MultiMAE
 
 OBJECTIVES = {"contrastive": Contrastive, "captioning": Captioning, "coca": CoCa,
-              "multimae": MultiMAE}
+              "multimae": MultiMAE, "filip": Filip}
 
 
 def get_objective(name: str):
