@@ -540,3 +540,62 @@ def test_class_names_and_templates_are_checked_when_the_config_loads(data_dir, e
     error = r"evals.z \(scoring\) needs classnames"
   with pytest.raises(config_lib.ConfigError, match=error):
     tiny_config(data_dir, evals={"z": ev})
+
+
+# ---------------------------------------------------------------------------------------
+# Matryoshka objectives: zero-shot, retrieval and few-shot at each prefix dim (`...@d<k>`).
+
+
+class _ProjectionObjective:
+  """Fixed random linear 'towers' into 8 dims: an image's pixels, a caption's mean token
+  vector; normalised. prefix=k: the re-normalised first k dims (what MRL evaluates at k);
+  matryoshka_dims: what a Matryoshka contrastive objective declares."""
+
+  def __init__(self, matryoshka_dims=(), prefix=8):
+    rng = np.random.default_rng(0)
+    self.w_img = jnp.asarray(rng.normal(size=(32 * 32 * 3, 8)), jnp.float32)
+    self.w_txt = jnp.asarray(rng.normal(size=(128, 8)), jnp.float32)
+    self.matryoshka_dims, self.prefix = matryoshka_dims, prefix
+
+  def _out(self, z):
+    z = z[:, :self.prefix]
+    return z / jnp.sqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-12))
+
+  def embed_images(self, params, images):
+    return self._out(images.reshape(len(images), -1) @ self.w_img)
+
+  def embed_texts(self, params, texts):
+    return self._out(jax.nn.one_hot(texts, 128).sum(1) @ self.w_txt)
+
+
+def test_matryoshka_metrics_at_each_prefix_dim(data_dir):
+  """With objective.matryoshka_dims=(2, 4, 8) of an 8-d embedding, every zero-shot, retrieval
+  and few-shot metric is also reported at 2 and 4 dims (`@d2`, `@d4`), equal to that metric of
+  the embedding's re-normalised prefix; the full-dim names and values are unchanged."""
+  evals = {"zs": dict(configs_common.digits_zeroshot_eval(every_steps=None), batch_size=128),
+           "r": dict(type="retrieval", split="test", pp_image=EVAL_PP, ks=(1, 5)),
+           "fs": dict(type="fewshot", split="test", train_split="train[:300]", shots=(2, 10),
+                      repeats=1, pp_image=EVAL_PP)}
+  config = tiny_config(data_dir, **{"input.text_len": 16, "evals": evals})
+  mesh, tokenizer = sharding.make_mesh(config.mesh), Tokenizer(TOKENIZER)
+
+  def run(objective):
+    out = {}
+    for name in evals:
+      out.update(_run(name, config.evals[name], config, mesh, objective, tokenizer))
+    return out
+
+  mrl = run(_ProjectionObjective(matryoshka_dims=(2, 4, 8)))
+  full = run(_ProjectionObjective())
+  assert {k: v for k, v in mrl.items() if "@d" not in k} == full
+  for dim in (2, 4):
+    prefix = run(_ProjectionObjective(prefix=dim))
+    assert {k[:-len(f"@d{dim}")]: v for k, v in mrl.items() if k.endswith(f"@d{dim}")} == {
+        k: v for k, v in prefix.items() if "num_" not in k}
+  assert sorted(k for k in mrl if k.startswith("eval/zs/")) == [
+      "eval/zs/accuracy", "eval/zs/accuracy@d2", "eval/zs/accuracy@d4",
+      "eval/zs/balanced_accuracy", "eval/zs/balanced_accuracy@d2",
+      "eval/zs/balanced_accuracy@d4", "eval/zs/num_examples"]
+  assert {"eval/r/img2txt/class_R@1@d2", "eval/fs/10shot_accuracy@d4"} < set(mrl)
+  # The prefixes' embeddings really differ (so the comparison could fail).
+  assert len({mrl[f"eval/fs/10shot_accuracy{s}"] for s in ("", "@d2", "@d4")}) == 3

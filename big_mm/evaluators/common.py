@@ -131,6 +131,34 @@ class Embedder:
     return out
 
 
+def matryoshka_dims(context, full_dim: int) -> tuple[int, ...]:
+  """The objective's Matryoshka prefix dims (objective.matryoshka_dims) below the embedding's
+  full dim `full_dim`, whose metrics keep their plain names; () without MRL."""
+  return tuple(d for d in getattr(context.objective, "matryoshka_dims", ()) if d < full_dim)
+
+
+def matryoshka_prefix(z: np.ndarray, dim: int) -> np.ndarray:
+  """The first `dim` features of host embeddings z [N, D], re-normalised (as the MRL loss
+  sees them); metrics at that dim are named with the suffix `@d{dim}`."""
+  z = np.asarray(z[..., :dim], np.float32)
+  return z / np.sqrt(np.maximum(np.sum(z * z, axis=-1, keepdims=True), 1e-12))
+
+
+def own_similarity(context) -> bool:
+  """True where the objective scores image-text pairs itself (FILIP's token-wise similarity,
+  `objective.similarity(zimg, ztxt, direction)` on the token features its embed fns give):
+  the zeroshot and retrieval evaluators then use it instead of the dot product, and log so."""
+  return callable(getattr(context.objective, "similarity", None))
+
+
+def scores(context, zimg: np.ndarray, ztxt: np.ndarray, direction: str = "img2txt"):
+  """[Ni, Nt] image-text scores: the objective's own similarity (own_similarity; direction
+  "img2txt" or "txt2img" picks FILIP's image->text or text->image one), else zimg @ ztxt.T."""
+  if own_similarity(context):
+    return context.objective.similarity(zimg, ztxt, direction)
+  return zimg @ ztxt.T
+
+
 def gather(x):
   """A global array as one host numpy array (all processes get all of it)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:

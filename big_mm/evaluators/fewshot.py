@@ -17,7 +17,9 @@ probe's training set, so the k-shot sets of one repeat are nested. As big_vision
       (solved in float64 with numpy, as x^T (x x^T + l2_reg I)^-1 y when there are fewer
       examples than dimensions: the same W)
 and predicts argmax(x_eval W) on the eval split, with x_eval whitened by the same mean / std.
-Reports `{k}shot_accuracy` (the mean over repeats) and `num_examples` (eval).
+Reports `{k}shot_accuracy` (the mean over repeats) and `num_examples` (eval). A Matryoshka
+objective (objective.matryoshka_dims) adds the probes on each smaller prefix dim d of the
+features (re-normalised): `{k}shot_accuracy@d{d}`.
 """
 from __future__ import annotations
 
@@ -108,8 +110,15 @@ class FewShot(common.Evaluator):
       if "label" not in data[name] or not len(data[name]["label"]):
         raise ValueError(f"The fewshot evaluator needs labelled examples, but split "
                          f"{cfg.split!r} of {cfg.data!r} has none with a label.")
-    out = fewshot_accuracies(data["train"]["zimg"], data["train"]["label"],
-                             data["test"]["zimg"], data["test"]["label"], shots=tuple(ev.shots),
-                             l2_reg=float(ev.l2_reg), repeats=ev.repeats, seed=ev.seed)
+    probe = dict(shots=tuple(ev.shots), l2_reg=float(ev.l2_reg), repeats=ev.repeats,
+                 seed=ev.seed)
+    train_x, test_x = data["train"]["zimg"], data["test"]["zimg"]
+    out = fewshot_accuracies(train_x, data["train"]["label"], test_x, data["test"]["label"],
+                             **probe)
+    for dim in common.matryoshka_dims(self.context, train_x.shape[-1]):
+      at_dim = fewshot_accuracies(common.matryoshka_prefix(train_x, dim), data["train"]["label"],
+                                  common.matryoshka_prefix(test_x, dim), data["test"]["label"],
+                                  **probe)
+      out.update({f"{name}@d{dim}": value for name, value in at_dim.items()})
     out["num_examples"] = float(len(data["test"]["label"]))
     return out

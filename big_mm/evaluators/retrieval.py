@@ -13,8 +13,17 @@ at k=1 in image->text. Non-finite embeddings are an error.
 
 With labels in the split, class_R@k counts a hit if a candidate with the query's label ranks
 within the top k (the top caption's image shows the same class, for k=1).
+
+A Matryoshka objective (objective.matryoshka_dims) adds every recall at each smaller prefix dim
+d of the embeddings (re-normalised), named with the suffix @d{d}: img2txt/R@1@d32.
+
+An objective with its own similarity (FILIP: `common.own_similarity`) ranks by it: img2txt by
+its image->text similarity, txt2img by its text->image one (logged at every evaluation).
 """
 from __future__ import annotations
+
+import functools
+import logging
 
 import numpy as np
 
@@ -49,13 +58,14 @@ def recall_at_k(sim: np.ndarray, positive: np.ndarray, ks) -> dict[int, float]:
   return {k: float(v) for k, v in zip(ks, expected_hits(sim, positive, ks).mean(axis=1))}
 
 
-def _recalls(queries, candidates, positive_of, ks) -> dict[int, float]:
-  """recall_at_k of sim = queries @ candidates.T, computed in chunks of queries;
-  positive_of(rows) -> bool [len(rows), K]."""
+def _recalls(queries, candidates, positive_of, ks, score=None) -> dict[int, float]:
+  """recall_at_k of sim = score(queries, candidates) (default queries @ candidates.T),
+  computed in chunks of queries; positive_of(rows) -> bool [len(rows), K]."""
+  score = score or (lambda q, c: q @ c.T)
   hits = []
   for start in range(0, len(queries), _QUERY_CHUNK):
     rows = np.arange(start, min(start + _QUERY_CHUNK, len(queries)))
-    hits.append(expected_hits(queries[rows] @ candidates.T, positive_of(rows), ks))
+    hits.append(expected_hits(score(queries[rows], candidates), positive_of(rows), ks))
   return {k: float(v) for k, v in zip(ks, np.concatenate(hits, axis=1).mean(axis=1))}
 
 
@@ -67,6 +77,24 @@ def _check_finite(name, what, z):
         f"finite (NaN/inf), so no recall can be computed. Check the parameters (the training "
         f"loss and train.nan_policy) and the eval inputs (evals.{name}.pp_image should give "
         f"the value range the model was trained on).")
+
+
+def _recall_metrics(zimg, ztxt, owner, labels, ks, scores=None) -> dict[str, float]:
+  """{"img2txt/R@k", "txt2img/R@k" (and class_R@k with labels)}; owner [M]: each caption's
+  image row; scores(zimg, ztxt, direction) -> [Ni, Nt] (default: the dot product)."""
+  scores = scores or (lambda zi, zt, direction: zi @ zt.T)
+  out = {}
+  # A right candidate has the query's key: its image index, or for class_R@k its label.
+  for prefix, key in (("", np.arange(len(zimg))), ("class_", labels)):
+    if key is None:
+      continue
+    img2txt = _recalls(zimg, ztxt, lambda rows: key[rows][:, None] == key[owner][None], ks,
+                       lambda zi, zt: scores(zi, zt, "img2txt"))
+    txt2img = _recalls(ztxt, zimg, lambda rows: key[owner[rows]][:, None] == key[None], ks,
+                       lambda zt, zi: scores(zi, zt, "txt2img").T)
+    for direction, recalls in (("img2txt", img2txt), ("txt2img", txt2img)):
+      out.update({f"{direction}/{prefix}R@{k}": value for k, value in recalls.items()})
+  return out
 
 
 class Retrieval(common.Evaluator):
@@ -85,15 +113,16 @@ class Retrieval(common.Evaluator):
     zimg, ztxt, owner = data["zimg"], data["ztxt"], data["caption_owner"]
     _check_finite(self.name, "image", zimg)
     _check_finite(self.name, "text", ztxt)
-    out = {}
-    # A right candidate has the query's key: its image index, or for class_R@k its label.
-    for prefix, key in (("", np.arange(len(zimg))), ("class_", data.get("label"))):
-      if key is None:
-        continue
-      img2txt = _recalls(zimg, ztxt, lambda rows: key[rows][:, None] == key[owner][None], ev.ks)
-      txt2img = _recalls(ztxt, zimg, lambda rows: key[owner[rows]][:, None] == key[None], ev.ks)
-      for direction, recalls in (("img2txt", img2txt), ("txt2img", txt2img)):
-        out.update({f"{direction}/{prefix}R@{k}": value for k, value in recalls.items()})
+    if common.own_similarity(self.context):
+      logging.getLogger("big_mm").info(
+          "evals.%s: ranking by the objective's own (FILIP token-wise) similarity.", self.name)
+    out = _recall_metrics(zimg, ztxt, owner, data.get("label"), ev.ks,
+                          functools.partial(common.scores, self.context))
+    for dim in common.matryoshka_dims(self.context, zimg.shape[-1]):
+      at_dim = _recall_metrics(common.matryoshka_prefix(zimg, dim),
+                               common.matryoshka_prefix(ztxt, dim), owner, data.get("label"),
+                               ev.ks)
+      out.update({f"{name}@d{dim}": value for name, value in at_dim.items()})
     out["num_examples"] = float(len(zimg))
     out["num_captions"] = float(len(ztxt))
     return out

@@ -6,6 +6,8 @@ ImageNet as in the CLIP / SigLIP papers (configs/common.py paper_evals):
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from big_mm import config as config_lib
@@ -14,24 +16,41 @@ from big_mm.input import sources
 
 
 def class_embeddings(embedder, params, tokenizer, classnames, templates, text_len, batch_size):
-  """[C, D]: per class, the mean of its L2-normalised prompt embeddings, re-normalised.
-  batch_size classes (all their templates) are embedded at a time, so the host holds
-  batch_size x len(templates) prompt embeddings, not C x len(templates) (80,000 for ImageNet)."""
-  means = []
+  """[C, D]: per class, the mean of its L2-normalised prompt embeddings, re-normalised."""
+  return class_embeddings_by_dim(embedder, params, tokenizer, classnames, templates, text_len,
+                                 batch_size)[None]
+
+
+def class_embeddings_by_dim(embedder, params, tokenizer, classnames, templates, text_len,
+                            batch_size, prefix_dims=()):
+  """{None: [C, D], k: [C, k] for k in prefix_dims}: per class, the mean of its L2-normalised
+  prompt embeddings (at dim k: of their re-normalised k-dim prefixes, as Matryoshka training
+  sees them), re-normalised. batch_size classes (all their templates) are embedded at a time,
+  so the host holds batch_size x len(templates) prompt embeddings, not C x len(templates)
+  (80,000 for ImageNet)."""
+  means = {dim: [] for dim in (None, *prefix_dims)}
   for start in range(0, len(classnames), batch_size):
     names = classnames[start:start + batch_size]
     tokens = tokenizer.encode([template.format(name) for name in names for template in templates],
                               text_len)
     z = embedder.texts(params, tokens, batch_size).reshape(len(names), len(templates), -1)
-    means.append(z.mean(axis=1))
-  z = np.concatenate(means)
-  return z / np.linalg.norm(z, axis=-1, keepdims=True)
+    for dim in means:
+      means[dim].append((z if dim is None else common.matryoshka_prefix(z, dim)).mean(axis=1))
+  out = {}
+  for dim, parts in means.items():
+    z = np.concatenate(parts)
+    out[dim] = z / np.linalg.norm(z, axis=-1, keepdims=True)
+  return out
 
 
 class ZeroShot(common.Evaluator):
   """Accuracy of the nearest class embedding. classnames: one per label id, in order, or the
   name of a list big_mm ships ("imagenet2012"); templates: str.format patterns, or a shipped
-  set's name ("clip80", "clip7"); see big_mm/evaluators/prompts.py."""
+  set's name ("clip80", "clip7"); see big_mm/evaluators/prompts.py. A Matryoshka objective
+  (objective.matryoshka_dims) adds the accuracies at each smaller prefix dim k of the
+  embeddings (re-normalised): accuracy@d{k}, balanced_accuracy@d{k}. An objective with its
+  own similarity (FILIP, common.own_similarity) scores each class by the mean over its
+  prompts of that similarity instead (logged at every evaluation)."""
   DEFAULTS = dict(common.DEFAULTS, classnames=(), templates=("{}",))
 
   @staticmethod
@@ -58,17 +77,45 @@ class ZeroShot(common.Evaluator):
           f"evals.{name}: {self.input_cfg.data!r} has {len(labels)} classes but classnames "
           f"has {len(self.classnames)} names; give one name per label id, in order.")
 
+  def _own_scores(self, params, zimg):
+    """[N, C] with the objective's own similarity (FILIP): a class's score is the mean over
+    its prompts of the image->text similarity (token features have no mean embedding)."""
+    context, ev = self.context, self.ev
+    logging.getLogger("big_mm").info(
+        "evals.%s: classifying by the objective's own (FILIP token-wise) similarity.", self.name)
+    scores = []
+    for start in range(0, len(self.classnames), ev.batch_size):
+      names = self.classnames[start:start + ev.batch_size]
+      tokens = context.tokenizer.encode([t.format(n) for n in names for t in self.templates],
+                                        context.config.input.text_len)
+      ztxt = context.embedder.texts(params, tokens, ev.batch_size)
+      s = common.scores(context, zimg, ztxt, "img2txt")
+      scores.append(s.reshape(len(zimg), len(names), len(self.templates)).mean(axis=-1))
+    return np.concatenate(scores, axis=1)
+
   def evaluate(self, params) -> dict[str, float]:
     ev, context = self.ev, self.context
-    classes = class_embeddings(context.embedder, params, context.tokenizer, self.classnames,
-                               self.templates, context.config.input.text_len, ev.batch_size)
     data = context.embedder.split(params, self.input_cfg, ev.batch_size, texts=False)
     if "label" not in data:
       raise ValueError(f"Split {ev.split!r} of {self.input_cfg.data!r} has no labels for "
                        f"zero-shot.")
-    pred = np.argmax(data["zimg"] @ classes.T, axis=-1)
+    # Matryoshka models: the accuracies at every prefix dim k too, named "...@d{k}".
+    prefix_dims = common.matryoshka_dims(context, data["zimg"].shape[-1])
+    if common.own_similarity(context):  # FILIP: token features have no class embedding
+      classes = {None: None}
+    else:
+      classes = class_embeddings_by_dim(context.embedder, params, context.tokenizer,
+                                        self.classnames, self.templates,
+                                        context.config.input.text_len, ev.batch_size,
+                                        prefix_dims)
     labels = data["label"]
-    per_class = [np.mean(pred[labels == c] == c) for c in np.unique(labels)]
-    return {"accuracy": float(np.mean(pred == labels)),
-            "balanced_accuracy": float(np.mean(per_class)),
-            "num_examples": float(len(labels))}
+    out = {"num_examples": float(len(labels))}
+    for dim, class_z in classes.items():
+      zimg = data["zimg"] if dim is None else common.matryoshka_prefix(data["zimg"], dim)
+      pred = np.argmax(zimg @ class_z.T if class_z is not None else self._own_scores(
+          params, zimg), axis=-1)
+      per_class = [np.mean(pred[labels == c] == c) for c in np.unique(labels)]
+      suffix = "" if dim is None else f"@d{dim}"
+      out[f"accuracy{suffix}"] = float(np.mean(pred == labels))
+      out[f"balanced_accuracy{suffix}"] = float(np.mean(per_class))
+    return out
