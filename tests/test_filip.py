@@ -177,3 +177,23 @@ def test_image_token_dropping_keeps_a_random_subset():
   assert np.isfinite(loss)
   with pytest.raises(Exception, match="image_token_keep"):
     _objective(image_token_keep=0.0)
+
+
+def test_filip_trains_and_its_evaluators_use_the_token_wise_similarity(tmp_path, data_dir,
+                                                                        caplog):
+  import logging
+  from big_mm import train
+  from configs import common
+  from conftest import read_metrics, tiny_config
+  evals = dict(zeroshot=dict(common.digits_zeroshot_eval(every_steps=0), every_steps=None),
+               retrieval=dict(type="retrieval", split="test", pp_image=common.EVAL_PP))
+  config = tiny_config(data_dir, objective=dict(name="filip", strategy="ring",
+                                                image_token_keep=0.5), evals=evals,
+                       total_steps=2)
+  with caplog.at_level(logging.INFO, logger="big_mm"):
+    train.train(config, str(tmp_path))
+  final = read_metrics(str(tmp_path))[-1]
+  for key in ("eval/zeroshot/accuracy", "eval/retrieval/txt2img/R@1"):
+    assert 0.0 <= final[key] <= 1.0, (key, final)
+  assert "evals.zeroshot: classifying by the objective's own (FILIP token-wise)" in caplog.text
+  assert "evals.retrieval: ranking by the objective's own (FILIP token-wise)" in caplog.text
