@@ -760,7 +760,10 @@ def test_text_pool_type_has_big_vision_semantics():
   ids = Tokenizer(TOKENIZER).encode(TEXTS, 16)
   assert (ids == 0).any()
   base = dict(TOWER, vocab_size=128)
-  params = TextTransformer(**base, pool="map").init(jax.random.key(0), ids)["params"]
+  shapes = jax.eval_shape(lambda: sharding.unbox(TextTransformer(**base, pool="map").init(
+      jax.random.key(0), ids)["params"]))
+  rng = np.random.RandomState(0)  # random values (numpy: no per-op compiles of an eager init)
+  params = jax.tree.map(lambda s: (0.3 * rng.randn(*s.shape)).astype(np.float32), shapes)
 
   def run(**kw):
     m = TextTransformer(**base, **kw)
@@ -781,6 +784,10 @@ def test_text_pool_type_has_big_vision_semantics():
     run(pool="first", pool_type="last")
   with pytest.raises(ValueError, match=r"Unknown pool_type 'tok'"):
     run(pool_type="tok")
+  from big_mm.models.vit import ViT  # the image tower takes big_vision's key too (same values)
+  assert ViT(pool_type="tok").pooling() == {"pool": "tok"}
+  with pytest.raises(ValueError, match="set one of them"):
+    ViT(pool="map", pool_type="tok").pooling()
 
 
 def write_open_clip(d, model_cfg, state, *, as_bin=False):
@@ -871,6 +878,51 @@ def test_open_clip_siglip_timm_tower_imports(tmp_path):
   np.testing.assert_array_equal(flat["b"], export.flatten(params)["b"])
 
 
+def test_open_clip_hub_siglip_layout_imports(tmp_path):
+  """open_clip's SigLIP layout as the hub publishes it (CustomTextCLIP: the text tower under
+  `text.`, a timm trunk with a MAP head and no projection, exact GELU, a text projection with
+  bias, pool_type 'last', a logit bias) imports with open_clip's own embeddings."""
+  import open_clip
+  tdir = str(tmp_path / "timm_trunk")
+  os.makedirs(tdir)
+  with open(os.path.join(tdir, "config.json"), "w") as f:
+    json.dump({"architecture": "vit_base_patch16_siglip_224",
+               "model_args": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
+                              "num_heads": 2, "mlp_ratio": 2.0, "class_token": False,
+                              "global_pool": "map"},
+               "pretrained_cfg": {"input_size": [3, 32, 32], "num_classes": 0}}, f)
+  model_cfg = {"embed_dim": 32, "init_logit_bias": -10.0,
+               "vision_cfg": {"image_size": 32, "timm_model_name": "local-dir:" + tdir,
+                              "timm_model_pretrained": False, "timm_pool": "map",
+                              "timm_proj": "none"},
+               "text_cfg": {"context_length": 16, "vocab_size": 128, "width": 32, "heads": 2,
+                            "layers": 2, "mlp_ratio": 2.0, "no_causal_mask": True,
+                            "proj_bias": True, "pool_type": "last",
+                            "norm_kwargs": {"eps": 1e-6}}}
+  torch.manual_seed(0)
+  ref = open_clip.model.CustomTextCLIP(**model_cfg)
+  with torch.no_grad():
+    for name, w in ref.named_parameters():
+      if w.ndim <= 1 and "logit" not in name:
+        w.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0)
+                + 0.1 * torch.randn_like(w))
+  d = str(tmp_path / "siglip_hub")
+  write_open_clip(d, {**model_cfg, "custom_text": True}, ref.state_dict())
+  published, _, _ = open_clip.create_model_and_transforms("local-dir:" + d)
+  assert any(k.startswith("text.transformer.") for k in published.state_dict())
+  img, ids = images(), Tokenizer(TOKENIZER).encode(TEXTS, 16)
+  with torch.no_grad():
+    zi = published.eval().encode_image(torch.from_numpy(img).permute(0, 3, 1, 2),
+                                       normalize=True)
+    zt = published.encode_text(torch.from_numpy(np.asarray(ids, np.int64)), normalize=True)
+  flat, kwargs = export.load_params(d, with_model_kwargs=True)
+  image, text = kwargs["towers"]["image"], kwargs["towers"]["text"]
+  assert (image["pool"], image["act"], text["pool"], text["causal"]) == (
+      "map", "gelu", "last_position", False)
+  assert_embeddings(kwargs, flat, img, ids, zi.numpy(), zt.numpy())
+  np.testing.assert_allclose(flat["b"], [-10.0])
+
+
 def test_exports_are_atomic_and_name_the_extra(tmp_path, monkeypatch):
   """A failing export leaves no half-written directory (and an earlier export intact); a
   missing export dependency names `pip install -e ".[export]"`."""
@@ -891,8 +943,11 @@ def test_exports_are_atomic_and_name_the_extra(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
       fn(params, kwargs, str(target), **({"arch": "siglip"} if fn is export.export_hf
                                          else {"image_size": 32}))
+  monkeypatch.setattr(np, "savez", broken)
+  with pytest.raises(OSError, match="disk full"):
+    export.export_npz(params, str(tmp_path / "m.npz"))
   assert sorted(os.listdir(out)) == before and not (tmp_path / "oc").exists()
-  assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary directories left behind
+  assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary files or directories left
   monkeypatch.undo()
   monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
   with pytest.raises(ExportError, match=r'pip install -e "\.\[export\]"'):

@@ -1,4 +1,5 @@
-"""big_vision-style npz: one array per parameter, keys are '/'-joined paths.
+"""big_mm's npz: one array per parameter, keys are '/'-joined paths (big_vision's format; its
+published files, with their `params/` wrapper and older layouts, load via big_vision.py).
 
   export_npz(params, "model.npz");  flat = import_npz("model.npz")
 
@@ -8,6 +9,7 @@ their stored layout (`encoderblock/...` with a leading layers axis) unless unsta
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 
@@ -21,8 +23,17 @@ def export_npz(params, path: str, *, unstack: bool = False) -> str:
     flat = common.unstack_layers(flat)
   if not path.endswith(".npz"):
     raise ExportError(f"npz export path must end in .npz; got {path!r}.")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  # Written beside the target and renamed over it: never a half-written .npz.
+  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".partial-", dir=parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
+    os.replace(tmp, path)
+  except BaseException:
+    os.remove(tmp)
+    raise
   return path
 
 

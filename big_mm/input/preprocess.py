@@ -31,7 +31,8 @@ reason (sources.SKIP_REASONS is the vocabulary every source shares): corrupt_ima
 image_too_large (more pixels than decode's max_pixels), too_small (smaller than a crop),
 empty_caption, bad_caption_encoding (bytes that are not UTF-8), missing_field (no image /
 text in the record). Truncated captions are not bad: `tokenize` counts them in
-the returned counts as "text_truncated".
+the returned counts as "text_truncated". `split_long_caption` and `sample_captions` are the
+rules of the training pipeline's input.split_long_captions and input.captions_per_example.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ import inspect
 import io
 import json
 import math
+import re
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -495,6 +497,43 @@ def op_tokenize(length):
   (truncations are counted as text_truncated)."""
   _check_int("length", length)
   return functools.partial(_tokenize, length=length)
+
+
+# ---- several captions per example (input.captions_per_example, split_long_captions) ----
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\s*\n\s*")
+
+
+def split_long_caption(caption: str, fits: Callable[[str], bool]) -> list[str]:
+  """A caption that does not fit the text tower -> sub-captions that do, in order: its
+  sentences (split after . ! ? ; and at line breaks), and each sentence that still does not
+  fit, greedy runs of whole words. A caption that fits, or a single word that does not,
+  stays as it is (tokenize then truncates the word and counts it)."""
+  if fits(caption):
+    return [caption]
+  out = []
+  for sentence in (s.strip() for s in _SENTENCE_END.split(caption)):
+    if not sentence:
+      continue
+    if fits(sentence):
+      out.append(sentence)
+      continue
+    chunk = []
+    for word in sentence.split():
+      if chunk and not fits(" ".join(chunk + [word])):
+        out.append(" ".join(chunk))
+        chunk = []
+      chunk.append(word)
+    out.append(" ".join(chunk))
+  return out
+
+
+def sample_captions(caps: list[str], k: int, rng: np.random.Generator) -> list[str]:
+  """k of a record's captions, drawn without replacement; a record with n < k captions
+  fills its k slots by cycling through a random order of its n (each then appears
+  floor(k/n) or ceil(k/n) times; the pipeline counts such records as text_repeated)."""
+  order = rng.permutation(len(caps))
+  return [caps[i] for i in (order[:k] if len(caps) >= k else order[np.arange(k) % len(caps)])]
 
 
 # ---- registry and parsing --------------------------------------------------------------
