@@ -90,13 +90,17 @@ def defaults() -> ConfigDict:
   # this fraction bad among its last 1000 reads stops training, naming it (in [0, 1); 0: stop
   # at the first bad record); drop_failing_parts: drop such a mixture part instead (logged as
   # an error) and train on the others (big_mm/input/pipeline.py).
+  # captions_per_example = k > 1 (contrastive training): k captions of each record per step,
+  # batch["text"] [B, k, L], all positives of their image (objectives/losses.py,
+  # multi_positive_loss); split_long_captions: a caption longer than text_len is split into
+  # sentences / word runs (captions of their own) instead of truncated (input/pipeline.py).
   c.input = ConfigDict(dict(
       data="digits_captions", split="train", data_dir=None, image_column=None,
       text_column=None, tokenizer=None, text_len=16,
       pp_image="decode|resize(224)|value_range(-1,1)", pp_text=None, num_workers=0,
       num_threads=2, prefetch=2, shuffle=True, modalities=None, depth_column=None,
       semseg_column=None, prefix_column=None, prefix_len=0, max_bad_fraction=0.5,
-      drop_failing_parts=False,
+      drop_failing_parts=False, captions_per_example=1, split_long_captions=False,
   ))
   # {name: {type: ..., ...}} (FREE_FORM): each type's keys, defaults and checks are its
   # evaluator's (big_mm/evaluators/; every_* durations: evaluators/common.py DEFAULTS).
@@ -265,6 +269,7 @@ def validate(config: ConfigDict) -> None:
   choice("optim.schedule.name", config.optim.schedule.name, SCHEDULES)
   _validate_pp(config.input)
   _validate_modalities(config.input)
+  _validate_captions_per_example(config)
   if not 0 <= config.input.max_bad_fraction < 1:
     raise ConfigError(f"input.max_bad_fraction must be in [0, 1) (0: stop at the first bad "
                       f"record), got {config.input.max_bad_fraction!r}.")
@@ -291,6 +296,32 @@ def _validate_objective(config: ConfigDict) -> None:
         f"input.prefix_column={config.input.prefix_column!r} is read only by prefix-LM "
         f"captioners (objective.name in {readers}, model.prefix_lm=True); objective.name is "
         f"{name!r}. Unset input.prefix_column.")
+
+
+def _validate_captions_per_example(config: ConfigDict) -> None:
+  """input.captions_per_example: a positive int; k > 1 only where the loss takes several
+  positives (contrastive, implementation "xla"). split_long_captions: a bool. Both need
+  tokenized text and no input.modalities (MultiMAE's pipeline reads one caption)."""
+  k, split = config.input.captions_per_example, config.input.split_long_captions
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"input.captions_per_example must be a positive integer (1: one caption "
+                      f"per image), got {k!r}.")
+  if not isinstance(split, bool):
+    raise ConfigError(f"input.split_long_captions must be True or False, got {split!r}.")
+  if k == 1 and not split:
+    return
+  used = "input.captions_per_example" if k > 1 else "input.split_long_captions"
+  if config.input.modalities is not None or not config.input.tokenizer:
+    raise ConfigError(f"{used} needs tokenized captions (input.tokenizer) and no "
+                      f"input.modalities (got {config.input.modalities!r}).")
+  if k > 1 and config.objective.name != "contrastive":
+    raise ConfigError(f"input.captions_per_example={k} gives [B, {k}, L] texts, which only "
+                      f"objective.name='contrastive' reads (as {k} positives per image); "
+                      f"objective.name is {config.objective.name!r}. Use 1.")
+  if k > 1 and config.objective.implementation != "xla":
+    raise ConfigError(f"input.captions_per_example={k} needs objective.implementation='xla': "
+                      f"the fused {config.objective.implementation!r} kernels take one "
+                      f"positive per image.")
 
 
 def _validate_modalities(input_cfg) -> None:

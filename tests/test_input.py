@@ -599,3 +599,84 @@ def test_text_prefix(data_dir):
   with pytest.raises(ValueError, match=r"prefix_column='text' needs input.prefix_len >= 1"):
     pipeline.make_train_iterator(_cfg(data_dir, prefix_column="text"), global_batch_size=8,
                                  seed=0, sharding=None)
+
+
+# ---- several captions per image (input.captions_per_example, split_long_captions) -----
+
+def _caption_table(tmp_path, texts) -> str:
+  """A parquet table: image i (a digit PNG) with caption cell texts[i] (a str or a list)."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  images = [digits_captions.to_png(np.full((8, 8), i % 17)) for i in range(len(texts))]
+  path = str(tmp_path / "table.parquet")
+  pq.write_table(pa.table({"image": images, "caption": texts}), path)
+  return f"parquet:{path}"
+
+
+def test_captions_per_example_draws_k_captions_of_each_image(tmp_path):
+  """text int32 [B, k, L]: k different captions of the record where it has >= k, else its
+  captions cycled in a random order (counted as text_repeated); a new draw each epoch."""
+  tok = tokenizer.Tokenizer(TOKENIZER)
+  words = digits_captions.WORDS
+  texts = [[f"handwritten {n}", f"a drawing of a {n}", f"the digit {w}", f"a small {w}"][:c]
+           for n, (w, c) in enumerate(zip(words, (4, 3, 2, 1, 4, 3)))]
+  cfg = dict(data=_caption_table(tmp_path, texts), tokenizer=TOKENIZER, text_len=12,
+             pp_image="decode|resize(32)|value_range(-1,1)", shuffle=False,
+             captions_per_example=3)
+  it = pipeline.make_train_iterator(cfg, global_batch_size=6, seed=0, sharding=None)
+  epochs = [next(it) for _ in range(2)]
+  for b in epochs:
+    assert b["text"].shape == (6, 3, 12) and b["text"].dtype == np.int32
+    for row, caps in zip(b["text"], texts):
+      drawn = tok.decode(row)
+      if len(caps) >= 3:
+        assert len(set(drawn)) == 3 and set(drawn) <= set(caps), (drawn, caps)
+      else:  # cycled: every caption, each floor(3/n) or ceil(3/n) times
+        assert set(drawn) == set(caps) and max(map(drawn.count, caps)) == -(-3 // len(caps))
+  assert it.stats()["text_repeated"] == 2 * 2  # records with 2 and 1 captions, 2 epochs
+  assert not np.array_equal(epochs[0]["text"], epochs[1]["text"])
+  again = pipeline.make_train_iterator(cfg, global_batch_size=6, seed=0, sharding=None)
+  np.testing.assert_array_equal(next(again)["text"], epochs[0]["text"])
+  # Eval batches (retrieval, zero-shot) keep one caption per image.
+  assert next(iter(pipeline.make_eval_batches(cfg, "train", 6, None)))["text"].shape == (6, 12)
+  with pytest.raises(ValueError, match="choose_caption keeps only one"):
+    pipeline.make_train_iterator(dict(cfg, pp_text="choose_caption|tokenize(12)"),
+                                 global_batch_size=6, seed=0, sharding=None)
+
+
+def test_split_long_captions():
+  """A caption longer than the text length becomes its sentences, and a sentence that is
+  still too long, runs of whole words that fit."""
+  fits = lambda text: len(text.split()) <= 3
+  assert preprocess.split_long_caption("a b c", fits) == ["a b c"]
+  assert preprocess.split_long_caption("a b. c d e f g h!\nbig word; i", fits) == [
+      "a b.", "c d e", "f g h!", "big word;", "i"]
+  assert preprocess.split_long_caption("abcdefgh-as-one-word", lambda t: len(t) < 5) == [
+      "abcdefgh-as-one-word"]
+  rng = np.random.default_rng(0)
+  assert sorted(preprocess.sample_captions(["a", "b"], 5, rng)) in (
+      ["a", "a", "a", "b", "b"], ["a", "a", "b", "b", "b"])
+
+
+def test_split_long_captions_in_the_pipeline(tmp_path):
+  """input.split_long_captions: a long caption's sub-captions are the captions drawn (none
+  truncated), counted as text_split; without it the caption is truncated."""
+  tok = tokenizer.Tokenizer(TOKENIZER)
+  sentences = ["a drawing of a 3", "an image of the numeral three", "handwritten 3"]
+  long = ". ".join(sentences) + "."
+  assert tok.encode_with_info([long], 12)[1][0]  # too long for 12 tokens
+  cfg = dict(data=_caption_table(tmp_path, [long, "handwritten 4"]), tokenizer=TOKENIZER,
+             text_len=12, pp_image="decode|resize(32)|value_range(-1,1)", shuffle=False)
+  truncating = pipeline.make_train_iterator(cfg, global_batch_size=2, seed=0, sharding=None)
+  next(truncating)
+  assert truncating.stats() == {"text_truncated": 1}
+  for k in (1, 2):
+    it = pipeline.make_train_iterator(dict(cfg, split_long_captions=True, captions_per_example=k),
+                                      global_batch_size=2, seed=0, sharding=None)
+    text = next(it)["text"]
+    assert text.shape == ((2, 12) if k == 1 else (2, k, 12))
+    drawn = tok.decode(text[0].reshape(-1, 12))
+    assert len(set(drawn)) == k and set(drawn) <= set(tok.decode(tok.encode(
+        [f"{s}." for s in sentences], 12))), drawn
+    counted = {key: n for key, n in it.stats().items() if n}
+    assert counted == ({"text_split": 1} if k == 1 else {"text_split": 1, "text_repeated": 1})

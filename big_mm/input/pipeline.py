@@ -15,6 +15,8 @@ are then skipped as "part_dropped").
 
   it = make_train_iterator(config.input, global_batch_size=256, seed=0, sharding=s)
   batch = next(it)              # {"image": f32 [B,H,W,3], "text": i32 [B,L]} global arrays
+                                # (input.captions_per_example = k > 1: "text" i32 [B,k,L],
+                                # k captions of each image; see _SampledCaptions)
                                 # (+ "prefix": i32 [B,P] with input.prefix_column)
                                 # input.modalities: + "depth" f32 [B,H,W], "semseg" i32
                                 # [B,H,W], "{m}_present" i32 [B] (see _load_modalities)
@@ -134,6 +136,51 @@ class _EveryCaption:
     return values, counts
 
 
+class _SampledCaptions:
+  """A Preprocessor for input.captions_per_example = k / input.split_long_captions (training):
+  the text ops before tokenize run on all of the record's captions; with split_long, each
+  caption longer than tokenize's length is split into sub-captions that fit
+  (preprocess.split_long_caption, counted as text_split); then k captions are drawn
+  (preprocess.sample_captions: without replacement, or cycled when the record has fewer,
+  counted as text_repeated) and tokenized: text int32 [k, L] (k = 1: [L])."""
+
+  def __init__(self, pp: preprocess.Preprocessor, count: int, split_long: bool):
+    tokenize = [o for o in pp.ops if o.name == "tokenize"]
+    if not tokenize:
+      raise ValueError(f"input.captions_per_example / split_long_captions need a pp that "
+                       f"tokenizes; {pp.pp!r} does not. Set input.tokenizer.")
+    if count > 1 and any(o.name == "choose_caption" for o in pp.ops):
+      raise ValueError(f"input.captions_per_example={count} draws {count} captions per image, "
+                       f"but input.pp_text's choose_caption keeps only one; remove it.")
+    self.preprocessor, self.count, self.split_long = pp, int(count), bool(split_long)
+    self.pp, self.ops, self.tokenizer = pp.pp, pp.ops, pp.tokenizer
+    self.text_ops = [o for o in pp.ops if o.key == preprocess.TEXT and o.name != "tokenize"]
+    self.tokenize = tokenize[-1]
+
+  def _fits(self, caption: str) -> bool:
+    return not self.tokenizer.encode_with_info([caption], self.tokenize.args[0])[1][0]
+
+  def __call__(self, example, rng, *, optional=()):
+    run = self.preprocessor
+    if example.get(preprocess.TEXT) is None:
+      return run(example, rng, optional=optional)
+    values, counts = run({preprocess.IMAGE: example.get(preprocess.IMAGE)}, rng,
+                         optional=tuple(optional) + (preprocess.TEXT,))
+    ctx = preprocess.Context(self.tokenizer, counts)
+    caps = preprocess.captions(preprocess.apply_pp(self.text_ops, example[preprocess.TEXT],
+                                                   rng, ctx))
+    if self.split_long:
+      pieces = [preprocess.split_long_caption(c, self._fits) for c in caps]
+      counts["text_split"] += sum(len(p) > 1 for p in pieces)
+      caps = [p for piece in pieces for p in piece]
+    if len(caps) < self.count:
+      counts["text_repeated"] += 1
+    rows = [self.tokenize([c], rng, ctx) for c in preprocess.sample_captions(caps, self.count,
+                                                                            rng)]
+    values[preprocess.TEXT] = np.stack(rows) if self.count > 1 else rows[0]
+    return values, counts
+
+
 class _Example:
   """Loads + preprocesses one example: dict of numpy arrays or a skip marker. Picklable.
 
@@ -144,12 +191,15 @@ class _Example:
   """
 
   def __init__(self, source, input_cfg, *, pp_image: str | None = None, keep_label=False,
-               image_key="image", text_key="text", label_key="label", captions=None):
+               image_key="image", text_key="text", label_key="label", captions=None,
+               captions_per_example=1, split_long_captions=False):
     self.source = source
     self.pp = preprocess.Preprocessor(example_pp(input_cfg, pp_image),
                                       tokenizer=_tokenizer(input_cfg))
     if captions:
       self.pp = _EveryCaption(self.pp, captions)
+    elif captions_per_example > 1 or split_long_captions:
+      self.pp = _SampledCaptions(self.pp, captions_per_example, split_long_captions)
     self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
     self.keep_label = keep_label
     self.optional = (preprocess.TEXT,) if keep_label else ()
@@ -362,7 +412,9 @@ class TrainIterator:
                        f"(0: stop at the first bad record).")
     self.drop_failing_parts = bool(_get(input_cfg, "drop_failing_parts", False))
     self._element = _TrainElement(
-        _Example(source, input_cfg),
+        _Example(source, input_cfg,
+                 captions_per_example=int(_get(input_cfg, "captions_per_example", 1) or 1),
+                 split_long_captions=bool(_get(input_cfg, "split_long_captions", False))),
         self.num_examples, self.seed, bool(_get(input_cfg, "shuffle", True)),
         self.process_index, self.process_count)
     prefetch = int(_get(input_cfg, "prefetch", 0) or 0)

@@ -6,6 +6,9 @@ Public API:
   contrastive_loss(zimg, ztxt, t, b, *, loss, strategy, mesh=None, batch_axes=("data", "fsdp"),
                    implementation="xla", kernel_config=None)
   batch_axes_of(mesh, batch_axes)           batch axes present in `mesh` (in the given order)
+  sigmoid_loss_multi(zimg, ztxt, t, b)      multi-positive references: ztxt [B, k, D] holds k
+  softmax_loss_multi(zimg, ztxt, t, b=None)   captions per image, each a positive of its image
+                                            (contrastive_loss routes a [B, k, D] ztxt to them)
 
 `t` is the already exponentiated temperature (scalar), `b` the bias (scalar). Inputs are
 [B, D] embeddings (L2-normalised by the model); everything is computed (xla) or accumulated
@@ -97,6 +100,54 @@ def softmax_loss(zimg, ztxt, t, b=None):
 
 
 _REFERENCES = {"sigmoid": sigmoid_loss, "softmax": softmax_loss}
+
+
+# Multi-positive (DreamLIP-style several captions per image): ztxt is [B, k, D], the k
+# captions of each image; row j of the flattened [B*k, D] texts belongs to image j // k.
+# Both reduce to the losses above at k = 1 (contrastive_loss then runs those exactly).
+
+
+def _own_image(n_rows, n_cols, k, row_offset=0):
+  """bool [n_rows, n_cols]: text column j is a caption of image row i (offset: the rows'
+  global index of row 0, the columns' being 0)."""
+  rows = row_offset + jnp.arange(n_rows)
+  return rows[:, None] == jnp.arange(n_cols)[None, :] // k
+
+
+def _positives(zimg, ztxt, t, b):
+  """[b, k] logits of every image with each of its own k captions (ztxt [b, k, d])."""
+  return t * jnp.einsum("id,icd->ic", zimg, ztxt) + b
+
+
+def sigmoid_loss_multi(zimg, ztxt, t, b):
+  """Multi-positive SigLIP: label +1 for every (image, own caption) pair, -1 for every other
+  pair; -sum of log_sigmoid(label * logit) over the B x B*k pairs / (B*k), i.e. the mean over
+  captions of the sum over images (k = 1: sigmoid_loss)."""
+  zimg, ztxt = _f32(zimg, ztxt)
+  t, b = _scalar(t), _scalar(b)
+  n, k = ztxt.shape[:2]
+  logits = t * zimg @ ztxt.reshape(n * k, -1).T + b  # [B, B*k]
+  z = jnp.where(_own_image(n, n * k, k), 1.0, -1.0)
+  return -jnp.mean(jnp.sum(jax.nn.log_sigmoid(z * logits), axis=-1)) / k
+
+
+def softmax_loss_multi(zimg, ztxt, t, b=None):
+  """Multi-positive CLIP: the mean of image->text, whose target is uniform over the image's
+  k captions (lse over all B*k captions - the mean logit of its own, mean over images), and
+  text->image, one cross-entropy per caption over the B images (mean over the B*k captions)
+  (k = 1: softmax_loss)."""
+  zimg, ztxt = _f32(zimg, ztxt)
+  t = _scalar(t)
+  b = 0.0 if b is None else _scalar(b)
+  n, k = ztxt.shape[:2]
+  logits = t * zimg @ ztxt.reshape(n * k, -1).T + b  # [B, B*k]
+  pos = jnp.diagonal(logits.reshape(n, n, k)).T  # [B, k]: each image with its own captions
+  i2t = jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.mean(pos, axis=1))
+  t2i = jnp.mean(jax.nn.logsumexp(logits, axis=0) - pos.reshape(-1))
+  return 0.5 * (i2t + t2i)
+
+
+_MULTI_REFERENCES = {"sigmoid": sigmoid_loss_multi, "softmax": softmax_loss_multi}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -420,6 +471,138 @@ _SHARDED = {
 _FUSED = {"sigmoid": kernels.sigmoid_loss_fused, "softmax": kernels.softmax_loss_fused}
 
 
+# ----------------------------------------------------------------------------- multi-positive
+# Per device: zimg [b, d], ztxt [b, k, d] (the captions of the local images). Texts travel
+# (or are gathered) flattened, [b*k, d]; image rows' global index is device * b + row.
+
+
+def _all_gather_sigmoid_multi(zimg, ztxt, t, b, *, axes, n_global):
+  nb, k = ztxt.shape[:2]
+  ztxt_all = jax.lax.all_gather(ztxt.reshape(nb * k, -1), axes, axis=0, tiled=True)  # [B*k, d]
+  logits = t * zimg @ ztxt_all.T + b  # [b, B*k]
+  z = jnp.where(_own_image(nb, ztxt_all.shape[0], k, jax.lax.axis_index(axes) * nb), 1.0, -1.0)
+  local = -jnp.sum(jax.nn.log_sigmoid(z * logits))
+  return jax.lax.psum(local, axes) / (n_global * k)
+
+
+def _all_gather_softmax_multi(zimg, ztxt, t, b, *, axes, n_global):
+  nb, k = ztxt.shape[:2]
+  zt = ztxt.reshape(nb * k, -1)
+  zimg_all = jax.lax.all_gather(zimg, axes, axis=0, tiled=True)  # [B, d]
+  ztxt_all = jax.lax.all_gather(zt, axes, axis=0, tiled=True)  # [B*k, d]
+  lse_img = jax.nn.logsumexp(t * zimg @ ztxt_all.T + b, axis=1)  # [b], over all captions
+  lse_txt = jax.nn.logsumexp(t * zt @ zimg_all.T + b, axis=1)  # [b*k], over all images
+  return _softmax_multi_total(lse_img, lse_txt, _positives(zimg, ztxt, t, b), axes, n_global)
+
+
+def _softmax_multi_total(lse_img, lse_txt, pos, axes, n_global):
+  """The multi-positive softmax loss from a device's row terms: image->text sums
+  (lse - mean of its k positives) over B images, text->image (lse - positive) over B*k."""
+  k = pos.shape[1]
+  local = k * jnp.sum(lse_img) + jnp.sum(lse_txt) - 2.0 * jnp.sum(pos)
+  return jax.lax.psum(local, axes) / (2.0 * n_global * k)
+
+
+def _ring_sigmoid_multi(zimg, ztxt, t, b, *, axes, n_global, n_dev):
+  nb, k = ztxt.shape[:2]
+  perm = _ring_perm(n_dev)
+
+  @jax.checkpoint
+  def block(zi, zt, t, b, own):
+    logits = t * zi @ zt.T + b  # [b, b*k]
+    z = jnp.where(own & _own_image(nb, nb * k, k), 1.0, -1.0)
+    return -jnp.sum(jax.nn.log_sigmoid(z * logits))
+
+  zt = ztxt.reshape(nb * k, -1)
+  total = block(zimg, zt, t, b, True)  # offset 0: the positives live here
+
+  def body(carry, _):
+    zt, acc = carry
+    zt = jax.lax.ppermute(zt, axes, perm)
+    return (zt, acc + block(zimg, zt, t, b, False)), None
+
+  if n_dev > 1:
+    (_, total), _ = jax.lax.scan(body, (zt, total), None, length=n_dev - 1)
+  return jax.lax.psum(total, axes) / (n_global * k)
+
+
+def _ring_softmax_multi(zimg, ztxt, t, b, *, axes, n_global, n_dev):
+  nb, k = ztxt.shape[:2]
+  perm = _ring_perm(n_dev)
+
+  @jax.checkpoint
+  def block(zi, zt, t, b):
+    logits = t * zi @ zt.T + b  # [b, b*k]
+    return jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0)
+
+  zt = ztxt.reshape(nb * k, -1)
+  lse_img, lse_txt = block(zimg, zt, t, b)
+
+  def body(carry, _):
+    zt, lse_img, lse_txt = carry
+    # The caption shard travels together with its own running log-sum-exp (text->image).
+    zt, lse_txt = jax.lax.ppermute((zt, lse_txt), axes, perm)
+    lse_i, lse_t = block(zimg, zt, t, b)
+    return (zt, jnp.logaddexp(lse_img, lse_i), jnp.logaddexp(lse_txt, lse_t)), None
+
+  if n_dev > 1:
+    (_, lse_img, lse_txt), _ = jax.lax.scan(
+        body, (zt, lse_img, lse_txt), None, length=n_dev - 1)
+  # As in _ring_softmax: each caption's lse now covers all images, wherever it sits.
+  return _softmax_multi_total(lse_img, lse_txt, _positives(zimg, ztxt, t, b), axes, n_global)
+
+
+_SHARDED_MULTI = {
+    ("sigmoid", "all_gather"): _all_gather_sigmoid_multi,
+    ("softmax", "all_gather"): _all_gather_softmax_multi,
+    ("sigmoid", "ring"): _ring_sigmoid_multi,
+    ("softmax", "ring"): _ring_softmax_multi,
+}
+
+
+def multi_positive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
+                        batch_axes: Sequence[str] | str = ("data", "fsdp"),
+                        implementation: str = "xla", kernel_config=None):
+  """contrastive_loss with k positives per image: ztxt [B, k, D], the k captions of each
+  image (sharded over `batch_axes` like zimg [B, D]); equals sigmoid_loss_multi /
+  softmax_loss_multi (values and grads) for every strategy. k = 1 is contrastive_loss itself
+  (the same computation, bit for bit). The fused kernels take one positive per row: k > 1
+  needs implementation="xla"."""
+  _check(loss, strategy, implementation)
+  if ztxt.ndim != 3 or zimg.ndim != 2 or ztxt.shape[0] != zimg.shape[0]:
+    raise ValueError(f"multi-positive loss takes zimg [B, D] and ztxt [B, k, D]; got "
+                     f"{zimg.shape} and {ztxt.shape}")
+  if ztxt.shape[1] == 1:
+    return contrastive_loss(zimg, ztxt[:, 0], t, b, loss=loss, strategy=strategy, mesh=mesh,
+                            batch_axes=batch_axes, implementation=implementation,
+                            kernel_config=kernel_config)
+  if implementation != "xla":
+    raise ValueError(f"{ztxt.shape[1]} captions per image (input.captions_per_example) need "
+                     f"objective.implementation='xla': the fused {implementation!r} kernels "
+                     f"take one positive per image.")
+  if b is None:
+    if loss == "sigmoid":
+      raise ValueError("sigmoid loss requires a bias b")
+    b = 0.0
+  axes = batch_axes_of(mesh, batch_axes)
+  if strategy == "local" or mesh is None or not axes:
+    return _MULTI_REFERENCES[loss](zimg, ztxt, t, b)
+  zimg, ztxt = _f32(zimg, ztxt)
+  t, b = _scalar(t), _scalar(b)
+  n_dev = 1
+  for a in axes:
+    n_dev *= mesh.shape[a]
+  if zimg.shape[0] % n_dev:
+    raise ValueError(f"global batch {zimg.shape[0]} not divisible by {n_dev} devices on {axes}")
+  kw = dict(axes=axes, n_global=zimg.shape[0])
+  if strategy == "ring":
+    kw["n_dev"] = n_dev
+  fn = functools.partial(_SHARDED_MULTI[(loss, strategy)], **kw)
+  spec = P(axes)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=P())(
+      zimg, ztxt, t, b)
+
+
 # ----------------------------------------------------------------------------- public entry
 
 
@@ -440,7 +623,12 @@ def contrastive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
       None picks the running backend's defaults.
   Returns:
     float32 scalar, replicated.
+  A ztxt of [B, k, D] (k captions per image) gives `multi_positive_loss`.
   """
+  if jnp.ndim(ztxt) == 3:
+    return multi_positive_loss(zimg, ztxt, t, b, loss=loss, strategy=strategy, mesh=mesh,
+                               batch_axes=batch_axes, implementation=implementation,
+                               kernel_config=kernel_config)
   _check(loss, strategy, implementation)
   if b is None:
     if loss == "sigmoid":
