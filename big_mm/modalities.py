@@ -13,7 +13,8 @@ Batch conventions for a modality with batch key K:
                         input (native-aspect patches, audio frames, video clips)
   batch[K + "_shape"]  int32 [B, k]: per-example shape metadata of a variable-length input
                         (e.g. the patch grid)
-`present_key` spells the first; variable-length families use the other two names.
+`present_key`, `mask_key` and `shape_key` spell them; `model_input(batch, name)` is what a
+tower gets: batch[K], or {"x": batch[K], "mask": ..., "shape": ...} when the batch has them.
 
 Adding a modality is one `register(Modality(...))` in its family's module (its reader,
 preprocessing ops and tower live there too); docs/CONTRACTS.md shows the whole path.
@@ -115,3 +116,20 @@ def get(name: str) -> Modality:
 
 def present_key(name: str) -> str:
   return get(name).batch_key + "_present"
+
+
+def mask_key(name: str) -> str:
+  return get(name).batch_key + "_mask"
+
+
+def shape_key(name: str) -> str:
+  return get(name).batch_key + "_shape"
+
+
+def model_input(batch, name: str):
+  """A tower's input for modality `name` from a batch: its array, or with a padding mask /
+  shape metadata in the batch, {"x": array, "mask": ..., "shape": ...}."""
+  key = get(name).batch_key
+  extra = {k: batch[f(name)] for k, f in (("mask", mask_key), ("shape", shape_key))
+           if f(name) in batch}
+  return {"x": batch[key], **extra} if extra else batch[key]

@@ -102,7 +102,8 @@ def make_objective(config, model, mesh, tokenizer: Tokenizer | None):
   modalities = config.input.modalities
   ctx = objectives.Context(
       mesh=mesh, batch_size=config.batch_size, text_len=config.input.text_len,
-      image_size=objectives.base.image_size(config.input.pp_image), tokenizer=tokenizer,
+      image_size=objectives.base.image_size(config.input.pp_image),
+      image_patches=objectives.base.naflex_patches(config.input.pp_image), tokenizer=tokenizer,
       modalities=None if modalities is None else tuple(modalities),
       prefix_column=config.input.prefix_column, prefix_len=config.input.prefix_len,
       frozen=functools.partial(optim.frozen_mask, config.optim))

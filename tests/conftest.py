@@ -16,6 +16,33 @@ if ROOT not in sys.path:
 TOKENIZER = os.path.join(ROOT, "data", "digits_spm.model")
 
 
+
+_TORCHVISION_OPS = []
+
+
+def declare_torchvision_ops_if_unloadable():
+  """open_clip, timm and transformers' image processors import torchvision. PyPI's Linux
+  torchvision wheels are CUDA builds: against a CPU torch (torch==2.13.0+cpu here) their C
+  extension cannot load, and torchvision then fails at import, registering a fake kernel for its
+  own undefined `torchvision::nms` op (pytorch/vision#9085). Declaring the ops it registers
+  fakes for lets the pure-Python parts import (the transforms open_clip's preprocess uses); the
+  C ops (nms, roi_align, image decoding) stay unavailable, and no test uses them. Once per
+  process (test files call it before importing those libraries)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("torchvision")
+  if spec is None or _TORCHVISION_OPS:
+    return
+  try:
+    for lib in glob.glob(os.path.join(spec.submodule_search_locations[0], "_C.*")):
+      torch.ops.load_library(lib)
+  except OSError:
+    lib = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+      lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _TORCHVISION_OPS.append(lib)  # the ops live as long as this object
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """The bundled digits_captions demo dataset, built once per test session."""

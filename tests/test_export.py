@@ -1,7 +1,5 @@
 """Export / import verified against Hugging Face transformers and open_clip (PyTorch, CPU,
 float32), each loaded through its public API."""
-import glob
-import importlib.util
 import io
 import json
 import logging
@@ -15,28 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
-def declare_torchvision_ops_if_unloadable():
-  """open_clip, timm and transformers' image processors import torchvision. PyPI's Linux
-  torchvision wheels are CUDA builds: against a CPU torch (torch==2.13.0+cpu here) their C
-  extension cannot load, and torchvision then fails at import, registering a fake kernel for its
-  own undefined `torchvision::nms` op (pytorch/vision#9085). Declaring the ops it registers
-  fakes for lets the pure-Python parts import (the transforms open_clip's preprocess uses); the
-  C ops (nms, roi_align, image decoding) stay unavailable, and no test uses them."""
-  spec = importlib.util.find_spec("torchvision")
-  if spec is None:
-    return None
-  try:
-    for lib in glob.glob(os.path.join(spec.submodule_search_locations[0], "_C.*")):
-      torch.ops.load_library(lib)
-    return None
-  except OSError:
-    lib = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-      lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    return lib  # the ops live as long as this object
+import conftest  # noqa: E402
 
-
-_TORCHVISION_OPS = declare_torchvision_ops_if_unloadable()
+conftest.declare_torchvision_ops_if_unloadable()
 transformers = pytest.importorskip("transformers")
 
 from big_mm import config as config_lib  # noqa: E402
@@ -610,6 +589,29 @@ def test_run_starts_from_an_hf_export(demo_run, tmp_path):
     np.testing.assert_array_equal(flat[name], exported[name], err_msg=name)
   # The text tower was not included: it starts from a fresh init, not the export.
   assert not np.array_equal(flat["txt/Embed_0/embedding"], exported["txt/Embed_0/embedding"])
+
+
+def test_truncated_embedding_export(tmp_path):
+  """--embed_dim: a model with heads exports the first k dims of its embedding, re-normalised
+  (the Matryoshka prefix), exactly, here to HF CLIP; a tower without a head (HF SigLIP's image
+  tower) is refused with the reason."""
+  from big_mm.evaluators.common import matryoshka_prefix
+  from big_mm.export.matryoshka import truncate_embedding
+  kwargs = clip_kwargs()
+  params = random_params(kwargs)
+  small_params, small_kwargs = truncate_embedding(params, kwargs, 8)
+  assert small_kwargs["out_dim"] == 8 and params["img"]["head"]["kernel"].shape[-1] == 24
+  img, txt = images(), Tokenizer(TOKENIZER).encode(TEXTS, 16)
+  full = apply(kwargs, params, img, txt)
+  small = apply(small_kwargs, small_params, img, txt)
+  for z_full, z_small in zip(full[:2], small[:2]):
+    assert z_small.shape[-1] == 8
+    np.testing.assert_allclose(z_small, matryoshka_prefix(np.asarray(z_full), 8), atol=1e-6)
+  compare(small_kwargs, small_params, str(tmp_path / "hf"), "clip")
+  with pytest.raises(ExportError, match=r"\['image'\] tower\(s\) have no head .*HF SigLIP"):
+    truncate_embedding(random_params(siglip_kwargs()), siglip_kwargs(), 8)
+  with pytest.raises(ExportError, match=r"--embed_dim=32 is larger than the embedding dim"):
+    truncate_embedding(params, kwargs, 32)
 
 
 # ---- checkpoints people already have: big_vision npz, open_clip / OpenAI CLIP -------------

@@ -11,6 +11,8 @@ class from TOWERS (default: the modality's `tower`), every other key goes to its
 scope (`img/...` ViT, `txt/...` TextTransformer; others their modality name), `t` [1] (log
 temperature), `b` [1] (bias; zeros when bias_init is None).
 
+An input is an array, or {"x": array, "mask": ..., "shape": ...} for a padded
+variable-length one (`modalities.model_input`; the tower gets mask= / shape=, e.g. NaFlex).
 z[m]: the L2-normalised float32 [B, D_m] embedding of every modality given (inputs that are
 absent or None are skipped). out["t"] = exp(t), out["t/parameterized"] = t, out["b"] (scalars),
 plus each tower's out dict under "<scope>/<key>".
@@ -105,7 +107,10 @@ class Towers(nn.Module):
         continue
       cls, kwargs = self.tower_kwargs(m)
       scope = modalities.get(m).scope
-      pooled, tower_out = cls(**kwargs, name=scope)(inputs[m], train=train)
+      x, extra = inputs[m], {}
+      if isinstance(x, Mapping):
+        x, extra = x["x"], {k: v for k, v in x.items() if k != "x"}
+      pooled, tower_out = cls(**kwargs, name=scope)(x, train=train, **extra)
       out.update({f"{scope}/{k}": v for k, v in tower_out.items()})
       z[m] = l2_normalize(pooled)
 

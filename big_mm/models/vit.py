@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from big_mm.models import layers
+from big_mm.models import layers, naflex
 
 # RECIPES.md section 1 (big_vision decode_variant): name -> (width, depth, mlp_dim, num_heads).
 VARIANTS = {
@@ -109,6 +109,8 @@ class ViT(nn.Module):
   head_zeroinit: bool = True
   head_bias: bool = True             # False: head without bias (CLIP / open_clip projections)
   pre_norm: bool = False             # LayerNorm "norm_pre" before the encoder (CLIP's ln_pre)
+  posemb_grid: Optional[int] = None  # NaFlex: side of the stored position grid (default:
+                                     # sqrt(max_num_patches), as SigLIP 2 / Siglip2 store it)
   act: str = "gelu_tanh"             # MLP activation: "gelu_tanh" | "gelu" (erf) | "quick_gelu"
   norm_eps: float = 1e-6             # LayerNorm epsilon (open_clip / OpenAI CLIP: 1e-5)
   dropout: float = 0.0
@@ -136,26 +138,56 @@ class ViT(nn.Module):
       raise ValueError(f"Unknown pool {pool!r}; valid: {POOL_TYPES}.")
     return {"pool": pool}
 
+  def _naflex_stem(self, embedding, patches, mask, shape, a, out):
+    """NaFlex patches [B, N, p*p*3] -> (tokens [B, N, D] with resized position embeddings,
+    bool mask [B, N]); the patch embedding is the Conv's kernel applied to each flattened
+    patch (same params as for images)."""
+    if mask is None or shape is None:
+      raise ValueError("NaFlex patches [B, N, p*p*3] need mask= [B, N] and shape= [B, 2] "
+                       "(the naflex pp op's image_mask / image_shape).")
+    p = a["patch_size"]
+    n, length = patches.shape[:2]
+    # The Conv on one p x p patch at a time is exactly the flattened-patch matmul.
+    x = embedding(patches.reshape(n * length, p[0], p[1], 3)).reshape(n, length, a["width"])
+    out["stem"] = x
+    grid = int(self.posemb_grid) if self.posemb_grid else int(round(length ** 0.5))
+    posemb = layers.get_posemb(self, self.posemb, (grid, grid), a["width"], "pos_embedding",
+                               jnp.float32)
+    resized = naflex.resize_posemb(posemb.reshape(grid, grid, -1), shape, length)
+    x = out["with_posemb"] = x + resized.astype(x.dtype)
+    return x, jnp.asarray(mask, bool)
+
   @nn.compact
-  def __call__(self, image, *, train: bool = False):
+  def __call__(self, image, *, train: bool = False, mask=None, shape=None):
+    """image [B, H, W, 3]; or NaFlex patches [B, N, p*p*3] with mask [B, N] (True: real) and
+    shape [B, 2] (each image's patch grid), big_mm/models/naflex.py: the position embeddings
+    are resized to each grid and padding is masked in attention and MAP pooling."""
     pool = self.pooling()["pool"]
     a = self.arch()
     dtype = layers.to_dtype(self.dtype)
     out = {}
     image = jnp.asarray(image, dtype)
-    x = out["stem"] = nn.Conv(
+    embedding = nn.Conv(
         a["width"], a["patch_size"], strides=a["patch_size"], padding="VALID",
         dtype=dtype, param_dtype=jnp.float32, name="embedding",
         kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-        bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(image)
-    n, h, w, c = x.shape
-    x = jnp.reshape(x, [n, h * w, c])
-    x = out["with_posemb"] = x + layers.get_posemb(self, self.posemb, (h, w), c, "pos_embedding",
-                                                   x.dtype)
+        bias_init=layers.logical(nn.initializers.zeros, ("embed",)))
+    if image.ndim == 3:
+      x, mask = self._naflex_stem(embedding, image, mask, shape, a, out)
+      n, c = x.shape[0], x.shape[-1]
+      h = w = None
+    else:
+      x = out["stem"] = embedding(image)
+      n, h, w, c = x.shape
+      x = jnp.reshape(x, [n, h * w, c])
+      x = out["with_posemb"] = x + layers.get_posemb(self, self.posemb, (h, w), c,
+                                                     "pos_embedding", x.dtype)
     if pool == "tok":
       cls = self.param("cls", layers.logical(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, c), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
+      if mask is not None:
+        mask = jnp.concatenate([jnp.ones((n, 1), bool), mask], axis=1)
     if self.pre_norm:
       x = layers._layernorm(self.dtype, name="norm_pre", eps=self.norm_eps)(x)
     x = layers.constrain(x)
@@ -163,18 +195,21 @@ class ViT(nn.Module):
     block = layers.BlockConfig(num_heads=a["num_heads"], mlp_dim=a["mlp_dim"],
                                dropout=self.dropout, act=self.act, norm_eps=self.norm_eps,
                                attn_implementation=self.attn_implementation, dtype=self.dtype)
+    keys = None if mask is None else mask[:, None, None, :]
     x, enc_out = layers.Encoder(depth=a["depth"], block=block, scan=self.scan,
                                 remat_policy=self.remat_policy,
-                                name="Transformer")(x, deterministic=not train)
+                                name="Transformer")(x, keys, deterministic=not train)
     out["encoder"] = enc_out
     encoded = out["encoded"] = x
 
     if pool == "map":
       x = out["head_input"] = layers.MAPHead(
           num_heads=a["num_heads"], mlp_dim=a["mlp_dim"], act=self.act, norm_eps=self.norm_eps,
-          attn_implementation=self.attn_implementation, dtype=self.dtype)(x)
+          attn_implementation=self.attn_implementation, dtype=self.dtype)(x, mask=mask)
     elif pool == "gap":
-      x = out["head_input"] = jnp.mean(x, axis=1)
+      weights = 1.0 if mask is None else mask[..., None] / jnp.sum(mask, 1)[:, None, None]
+      x = out["head_input"] = (jnp.mean(x, axis=1) if mask is None else
+                               jnp.sum(x * weights.astype(x.dtype), axis=1))
     elif pool == "0":
       x = out["head_input"] = x[:, 0]
     elif pool == "tok":
@@ -182,7 +217,8 @@ class ViT(nn.Module):
       encoded = encoded[:, 1:]
     # "none": x stays the token sequence.
 
-    x_2d = jnp.reshape(encoded, [n, h, w, -1])
+    # NaFlex: the token sequence (grids differ per image).
+    x_2d = encoded if h is None else jnp.reshape(encoded, [n, h, w, -1])
     if self.rep_size:
       rep = a["width"] if self.rep_size is True else int(self.rep_size)
       hid = nn.Dense(rep, dtype=dtype, param_dtype=jnp.float32, name="pre_logits",

@@ -47,6 +47,7 @@ class Context:
   batch_size: int | None = None           # the global batch
   text_len: int = 16                      # batch["text"] is int32 [B, text_len]
   image_size: tuple[int, int] | None = None
+  image_patches: tuple[int, int] | None = None  # NaFlex: (max_num_patches, patch_size)
   tokenizer: Any = None                   # big_mm.input.tokenizer.Tokenizer or None
   modalities: tuple[str, ...] | None = None  # input.modalities (None: image and text)
   prefix_column: str | None = None        # input.prefix_column: batch["prefix"] when set
@@ -127,11 +128,20 @@ def image_size(pp_image: str) -> tuple[int, int] | None:
   Found by running its ops on two blank images of different sizes (no data is read)."""
   from big_mm.input import preprocess  # pylint: disable=g-import-not-at-top
   ops = preprocess.parse_pp(pp_image, preprocess.IMAGE)
+  if naflex_patches(pp_image):
+    return None
   sizes = set()
   for shape in ((480, 640, 3), (600, 520, 3)):
     out = preprocess.apply_pp(ops, np.zeros(shape, np.uint8), np.random.default_rng(0))
     sizes.add(tuple(out.shape[:2]))
   return sizes.pop() if len(sizes) == 1 else None
+
+
+def naflex_patches(pp_image: str) -> tuple[int, int] | None:
+  """(max_num_patches, patch_size) when `pp_image` ends with the naflex op, else None."""
+  from big_mm.input import preprocess  # pylint: disable=g-import-not-at-top
+  last = preprocess.parse_pp(pp_image, preprocess.IMAGE)[-1]
+  return tuple(last.args) if last.name == "naflex" else None
 
 
 def image_shape(ctx: Context) -> tuple[int, int, int]:
@@ -149,6 +159,12 @@ def modality_example(ctx: Context, names) -> dict[str, jax.ShapeDtypeStruct]:
   out = {}
   for name in names:
     mod = modalities_lib.get(name)
+    if mod.kind == modalities_lib.IMAGE and ctx.image_patches:
+      n, p = ctx.image_patches
+      out[mod.batch_key] = jax.ShapeDtypeStruct((1, n, p * p * 3), mod.dtype)
+      out[modalities_lib.mask_key(name)] = jax.ShapeDtypeStruct((1, n), jnp.bool_)
+      out[modalities_lib.shape_key(name)] = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+      continue
     hw = image_shape(ctx)[:2] if mod.kind != modalities_lib.TOKENS else None
     out[mod.batch_key] = jax.ShapeDtypeStruct((1,) + mod.example_shape(hw, ctx.text_len),
                                               mod.dtype)
@@ -160,7 +176,15 @@ def image_text_example(ctx: Context) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def zeros(example: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
-  return {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()}
+  """Zeros shaped like `example`, except that a padded input is one real position (its
+  "_mask" True at 0, its "_shape" all 1: a one-patch NaFlex image), so it stays valid."""
+  out = {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()}
+  for k, v in example.items():
+    if k.endswith("_mask"):
+      out[k] = out[k].at[..., 0].set(True)
+    elif k.endswith("_shape"):
+      out[k] = jnp.ones(v.shape, v.dtype)
+  return out
 
 
 class ImageTextInit:
