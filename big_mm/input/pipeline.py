@@ -237,7 +237,7 @@ class _Example:
                                rng, optional=self.optional)
     except preprocess.BadRecord as e:
       return {_SKIP: e.reason, "_detail": str(e), "_index": index}
-    out = {"image": np.asarray(values[preprocess.IMAGE], np.float32)}
+    out = image_outputs(values[preprocess.IMAGE])
     if self.prefix_key:
       try:
         out["prefix"], truncated = _tokenize_prefix(
@@ -274,6 +274,15 @@ class _Example:
     if any(counts.values()):
       out["_counts"] = dict(counts)
     return out
+
+
+def image_outputs(image) -> dict[str, np.ndarray]:
+  """The batch entries of a processed image: "image" float32 [H, W, 3], or for NaFlex
+  patches (the naflex op) "image" [N, p*p*3], "image_mask" [N] and "image_shape" [2]."""
+  if isinstance(image, preprocess.Patches):
+    return {"image": image.data, modalities_lib.mask_key("image"): image.mask,
+            modalities_lib.shape_key("image"): image.shape}
+  return {"image": np.asarray(image, np.float32)}
 
 
 def _source_fields(source) -> set[str] | None:

@@ -219,6 +219,56 @@ def op_resize(size):
   return functools.partial(_resize, size=size)
 
 
+def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int,
+                eps: float = 1e-5) -> tuple[int, int]:
+  """The largest (height, width), both multiples of `patch_size` (at least one patch each),
+  of the image scaled by one factor, with at most `max_num_patches` patches: the binary
+  search over the scale of transformers' Siglip2 image processor
+  (`get_image_size_for_max_num_patches`, SigLIP 2's NaFlex)."""
+  def scaled(scale, size):
+    return max(patch_size, math.ceil(size * scale / patch_size) * patch_size)
+
+  lo, hi = eps / 10, 100.0
+  while hi - lo >= eps:
+    scale = (lo + hi) / 2
+    if scaled(scale, height) * scaled(scale, width) <= max_num_patches * patch_size ** 2:
+      lo = scale
+    else:
+      hi = scale
+  return scaled(lo, height), scaled(lo, width)
+
+
+@dataclasses.dataclass(frozen=True)
+class Patches:
+  """A NaFlex image: data float32 [N, p * p * 3] (patches in row-major grid order, each
+  (row, col, channel) flattened), mask bool [N] (False: padding), shape int32 [2] (the
+  patch grid's rows and columns)."""
+  data: np.ndarray
+  mask: np.ndarray
+  shape: np.ndarray
+
+
+def _naflex(image, rng, ctx, max_num_patches, patch_size):
+  del rng, ctx
+  _require_array(image, "naflex")
+  h, w = naflex_size(image.shape[0], image.shape[1], patch_size, max_num_patches)
+  image = _resize_to(image, h, w).astype(np.float32)
+  gh, gw, p = h // patch_size, w // patch_size, patch_size
+  patches = image.reshape(gh, p, gw, p, 3).transpose(0, 2, 1, 3, 4).reshape(gh * gw, p * p * 3)
+  data = np.zeros((max_num_patches, p * p * 3), np.float32)
+  data[:gh * gw] = patches
+  return Patches(data, np.arange(max_num_patches) < gh * gw, np.array([gh, gw], np.int32))
+
+
+def op_naflex(max_num_patches, patch_size=16):
+  """NaFlex (SigLIP 2): resize keeping the aspect ratio to the largest size of at most
+  `max_num_patches` patches (`naflex_size`), patchify and pad to `max_num_patches`; the
+  batch gets image [N, p*p*3], image_mask [N] and image_shape [2]. The last image op."""
+  _check_int("max_num_patches", max_num_patches)
+  _check_int("patch_size", patch_size)
+  return functools.partial(_naflex, max_num_patches=max_num_patches, patch_size=patch_size)
+
+
 def _resize_small(image, rng, ctx, size):
   del rng, ctx
   _require_array(image, "resize_small")
@@ -548,6 +598,7 @@ OPS: dict[str, OpDef] = {
     "decode": OpDef(IMAGE, op_decode),
     "resize": OpDef(IMAGE, op_resize),
     "resize_small": OpDef(IMAGE, op_resize_small),
+    "naflex": OpDef(IMAGE, op_naflex),
     "central_crop": OpDef(IMAGE, op_central_crop),
     "random_crop": OpDef(IMAGE, op_random_crop),
     "inception_crop": OpDef(IMAGE, op_inception_crop),
@@ -615,6 +666,9 @@ def _check_order(pp: str, ops: list[Op]) -> None:
   image = [o.name for o in ops if o.key == IMAGE]
   if "decode" in image[1:]:
     raise ValueError(f"pp {pp!r}: 'decode' must be the first op acting on the image")
+  if "naflex" in image[:-1]:
+    raise ValueError(f"pp {pp!r}: 'naflex' must be the last op acting on the image (it turns "
+                     "the image into patches)")
   for i, name in enumerate(image):
     late = [n for n in image[:i] if n in _FLOAT_OUTPUT]
     if name in _UINT8_INPUT and late:

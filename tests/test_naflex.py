@@ -1,0 +1,145 @@
+"""NaFlex (SigLIP 2 native-aspect inputs): the `naflex` pp op and the position-embedding
+resize, against transformers' Siglip2 image processor and Siglip2VisionEmbeddings."""
+import numpy as np
+from PIL import Image
+import pytest
+
+from big_mm.input import preprocess
+from big_mm.models import naflex
+import conftest
+
+torch = pytest.importorskip("torch")
+conftest.declare_torchvision_ops_if_unloadable()
+siglip2_processing = pytest.importorskip("transformers.models.siglip2.image_processing_siglip2")
+siglip2_modeling = pytest.importorskip("transformers.models.siglip2.modeling_siglip2")
+
+SIZES = [(32, 32), (20, 70), (70, 20), (1, 500), (333, 17), (224, 224), (480, 640), (5, 5)]
+
+
+@pytest.mark.parametrize("patch,max_patches", [(16, 256), (16, 64), (4, 12), (14, 729)])
+def test_size_equals_transformers(patch, max_patches):
+  for h, w in SIZES + [(37 * i + 3, 91 * i % 400 + 7) for i in range(1, 30)]:
+    want = siglip2_processing.get_image_size_for_max_num_patches(h, w, patch, max_patches)
+    assert preprocess.naflex_size(h, w, patch, max_patches) == tuple(want), (h, w)
+
+
+def test_patches_grid_and_mask_equal_the_processor():
+  """Same images through transformers' Siglip2ImageProcessor and `decode|value_range(-1,1)|
+  naflex(N, p)`: identical grids and masks; patches equal where the resize is the identity
+  (pixel values through one layout), and close otherwise (PIL vs torchvision resampling)."""
+  proc = siglip2_processing.Siglip2ImageProcessor(patch_size=4, max_num_patches=12)
+  rng = np.random.default_rng(0)
+  pp = preprocess.parse_pp("value_range(-1,1)|naflex(12, 4)", preprocess.IMAGE)
+  for h, w in [(8, 24), (12, 16), (16, 12), (30, 7), (9, 9)]:
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    ours = preprocess.apply_pp(pp, image, rng)
+    theirs = proc(images=[Image.fromarray(image)], return_tensors="np")
+    np.testing.assert_array_equal(ours.shape, theirs["spatial_shapes"][0])
+    np.testing.assert_array_equal(ours.mask, theirs["pixel_attention_mask"][0].astype(bool))
+    if (h, w) in ((8, 24), (12, 16), (16, 12)):  # already of the chosen size: no resampling
+      np.testing.assert_allclose(ours.data, theirs["pixel_values"][0], atol=1e-6)
+    assert ours.data.dtype == np.float32 and not ours.data[~ours.mask].any()
+
+
+def test_naflex_must_be_the_last_image_op():
+  with pytest.raises(ValueError, match="'naflex' must be the last op"):
+    preprocess.parse_pp("decode|naflex(16)|value_range(-1,1)", preprocess.IMAGE)
+
+
+@pytest.mark.parametrize("grid", [4, 7])
+def test_posemb_resize_equals_transformers(grid):
+  rng = np.random.default_rng(grid)
+  posemb = rng.normal(size=(grid, grid, 6)).astype(np.float32)
+  shapes = np.array([[2, 3], [4, 4], [7, 1], [1, 9], [3, 5], [grid, grid]], np.int64)
+  length = int(shapes.prod(-1).max()) + 3
+  with torch.no_grad():
+    want = siglip2_modeling.Siglip2VisionEmbeddings.resize_positional_embeddings(
+        torch.from_numpy(posemb), torch.from_numpy(shapes), max_length=length).numpy()
+  got = np.asarray(naflex.resize_posemb(posemb, shapes, length))
+  real = np.arange(length)[None] < shapes.prod(-1)[:, None]
+  np.testing.assert_allclose(got[real], want[real], atol=1e-5)
+  # The stored grid at its own size comes back unchanged.
+  own = np.asarray(naflex.resize_posemb(posemb, np.array([[grid, grid]]), grid * grid))
+  np.testing.assert_allclose(own[0], posemb.reshape(-1, 6), atol=1e-6)
+
+
+def _siglip2_vision(patch=4, grid=4):
+  """A random HF Siglip2VisionModel (every weight drawn, so each mapping is exercised) and
+  the same weights as big_mm ViT params."""
+  from big_mm.export import common, hf  # pylint: disable=g-import-not-at-top
+  config = siglip2_modeling.Siglip2VisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      patch_size=patch, num_patches=grid * grid, hidden_act="gelu_pytorch_tanh",
+      layer_norm_eps=1e-6)
+  torch.manual_seed(0)
+  model = siglip2_modeling.Siglip2VisionModel(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0, 0.2)
+  state = {"vision_model." + k: v.numpy() for k, v in model.state_dict().items()}
+  # Siglip2's patch embedding is a Linear over (row, col, channel)-flattened patches; SigLIP's
+  # (and big_mm's kernel as the rules read it) a Conv weight [D, 3, p, p].
+  key = "vision_model.embeddings.patch_embedding.weight"
+  state[key] = state[key].reshape(32, patch, patch, 3).transpose(0, 3, 1, 2)
+  vit = dict(width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=patch, pool="map",
+             posemb_grid=grid)
+  img, txt, _ = common.resolved_arch({"towers": {"image": vit, "text": {}}, "out_dim": 0})
+  flat = {}
+  for rule in hf.siglip_rules(img, txt):
+    if all(n in state for n in rule.hf) and rule.bm[0].startswith("img/"):
+      for name, value in zip(rule.bm, rule.inv([state[n] for n in rule.hf])):
+        flat[name[len("img/"):]] = np.asarray(value, np.float32)
+  return model, common.unflatten(flat), vit
+
+
+def test_vit_on_naflex_patches_equals_siglip2_vision_model():
+  """Images of several aspect ratios, through transformers' own processor, into
+  Siglip2VisionModel and big_mm's ViT (same weights): equal pooled embeddings; and padding
+  changes nothing (the same image padded to more patches)."""
+  from big_mm.models.vit import ViT  # pylint: disable=g-import-not-at-top
+  model, params, vit = _siglip2_vision()
+  proc = siglip2_processing.Siglip2ImageProcessor(patch_size=4, max_num_patches=20)
+  rng = np.random.default_rng(1)
+  images = [Image.fromarray(rng.integers(0, 256, s + (3,), dtype=np.uint8))
+            for s in [(8, 24), (30, 9), (16, 16), (5, 40)]]
+  inputs = proc(images=images, return_tensors="pt")
+  with torch.no_grad():
+    want = model(**inputs).pooler_output.numpy()
+  got, _ = ViT(**vit).apply({"params": params}, inputs["pixel_values"].numpy(),
+                            mask=inputs["pixel_attention_mask"].numpy().astype(bool),
+                            shape=inputs["spatial_shapes"].numpy())
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+  # More padding: same outputs.
+  pad = np.zeros((4, 12, 48), np.float32)
+  longer = np.concatenate([inputs["pixel_values"].numpy(), pad], axis=1)
+  mask = np.concatenate([inputs["pixel_attention_mask"].numpy().astype(bool),
+                         np.zeros((4, 12), bool)], axis=1)
+  got_longer, _ = ViT(**vit).apply({"params": params}, longer, mask=mask,
+                                   shape=inputs["spatial_shapes"].numpy())
+  np.testing.assert_allclose(np.asarray(got_longer), np.asarray(got), atol=1e-5)
+
+
+def test_batches_and_towers_carry_mask_and_shape():
+  """The pipeline's NaFlex entries follow the modality contract (image, image_mask,
+  image_shape) and a towers model passes them to the image tower."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from big_mm import modalities  # pylint: disable=g-import-not-at-top
+  from big_mm.input import pipeline  # pylint: disable=g-import-not-at-top
+  from big_mm.models.towers import Towers  # pylint: disable=g-import-not-at-top
+  pp = preprocess.parse_pp("value_range(-1,1)|naflex(12, 4)", preprocess.IMAGE)
+  rng = np.random.default_rng(0)
+  examples = [pipeline.image_outputs(preprocess.apply_pp(
+      pp, rng.integers(0, 256, s, dtype=np.uint8), rng)) for s in [(8, 24, 3), (16, 12, 3)]]
+  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  assert batch["image"].shape == (2, 12, 48) and batch["image_mask"].sum(1).tolist() == [12, 12]
+  assert batch["image_shape"].tolist() == [[2, 6], [4, 3]]
+  inputs = {"image": modalities.model_input(batch, "image")}
+  assert set(inputs["image"]) == {"x", "mask", "shape"}
+  model = Towers(towers={"image": dict(width=16, depth=1, mlp_dim=32, num_heads=2,
+                                       patch_size=4, pool="map", posemb_grid=3)}, out_dim=8)
+  params = model.init(jax.random.key(0), inputs)
+  z, _ = model.apply(params, inputs)
+  assert z["image"].shape == (2, 8)
+  np.testing.assert_allclose(np.linalg.norm(z["image"], axis=-1), 1.0, rtol=1e-5)
+  with pytest.raises(ValueError, match="need mask="):
+    model.apply(params, {"image": batch["image"]})
