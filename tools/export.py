@@ -2,7 +2,8 @@ r"""Export a big_mm run to Hugging Face transformers, open_clip or a big_vision-
 
 Usage:
   python tools/export.py --workdir DIR --format hf|open_clip|npz --out DIR_OR_FILE [--step N]
-      [--arch siglip|clip] [--image_size N] [--config PATH.py[:ARG]] [--config.a.b=VALUE ...]
+      [--arch siglip|clip] [--image_size N] [--embed_dim K] [--config PATH.py[:ARG]]
+      [--config.a.b=VALUE ...]
 
 Example (the demo run of `python -m big_mm.train --help`):
   python tools/export.py --workdir /tmp/big_mm_demo --format hf --out /tmp/demo_hf
@@ -18,6 +19,9 @@ Flags:
   --arch        hf only: siglip or clip (default: siglip for objective.loss=sigmoid, clip for
                 softmax)
   --image_size  the processor's image size (default: the eval pp's last resize / crop)
+  --embed_dim   write the model whose embedding is the first K dims, re-normalised (a
+                Matryoshka run's prefix, objective.matryoshka_dims): the towers' head kernels
+                are truncated; a tower without a head is refused (big_mm/export/matryoshka.py)
   --config      a recipe to use instead of the stored config (the keys that differ from the
                 stored one are logged); --config.a.b=VALUE overrides either
   --debug       shows the traceback of a user error too
@@ -32,10 +36,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from big_mm import cli, export  # noqa: E402
+from big_mm.export import matryoshka  # noqa: E402
 from big_mm.input import tokenizer as tokenizer_lib  # noqa: E402
 from big_mm.cli import restore_params  # noqa: E402
 
-FLAGS = ("config", "workdir", "step", "format", "out", "arch", "image_size")
+FLAGS = ("config", "workdir", "step", "format", "out", "arch", "image_size", "embed_dim")
 
 
 def image_size_from_pp(pp: str | None) -> int | None:
@@ -67,13 +72,21 @@ def check_pp(pp: str | None) -> str | None:
   return None
 
 
-def run(config, workdir, fmt, out, *, step=None, arch=None, image_size=None) -> str:
+def run(config, workdir, fmt, out, *, step=None, arch=None, image_size=None,
+        embed_dim=None) -> str:
   if fmt not in export.FORMATS:
     raise export.ExportError(f"--format must be one of {export.FORMATS}; got {fmt!r}.")
   params, step = restore_params(workdir, step)
+  model_kwargs = config.model.to_dict()
+  if embed_dim:
+    params, model_kwargs = matryoshka.truncate_embedding(params, model_kwargs, embed_dim)
+    trained = tuple(config.objective.get("matryoshka_dims", ()))
+    if embed_dim not in trained:
+      print(f"Warning: --embed_dim={embed_dim} is not one of the dims this run trained "
+            f"(objective.matryoshka_dims={trained}); its truncated embedding may be much worse "
+            "than the full one.", file=sys.stderr)
   if fmt == "npz":
     return export.export_npz(params, out)
-  model_kwargs = config.model.to_dict()
   warning = check_pp(eval_pp(config))
   if warning:
     print(warning, file=sys.stderr)
@@ -97,7 +110,8 @@ def _run_command_line(flags, overrides) -> int:
   config = cli.config_for_workdir(flags["workdir"], flags.get("config"), overrides)
   out = run(config, flags["workdir"], flags["format"], flags["out"],
             step=cli.int_flag(flags, "step"), arch=flags.get("arch"),
-            image_size=cli.int_flag(flags, "image_size"))
+            image_size=cli.int_flag(flags, "image_size"),
+            embed_dim=cli.int_flag(flags, "embed_dim"))
   print(f"Exported {flags['workdir']} to {out} ({flags['format']}).")
   return 0
 
