@@ -197,3 +197,19 @@ def test_filip_trains_and_its_evaluators_use_the_token_wise_similarity(tmp_path,
     assert 0.0 <= final[key] <= 1.0, (key, final)
   assert "evals.zeroshot: classifying by the objective's own (FILIP token-wise)" in caplog.text
   assert "evals.retrieval: ranking by the objective's own (FILIP token-wise)" in caplog.text
+
+
+def test_recipe_configs_build_their_filip_objective():
+  """configs/filip_b16.py (abstractly: shapes only) and the demo: the objective sees the
+  paper's token counts and one token dim on both sides."""
+  from big_mm import config as config_lib, models
+  from big_mm.objectives import Context, filip
+  for spec, image_size, text_len, want in (("configs/filip_b16.py", (224, 224), 77,
+                                            ((196, 77), 256)),
+                                           ("configs/demo_filip.py:keep=0.5", (32, 32), 24,
+                                            ((32, 24), 64))):
+    config = config_lib.load(config_lib.load_file(spec))
+    model = models.get_model(config.model_name, **config.model.to_dict())
+    settings = {k: v for k, v in config.objective.items() if k != "name"}
+    obj = filip.Filip(model, Context(image_size=image_size, text_len=text_len), **settings)
+    assert (obj.tokens, obj.dim) == want, spec
