@@ -143,3 +143,39 @@ def test_batches_and_towers_carry_mask_and_shape():
   np.testing.assert_allclose(np.linalg.norm(z["image"], axis=-1), 1.0, rtol=1e-5)
   with pytest.raises(ValueError, match="need mask="):
     model.apply(params, {"image": batch["image"]})
+
+
+def test_naflex_trains_sharded_and_with_gradcache_like_one_device(data_dir):
+  """The contrastive objective on NaFlex batches (image, image_mask, image_shape): the same
+  losses on one device and on 8 with GradCache's micro-batches; evaluation embeds them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from big_mm import sharding, train  # pylint: disable=g-import-not-at-top
+  from big_mm.input import pipeline  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  changes = {"input.pp_image": "decode|value_range(-1,1)|naflex(16, 8)",
+             "model.towers.image.posemb_grid": 4, "model.towers.image.pool": "map"}
+  config = tiny_config(data_dir, **changes)
+  it = pipeline.make_train_iterator(config.input, global_batch_size=16, seed=0, sharding=None)
+  batches = [{k: v for k, v in next(it).items() if not k.startswith("_")}]
+  assert batches[0]["image"].shape == (16, 16, 192) and "image_shape" in batches[0]
+
+  def losses(config, devices):
+    setup = train.build(config, devices=devices)
+    ts = train.make_train_state(setup)
+    with train.use_mesh(setup):
+      state, step = ts.init(jax.random.key(0)), train.make_train_step(setup, ts)
+      out = []
+      for b in batches:
+        state, metrics = step(state, jax.device_put(b, sharding.batch_sharding(setup.mesh)))
+        out.append(float(metrics["loss"]))
+      z = setup.objective.embed_images(state["params"], {
+          "x": batches[0]["image"], "mask": batches[0]["image_mask"],
+          "shape": batches[0]["image_shape"]})
+    return out, z
+
+  one, z_one = losses(tiny_config(data_dir, mesh=dict(data=1, fsdp=1, tensor=1), **changes),
+                      jax.devices()[:1])
+  eight, z_eight = losses(tiny_config(data_dir, **changes, **{"objective.micro_batches": 2}),
+                          jax.devices())
+  np.testing.assert_allclose(eight, one, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(z_eight), np.asarray(z_one), atol=2e-5)

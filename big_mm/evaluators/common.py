@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from big_mm import config as config_lib
+from big_mm import modalities
 from big_mm import sharding
 from big_mm.input import pipeline
 
@@ -116,7 +117,8 @@ class Embedder:
             f"caption feature with the evaluator's text_column (e.g. 'captions/text' for "
             f"coco_captions).")
       if images:
-        parts["zimg"].append(gather(self.embed_images(params, batch["image"]))[mask])
+        image_input = modalities.model_input(batch, "image")  # with NaFlex's mask and shape
+        parts["zimg"].append(gather(self.embed_images(params, image_input))[mask])
       if texts:
         # Every-caption tokens go to the host; only real captions are embedded.
         text = gather(batch["text"]) if captions else self.embed_texts(params, batch["text"])

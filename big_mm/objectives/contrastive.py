@@ -104,9 +104,10 @@ def matryoshka_loss(loss_fn, za, zb, dims, weights):
 # image (losses.multi_positive_loss).
 
 def _has_positives_axis(x, modality: str) -> bool:
-  """x holds k inputs per example: one axis more than [B] + the modality's example shape."""
-  return x is not None and x.ndim == len(modalities_lib.get(modality).example_shape(
-      (1, 1), 1)) + 2
+  """x holds k inputs per example: one axis more than [B] + the modality's example shape (a
+  padded input, {"x", "mask", "shape"}, has one per example)."""
+  return x is not None and not isinstance(x, dict) and x.ndim == len(
+      modalities_lib.get(modality).example_shape((1, 1), 1)) + 2
 
 
 def flatten_positives(xa, xb, modalities):
@@ -182,7 +183,6 @@ class Contrastive:
           f"objective.modalities={self.modalities} but the model has no tower for {missing} "
           f"(model.towers: {sorted(towers)}); use model_name='towers' with a tower per "
           "contrasted modality.")
-    self.keys = tuple(modalities_lib.get(m).batch_key for m in self.modalities)
     self.scopes = tuple(modalities_lib.get(m).scope for m in self.modalities)
     if "text" in towers:
       base.check_vocab(ctx, dict(towers["text"] or {}).get("vocab_size"),
@@ -198,7 +198,7 @@ class Contrastive:
   def embedding_dims(self) -> dict[str, int]:
     """{modality: D}: the contrasted towers' embedding dims (shapes only, nothing computed)."""
     example = base.zeros(base.modality_example(self.ctx, self.modalities))
-    inputs = {m: example[k] for m, k in zip(self.modalities, self.keys)}
+    inputs = {m: modalities_lib.model_input(example, m) for m in self.modalities}
     (z, _), _ = jax.eval_shape(lambda: self.model.init_with_output(
         jax.random.key(0), inputs, train=False))
     return {m: z[m].shape[-1] for m in self.modalities}
@@ -219,7 +219,7 @@ class Contrastive:
   def init_params(self, rng):
     """Initial (boxed) params, from zeros shaped like `example_batch()` (every tower)."""
     example = base.zeros(self.example_batch())
-    inputs = {m: example[modalities_lib.get(m).batch_key] for m in self.model.towers}
+    inputs = {m: modalities_lib.model_input(example, m) for m in self.model.towers}
     return self.model.init({"params": rng}, inputs, train=False)["params"]
 
   def _batch_devices(self):
@@ -266,12 +266,13 @@ class Contrastive:
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
   def _split(self, x):
-    """[B, ...] -> [m, B/m, ...]; micro-batch i is rows i, i+m, ... (a local reshape per device)."""
+    """[B, ...] -> [m, B/m, ...] (each array of a pytree); micro-batch i is rows i, i+m, ...
+    (a local reshape per device)."""
     if x is None:
       return None
     m = self.micro_batches
-    x = jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1)
-    return self._constrain(x, split=True)
+    return jax.tree.map(lambda a: self._constrain(
+        jnp.swapaxes(a.reshape((a.shape[0] // m, m) + a.shape[1:]), 0, 1), split=True), x)
 
   def _merge(self, y):
     """Inverse of `_split`: [m, B/m, ...] -> [B, ...] in the original row order."""
@@ -290,10 +291,10 @@ class Contrastive:
     """Full-batch (za, zb) and aux loss terms (the mean over micro-batches), the towers
     run one micro-batch at a time (a scan)."""
     m = self.micro_batches
-    xa, xb = (batch[k] for k in self.keys)
+    xa, xb = (modalities_lib.model_input(batch, m) for m in self.modalities)
     if m == 1:
       return self._towers(params, xa, xb, rng)
-    self._check_batch_size(xa.shape[0])
+    self._check_batch_size(jax.tree.leaves(xa)[0].shape[0])
 
     def body(_, xs):
       i, xa, xb = xs
@@ -349,8 +350,9 @@ class Contrastive:
     # (c) Back-propagate each micro-batch's embedding gradients through its towers. A fully
     # frozen tower (LiT) is not re-run: it has no gradient to give.
     frozen_a, frozen_b = self._frozen_towers(params)
-    xa = None if frozen_a else self._split(batch[self.keys[0]])
-    xb = None if frozen_b else self._split(batch[self.keys[1]])
+    xa, xb = (modalities_lib.model_input(batch, m) for m in self.modalities)
+    xa = None if frozen_a else self._split(xa)
+    xb = None if frozen_b else self._split(xb)
     g_za = None if frozen_a else self._split(g_za)
     g_zb = None if frozen_b else self._split(g_zb)
 
