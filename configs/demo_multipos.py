@@ -9,8 +9,8 @@ Command (from the repo root, after `python data/build_demo.py` and
 configs/demo.py's model and optimizer, trained on data/digits_multicaption.py's table: the
 digits_captions training images with 3 different captions each. Each step takes `batch`
 images and k of each image's captions (input.captions_per_example; k = 1: one caption drawn
-per step), all k positives of their image in the loss; so every run sees the same images per
-step, and the text tower embeds batch * k captions. Evaluated like the demo: zero-shot with the
+per step, pp_text's choose_caption), all k positives of their image in the loss; so every run
+sees the same images per step, and the text tower embeds batch * k captions. Evaluated like the demo: zero-shot with the
 held-out prompts and retrieval on digits_captions' 300 held-out images.
 `text=paragraph` trains on the same 3 captions written as one long caption (16-29 tokens, over
 the 16-token text length), split back into sentences by input.split_long_captions.
@@ -35,6 +35,8 @@ def get_config(arg=None):
   c.input.image_column = "image"
   c.input.text_column = arg.text
   c.input.captions_per_example = arg.k
+  if arg.k == 1:  # one caption drawn per step (without choose_caption: always the first)
+    c.input.pp_text = f"choose_caption|tokenize({c.input.text_len})"
   c.input.split_long_captions = arg.text == "paragraph"
   c.evals.zeroshot.data = "digits_captions"
   c.evals.retrieval.data = "digits_captions"

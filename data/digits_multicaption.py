@@ -26,8 +26,6 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from data import digits_captions  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 CAPTIONS_PER_IMAGE = 3
 SEED = 1
 
@@ -39,6 +37,7 @@ def default_path() -> str:
 
 def captions(label: int, example_id: int) -> list[str]:
   """CAPTIONS_PER_IMAGE different captions of example `example_id`."""
+  from data import digits_captions  # pylint: disable=g-import-not-at-top  (tfds: a slow import)
   rng = np.random.default_rng([SEED, example_id])
   templates = rng.choice(len(digits_captions.CAPTION_TEMPLATES), CAPTIONS_PER_IMAGE,
                          replace=False)
@@ -50,6 +49,7 @@ def build(path: str | None = None) -> str:
   """Writes the table (if absent) and returns its path."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  from data import digits_captions  # pylint: disable=g-import-not-at-top
   path = path or default_path()
   if os.path.exists(path):
     return path
