@@ -13,15 +13,16 @@ patches), logits = t * s + b:
            column of t*s_T+b), the positives on the diagonal;
   sigmoid: SigLIP's loss on s = (s_I + s_T) / 2.
 
-Every strategy and implementation is one `jax.custom_vjp` around a forward and a hand-written
-backward (the same algorithm as losses.py's pallas path, with two similarities: the row
+"local" with "xla" is the reference itself (the batch's token cosines computed once, autodiff).
+Every other strategy and implementation is one `jax.custom_vjp` around a forward and a
+hand-written backward (the same algorithm as losses.py's pallas path, with two similarities: the row
 log-sum-exps use s_I, the column ones s_T). Per block the work is done by `_Ops`:
   implementation "pallas": the fused kernels (big_mm/kernels/contrastive.py) with
       TokenwiseMax tiles: no token-pair tensor beyond one tile;
   implementation "xla": plain jnp on the block: its [rows, cols, Li, Lt] token cosines are
       materialised (and recomputed in the backward).
 Strategies:
-  "local"       the whole batch is one block (no collectives);
+  "local"       the whole batch is one block (no collectives; xla: the reference);
   "all_gather"  each device gathers the other side's tokens: a b x B block per direction;
   "ring"        the text (then, in the backward, image) shards travel with ppermute, one
                 b x b block per step; the forward keeps only O(b) log-sum-exps and the
@@ -322,20 +323,22 @@ def filip_loss(ximg, xtxt, t, b, *, tokens: tuple[int, int], dim: int, loss: str
   if ximg.shape[0] != xtxt.shape[0]:
     raise ValueError(f"ximg / xtxt batch mismatch: {ximg.shape} vs {xtxt.shape}")
   t, b = _scalars(t, b)
-  ximg, xtxt = filip_kernels.same_width(ximg, xtxt)  # the kernels' one feature width
-  ops = _Ops(tokens, dim, implementation, kernel_config)
-  if implementation == "xla":
-    ximg, xtxt = ximg.astype(jnp.float32), xtxt.astype(jnp.float32)
   n_global = ximg.shape[0]
   axes = losses.batch_axes_of(mesh, batch_axes)
   n_dev = 1
   for a in axes if mesh is not None else ():
     n_dev *= mesh.shape[a]
   if strategy == "local" or mesh is None or not axes or n_dev == 1:
+    if implementation == "xla":  # one block: the token cosines once, autodiff
+      return filip_loss_reference(ximg, xtxt, t, b, tokens=tokens, dim=dim, loss=loss)
     axes, strategy = (), "local"
   elif n_global % n_dev:
     raise ValueError(f"global batch {n_global} not divisible by {n_dev} devices on {axes}")
+  ximg, xtxt = filip_kernels.same_width(ximg, xtxt)  # the kernels' one feature width
+  if implementation == "xla":
+    ximg, xtxt = ximg.astype(jnp.float32), xtxt.astype(jnp.float32)
   kind = loss
+  ops = _Ops(tokens, dim, implementation, kernel_config)
   kw = dict(kind=kind, ops=ops, axes=axes, n_global=n_global)
   if strategy == "ring":
     fwd_local = functools.partial(_ring_fwd, n_dev=n_dev, **kw)
