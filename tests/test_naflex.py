@@ -179,3 +179,68 @@ def test_naflex_trains_sharded_and_with_gradcache_like_one_device(data_dir):
                           jax.devices())
   np.testing.assert_allclose(eight, one, rtol=2e-5)
   np.testing.assert_allclose(np.asarray(z_eight), np.asarray(z_one), atol=2e-5)
+
+
+def test_export_to_siglip2_model_and_back(tmp_path):
+  """A NaFlex big_mm model exported as transformers' Siglip2Model (NaFlex): on images of
+  several aspect ratios through transformers' own processor (loaded from the export) and
+  through big_mm's naflex pp, and on texts through the exported tokenizer, equal image and
+  text embeddings and logits (1e-5); importing the export gives the params back."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from big_mm import export  # pylint: disable=g-import-not-at-top
+  from big_mm.input.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from big_mm.models.towers import Towers  # pylint: disable=g-import-not-at-top
+  from conftest import TOKENIZER  # pylint: disable=g-import-not-at-top
+  tower = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
+  kwargs = dict(towers={"image": dict(tower, patch_size=4, pool="map", posemb_grid=4),
+                        "text": dict(tower, vocab_size=128, pool="last_position")},
+                out_dim={"image": 0, "text": 32}, temperature_init=10.0, bias_init=-10.0)
+  model = Towers(**kwargs)
+  rng = np.random.default_rng(0)
+  pp = preprocess.parse_pp("value_range(-1,1)|naflex(16, 4)", preprocess.IMAGE)
+  sizes = [(8, 32), (16, 16), (32, 8), (12, 20)]  # of their NaFlex size: no resampling
+  pixels = [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in sizes]
+  ours = [preprocess.apply_pp(pp, p, rng) for p in pixels]
+  images = {"x": np.stack([o.data for o in ours]), "mask": np.stack([o.mask for o in ours]),
+            "shape": np.stack([o.shape for o in ours])}
+  texts = ["handwritten 7", "a small handwritten seven", "the number 1 written by hand",
+           "an image of the numeral zero"]
+  tokens = Tokenizer(TOKENIZER).encode(texts, 16)
+  params = jax.tree.map(
+      lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
+      jax.device_get(nn.unbox(model.init(jax.random.key(0), {"image": images,
+                                                             "text": tokens}))["params"]))
+  params = jax.tree.map(np.asarray, params)
+  z, out = model.apply({"params": params}, {"image": images, "text": tokens})
+
+  out_dir = str(tmp_path / "siglip2")
+  export.export_hf(params, kwargs, out_dir, arch="siglip2", tokenizer=TOKENIZER)
+  hf = transformers.AutoModel.from_pretrained(out_dir).eval()
+  assert type(hf).__name__ == "Siglip2Model"
+  # transformers loads any siglip2 directory's tokenizer as Gemma's Siglip2Tokenizer (its own
+  # normaliser), so the exported SentencePiece tokenizer is read by its class; the image
+  # processor is the export's Siglip2ImageProcessor (Siglip2Processor's defaults, 256 patches
+  # of 16, would override its sizes).
+  image_processor = transformers.AutoImageProcessor.from_pretrained(out_dir)
+  assert type(image_processor).__name__ == "Siglip2ImageProcessor"
+  tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(out_dir)
+  inputs = dict(image_processor(images=[Image.fromarray(p) for p in pixels],
+                                return_tensors="pt"),
+                **tokenizer(texts, padding="max_length", max_length=16, return_tensors="pt"))
+  np.testing.assert_array_equal(inputs["spatial_shapes"].numpy(), images["shape"])
+  np.testing.assert_array_equal(inputs["input_ids"].numpy(), tokens)
+  with torch.no_grad():
+    o = hf(**inputs)
+  np.testing.assert_allclose(o.image_embeds.numpy(), np.asarray(z["image"]), atol=1e-5)
+  np.testing.assert_allclose(o.text_embeds.numpy(), np.asarray(z["text"]), atol=1e-5)
+  logits = np.asarray(z["image"] @ z["text"].T) * float(out["t"]) + float(out["b"])
+  np.testing.assert_allclose(o.logits_per_image.numpy(), logits, atol=1e-4)
+
+  back, back_kwargs = export.load_params(out_dir, with_model_kwargs=True)
+  flat = export.flatten(params)
+  assert set(back) == set(flat)
+  for k in flat:
+    np.testing.assert_allclose(back[k], flat[k], atol=1e-6, err_msg=k)
+  assert back_kwargs["towers"]["image"]["posemb_grid"] == 4

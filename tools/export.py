@@ -2,7 +2,7 @@ r"""Export a big_mm run to Hugging Face transformers, open_clip or a big_vision-
 
 Usage:
   python tools/export.py --workdir DIR --format hf|open_clip|npz --out DIR_OR_FILE [--step N]
-      [--arch siglip|clip] [--image_size N] [--embed_dim K] [--config PATH.py[:ARG]]
+      [--arch siglip|siglip2|clip] [--image_size N] [--embed_dim K] [--config PATH.py[:ARG]]
       [--config.a.b=VALUE ...]
 
 Example (the demo run of `python -m big_mm.train --help`):
@@ -16,8 +16,8 @@ Flags:
                 npz: one array per '/'-joined param path
   --out         the directory (hf, open_clip) or .npz file to write
   --step        the checkpoint's step (default: the newest)
-  --arch        hf only: siglip or clip (default: siglip for objective.loss=sigmoid, clip for
-                softmax)
+  --arch        hf only: siglip, siglip2 (NaFlex: Siglip2Model) or clip (default: siglip for
+                objective.loss=sigmoid, clip for softmax)
   --image_size  the processor's image size (default: the eval pp's last resize / crop)
   --embed_dim   write the model whose embedding is the first K dims, re-normalised (a
                 Matryoshka run's prefix, objective.matryoshka_dims): the towers' head kernels

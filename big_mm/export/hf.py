@@ -1,4 +1,5 @@
-"""Hugging Face transformers export / import: SigLIP (SiglipModel) and CLIP (CLIPModel).
+"""Hugging Face transformers export / import: SigLIP (SiglipModel), SigLIP 2 NaFlex
+(Siglip2Model) and CLIP (CLIPModel).
 
   export_hf(params, model_kwargs, "out_dir", arch="siglip", tokenizer="data/digits_spm.model")
   flat, model_kwargs = import_hf("out_dir")        # big_mm '/'-paths -> np.ndarray
@@ -14,6 +15,10 @@ SigLIP (`transformers.SiglipModel`), usually big_mm `objective.loss="sigmoid"`:
          pad_mask=False -> the tokenizer returns no attention_mask (pads attended, as in big_mm);
          pad_mask=True  -> it returns one (pads masked as keys, as in big_mm).
   t -> logit_scale (both log-scale), b -> logit_bias.
+SigLIP 2 NaFlex (`transformers.Siglip2Model`): as SigLIP, the patch embedding as a Linear
+  over (row, col, channel)-flattened patches, the position grid (num_patches = side**2, big_mm's
+  posemb_grid) resized to each image's grid; its processor is `value_range(-1,1)|naflex(
+  num_patches, patch_size)` (Siglip2ImageProcessor).
 CLIP (`transformers.CLIPModel`), usually `objective.loss="softmax"`:
   image: pool="tok" and pre_norm=True (CLIP's pre_layrnorm); head without bias (head_bias=False,
          or an exactly-zero bias), or no head when widths agree (identity projection). The patch
@@ -38,7 +43,8 @@ import numpy as np
 from big_mm.export import common
 from big_mm.export.common import ExportError
 
-ARCHS = ("siglip", "clip")
+ARCHS = ("siglip", "siglip2", "clip")
+HF_CLASSES = {"siglip": "SiglipModel", "siglip2": "Siglip2Model", "clip": "CLIPModel"}
 LN_EPS = 1e-6
 ACT = "gelu_pytorch_tanh"  # flax nn.gelu defaults to the tanh approximation.
 # big_mm's MLP activations (models/layers.py ACTIVATIONS) by their HF hidden_act names.
@@ -156,6 +162,18 @@ def siglip_rules(img: Mapping, txt: Mapping, txt_head_bias: bool = True) -> list
   rules += _dense("txt/head", f"{t}.head", bias=txt_head_bias)
   rules += [_same("t", "logit_scale"), _same("b", "logit_bias")]
   return rules
+
+
+def siglip2_rules(img: Mapping, txt: Mapping, txt_head_bias: bool = True) -> list[Rule]:
+  """SigLIP's, with Siglip2's patch embedding: a Linear over patches flattened as (row, col,
+  channel), the layout of big_mm's NaFlex patches (and of its Conv kernel, reshaped)."""
+  p, width = img["patch_size"], img["width"]
+  patch = [Rule(["img/embedding/kernel"], ["vision_model.embeddings.patch_embedding.weight"],
+                lambda a: [a[0].reshape(-1, width).T],
+                lambda a: [a[0].T.reshape(p[0], p[1], 3, width)]),
+           _same("img/embedding/bias", "vision_model.embeddings.patch_embedding.bias")]
+  return patch + [r for r in siglip_rules(img, txt, txt_head_bias)
+                  if r.bm[0] not in ("img/embedding/kernel", "img/embedding/bias")]
 
 
 def clip_rules(img: Mapping, txt: Mapping) -> list[Rule]:
@@ -303,16 +321,15 @@ def prepare(params, model_kwargs: Mapping, arch: str, *, image_size: Optional[in
   common.compare_keys(flat, _expected_shapes(img_k, image_size, text_len),
                       "The parameters to export and the model built from the config (is it the "
                       "run's --config with the same overrides?)")
-  problems = (siglip_problems if arch == "siglip" else clip_problems)(img, txt, dims, flat)
+  problems = (clip_problems if arch == "clip" else siglip_problems)(img, txt, dims, flat)
   if check:
-    common.check_refusals(problems, "transformers." + ("SiglipModel" if arch == "siglip"
-                                                     else "CLIPModel"))
+    common.check_refusals(problems, "transformers." + HF_CLASSES[arch])
   flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
   if img["posemb"] == "sincos2d":
     from big_mm.models import layers
     g = image_size // p[0]
     flat["img/pos_embedding"] = np.asarray(layers.posemb_sincos_2d(g, g, img["width"]))
-  if arch == "siglip" and not dims[1]:
+  if arch != "clip" and not dims[1]:
     _identity_head(flat, "txt/head", txt["width"])
   if arch == "clip":
     for tower, opts, d in (("img", img, dims[0]), ("txt", txt, dims[1])):
@@ -334,10 +351,13 @@ def hf_config(arch, img, txt, dims, image_size, text_len, vocab_size,
                 num_channels=3)
   text = dict(tower(txt), vocab_size=vocab_size, max_position_embeddings=text_len,
               pad_token_id=0, eos_token_id=1, bos_token_id=None)
-  if arch == "siglip":
+  if arch in ("siglip", "siglip2"):
     text["projection_size"] = dims[1] or txt["width"]
     vision["vision_use_head"] = True
-    return dict(model_type="siglip", architectures=["SiglipModel"], text_config=text,
+    if arch == "siglip2":  # NaFlex: a position grid of num_patches, no fixed image size
+      vision["num_patches"] = (image_size // img["patch_size"][0]) ** 2
+      del vision["image_size"]
+    return dict(model_type=arch, architectures=[HF_CLASSES[arch]], text_config=text,
                 vision_config=vision)
   proj = dims[0] or img["width"]
   # The towers' own projection_dim (CLIPTextModelWithProjection / CLIPVisionModelWithProjection)
@@ -371,13 +391,12 @@ def export_hf(params, model_kwargs: Mapping, out_dir: str, *, arch: str = "sigli
                               what="Exporting to Hugging Face")[0].save_file
   flat, img, txt, dims, image_size, text_len = prepare(params, model_kwargs, arch,
                                                        image_size=image_size)
-  if arch == "siglip":
-    rules = siglip_rules(img, txt, txt_head_bias="txt/head/bias" in flat)
+  if arch == "clip":
+    rules = clip_rules(img, txt)
+  else:
     if "txt/head/bias" not in flat:  # head_bias=False: HF's head always has a bias.
       flat["txt/head/bias"] = np.zeros(flat["txt/head/kernel"].shape[1], np.float32)
-      rules = siglip_rules(img, txt)
-  else:
-    rules = clip_rules(img, txt)
+    rules = (siglip_rules if arch == "siglip" else siglip2_rules)(img, txt)
   state = to_hf_state_dict(flat, rules)
   vocab = flat["txt/Embed_0/embedding"].shape[0]
   cfg = hf_config(arch, img, txt, dims, image_size, text_len, vocab,
@@ -389,7 +408,9 @@ def export_hf(params, model_kwargs: Mapping, out_dir: str, *, arch: str = "sigli
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer:
       write_processor(tmp, tokenizer, image_size=image_size, text_len=text_len,
-                      pad_mask=bool(txt.get("pad_mask")))
+                      pad_mask=bool(txt.get("pad_mask")),
+                      naflex=(img["patch_size"][0], cfg["vision_config"]["num_patches"])
+                      if arch == "siglip2" else None)
   return out_dir
 
 
@@ -437,22 +458,30 @@ def write_tokenizer(out_dir, tokenizer_path, *, text_len, pad_mask) -> None:
     json.dump(config, f, indent=2)
 
 
-def write_processor(out_dir, tokenizer_path, *, image_size, text_len, pad_mask):
+def write_processor(out_dir, tokenizer_path, *, image_size, text_len, pad_mask, naflex=None):
   """The exact tokenizer (`write_tokenizer`, plus the SentencePiece model as spiece.model for
-  big_mm's own Tokenizer) + a PIL image processor matching big_mm's eval preprocessing
-  `resize(image_size)|value_range(-1,1)` (bilinear, mean=std=0.5), as a SiglipProcessor.
+  big_mm's own Tokenizer) + an image processor matching big_mm's eval preprocessing
+  `resize(image_size)|value_range(-1,1)` (bilinear, mean=std=0.5), as a SiglipProcessor; with
+  naflex=(patch_size, max_num_patches) `value_range(-1,1)|naflex(max_num_patches, patch_size)`,
+  as a Siglip2Processor.
   """
   shutil.copyfile(tokenizer_path, os.path.join(out_dir, "spiece.model"))
   write_tokenizer(out_dir, tokenizer_path, text_len=text_len, pad_mask=pad_mask)
+  processor = "Siglip2Processor" if naflex else "SiglipProcessor"
   image_proc = dict(
-      image_processor_type="SiglipImageProcessor", processor_class="SiglipProcessor",
-      do_resize=True, size={"height": image_size, "width": image_size}, resample=2,  # bilinear
+      processor_class=processor, resample=2,  # bilinear
       do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
       image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True)
+  if naflex:
+    image_proc.update(image_processor_type="Siglip2ImageProcessor", patch_size=naflex[0],
+                      max_num_patches=naflex[1])
+  else:
+    image_proc.update(image_processor_type="SiglipImageProcessor", do_resize=True,
+                      size={"height": image_size, "width": image_size})
   with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
     json.dump(image_proc, f, indent=2)
   with open(os.path.join(out_dir, "processor_config.json"), "w") as f:
-    json.dump({"processor_class": "SiglipProcessor"}, f, indent=2)
+    json.dump({"processor_class": processor}, f, indent=2)
 
 
 # ---- import ---------------------------------------------------------------------------------
@@ -465,11 +494,11 @@ def _hf_to_options(cfg: Mapping, arch: str) -> dict:
   v, t = cfg["vision_config"], cfg["text_config"]
   opts = {}
   for c, what in ((v, "vision"), (t, "text")):
-    act = c.get("hidden_act", "gelu_pytorch_tanh" if arch == "siglip" else "quick_gelu")
+    act = c.get("hidden_act", "quick_gelu" if arch == "clip" else "gelu_pytorch_tanh")
     if act not in HF_ACT:
       raise ExportError(f"HF {what} hidden_act={act!r}: big_mm's MLP activations are "
                         f"{sorted(HF_ACT)} (HF names); importing would change the function.")
-    eps = c.get("layer_norm_eps", 1e-6 if arch == "siglip" else 1e-5)
+    eps = c.get("layer_norm_eps", 1e-5 if arch == "clip" else 1e-6)
     opts[what] = dict(act=HF_ACT[act], norm_eps=float(eps))
 
   def tower(c):
@@ -479,10 +508,12 @@ def _hf_to_options(cfg: Mapping, arch: str) -> dict:
                **opts["vision"])
   text = dict(tower(t), vocab_size=t["vocab_size"], **opts["text"])
   extra = cfg.get("big_mm", {})
-  if arch == "siglip":
+  if arch in ("siglip", "siglip2"):
     if not v.get("vision_use_head", True):
       raise ExportError("HF SigLIP vision_use_head=False has no big_mm equivalent.")
     image["pool"] = "map"
+    if arch == "siglip2":
+      image["posemb_grid"] = int(round(v["num_patches"] ** 0.5))
     text.update(pool="last_position", pad_mask=bool(extra.get("text_pad_mask", False)))
     return dict(towers=dict(image=image, text=text),
                 out_dim=dict(image=0, text=t.get("projection_size", t["hidden_size"])),
@@ -518,7 +549,7 @@ def import_hf(path: str) -> tuple[dict[str, np.ndarray], dict]:
   state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
   kwargs = _hf_to_options(cfg, arch)
   img, txt, dims = common.resolved_arch(kwargs)
-  rules = siglip_rules(img, txt) if arch == "siglip" else clip_rules(img, txt)
+  rules = {"siglip": siglip_rules, "siglip2": siglip2_rules, "clip": clip_rules}[arch](img, txt)
   expected_hf = {n for r in rules for n in r.hf}
   if arch == "clip" and "logit_bias" in state:
     expected_hf.add("logit_bias")
@@ -539,7 +570,8 @@ def import_hf(path: str) -> tuple[dict[str, np.ndarray], dict]:
   if arch == "clip":
     flat["b"] = np.zeros((1,), np.float32)
   t_cfg, v_cfg = cfg["text_config"], cfg["vision_config"]
-  image_size = v_cfg["image_size"]
+  image_size = (v_cfg["image_size"] if arch != "siglip2" else
+                int(round(v_cfg["num_patches"] ** 0.5)) * v_cfg["patch_size"])
   common.compare_keys(flat, _expected_shapes(kwargs, image_size,
                                              t_cfg["max_position_embeddings"]),
                       f"The weights of {path!r} converted to big_mm and the big_mm model of its "
