@@ -9,8 +9,8 @@ text_transformer.load) undo it:
   - the checkpoint wrapper: keys `params/...` (train checkpoints with optimizer state) or
     `opt/target/...` (old flax optimizers); released files without one are taken as they are;
   - bfloat16 arrays, which numpy stores as 2-byte void: read back as float32;
-  - pre-linen module numbering (`MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`
-    -> `_0`, `_1`, `_0`: flax's convert_pre_linen);
+  - pre-linen module numbering in the towers (`MultiHeadDotProductAttention_1`, `LayerNorm_2`,
+    `MlpBlock_3` -> `_0`, `_1`, `_0`: flax's convert_pre_linen);
   - ViT: the position embedding under `Transformer/posembed_input` or `Transformer`, a combined
     class-token + patch position table (the class token's entry is added to `cls`), and an
     inlined MAP head; text: a second position embedding under `Encoder_0` (added to the first).
@@ -119,7 +119,7 @@ def load(path: str) -> dict[str, np.ndarray]:
     if any(k.startswith(wrapper) for k in flat):
       flat = {k[len(wrapper):]: v for k, v in flat.items() if k.startswith(wrapper)}
       break
-  tree = convert_pre_linen(common.unflatten(flat))
+  tree = common.unflatten(flat)
   if _is_vit(tree):
     tree = {"img": tree}
     if "head" in tree["img"]:
@@ -128,10 +128,11 @@ def load(path: str) -> dict[str, np.ndarray]:
                np.shape(head.get("kernel", np.zeros((0, 0))))[-1])
   elif _is_text(tree):
     tree = {"txt": tree}
+  # Only the towers are renamed / fixed, as big_vision's vit.load and text_transformer.load do.
   if _is_vit(tree.get("img")):
-    tree["img"] = fix_vit(tree["img"])
+    tree["img"] = fix_vit(convert_pre_linen(tree["img"]))
   if _is_text(tree.get("txt")):
-    tree["txt"] = fix_text(tree["txt"])
+    tree["txt"] = fix_text(convert_pre_linen(tree["txt"]))
   flat = common.flatten(tree)
   if key is not None:
     sub = {k: v for k, v in flat.items() if k == key or k.startswith(key + "/")}
