@@ -244,3 +244,40 @@ def test_export_to_siglip2_model_and_back(tmp_path):
   for k in flat:
     np.testing.assert_allclose(back[k], flat[k], atol=1e-6, err_msg=k)
   assert back_kwargs["towers"]["image"]["posemb_grid"] == 4
+
+
+def test_one_evaluator_run_at_several_sequence_lengths(data_dir, monkeypatch):
+  """evals.*.naflex_lengths: the same checkpoint evaluated at each length in one run, the
+  metrics named by length; refused without a naflex pp."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from big_mm import config as config_lib, evaluators, train  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  changes = {"input.pp_image": "decode|value_range(-1,1)|naflex(16, 8)",
+             "model.towers.image.posemb_grid": 4, "mesh": dict(data=1, fsdp=1, tensor=1),
+             "evals": {"zeroshot": dict(common.digits_zeroshot_eval(every_steps=0),
+                                        split="test[:32]", pp_image=None, batch_size=32,
+                                        naflex_lengths=(4, 16))}}
+  config = tiny_config(data_dir, **changes)
+  setup = train.build(config, devices=jax.devices()[:1])
+  params = train.make_train_state(setup).init(jax.random.key(0))["params"]
+  context = evaluators.EvalContext(config, setup.mesh, setup.objective, setup.tokenizer)
+  from big_mm.input import pipeline  # pylint: disable=g-import-not-at-top
+  seen, make = [], pipeline.make_eval_batches
+
+  def recording(input_cfg, *args, **kwargs):
+    for batch in make(input_cfg, *args, **kwargs):
+      seen.append((input_cfg.pp_image, batch["image"].shape[1]))
+      yield batch
+
+  monkeypatch.setattr(pipeline, "make_eval_batches", recording)
+  with train.use_mesh(setup):
+    results = evaluators.build("zeroshot", config.evals.zeroshot, context)(params)
+  assert {"eval/zeroshot/accuracy@n4", "eval/zeroshot/accuracy@n16"} <= set(results)
+  assert all(0 <= v <= 1 for k, v in results.items() if "accuracy" in k)
+  assert sorted(set(seen)) == [("decode|value_range(-1,1)|naflex(16, 8)", 16),
+                               ("decode|value_range(-1,1)|naflex(4, 8)", 4)]
+  plain = tiny_config(data_dir, mesh=dict(data=1, fsdp=1, tensor=1), evals={"zeroshot": dict(
+      common.digits_zeroshot_eval(every_steps=0), naflex_lengths=(4,))})
+  with pytest.raises(config_lib.ConfigError, match=r"naflex_lengths=\(4,\) needs an image pp"):
+    evaluators.build("zeroshot", plain.evals.zeroshot, context)

@@ -18,10 +18,12 @@ from big_mm.input import pipeline
 # The keys of every evaluator type (each type's DEFAULTS add its own). An evaluator runs every
 # every_steps|epochs|examples and at the end; none given: only at the end; every_steps=0: never.
 # data / pp_image / image_column / text_column override input's for the eval split
-# (eval_input_config); e.g. text_column="captions/text" for coco_captions.
+# (eval_input_config); e.g. text_column="captions/text" for coco_captions. naflex_lengths
+# (N1, N2, ...): with a pp_image ending in naflex(N, p), evaluate at each sequence length Ni
+# instead (one run, metrics suffixed "@n{Ni}"), e.g. (64, 144, 256) as SigLIP 2 reports.
 DEFAULTS = dict(type=None, split="test", batch_size=256, every_steps=None, every_epochs=None,
                 every_examples=None, pp_image=None, data=None, image_column=None,
-                text_column=None)
+                text_column=None, naflex_lengths=())
 
 
 def eval_input_config(config, ev):
@@ -193,6 +195,7 @@ class Evaluator:
   def __init__(self, name: str, ev, context: EvalContext):
     self.name, self.ev, self.context = name, ev, context
     self.input_cfg = eval_input_config(context.config, ev)
+    self.naflex_inputs = naflex_variants(name, self.input_cfg, ev.get("naflex_lengths") or ())
 
   @staticmethod
   def validate(name: str, ev: dict) -> None:
@@ -203,7 +206,38 @@ class Evaluator:
     raise NotImplementedError
 
   def __call__(self, params) -> dict[str, float]:
-    return {f"eval/{self.name}/{k}": v for k, v in self.evaluate(params).items()}
+    if not self.naflex_inputs:
+      return {f"eval/{self.name}/{k}": v for k, v in self.evaluate(params).items()}
+    out, input_cfg = {}, self.input_cfg
+    try:
+      for length, self.input_cfg in self.naflex_inputs.items():
+        out.update({f"eval/{self.name}/{k}@n{length}": v
+                    for k, v in self.evaluate(params).items()})
+    finally:
+      self.input_cfg = input_cfg
+    return out
+
+
+def naflex_variants(name: str, input_cfg, lengths) -> dict[int, Any]:
+  """{N: input_cfg with its pp_image's naflex op at sequence length N} (evals.{name}.
+  naflex_lengths); ConfigError when the pp does not end with naflex or a length is bad."""
+  if not lengths:
+    return {}
+  ops = input_cfg.pp_image.split("|")
+  if not ops[-1].strip().startswith("naflex"):
+    raise config_lib.ConfigError(
+        f"evals.{name}.naflex_lengths={tuple(lengths)} needs an image pp ending in "
+        f"naflex(N, patch_size); its pp_image is {input_cfg.pp_image!r}.")
+  from big_mm.input import preprocess  # pylint: disable=g-import-not-at-top
+  patch_size = preprocess.parse_pp(ops[-1], preprocess.IMAGE)[0].args[1]
+  variants = {}
+  for length in lengths:
+    int_at_least(f"evals.{name}.naflex_lengths entry", length, 1)
+    cfg = input_cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.pp_image = "|".join(ops[:-1] + [f"naflex({length}, {patch_size})"])
+    variants[length] = cfg
+  return variants
 
 
 def int_at_least(key: str, value, smallest: int) -> None:
