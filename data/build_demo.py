@@ -1,5 +1,5 @@
-"""Builds the demo data: the `digits_captions`, `digits_pairs` and `multimodal_scenes` TFDS
-datasets and the digits tokenizers.
+"""Builds the demo data: the `digits_captions`, `digits_pairs`, `digits_pairs_wide` and
+`multimodal_scenes` TFDS datasets and the digits tokenizers.
 
   python data/build_demo.py [--data_dir DIR] [--tokenizer_out data/digits_spm.model]
 
@@ -11,6 +11,7 @@ data/digits_pairs_spm.model are committed).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -35,9 +36,11 @@ def main(argv=None):
                  help="also (re)train the tokenizer into --tokenizer_out")
   p.add_argument("--tokenizer_out", default=DEFAULT_TOKENIZER)
   args = p.parse_args(argv)
-  for name, module in (("digits_captions", digits_captions), ("digits_pairs", digits_pairs),
-                       ("multimodal_scenes", scenes)):
-    builder = module.build(args.data_dir)
+  builds = (("digits_captions", digits_captions.build), ("digits_pairs", digits_pairs.build),
+            ("digits_pairs_wide", functools.partial(digits_pairs.build, wide=True)),
+            ("multimodal_scenes", scenes.build))
+  for name, build in builds:
+    builder = build(args.data_dir)
     print(f"{name}: {builder.data_dir}")
     for split, info in builder.info.splits.items():
       print(f"  {split}: {info.num_examples} examples")

@@ -13,7 +13,9 @@ HELD_OUT_TEMPLATES appear in no caption: they are the zero-shot prompts (`class_
 as in digits_captions. Captions use numerals and digit words. The tokenizer
 data/digits_pairs_spm.model (`train_tokenizer`) is trained on the train captions and the
 prompts, so the prompts' words have pieces; the model never sees them paired with an image.
-Build it with `python data/build_demo.py [--data_dir DIR]` (TF-free, deterministic).
+`digits_pairs_wide` holds the same pairs on a wide 32x64 canvas (each digit 32x32, as in
+digits_captions), for native-aspect inputs (NaFlex) against squashing to a square.
+Build both with `python data/build_demo.py [--data_dir DIR]` (TF-free, deterministic).
 """
 from __future__ import annotations
 
@@ -66,10 +68,11 @@ def caption(left: int, right: int, pair_id: int, seed: int = SEED) -> str:
   return template.format(a=a, b=b)
 
 
-def to_png(left_digit: np.ndarray, right_digit: np.ndarray) -> bytes:
-  """Two 8x8 arrays of 0..16 -> a 32x32 RGB PNG, the digits side by side."""
-  half = IMAGE_SIZE // 2
-  canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+def to_png(left_digit: np.ndarray, right_digit: np.ndarray, wide: bool = False) -> bytes:
+  """Two 8x8 arrays of 0..16 -> a 32x32 RGB PNG, the digits side by side (16x16 each); wide:
+  a 32x64 one (32x32 each)."""
+  half = IMAGE_SIZE if wide else IMAGE_SIZE // 2
+  canvas = np.zeros((IMAGE_SIZE, 2 * half if wide else IMAGE_SIZE), np.uint8)
   top = (IMAGE_SIZE - half) // 2
   for k, digit in enumerate((left_digit, right_digit)):
     grey = np.clip(np.round(np.asarray(digit, np.float64) * (255.0 / 16.0)), 0, 255)
@@ -78,7 +81,7 @@ def to_png(left_digit: np.ndarray, right_digit: np.ndarray) -> bytes:
   return digits_captions.png_bytes(Image.fromarray(canvas, mode="L").convert("RGB"))
 
 
-def generate(split: str, seed: int = SEED):
+def generate(split: str, seed: int = SEED, wide: bool = False):
   """Yields (key, example) for `split`: PAIRS_PER_SPLIT[split] pairs whose ordered classes
   are balanced (each of the 100 equally often, up to one), digits drawn from the split's
   digits_captions images."""
@@ -92,7 +95,7 @@ def generate(split: str, seed: int = SEED):
     left, right = int(label) // 10, int(label) % 10
     i, j = int(rng.choice(by_digit[left])), int(rng.choice(by_digit[right]))
     yield pair_id, {
-        "image": to_png(images[i], images[j]),
+        "image": to_png(images[i], images[j], wide),
         "text": caption(left, right, pair_id, seed),
         "label": int(label), "left": left, "right": right, "id": pair_id,
     }
@@ -103,6 +106,7 @@ class DigitsPairs(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
+  WIDE = False
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -115,7 +119,8 @@ class DigitsPairs(tfds.core.GeneratorBasedBuilder):
         description=__doc__,
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(
-                shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
+                shape=(IMAGE_SIZE, IMAGE_SIZE * (2 if self.WIDE else 1), 3),
+                encoding_format="png"),
             "text": tfds.features.Text(),
             "label": tfds.features.ClassLabel(
                 names=[f"{a}_{b}" for a, b in map(class_name, range(100))]),
@@ -133,7 +138,12 @@ class DigitsPairs(tfds.core.GeneratorBasedBuilder):
             "test": self._generate_examples("test")}
 
   def _generate_examples(self, split):
-    yield from generate(split)
+    yield from generate(split, wide=self.WIDE)
+
+
+class DigitsPairsWide(DigitsPairs):
+  """digits_pairs on a 32x64 canvas (each digit 32x32)."""
+  WIDE = True
 
 
 def train_tokenizer(out: str, data_dir: str | None = None) -> str:
@@ -145,9 +155,11 @@ def train_tokenizer(out: str, data_dir: str | None = None) -> str:
   return make_tokenizer.train(list(captions) + prompts, out, **make_tokenizer.DEMO_SETTINGS)
 
 
-def build(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """Builds (if needed) and returns the builder; `data_dir=None` = TFDS's default."""
-  builder = DigitsPairs(data_dir=data_dir, file_format="array_record")
+def build(data_dir: str | None = None, wide: bool = False) -> tfds.core.DatasetBuilder:
+  """Builds (if needed) and returns the builder (the wide one with `wide`); `data_dir=None` =
+  TFDS's default."""
+  builder = (DigitsPairsWide if wide else DigitsPairs)(data_dir=data_dir,
+                                                      file_format="array_record")
   with digits_captions.deterministic_serialization():
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))

@@ -57,3 +57,13 @@ def test_classes_balanced_and_generation_deterministic(small_splits):
     mp.setitem(digits_pairs.PAIRS_PER_SPLIT, "test", 200)
     again = list(digits_pairs.generate("test"))
   assert again == small_splits["test"]
+
+
+def test_wide_canvas_holds_the_same_pairs_at_full_digit_size(small_splits):
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(digits_pairs.PAIRS_PER_SPLIT, "test", 200)
+    wide = list(digits_pairs.generate("test", wide=True))
+  for (_, square), (_, ex) in zip(small_splits["test"][:10], wide[:10]):
+    assert {k: v for k, v in ex.items() if k != "image"} == {
+        k: v for k, v in square.items() if k != "image"}
+    assert Image.open(io.BytesIO(ex["image"])).size == (64, 32)  # (width, height)

@@ -71,6 +71,7 @@ SKIP_REASONS = {
 BUILD_COMMANDS = {
     "digits_captions": "python data/build_demo.py --data_dir {data_dir}",
     "digits_pairs": "python data/build_demo.py --data_dir {data_dir}",
+    "digits_pairs_wide": "python data/build_demo.py --data_dir {data_dir}",
     "multimodal_scenes": "python data/build_demo.py --data_dir {data_dir}",
     # ImageNet cannot be downloaded by TFDS: the tars come from image-net.org (log-in).
     "imagenet2012": ("put ILSVRC2012_img_val.tar (and ILSVRC2012_img_train.tar) from "
