@@ -529,7 +529,9 @@ def _hf_to_options(cfg: Mapping, arch: str) -> dict:
 
 def import_hf(path: str) -> tuple[dict[str, np.ndarray], dict]:
   """HF SiglipModel / CLIPModel directory (config.json + model.safetensors, or
-  pytorch_model.bin read with torch weights_only=True) -> (flat big_mm params, Towers kwargs)."""
+  pytorch_model.bin read with torch weights_only=True) -> (flat big_mm params, Towers kwargs).
+  A CLIPModel has no logit bias, so its params hold no `b` (config.init keeps the model's own;
+  to apply the model directly, add b = zeros(1))."""
   cfg_path, st_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
   bin_path = os.path.join(path, "pytorch_model.bin")
   if not os.path.isfile(cfg_path) or not (os.path.isfile(st_path) or os.path.isfile(bin_path)):
@@ -567,13 +569,13 @@ def import_hf(path: str) -> tuple[dict[str, np.ndarray], dict]:
                         f"{[tuple(state[n].shape) for n in r.hf]}.") from None
     for name, value in zip(r.bm, values):
       flat[name] = np.asarray(value, np.float32)
-  if arch == "clip":
-    flat["b"] = np.zeros((1,), np.float32)
   t_cfg, v_cfg = cfg["text_config"], cfg["vision_config"]
   image_size = (v_cfg["image_size"] if arch != "siglip2" else
                 int(round(v_cfg["num_patches"] ** 0.5)) * v_cfg["patch_size"])
-  common.compare_keys(flat, _expected_shapes(kwargs, image_size,
-                                             t_cfg["max_position_embeddings"]),
+  want = _expected_shapes(kwargs, image_size, t_cfg["max_position_embeddings"])
+  if arch == "clip":
+    want.pop("b")  # CLIP has no logit bias: `b` is not imported (config.init keeps the model's)
+  common.compare_keys(flat, want,
                       f"The weights of {path!r} converted to big_mm and the big_mm model of its "
                       "config.json")
   return flat, kwargs
