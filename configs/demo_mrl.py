@@ -15,9 +15,10 @@ table in README.md / docs/benchmarks.md (the same 600 steps each):
   python -m big_mm.evaluate --workdir /tmp/mrl_plain \
       --config.objective.matryoshka_dims="(8, 16, 32, 64)"
 
-Hardware: any CPU (measured on 2 cores). Expected result: the MRL model's 8-d prefix (D/8) is
-close to the model trained at 8 dims alone and far better than the plain model's embedding
-truncated to 8 dims (the measured numbers are in README.md).
+Hardware: any CPU (measured on 2 cores: 7–13 min per run while shared with other jobs).
+Expected result: the MRL model's 8-d prefix (D/8) close to the model trained at 8 dims alone
+and well above the plain model's embedding truncated to 8 dims; measured (README.md table):
+held-out zero-shot 86.3% vs 79.0% vs 71.0%.
 
 Arguments (`configs/demo_mrl.py:mrl=false,dim=8`): mrl (train the nested prefixes D/8, D/4,
 D/2, D; false: the plain loss), dim (the embedding dim D), loss (sigmoid|softmax), steps, batch.
