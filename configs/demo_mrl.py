@@ -24,37 +24,17 @@ Arguments (`configs/demo_mrl.py:mrl=false,dim=8`): mrl (train the nested prefixe
 D/2, D; false: the plain loss), dim (the embedding dim D), loss (sigmoid|softmax), steps, batch.
 """
 from big_mm import config as config_lib
-from configs import common
+from configs import common, demo
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, mrl=True, dim=64, loss="sigmoid", steps=600, batch=128)
-  c = config_lib.ConfigDict()
-  c.seed = 0
-  c.batch_size = arg.batch
-  c.total_steps = arg.steps
-  c.log_every_steps = 50
-
-  c.input = common.digits_train_input()
-
-  c.model_name = "towers"
-  c.model = dict(
-      towers=dict(
-          image=dict(width=64, depth=2, mlp_dim=256, num_heads=4, patch_size=(4, 4),
-                     posemb="learn", pool="map"),
-          text=dict(width=64, depth=2, mlp_dim=256, num_heads=4, vocab_size=128,
-                    pool="last_position"),
-      ),
-      out_dim=arg.dim,
-      temperature_init=10.0,
-      bias_init=-10.0 if arg.loss == "sigmoid" else None,
-  )
+  c = demo.get_config(f"loss={arg.loss},steps={arg.steps},batch={arg.batch}")
+  # A head of `dim` on both towers (the demo has no image head): prefixes of both embeddings.
+  with c.model.ignore_type():
+    c.model.out_dim = arg.dim
   dims = tuple(arg.dim // k for k in (8, 4, 2, 1)) if arg.mrl else ()
-  c.objective = dict(name="contrastive", loss=arg.loss, strategy="all_gather",
-                     matryoshka_dims=dims)
-
-  c.optim = dict(name="adamw", lr=3e-3, b1=0.9, b2=0.95, wd=1e-4, clip_norm=1.0,
-                 schedule=dict(name="cosine", warmup_steps=min(50, arg.steps // 10)))
+  c.objective.matryoshka_dims = dims
 
   # At the end of the run only (no every_steps).
   c.evals = dict(
