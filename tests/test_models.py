@@ -539,3 +539,36 @@ def test_aux_loss_add_and_gradient():
   own = jnp.float32(2.5)
   loss, metrics = aux_loss.add(own, {"own": own}, {})
   assert loss is own and metrics == {"own": own}
+
+
+def test_patch_dropout_trains_on_a_random_subset_and_never_at_eval():
+  """FLIP patch dropout: in training, round((1 - p) * N) tokens per example (drawn per example
+  and per rng); at evaluation every token; NaFlex padding is dropped before real patches, so
+  dropping only padding changes nothing."""
+  base = dict(TINY, patch_size=4, pool="map")
+  img = _images(b=3)  # 16x16 / 4: 16 patches
+  model = ViT(**dict(base, patch_dropout=0.5))
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), img))["params"]
+  ev, _ = model.apply({"params": params}, img)
+  ref, _ = ViT(**base).apply({"params": params}, img)
+  np.testing.assert_array_equal(ev, ref)
+  rngs = lambda k: {"dropout": jax.random.PRNGKey(k)}
+  tr1, out = model.apply({"params": params}, img, train=True, rngs=rngs(1))
+  tr2, _ = model.apply({"params": params}, img, train=True, rngs=rngs(2))
+  assert out["encoded"].shape == (3, 8, 32)
+  assert not np.allclose(tr1, tr2, atol=1e-5) and not np.allclose(tr1, ev, atol=1e-5)
+  grad = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, img, train=True,
+                                                rngs=rngs(1))[0] ** 2))(params)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grad))
+  # NaFlex: 8 real patches padded to 16; dropping half drops exactly the padding.
+  patches = jnp.concatenate([img.reshape(3, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5)
+                             .reshape(3, 16, 48)[:, :8], jnp.zeros((3, 8, 48))], axis=1)
+  mask = jnp.arange(16)[None].repeat(3, 0) < 8
+  shape = jnp.array([[2, 4]] * 3)
+  model = ViT(**dict(base, patch_dropout=0.5, posemb_grid=4))
+  kept, out = model.apply({"params": params}, patches, mask=mask, shape=shape, train=True,
+                          rngs=rngs(3))
+  full, _ = ViT(**dict(base, posemb_grid=4)).apply({"params": params}, patches, mask=mask,
+                                                   shape=shape, train=True, rngs=rngs(3))
+  assert out["encoded"].shape == (3, 8, 32)
+  np.testing.assert_allclose(kept, full, atol=1e-5)

@@ -39,10 +39,18 @@ def image_size_from_pp(pp: str) -> int:
   return int(sizes[-1])
 
 
+def tower_configs(model_cfg) -> dict:
+  """{modality: that tower's kwargs}: a towers model's model.towers, else (captioner, CoCa)
+  model.image / model.text where present."""
+  if "towers" in model_cfg:
+    return dict(model_cfg.towers)
+  return {m: model_cfg[m] for m in ("image", "text") if m in model_cfg}
+
+
 def synthetic_batch(config, image_size: int, mesh) -> dict[str, jax.Array]:
   rng = np.random.default_rng(0)
   b, L = config.batch_size, config.input.text_len
-  vocab = (config.model.get("text") or {}).get("vocab_size", 32_000)
+  vocab = (tower_configs(config.model).get("text") or {}).get("vocab_size", 32_000)
   text = rng.integers(3, vocab, size=(b, L), dtype=np.int32)
   text[:, -3:] = 0  # padding at the end, as real captions have
   batch = {"image": rng.uniform(-1, 1, size=(b, image_size, image_size, 3)).astype(np.float32),
@@ -54,10 +62,9 @@ def model_flops(config, abstract_batch: dict[str, jax.ShapeDtypeStruct]) -> floa
   """FLOPs of one global train step of the config's model, unrolled and without remat."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    for tower in ("image", "text"):
-      if tower in config.model:
-        config.model[tower]["scan"] = False
-        config.model[tower]["remat_policy"] = "none"
+    for tower in tower_configs(config.model).values():
+      tower["scan"] = False
+      tower["remat_policy"] = "none"
   setup = train.build(config)
   ts = train.make_train_state(setup)
   with train.use_mesh(setup):

@@ -19,6 +19,7 @@ import difflib
 from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from big_mm.models import layers, naflex
@@ -114,6 +115,7 @@ class ViT(nn.Module):
   act: str = "gelu_tanh"             # MLP activation: "gelu_tanh" | "gelu" (erf) | "quick_gelu"
   norm_eps: float = 1e-6             # LayerNorm epsilon (open_clip / OpenAI CLIP: 1e-5)
   dropout: float = 0.0
+  patch_dropout: float = 0.0         # FLIP: fraction of patches dropped per example in training
   scan: bool = False
   remat_policy: str = "none"
   attn_implementation: str = "xla"
@@ -137,6 +139,20 @@ class ViT(nn.Module):
     if pool not in POOL_TYPES:
       raise ValueError(f"Unknown pool {pool!r}; valid: {POOL_TYPES}.")
     return {"pool": pool}
+
+  def _drop_patches(self, x, mask):
+    """FLIP's patch dropout: keep round((1 - patch_dropout) * N) tokens of each example, drawn
+    at random with the "dropout" rng (NaFlex padding is dropped first), in their order."""
+    if not 0 <= self.patch_dropout < 1:
+      raise ValueError(f"patch_dropout={self.patch_dropout} must be in [0, 1).")
+    n, length = x.shape[:2]
+    keep = max(1, int(round(length * (1.0 - self.patch_dropout))))
+    scores = jax.random.uniform(self.make_rng("dropout"), (n, length))
+    if mask is not None:
+      scores = jnp.where(mask, scores, -1.0)
+    kept = jnp.sort(jax.lax.top_k(scores, keep)[1], axis=-1)
+    x = jnp.take_along_axis(x, kept[..., None], axis=1)
+    return x, None if mask is None else jnp.take_along_axis(mask, kept, axis=1)
 
   def _naflex_stem(self, embedding, patches, mask, shape, a, out):
     """NaFlex patches [B, N, p*p*3] -> (tokens [B, N, D] with resized position embeddings,
@@ -182,6 +198,9 @@ class ViT(nn.Module):
       x = jnp.reshape(x, [n, h * w, c])
       x = out["with_posemb"] = x + layers.get_posemb(self, self.posemb, (h, w), c,
                                                      "pos_embedding", x.dtype)
+    if train and self.patch_dropout:
+      x, mask = self._drop_patches(x, mask)
+      h = w = None  # the kept tokens no longer form the grid
     if pool == "tok":
       cls = self.param("cls", layers.logical(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, c), jnp.float32)
