@@ -153,3 +153,18 @@ def test_captions_per_example_config_errors(data_dir):
                              "objective": {"name": "captioning"}, "model_name": "captioner"})
   assert tiny_config(data_dir, **{"input.captions_per_example": 3,
                                   "input.split_long_captions": True}).input.captions_per_example == 3
+
+
+def test_digits_multicaption_table(tmp_path):
+  """configs/demo_multipos.py's data: every digits training image with 3 different captions
+  of its digit, none a held-out (zero-shot prompt) template."""
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  from data import digits_captions, digits_multicaption  # pylint: disable=g-import-not-at-top
+  table = pq.read_table(digits_multicaption.build(str(tmp_path / "t.parquet"))).to_pydict()
+  assert len(table["image"]) == 1497
+  held_out = {t.format(w=w) for t in digits_captions.HELD_OUT_TEMPLATES
+              for w in digits_captions.WORDS}
+  for caps, paragraph, label in zip(table["captions"], table["paragraph"], table["label"]):
+    assert len(set(caps)) == 3 and not set(caps) & held_out
+    assert all(digits_captions.WORDS[label] in c or str(label) in c for c in caps)
+    assert paragraph == " ".join(f"{c}." for c in caps)
