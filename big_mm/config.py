@@ -223,7 +223,9 @@ def apply_override(config: ConfigDict, dotted: str, value: Any) -> None:
                           f"{suggest(part, node.keys())} Valid keys here: {sorted(node.keys())}")
     if last:
       old = node[part]
-      if isinstance(old, ConfigDict):
+      # In a FREE_FORM section a value may replace a dict (e.g. model.out_dim: one int for
+      # every tower instead of {modality: int}); its consumer checks it.
+      if isinstance(old, ConfigDict) and not in_free_form:
         raise ConfigError(f"--config.{dotted} names a section; set one of its keys: "
                           f"{sorted(old.keys())}")
       if isinstance(old, bool) and isinstance(value, str):

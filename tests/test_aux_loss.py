@@ -57,7 +57,7 @@ def _case(kind):
   img = dict(TINY, patch_size=(4, 4))
   if kind in ("contrastive", "gradcache"):
     setup = _setup("demo.py", **{"model.towers.image": dict(img, pool="map"),
-                                 "model.out_dim": 16,
+                                 "model.out_dim": dict(image=16, text=16),
                                  "model.towers.text": dict(TINY, vocab_size=128),
                                  "objective.micro_batches": 2 if kind == "gradcache" else 1})
   elif kind == "captioning":

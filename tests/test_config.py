@@ -133,7 +133,8 @@ def test_objective_section_is_the_named_objectives_settings():
   objective (here by override) gives that one's keys and defaults."""
   assert _demo().objective.to_dict() == dict(
       name="contrastive", loss="sigmoid", strategy="all_gather", implementation="xla",
-      micro_batches=1, modalities=("image", "text"))
+      micro_batches=1, modalities=("image", "text"), matryoshka_dims=(),
+      matryoshka_weights=())
   coca = _demo(**{"objective.name": "coca", "objective.caption_weight": 1})
   assert coca.objective.to_dict() == dict(
       name="coca", loss="sigmoid", strategy="all_gather", implementation="xla",

@@ -54,11 +54,12 @@ DENSE = (DEPTH, SEMSEG)
 
 # How each image op of preprocess.OPS treats dense maps.
 DECODE, GEOMETRIC, RANDAUGMENT, PHOTOMETRIC = "decode", "geometric", "randaugment", "photometric"
+PATCHES = "patches"  # naflex: the image becomes a patch sequence; dense maps cannot follow
 OP_KINDS = {
     "decode": DECODE, "resize": GEOMETRIC, "resize_small": GEOMETRIC,
     "central_crop": GEOMETRIC, "random_crop": GEOMETRIC, "inception_crop": GEOMETRIC,
     "flip_lr": GEOMETRIC, "randaugment": RANDAUGMENT, "value_range": PHOTOMETRIC,
-    "normalize": PHOTOMETRIC,
+    "normalize": PHOTOMETRIC, "naflex": PATCHES,
 }
 _MM_PER_M = 1000.0
 _INT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit PNGs open as one of these.
@@ -220,6 +221,9 @@ def check_pp(ops: list[preprocess.Op]) -> None:
       raise ValueError(f"pp op {op.name!r}: big_mm/input/dense.py does not know whether it "
                        f"moves pixels, so dense maps (depth, semseg) cannot follow it; add it "
                        f"to dense.OP_KINDS (and apply_to_map).")
+    if OP_KINDS[op.name] == PATCHES:
+      raise ValueError(f"pp op {op.name!r} turns the image into a patch sequence, which dense "
+                       "maps (depth, semseg) cannot follow; end pp_image with a fixed size.")
     if op.name == "decode" and op.args[1] is not None:
       raise ValueError("pp op decode(shrink_to=...) decodes JPEGs at a reduced size that "
                        "dense maps (depth, semseg) cannot follow; drop shrink_to.")

@@ -70,7 +70,7 @@ def test_resume_on_fewer_devices(data_dir, tmp_path, monkeypatch, straight):
 
 
 def test_incompatible_checkpoint_names_the_params(data_dir, tmp_path, straight):
-  wider = tiny_config(data_dir, **{"model.out_dim": (24, 24)})
+  wider = tiny_config(data_dir, **{"model.out_dim": dict(image=24, text=24)})
   with pytest.raises(ValueError, match=r"(?s)shape mismatch params/(img|txt)/head/kernel.*\(32, 16\).*"
                                        r"--config.init.workdir="):
     train.train(wider, straight)
