@@ -79,9 +79,9 @@ def build(config, *, num_train_examples: int | None = None, devices=None) -> Set
   except (TypeError, ValueError) as e:  # a bad model_name or model.* kwarg
     raise config_lib.ConfigError(f"model_name={config.model_name!r} / model: {e}") from e
   tokenizer = Tokenizer(config.input.tokenizer) if config.input.tokenizer else None
-  objective = make_objective(config, model, mesh, tokenizer)
   total_steps = config_lib.resolve_steps(config, "total", batch_size=config.batch_size,
                                          num_examples=num_train_examples)
+  objective = make_objective(config, model, mesh, tokenizer, total_steps)
   optim_cfg = config.optim.copy_and_resolve_references()
   with optim_cfg.unlocked():
     optim_cfg.schedule.warmup_steps = config_lib.resolve_steps(
@@ -97,7 +97,8 @@ def build(config, *, num_train_examples: int | None = None, devices=None) -> Set
                optim_cfg)
 
 
-def make_objective(config, model, mesh, tokenizer: Tokenizer | None):
+def make_objective(config, model, mesh, tokenizer: Tokenizer | None,
+                   total_steps: int | None = None):
   """config.objective's class, given its settings and what it reads of the run (the context)."""
   modalities = config.input.modalities
   ctx = objectives.Context(
@@ -106,7 +107,7 @@ def make_objective(config, model, mesh, tokenizer: Tokenizer | None):
       image_patches=objectives.base.naflex_patches(config.input.pp_image), tokenizer=tokenizer,
       modalities=None if modalities is None else tuple(modalities),
       prefix_column=config.input.prefix_column, prefix_len=config.input.prefix_len,
-      frozen=functools.partial(optim.frozen_mask, config.optim))
+      frozen=functools.partial(optim.frozen_mask, config.optim), total_steps=total_steps)
   settings = config.objective.to_dict()
   return objectives.get_objective(settings.pop("name"))(model, ctx, **settings)
 
@@ -189,16 +190,21 @@ def make_train_step(setup: Setup, ts: TrainState):
   `jax.value_and_grad` of `objective.loss_fn`. With extra state (see `make_train_state`) both
   also get `extra=state["extra"]` (no gradient flows into it), and after the update
   `objective.update_extra_state(extra, params, step) -> extra` (if it has one) gets the new
-  params and the step's number (1 for the first)."""
+  params and the step's number (1 for the first). An objective with `TAKES_STEP = True` also
+  gets `step=state["step"]` (the steps done before this one: 0 for the first), for losses
+  switched on or off part-way through training."""
   objective = setup.objective
   grad_fn = getattr(objective, "value_and_grad", None) or jax.value_and_grad(
       objective.loss_fn, has_aux=True)
   has_extra = ts.init_extra is not None
   update_extra = getattr(objective, "update_extra_state", None)
+  takes_step = getattr(objective, "TAKES_STEP", False)
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     extra_kwargs = {"extra": state["extra"]} if has_extra else {}
+    if takes_step:
+      extra_kwargs["step"] = state["step"]
     (loss, aux), grads = grad_fn(state["params"], batch, rng, **extra_kwargs)
     updates, opt = ts.tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)

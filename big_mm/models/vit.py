@@ -11,7 +11,9 @@ Param tree (pool="map", num_classes set):
 
 `ViT(...)(image, train=False) -> (x, out)` where x is the head output (or the pooled
 features without a head; the tokens for pool="none") and out holds "stem",
-"with_posemb", "encoded", "head_input", "pre_logits", "pre_logits_2d", "logits".
+"with_posemb", "encoded", "head_input", "pre_logits", "pre_logits_2d", "logits", and with a
+patch mask (NaFlex) "token_mask" [B, N] (True: a real token of "encoded"; "tok" pooling's
+cls token included).
 """
 from __future__ import annotations
 
@@ -220,6 +222,8 @@ class ViT(nn.Module):
                                 name="Transformer")(x, keys, deterministic=not train)
     out["encoder"] = enc_out
     encoded = out["encoded"] = x
+    if mask is not None:
+      out["token_mask"] = mask  # which of "encoded" are real (NaFlex padding, dropped patches)
 
     if pool == "map":
       x = out["head_input"] = layers.MAPHead(

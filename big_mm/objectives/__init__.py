@@ -14,9 +14,10 @@ from big_mm.objectives.contrastive import Contrastive
 from big_mm.objectives.filip import Filip
 from big_mm.objectives.generative import CoCa, Captioning
 from big_mm.objectives.masked import MultiMAE
+from big_mm.objectives.siglip2 import Siglip2
 
 OBJECTIVES = {"contrastive": Contrastive, "captioning": Captioning, "coca": CoCa,
-              "multimae": MultiMAE, "filip": Filip}
+              "multimae": MultiMAE, "filip": Filip, "siglip2": Siglip2}
 
 
 def get_objective(name: str):

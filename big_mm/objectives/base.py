@@ -16,7 +16,9 @@ and optionally state beside params and optimizer state (an EMA or frozen teacher
 sharded, checkpointed and resumed with them (train.make_train_state):
   init_extra_state(params) -> pytree                     state["extra"] at init
   update_extra_state(extra, params, step) -> extra       after each step's update [optional]
-with which loss_fn / value_and_grad also get `extra=` (the state before the step).
+with which loss_fn / value_and_grad also get `extra=` (the state before the step). With
+`TAKES_STEP = True` they also get `step=` (int32 scalar: the steps done before this one), e.g.
+for a loss switched on for the last part of training (`Context.total_steps`).
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class Context:
   prefix_column: str | None = None        # input.prefix_column: batch["prefix"] when set
   prefix_len: int = 0                     # batch["prefix"] is int32 [B, prefix_len]
   frozen: Callable[[Any], Any] | None = None
+  total_steps: int | None = None          # the run's training steps (None: not training)
 
 
 def fill(cls, given: Mapping[str, Any]) -> dict:
