@@ -281,3 +281,24 @@ def test_one_evaluator_run_at_several_sequence_lengths(data_dir, monkeypatch):
       common.digits_zeroshot_eval(every_steps=0), naflex_lengths=(4,))})
   with pytest.raises(config_lib.ConfigError, match=r"naflex_lengths=\(4,\) needs an image pp"):
     evaluators.build("zeroshot", plain.evals.zeroshot, context)
+
+
+def test_sampled_lengths_vary_the_grid_and_keep_the_padded_shape():
+  """naflex(N, p, lengths=...): each example is resized for a budget drawn from `lengths`
+  and padded to N, so batch shapes stay static; every budget is drawn."""
+  pp = preprocess.parse_pp("value_range(-1,1)|naflex(32, 4, lengths=(8, 16, 32))",
+                           preprocess.IMAGE)
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (24, 48, 3), dtype=np.uint8)
+  seen = set()
+  for _ in range(60):
+    out = preprocess.apply_pp(pp, image, rng)
+    assert out.data.shape == (32, 48) and out.mask.shape == (32,)
+    patches = int(out.shape.prod())
+    assert out.mask.sum() == patches
+    budget = min(b for b in (8, 16, 32) if patches <= b)
+    assert tuple(out.shape) == tuple(s // 4 for s in preprocess.naflex_size(24, 48, 4, budget))
+    seen.add(budget)
+  assert seen == {8, 16, 32}
+  with pytest.raises(ValueError, match="more than max_num_patches"):
+    preprocess.parse_pp("naflex(16, 4, lengths=(8, 32))", preprocess.IMAGE)

@@ -248,10 +248,11 @@ class Patches:
   shape: np.ndarray
 
 
-def _naflex(image, rng, ctx, max_num_patches, patch_size):
-  del rng, ctx
+def _naflex(image, rng, ctx, max_num_patches, patch_size, lengths):
+  del ctx
   _require_array(image, "naflex")
-  h, w = naflex_size(image.shape[0], image.shape[1], patch_size, max_num_patches)
+  budget = int(lengths[rng.integers(len(lengths))]) if lengths else max_num_patches
+  h, w = naflex_size(image.shape[0], image.shape[1], patch_size, budget)
   image = _resize_to(image, h, w).astype(np.float32)
   gh, gw, p = h // patch_size, w // patch_size, patch_size
   patches = image.reshape(gh, p, gw, p, 3).transpose(0, 2, 1, 3, 4).reshape(gh * gw, p * p * 3)
@@ -260,13 +261,26 @@ def _naflex(image, rng, ctx, max_num_patches, patch_size):
   return Patches(data, np.arange(max_num_patches) < gh * gw, np.array([gh, gw], np.int32))
 
 
-def op_naflex(max_num_patches, patch_size=16):
+def op_naflex(max_num_patches, patch_size=16, lengths=()):
   """NaFlex (SigLIP 2): resize keeping the aspect ratio to the largest size of at most
   `max_num_patches` patches (`naflex_size`), patchify and pad to `max_num_patches`; the
-  batch gets image [N, p*p*3], image_mask [N] and image_shape [2]. The last image op."""
+  batch gets image [N, p*p*3], image_mask [N] and image_shape [2]. The last image op.
+
+  lengths=(n1, n2, ...): training over several sequence lengths, as SigLIP 2's NaFlex
+  variant (which samples one per mini-batch from 128..1024 patches): each example draws its
+  patch budget from `lengths` (each <= max_num_patches) and is padded to max_num_patches, so
+  batch shapes stay static and nothing recompiles (a short example costs as much compute as a
+  long one; per-batch lengths would save it at one compilation per length)."""
   _check_int("max_num_patches", max_num_patches)
   _check_int("patch_size", patch_size)
-  return functools.partial(_naflex, max_num_patches=max_num_patches, patch_size=patch_size)
+  lengths = tuple(lengths) if isinstance(lengths, (tuple, list)) else (lengths,)
+  for n in lengths:
+    _check_int("lengths entry", n)
+    if n > max_num_patches:
+      raise ValueError(f"lengths entry {n} is more than max_num_patches={max_num_patches} "
+                       "(every budget is padded to max_num_patches)")
+  return functools.partial(_naflex, max_num_patches=max_num_patches, patch_size=patch_size,
+                           lengths=lengths)
 
 
 def _resize_small(image, rng, ctx, size):

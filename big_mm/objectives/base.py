@@ -144,7 +144,7 @@ def naflex_patches(pp_image: str) -> tuple[int, int] | None:
   """(max_num_patches, patch_size) when `pp_image` ends with the naflex op, else None."""
   from big_mm.input import preprocess  # pylint: disable=g-import-not-at-top
   last = preprocess.parse_pp(pp_image, preprocess.IMAGE)[-1]
-  return tuple(last.args) if last.name == "naflex" else None
+  return tuple(last.args[:2]) if last.name == "naflex" else None
 
 
 def image_shape(ctx: Context) -> tuple[int, int, int]:
