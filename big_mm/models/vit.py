@@ -4,6 +4,7 @@ Param tree (pool="map", num_classes set):
   embedding/{kernel [p, p, 3, D], bias [D]}     conv patch embedding
   pos_embedding [1, N, D]                       (posemb="learn")
   cls [1, 1, D]                                 (pool="tok")
+  mask_token [1, 1, D]                          (only in a call with patch_mask: TIPS)
   norm_pre/{scale, bias}                        (pre_norm=True: CLIP's LayerNorm before the encoder)
   Transformer/encoderblock_{i}/... , Transformer/encoder_norm
   MAPHead_0/...                                 (pool="map")
@@ -176,10 +177,17 @@ class ViT(nn.Module):
     return x, jnp.asarray(mask, bool)
 
   @nn.compact
-  def __call__(self, image, *, train: bool = False, mask=None, shape=None):
+  def __call__(self, image, *, train: bool = False, mask=None, shape=None, patch_mask=None,
+               posemb_shape=None):
     """image [B, H, W, 3]; or NaFlex patches [B, N, p*p*3] with mask [B, N] (True: real) and
     shape [B, 2] (each image's patch grid), big_mm/models/naflex.py: the position embeddings
-    are resized to each grid and padding is masked in attention and MAP pooling."""
+    are resized to each grid and padding is masked in attention and MAP pooling.
+
+    Masked image modeling (iBOT / TIPS, objectives/self_distill.py), images only:
+    patch_mask bool [B, N] replaces those patch embeddings by the param `mask_token` [1, 1, D]
+    (created only by a call that passes patch_mask) before the position embeddings are added.
+    posemb_shape (rows, cols): the patch grid the learned position embeddings were made for;
+    an image with another grid (a small local crop) gets them bilinearly resized to its own."""
     pool = self.pooling()["pool"]
     a = self.arch()
     dtype = layers.to_dtype(self.dtype)
@@ -191,6 +199,9 @@ class ViT(nn.Module):
         kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
         bias_init=layers.logical(nn.initializers.zeros, ("embed",)))
     if image.ndim == 3:
+      if patch_mask is not None or posemb_shape is not None:
+        raise ValueError("patch_mask / posemb_shape are for images [B, H, W, 3], not NaFlex "
+                         "patches.")
       x, mask = self._naflex_stem(embedding, image, mask, shape, a, out)
       n, c = x.shape[0], x.shape[-1]
       h = w = None
@@ -198,8 +209,17 @@ class ViT(nn.Module):
       x = out["stem"] = embedding(image)
       n, h, w, c = x.shape
       x = jnp.reshape(x, [n, h * w, c])
-      x = out["with_posemb"] = x + layers.get_posemb(self, self.posemb, (h, w), c,
-                                                     "pos_embedding", x.dtype)
+      if patch_mask is not None:
+        token = self.param("mask_token", layers.logical(nn.initializers.zeros,
+                                                        (None, None, "embed")),
+                           (1, 1, c), jnp.float32)
+        x = jnp.where(patch_mask[..., None], token.astype(x.dtype), x)
+      grid = tuple(posemb_shape) if posemb_shape and self.posemb == "learn" else (h, w)
+      posemb = layers.get_posemb(self, self.posemb, grid, c, "pos_embedding", x.dtype)
+      if grid != (h, w):
+        posemb = jax.image.resize(posemb.reshape(1, *grid, c), (1, h, w, c), "bilinear")
+        posemb = posemb.reshape(1, h * w, c)
+      x = out["with_posemb"] = x + posemb
     if train and self.patch_dropout:
       x, mask = self._drop_patches(x, mask)
       h = w = None  # the kept tokens no longer form the grid
