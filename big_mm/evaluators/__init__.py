@@ -8,7 +8,8 @@ the params at every evaluation.
 from __future__ import annotations
 
 from big_mm import config as config_lib
-from big_mm.evaluators import captioning, cross_modal, fewshot, retrieval, scoring, zeroshot
+from big_mm.evaluators import (captioning, cross_modal, dense_probe, fewshot, referring,
+                               retrieval, scoring, zeroshot)
 from big_mm.evaluators.common import Embedder, EvalContext, Evaluator
 
 __all__ = ["EVALUATORS", "Embedder", "EvalContext", "Evaluator", "build", "check",
@@ -21,6 +22,8 @@ EVALUATORS: dict[str, type[Evaluator]] = {
     "scoring": scoring.Scoring,
     "cross_modal": cross_modal.CrossModal,
     "fewshot": fewshot.FewShot,
+    "referring": referring.Referring,
+    "dense_probe": dense_probe.DenseProbe,
 }
 
 

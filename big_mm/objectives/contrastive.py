@@ -381,5 +381,13 @@ class Contrastive:
   def embed_images(self, params, images):
     return self.embed(params, "image", images)
 
+  def patch_features(self, params, images):
+    """The image tower's un-pooled output tokens ("encoded", without a class token) as a
+    [B, h, w, D] patch grid, for frozen-feature dense probes (evaluators/dense_probe.py)."""
+    _, out = self.model.apply({"params": params}, {"image": images}, train=False)
+    scope = modalities_lib.get("image").scope
+    encoded, (b, h, w, _) = out[f"{scope}/encoded"], out[f"{scope}/stem"].shape
+    return encoded[:, encoded.shape[1] - h * w:].reshape(b, h, w, -1)
+
   def embed_texts(self, params, texts):
     return self.embed(params, "text", texts)
