@@ -203,7 +203,7 @@ def _sample_jit(objective, params, images, prefix, rng, temperature, top_k, top_
   objective = objective.obj
   enc = _encode(objective, params, images, prefix)
   cache = objective.init_cache(params, enc, max_len)
-  batch = images.shape[0]
+  batch = jax.tree.leaves(images)[0].shape[0]  # images may be NaFlex's {"x", "mask", "shape"}
 
   def pick(logits, pos):
     logits = _without_pad(logits.astype(jnp.float32))
@@ -255,7 +255,7 @@ def _gather_beams(x, beam_idx):
 def _beam_jit(objective, params, images, prefix, length_penalty, *, max_len, beam_size, eos_id):
   objective = objective.obj
   k = beam_size
-  batch = images.shape[0]
+  batch = jax.tree.leaves(images)[0].shape[0]
   # Example-major rows: row b * k + j is beam j of example b.
   enc = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0),
                      _encode(objective, params, images, prefix))

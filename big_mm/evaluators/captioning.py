@@ -16,6 +16,7 @@ import numpy as np
 
 from big_mm import config as config_lib
 from big_mm import decoding
+from big_mm import modalities
 from big_mm.evaluators import caption_metrics, common
 
 
@@ -64,14 +65,15 @@ class Captioning(common.Evaluator):
     for index, (batch, mask) in enumerate(batches):
       # The text prefix of a prefix-LM captioner, passed only when the data has one.
       prefix = {"prefix": batch["prefix"]} if "prefix" in batch else {}
-      sum_logp, count = self.log_likelihood(params, batch["image"], batch["text"], **prefix)
+      images = modalities.model_input(batch, "image")  # NaFlex's mask and shape included
+      sum_logp, count = self.log_likelihood(params, images, batch["text"], **prefix)
       nll -= float(np.sum(common.gather(sum_logp)[mask], dtype=np.float64))
       num_tokens += int(np.sum(common.gather(count)[mask]))
       num_examples += int(mask.sum())
       if len(hyps) < wanted:
         if ev.decode_method == "sample":
           options["rng"] = jax.random.fold_in(rng, index)
-        tokens = decoding.decode(objective, params, batch["image"], method=ev.decode_method,
+        tokens = decoding.decode(objective, params, images, method=ev.decode_method,
                                  max_len=max_len, **prefix, **options)
         hyps += decoding.to_text(tokenizer, common.gather(tokens)[mask])
         refs += [[r] for r in tokenizer.decode(common.gather(batch["text"])[mask])]

@@ -112,7 +112,7 @@ class DecoderBlock(nn.Module):
   cross_attention: bool = True
 
   @nn.compact
-  def __call__(self, x, enc, attn_kw, deterministic=True):
+  def __call__(self, x, enc, attn_kw, deterministic=True, enc_mask=None):
     cfg = self.block
     x = layers.constrain(x)
     y = layers._layernorm(cfg.dtype)(x)
@@ -123,7 +123,8 @@ class DecoderBlock(nn.Module):
       y = layers._layernorm(cfg.dtype)(x)
       y = layers.MultiHeadDotProductAttention(
           num_heads=cfg.num_heads, implementation=cfg.attn_implementation, dtype=cfg.dtype,
-          name="CrossAttention")(y, enc)
+          name="CrossAttention")(y, enc, mask=None if enc_mask is None else
+                                 enc_mask[:, None, None, :])
       x = x + nn.Dropout(rate=cfg.dropout)(layers.constrain(y), deterministic)
     y = layers._layernorm(cfg.dtype)(x)
     y = cfg.build_mlp()(y, deterministic)
@@ -164,9 +165,11 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, enc=None, *, prefix=None, prefix_tokens=None, parallel=None,
-               decode=False, position=None, cache_len=None, cached_prefix=0, train=False):
+               decode=False, position=None, cache_len=None, cached_prefix=0, train=False,
+               enc_mask=None):
     """inputs: int tokens [B, T] (embed_input) or embeddings [B, T, D]; None for a
-    prefix-only prefill. enc: [B, N, De] image tokens (cross_attention). prefix: [B, N, D]
+    prefix-only prefill. enc: [B, N, De] image tokens (cross_attention); enc_mask: bool
+    [B, N], False = an image token no query attends to (NaFlex padding). prefix: [B, N, D]
     (prefix-LM). prefix_tokens: int [B, P'] text prefix (module docstring). parallel: bool
     [B] (full passes). decode: see the module docstring; cached_prefix: the prefix length
     already in the cache (prefix-LM token steps)."""
@@ -206,7 +209,7 @@ class Decoder(nn.Module):
                                attn_implementation=self.attn_implementation, dtype=self.dtype)
     for i in range(a["depth"]):
       x = DecoderBlock(block=block, cross_attention=self.cross_attention,
-                       name=f"decoderblock_{i}")(x, enc, attn_kw, not train)
+                       name=f"decoderblock_{i}")(x, enc, attn_kw, not train, enc_mask)
     x = layers._layernorm(self.dtype, name="decoder_norm")(x)
     return self._outputs(x, n_prefix, decode, dtype)
 

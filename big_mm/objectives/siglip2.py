@@ -39,8 +39,12 @@ class Part:
     example_batch() -> {key: ShapeDtypeStruct}  its batch keys, for init (may be empty)
     init_params(rng, towers_params) -> {scope: boxed params}   its own param subtrees
     init_extra(params) -> pytree | None       its extra train state (None: none)
-    update_extra(extra, params, step) -> extra  after each update (default: unchanged)
+    update_extra(extra, params, step[, stats]) -> extra  after each update (default:
+                                              unchanged); stats: what its loss put under
+                                              metrics[base.EXTRA_STATS] (when it did)
     loss(params, batch, rng, fwd, *, extra, step) -> (weighted loss, metrics)
+    predict_fns() -> {name: value}            attributes it installs on the objective (e.g.
+                                              LocCa's decoding API; default: none)
   where fwd is the student's training forward pass: {"z": {modality: [B, D]}, "out": the
   towers' out dict ("img/encoded" [B, N, D] tokens, "img/token_mask" with a patch mask, "t",
   "b", ...), "inputs": {modality: model input}, "model": the towers module that ran (patch
@@ -79,9 +83,15 @@ class Part:
   def loss(self, params, batch, rng, fwd, *, extra, step):
     raise NotImplementedError
 
+  def predict_fns(self) -> dict:
+    return {}
+
+
+from big_mm.objectives import locca  # pylint: disable=g-import-not-at-top,wrong-import-position
+from big_mm.objectives import self_distill  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The parts, in the order their losses are added.
-PARTS: tuple[type[Part], ...] = ()
+PARTS: tuple[type[Part], ...] = (locca.LocCa, self_distill.SelfDistillation)
 
 
 def _parts_settings() -> dict:
@@ -120,6 +130,12 @@ class Siglip2(Contrastive):
     super().__init__(model, ctx, **settings)
     self.settings = settings
     self.parts = [p for p in (cls(self, settings) for cls in PARTS) if p.enabled]
+    for part in self.parts:
+      for name, value in part.predict_fns().items():
+        if hasattr(self, name):
+          raise ValueError(f"SigLIP 2 part {part.NAME!r} installs {name!r}, which the objective "
+                           "has already.")
+        setattr(self, name, value)
     self.unmasked_model, self.unmasked_from = self._unmasked_tuning(
         settings["unmasked_tuning_fraction"])
     if self._parts_with_extra():
@@ -175,9 +191,14 @@ class Siglip2(Contrastive):
         out[part.NAME] = extra
     return out
 
-  def _update_extra(self, extra, params, step):
-    return {name: next(p for p in self.parts if p.NAME == name).update_extra(e, params, step)
-            for name, e in extra.items()}
+  def _update_extra(self, extra, params, step, stats=None):
+    out = {}
+    for name, e in extra.items():
+      part = next(p for p in self.parts if p.NAME == name)
+      part_stats = (stats or {}).get(name)
+      out[name] = (part.update_extra(e, params, step) if part_stats is None else
+                   part.update_extra(e, params, step, part_stats))
+    return out
 
   # ----------------------------------------------------------------------- loss
 
@@ -199,6 +220,10 @@ class Siglip2(Contrastive):
       part_loss, part_metrics = part.loss(params, batch, part_rng, fwd, extra=part_extra,
                                           step=step)
       loss = loss + part_loss
+      if base.EXTRA_STATS in part_metrics:  # each part's own, for its update_extra
+        part_metrics = dict(part_metrics)
+        stats = part_metrics.pop(base.EXTRA_STATS)
+        metrics.setdefault(base.EXTRA_STATS, {})[part.NAME] = stats
       metrics.update(part_metrics)
     return aux_loss.add(loss, metrics, aux)
 
