@@ -107,6 +107,7 @@ def make_objective(config, model, mesh, tokenizer: Tokenizer | None,
       image_patches=objectives.base.naflex_patches(config.input.pp_image), tokenizer=tokenizer,
       modalities=None if modalities is None else tuple(modalities),
       prefix_column=config.input.prefix_column, prefix_len=config.input.prefix_len,
+      box_text_len=config.input.get("box_text_len") or 0,
       frozen=functools.partial(optim.frozen_mask, config.optim), total_steps=total_steps)
   settings = config.objective.to_dict()
   return objectives.get_objective(settings.pop("name"))(model, ctx, **settings)
@@ -190,7 +191,9 @@ def make_train_step(setup: Setup, ts: TrainState):
   `jax.value_and_grad` of `objective.loss_fn`. With extra state (see `make_train_state`) both
   also get `extra=state["extra"]` (no gradient flows into it), and after the update
   `objective.update_extra_state(extra, params, step) -> extra` (if it has one) gets the new
-  params and the step's number (1 for the first). An objective with `TAKES_STEP = True` also
+  params and the step's number (1 for the first), and the loss's
+  metrics[objectives.base.EXTRA_STATS] (taken out of the logged metrics) where it has them.
+  An objective with `TAKES_STEP = True` also
   gets `step=state["step"]` (the steps done before this one: 0 for the first), for losses
   switched on or off part-way through training."""
   objective = setup.objective
@@ -206,6 +209,8 @@ def make_train_step(setup: Setup, ts: TrainState):
     if takes_step:
       extra_kwargs["step"] = state["step"]
     (loss, aux), grads = grad_fn(state["params"], batch, rng, **extra_kwargs)
+    aux = dict(aux)
+    stats = aux.pop(objectives.base.EXTRA_STATS, None)  # for update_extra, not logged
     updates, opt = ts.tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
@@ -225,8 +230,9 @@ def make_train_step(setup: Setup, ts: TrainState):
     new_state = {**state, "params": params, "opt": keep(opt, state["opt"]),
                  "step": state["step"] + 1, "nonfinite": nonfinite}
     if has_extra and update_extra:
-      new_state["extra"] = keep(update_extra(state["extra"], params, new_state["step"]),
-                                state["extra"])
+      stats_arg = () if stats is None else (stats,)
+      new_state["extra"] = keep(update_extra(state["extra"], params, new_state["step"],
+                                             *stats_arg), state["extra"])
     return new_state, metrics
 
   batch_sharding = sharding.batch_sharding(setup.mesh)

@@ -16,7 +16,10 @@ and optionally state beside params and optimizer state (an EMA or frozen teacher
 sharded, checkpointed and resumed with them (train.make_train_state):
   init_extra_state(params) -> pytree                     state["extra"] at init
   update_extra_state(extra, params, step) -> extra       after each step's update [optional]
-with which loss_fn / value_and_grad also get `extra=` (the state before the step). With
+with which loss_fn / value_and_grad also get `extra=` (the state before the step); their
+metrics may hold `EXTRA_STATS`: statistics of the step's forward pass (e.g. a DINO teacher's
+mean output, for its centering) that the trainer takes out of the metrics (not logged) and
+hands on as update_extra_state(extra, params, step, stats). With
 `TAKES_STEP = True` they also get `step=` (int32 scalar: the steps done before this one), e.g.
 for a loss switched on for the last part of training (`Context.total_steps`).
 """
@@ -35,6 +38,8 @@ from big_mm import config as config_lib
 from big_mm import modalities as modalities_lib
 
 ConfigError = config_lib.ConfigError
+# The metrics key of the forward pass's statistics for update_extra_state (see above).
+EXTRA_STATS = "extra_stats"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +59,7 @@ class Context:
   modalities: tuple[str, ...] | None = None  # input.modalities (None: image and text)
   prefix_column: str | None = None        # input.prefix_column: batch["prefix"] when set
   prefix_len: int = 0                     # batch["prefix"] is int32 [B, prefix_len]
+  box_text_len: int = 0                   # batch["box_text"] is int32 [B, K, box_text_len]
   frozen: Callable[[Any], Any] | None = None
   total_steps: int | None = None          # the run's training steps (None: not training)
 
