@@ -1,12 +1,12 @@
-"""Builds the demo data: the `digits_captions`, `digits_pairs`, `digits_pairs_wide` and
-`multimodal_scenes` TFDS datasets and the digits tokenizers.
+"""Builds the demo data: the `digits_captions`, `digits_pairs`, `digits_pairs_wide`,
+`digits_boxes` and `multimodal_scenes` TFDS datasets and the digits tokenizers.
 
   python data/build_demo.py [--data_dir DIR] [--tokenizer_out data/digits_spm.model]
 
 `--data_dir` defaults to TFDS's default (`$TFDS_DATA_DIR` or ~/tensorflow_datasets).
 No TensorFlow needed. Deterministic: building twice gives identical records.
-The tokenizers are only trained with `--tokenizer` or when missing (data/digits_spm.model and
-data/digits_pairs_spm.model are committed).
+The tokenizers are only trained with `--tokenizer` or when missing (data/digits_spm.model,
+data/digits_pairs_spm.model and data/digits_boxes_spm.model are committed).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
+from data import digits_boxes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import digits_captions  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import digits_pairs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import scenes  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -26,6 +27,7 @@ from tools import make_tokenizer  # pylint: disable=g-import-not-at-top,wrong-im
 
 DEFAULT_TOKENIZER = os.path.join(_ROOT, "data", "digits_spm.model")
 PAIRS_TOKENIZER = os.path.join(_ROOT, "data", "digits_pairs_spm.model")
+BOXES_TOKENIZER = os.path.join(_ROOT, "data", "digits_boxes_spm.model")
 
 
 def main(argv=None):
@@ -38,7 +40,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   builds = (("digits_captions", digits_captions.build), ("digits_pairs", digits_pairs.build),
             ("digits_pairs_wide", functools.partial(digits_pairs.build, wide=True)),
-            ("multimodal_scenes", scenes.build))
+            ("digits_boxes", digits_boxes.build), ("multimodal_scenes", scenes.build))
   for name, build in builds:
     builder = build(args.data_dir)
     print(f"{name}: {builder.data_dir}")
@@ -51,6 +53,8 @@ def main(argv=None):
     print(f"tokenizer: {path}")
   if args.tokenizer or not os.path.exists(PAIRS_TOKENIZER):
     print(f"tokenizer: {digits_pairs.train_tokenizer(PAIRS_TOKENIZER, args.data_dir)}")
+  if args.tokenizer or not os.path.exists(BOXES_TOKENIZER):
+    print(f"tokenizer: {digits_boxes.train_tokenizer(BOXES_TOKENIZER)}")
   return 0
 
 

@@ -61,6 +61,15 @@ def scenes_dir(tmp_path_factory):
   return d
 
 
+@pytest.fixture(scope="session")
+def boxes_dir(tmp_path_factory):
+  """The digits_boxes demo dataset (boxes, referring expressions), built once per session."""
+  from data import digits_boxes
+  d = str(tmp_path_factory.mktemp("tfds_boxes"))
+  digits_boxes.build(d)
+  return d
+
+
 def tiny_config(data_dir, **changes):
   """The demo recipe shrunk: width 32, depth 1, batch 16, no evaluators."""
   from big_mm import config as config_lib
