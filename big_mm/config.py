@@ -86,6 +86,10 @@ def defaults() -> ConfigDict:
   # semseg_column (None: "depth" / "semseg") and get pp_image's geometric ops (same draws).
   # prefix_column (prefix-LM captioners): a text field tokenized to prefix_len tokens as
   # batch["prefix"]; None: no prefix.
+  # box_column (LocCa): a field of [n, 4] normalised (ymin, xmin, ymax, xmax) boxes, with one
+  # referring expression per box in box_text_column -> batch["boxes"] f32 [max_boxes, 4] in the
+  # coordinates of the preprocessed image and batch["box_text"] i32 [max_boxes, box_text_len]
+  # (absent boxes: zero rows); None: no boxes (big_mm/input/boxes.py).
   # max_bad_fraction: bad records are skipped, but a source (a mixture part) with more than
   # this fraction bad among its last 1000 reads stops training, naming it (in [0, 1); 0: stop
   # at the first bad record); drop_failing_parts: drop such a mixture part instead (logged as
@@ -99,7 +103,8 @@ def defaults() -> ConfigDict:
       text_column=None, tokenizer=None, text_len=16,
       pp_image="decode|resize(224)|value_range(-1,1)", pp_text=None, num_workers=0,
       num_threads=2, prefetch=2, shuffle=True, modalities=None, depth_column=None,
-      semseg_column=None, prefix_column=None, prefix_len=0, max_bad_fraction=0.5,
+      semseg_column=None, prefix_column=None, prefix_len=0, box_column=None,
+      box_text_column=None, max_boxes=0, box_text_len=0, max_bad_fraction=0.5,
       drop_failing_parts=False, captions_per_example=1, split_long_captions=False,
   ))
   # {name: {type: ..., ...}} (FREE_FORM): each type's keys, defaults and checks are its
@@ -272,6 +277,7 @@ def validate(config: ConfigDict) -> None:
   _validate_pp(config.input)
   _validate_modalities(config.input)
   _validate_captions_per_example(config)
+  _validate_boxes(config)
   if not 0 <= config.input.max_bad_fraction < 1:
     raise ConfigError(f"input.max_bad_fraction must be in [0, 1) (0: stop at the first bad "
                       f"record), got {config.input.max_bad_fraction!r}.")
@@ -324,6 +330,43 @@ def _validate_captions_per_example(config: ConfigDict) -> None:
     raise ConfigError(f"input.captions_per_example={k} needs objective.implementation='xla': "
                       f"the fused {config.objective.implementation!r} kernels take one "
                       f"positive per image.")
+
+
+def _validate_boxes(config: ConfigDict) -> None:
+  """input.box_column (LocCa boxes) needs box_text_column, max_boxes, box_text_len >= 1, a
+  tokenizer, no input.modalities, a pp_image without randaugment, and an objective that reads
+  batch["boxes"]."""
+  cfg = config.input
+  for key in ("box_column", "box_text_column"):
+    value = cfg.get(key)
+    if value is not None and not (isinstance(value, str) and value):
+      raise ConfigError(f"input.{key} must be a field name (a non-empty string) or None, got "
+                        f"{value!r}.")
+  if cfg.box_column is None:
+    return
+  if cfg.box_text_column is None:
+    raise ConfigError(f"input.box_column={cfg.box_column!r} needs input.box_text_column: the "
+                      "field of each box's referring expression.")
+  for key in ("max_boxes", "box_text_len"):
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f"input.{key} must be a positive integer with input.box_column set, "
+                        f"got {value!r}.")
+  if not cfg.tokenizer or cfg.modalities is not None:
+    raise ConfigError(f"input.box_column needs input.tokenizer (box texts are tokenized) and no "
+                      f"input.modalities (got {cfg.modalities!r}).")
+  from big_mm.input import boxes, preprocess  # pylint: disable=g-import-not-at-top
+  try:
+    boxes.check_pp([o.name for o in preprocess.parse_pp(cfg.pp_image)])
+  except ValueError as e:
+    raise ConfigError(f"input.pp_image: {e}") from None
+  from big_mm import objectives  # pylint: disable=g-import-not-at-top
+  name = config.objective.name
+  if "boxes" not in objectives.get_objective(name).BATCH_KEYS:
+    readers = [n for n, cls in objectives.OBJECTIVES.items() if "boxes" in cls.BATCH_KEYS]
+    raise ConfigError(f"input.box_column={cfg.box_column!r} makes batch['boxes'], which "
+                      f"objective.name={name!r} does not read (readers: {readers}). Unset "
+                      f"input.box_column.")
 
 
 def _validate_modalities(input_cfg) -> None:

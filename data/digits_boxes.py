@@ -25,14 +25,16 @@ Boxes, box_texts, box_labels and digit_ids are in left-to-right order (by box ce
 (NUM_EXAMPLES["train"] canvases of digits_captions' train images) and `test` (of its test
 images), so no digit image is in both. Deterministic from SEED.
 
-Chance level of referring (IoU >= 0.5 with the true box), measured over the test split's 2,509
+Chance level of referring (IoU >= 0.5 with the true box), measured over the test split's 2,542
 boxes by `chance_levels` (numpy): a uniformly random one of the canvas's own boxes 39.7% (an
 oracle that knows every box but not which one is meant); the best single fixed box (of a 2-px
 grid of 16-48 px squares, chosen on the test split itself) 9.1%; a box of a true digit's size
 at a uniformly random place 3.1%.
 
 The tokenizer data/digits_boxes_spm.model (`train_tokenizer`) is trained on the train
-captions and box texts (digits_pairs_spm lacks "leftmost", "middle", ...). Build with
+captions and box texts (digits_pairs_spm lacks "leftmost", "middle", ...); with it a box text
+is at most 10 pieces and a caption 11 (so box_text_len >= 11 and text_len >= 12 keep them
+whole, EOS included). Build with
 `python data/build_demo.py [--data_dir DIR]` (TF-free, deterministic).
 """
 from __future__ import annotations

@@ -18,6 +18,8 @@ are then skipped as "part_dropped").
                                 # (input.captions_per_example = k > 1: "text" i32 [B,k,L],
                                 # k captions of each image; see _SampledCaptions)
                                 # (+ "prefix": i32 [B,P] with input.prefix_column)
+                                # (+ "boxes": f32 [B,K,4], "box_text": i32 [B,K,Lr] with
+                                # input.box_column; see big_mm/input/boxes.py)
                                 # input.modalities: + "depth" f32 [B,H,W], "semseg" i32
                                 # [B,H,W], "{m}_present" i32 [B] (see _load_modalities)
   state = it.get_state()        # JSON-serialisable; it.set_state(state) resumes exactly
@@ -35,6 +37,7 @@ import grain
 import numpy as np
 
 from big_mm import modalities as modalities_lib
+from big_mm.input import boxes as boxes_lib
 from big_mm.input import dense
 from big_mm.input import files
 from big_mm.input import mixture
@@ -120,12 +123,12 @@ class _EveryCaption:
     self.preprocessor, self.count = pp, int(count)
     self.pp, self.ops, self.tokenizer = pp.pp, pp.ops, pp.tokenizer
 
-  def __call__(self, example, rng, *, optional=()):
+  def __call__(self, example, rng, *, optional=(), ctx=None):
     run = self.preprocessor
     if example.get(preprocess.TEXT) is None:
-      return run(example, rng, optional=optional)
+      return run(example, rng, optional=optional, ctx=ctx)
     values, counts = run({preprocess.IMAGE: example.get(preprocess.IMAGE)}, rng,
-                         optional=tuple(optional) + (preprocess.TEXT,))
+                         optional=tuple(optional) + (preprocess.TEXT,), ctx=ctx)
     rows = []
     for caption in preprocess.captions(example[preprocess.TEXT])[:self.count]:
       text, caption_counts = run({preprocess.TEXT: caption}, rng, optional=(preprocess.IMAGE,))
@@ -160,12 +163,12 @@ class _SampledCaptions:
   def _fits(self, caption: str) -> bool:
     return not self.tokenizer.encode_with_info([caption], self.tokenize.args[0])[1][0]
 
-  def __call__(self, example, rng, *, optional=()):
+  def __call__(self, example, rng, *, optional=(), ctx=None):
     run = self.preprocessor
     if example.get(preprocess.TEXT) is None:
-      return run(example, rng, optional=optional)
+      return run(example, rng, optional=optional, ctx=ctx)
     values, counts = run({preprocess.IMAGE: example.get(preprocess.IMAGE)}, rng,
-                         optional=tuple(optional) + (preprocess.TEXT,))
+                         optional=tuple(optional) + (preprocess.TEXT,), ctx=ctx)
     ctx = preprocess.Context(self.tokenizer, counts)
     caps = preprocess.captions(preprocess.apply_pp(self.text_ops, example[preprocess.TEXT],
                                                    rng, ctx))
@@ -221,6 +224,62 @@ class _Example:
     if self.prefix_key and (self.prefix_len < 1 or self.pp.tokenizer is None):
       raise ValueError(f"input.prefix_column={self.prefix_key!r} needs input.prefix_len >= 1 "
                        f"(got {self.prefix_len}) and input.tokenizer.")
+    # Boxes (LocCa): batch["boxes"] [K, 4] and batch["box_text"] [K, Lr] (input/boxes.py).
+    self.box_key = _get(input_cfg, "box_column")
+    if self.box_key:
+      self._init_boxes(input_cfg)
+
+  def _init_boxes(self, input_cfg) -> None:
+    self.box_text_key = _get(input_cfg, "box_text_column")
+    self.max_boxes = int(_get(input_cfg, "max_boxes", 0) or 0)
+    self.box_text_len = int(_get(input_cfg, "box_text_len", 0) or 0)
+    if (not self.box_text_key or self.max_boxes < 1 or self.box_text_len < 1
+        or self.pp.tokenizer is None or self.modalities):
+      raise ValueError(f"input.box_column={self.box_key!r} needs input.box_text_column (got "
+                       f"{self.box_text_key!r}), input.max_boxes >= 1 (got {self.max_boxes}), "
+                       f"input.box_text_len >= 1 (got {self.box_text_len}), input.tokenizer "
+                       f"and no input.modalities.")
+    boxes_lib.check_pp([o.name for o in self.pp.ops])
+    fields = _source_fields(self.source)
+    missing = [k for k in (self.box_key, self.box_text_key) if fields is not None
+               and k not in fields]
+    if missing:
+      raise ValueError(f"input.box_column / box_text_column name {missing}, which the records "
+                       f"lack; their fields: {sorted(fields)}.")
+    # The box texts get the caption's text ops (lowercase, ...) but choose_caption / tokenize.
+    self.box_text_ops = [o for o in self.pp.ops if o.key == preprocess.TEXT
+                         and o.name not in ("choose_caption", "tokenize")]
+
+  def _run_pp_with_boxes(self, record, rng):
+    """The pp of an example with boxes: its image ops first (giving the geometry), then its
+    text ops on the caption, left / right swapped when the image was flipped (boxes.py); the
+    same draws as one pp call. -> (values, counts, boxes, box_text)."""
+    ctx = preprocess.Context(self.pp.tokenizer)
+    values, counts = self.pp({preprocess.IMAGE: record.get(self.image_key)}, rng,
+                             optional=self.optional + (preprocess.TEXT,), ctx=ctx)
+    geometry = ctx.geometry
+    if geometry is None:
+      raise ValueError(f"pp {self.pp.pp!r} moved the image's pixels in a way the boxes cannot "
+                       f"follow (input.box_column); remove randaugment.")
+    text = record.get(self.text_key)
+    if text is not None and geometry.flipped:
+      text = [boxes_lib.swap_left_right(c) for c in preprocess.captions(text)]
+    text_values, _ = self.pp({preprocess.TEXT: text}, rng,
+                             optional=self.optional + (preprocess.IMAGE,), ctx=ctx)
+    values.update(text_values)
+    try:
+      parsed, texts = boxes_lib.parse(record.get(self.box_key), record.get(self.box_text_key))
+    except boxes_lib.BadBoxes as e:
+      raise preprocess.BadRecord("bad_boxes", str(e)) from None
+
+    def tokenize(texts):
+      texts = [preprocess.apply_pp(self.box_text_ops, [t], rng, ctx)[0] for t in texts]
+      return self.pp.tokenizer.encode_with_info(texts, self.box_text_len)
+
+    boxes, box_text, box_counts = boxes_lib.to_batch(parsed, texts, geometry,
+                                                     max_boxes=self.max_boxes, tokenize=tokenize)
+    counts.update(box_counts)
+    return values, counts, boxes, box_text
 
   def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
     try:
@@ -232,12 +291,17 @@ class _Example:
     if self.modalities:
       return self._load_modalities(record, index, rng)
     try:
-      values, counts = self.pp({preprocess.IMAGE: record.get(self.image_key),
-                                preprocess.TEXT: record.get(self.text_key)},
-                               rng, optional=self.optional)
+      if self.box_key:
+        values, counts, boxes, box_text = self._run_pp_with_boxes(record, rng)
+      else:
+        values, counts = self.pp({preprocess.IMAGE: record.get(self.image_key),
+                                  preprocess.TEXT: record.get(self.text_key)},
+                                 rng, optional=self.optional)
     except preprocess.BadRecord as e:
       return {_SKIP: e.reason, "_detail": str(e), "_index": index}
     out = image_outputs(values[preprocess.IMAGE])
+    if self.box_key:
+      out["boxes"], out["box_text"] = boxes, box_text
     if self.prefix_key:
       try:
         out["prefix"], truncated = _tokenize_prefix(

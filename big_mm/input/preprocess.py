@@ -51,6 +51,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from big_mm.input import boxes as boxes_lib
+
 IMAGE, TEXT = "image", "text"
 
 # 64 megapixels (~200 MB as RGB uint8). PIL itself refuses images over 2 * its own
@@ -74,9 +76,18 @@ class BadRecord(Exception):
 
 @dataclasses.dataclass
 class Context:
-  """What ops may need besides value and rng: the tokenizer, and counters they bump."""
+  """What ops may need besides value and rng: the tokenizer, and counters they bump.
+  geometry: the map of normalised coordinates the image ops applied so far (boxes.Affine;
+  crops and flips compose into it), None once an op moved pixels in a way no Affine describes
+  (randaugment's Rotate / Shear / Translate)."""
   tokenizer: Any = None
   counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  geometry: boxes_lib.Affine | None = boxes_lib.IDENTITY
+
+  def moved(self, affine: boxes_lib.Affine) -> None:
+    """Records that an image op applied `affine` to the pixels."""
+    if self.geometry is not None:
+      self.geometry = self.geometry.then(affine)
 
 
 OpFn = Callable[[Any, np.random.Generator, Context], Any]
@@ -298,7 +309,6 @@ def op_resize_small(size):
 
 
 def _crop(image, rng, ctx, size, random):
-  del ctx
   _require_array(image, "random_crop" if random else "central_crop")
   ch, cw = _size2(size)
   h, w = image.shape[:2]
@@ -308,6 +318,7 @@ def _crop(image, rng, ctx, size, random):
     top, left = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
   else:
     top, left = (h - ch) // 2, (w - cw) // 2
+  ctx.moved(boxes_lib.crop(h, w, top, left, ch, cw))
   return image[top:top + ch, left:left + cw]
 
 
@@ -344,12 +355,12 @@ def _inception_box(h, w, rng, area_min, area_max, ratio_min, ratio_max):
 
 
 def _inception_crop(image, rng, ctx, size, area_min, area_max, ratio_min, ratio_max):
-  del ctx
   _require_array(image, "inception_crop", uint8=True)
   h, w = image.shape[:2]
   top, left, ch, cw = _inception_box(h, w, rng, area_min / 100, area_max / 100,
                                      ratio_min, ratio_max)
   oh, ow = _size2(size)
+  ctx.moved(boxes_lib.crop(h, w, top, left, ch, cw))
   im = Image.fromarray(image)  # Crop and resize in one resampling pass.
   return np.asarray(im.resize((ow, oh), Image.BILINEAR, box=(left, top, left + cw, top + ch)))
 
@@ -369,9 +380,11 @@ def op_inception_crop(size, area_min=5, area_max=100, ratio_min=0.75, ratio_max=
 
 
 def _flip_lr(image, rng, ctx):
-  del ctx
   _require_array(image, "flip_lr")
-  return image[:, ::-1] if rng.random() < 0.5 else image
+  if rng.random() < 0.5:
+    ctx.moved(boxes_lib.FLIP_LR)
+    return image[:, ::-1]
+  return image
 
 
 def op_flip_lr():
@@ -462,19 +475,21 @@ def _ra_op(name: str, im: Image.Image, m: float, sign: float) -> Image.Image:
   raise AssertionError(name)
 
 
+_RA_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
 RANDAUGMENT_OPS = ("Identity", "AutoContrast", "Equalize", "Rotate", "Solarize", "Color",
                    "Posterize", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY",
                    "TranslateX", "TranslateY")
 
 
 def _randaugment(image, rng, ctx, num_layers, magnitude):
-  del ctx
   _require_array(image, "randaugment", uint8=True)
   im = Image.fromarray(image)
   m = magnitude / RANDAUGMENT_MAX_MAGNITUDE
   for _ in range(num_layers):
     name = RANDAUGMENT_OPS[int(rng.integers(len(RANDAUGMENT_OPS)))]
     sign = 1.0 if rng.random() < 0.5 else -1.0
+    if name in _RA_GEOMETRIC and m > 0:
+      ctx.geometry = None
     im = _ra_op(name, im, m, sign)
   return np.asarray(im)
 
@@ -735,16 +750,18 @@ class Preprocessor:
     self.__init__(state["pp"], tokenizer=state["tokenizer"])
 
   def __call__(self, example: Mapping[str, Any], rng: np.random.Generator, *,
-               optional: tuple[str, ...] = ()) -> tuple[dict[str, Any], collections.Counter]:
+               optional: tuple[str, ...] = (), ctx: Context | None = None
+               ) -> tuple[dict[str, Any], collections.Counter]:
     """-> ({key: processed value}, counts). A key the ops use must be in `example` (and
-    not None) unless it is in `optional`; then its ops are left out."""
+    not None) unless it is in `optional`; then its ops are left out. `ctx`: the Context to run
+    in (its counts are returned; its geometry then tells what the image ops did)."""
     values = {}
     for key in self.keys:
       if example.get(key) is not None:
         values[key] = example[key]
       elif key not in optional:
         raise BadRecord("missing_field", f"no {key!r} in the record (it has {sorted(example)})")
-    ctx = Context(self.tokenizer)
+    ctx = ctx if ctx is not None else Context(self.tokenizer)
     for op in self.ops:
       if op.key in values:
         values[op.key] = op(values[op.key], rng, ctx)

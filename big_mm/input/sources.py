@@ -64,6 +64,8 @@ SKIP_REASONS = {
     "bad_depth_shape": "the depth map is not [H, W] / [H, W, 1] of the image's H, W",
     "bad_semseg_shape": "the segmentation map is not [H, W] / [H, W, 1] of the image's H, W",
     "nonfinite_depth": "the depth map holds NaN or inf",
+    "bad_boxes": "the boxes (input.box_column) are not [n, 4] yxyx in [0, 1], or their texts "
+                 "(input.box_text_column) are missing, empty or not one per box",
     "part_dropped": "a slot of a mixture part dropped by input.drop_failing_parts",
 }
 
@@ -72,6 +74,7 @@ BUILD_COMMANDS = {
     "digits_captions": "python data/build_demo.py --data_dir {data_dir}",
     "digits_pairs": "python data/build_demo.py --data_dir {data_dir}",
     "digits_pairs_wide": "python data/build_demo.py --data_dir {data_dir}",
+    "digits_boxes": "python data/build_demo.py --data_dir {data_dir}",
     "multimodal_scenes": "python data/build_demo.py --data_dir {data_dir}",
     # ImageNet cannot be downloaded by TFDS: the tars come from image-net.org (log-in).
     "imagenet2012": ("put ILSVRC2012_img_val.tar (and ILSVRC2012_img_train.tar) from "
