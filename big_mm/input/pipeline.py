@@ -264,6 +264,7 @@ class _Example:
     text = record.get(self.text_key)
     if text is not None and geometry.flipped:
       text = [boxes_lib.swap_left_right(c) for c in preprocess.captions(text)]
+    # Its counts land in ctx.counts, which `counts` is.
     text_values, _ = self.pp({preprocess.TEXT: text}, rng,
                              optional=self.optional + (preprocess.IMAGE,), ctx=ctx)
     values.update(text_values)
