@@ -249,6 +249,31 @@ def use_mesh(setup: Setup):
   return stack
 
 
+def read_params(*, workdir: str | None = None, path: str | None = None,
+                step: int | None = None, scan: bool | None = None,
+                key: str = "config.init") -> tuple[dict, int | None]:
+  """(flat {'/'-path: array}, the step read or None) of a big_mm run's checkpoint (`workdir`:
+  its `step`, default the newest) or of an exported / foreign model (`path`: what
+  big_mm.export.load_params reads). scan: True / False gives the layer stack in the scan
+  layout or unrolled (`encoderblock_{i}`); None keeps it as stored. `key` names the config
+  section in errors (config.init, objective.distill_*)."""
+  from big_mm import export  # torch-free, but only needed here
+  if path:
+    flat = export.load_params(path, scan=bool(scan))
+    return flat, None
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=None,
+                                     save_every_steps=1, async_save=False, read_only=True)
+  step = step if step is not None else ckpt.latest_step()
+  if step is None:
+    ckpt.close()
+    raise FileNotFoundError(f"{key} workdir {workdir!r} has no checkpoint.")
+  flat = tree_paths.flat_dict(ckpt.restore_params(step))
+  ckpt.close()
+  if scan is not None:
+    flat = export.stack_layers(flat) if scan else export.unstack_layers(flat)
+  return flat, step
+
+
 def load_init(config, ts: TrainState, state: dict) -> dict:
   """`config.init`: copies params whose path matches `init.include` from another run's checkpoint
   (`init.workdir`, e.g. LiT's pretrained image tower) or from an exported / foreign model
@@ -263,22 +288,11 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
   if config.init.workdir and path:
     raise config_lib.ConfigError("Set config.init.workdir (a big_mm run) or config.init.path "
                                  "(an HF directory or .npz), not both.")
-  if path:
-    from big_mm import export  # torch-free, but only needed here
-    scan = any("encoderblock" in name.split("/") for name in tree_paths.flat_dict(state["params"]))
-    flat_loaded = export.load_params(path, scan=scan)
-    source, step = path, None
-  else:
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(config.init.workdir, "checkpoints"),
-                                       keep=None, save_every_steps=1, async_save=False,
-                                       read_only=True)
-    step = config.init.step if config.init.step is not None else ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"config.init.workdir={config.init.workdir!r} has no checkpoint.")
-    loaded = ckpt.restore_params(step)
-    ckpt.close()
-    flat_loaded = tree_paths.flat_dict(loaded)
-    source = config.init.workdir
+  scan = (any("encoderblock" in name.split("/") for name in tree_paths.flat_dict(state["params"]))
+          if path else None)
+  flat_loaded, step = read_params(workdir=config.init.workdir, path=path, step=config.init.step,
+                                  scan=scan)
+  source = path or config.init.workdir
   pattern = re.compile(config.init.include)
   covered = {n.split("/")[0] for n in flat_loaded}
   copied, kept = [], []

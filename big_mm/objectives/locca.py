@@ -149,7 +149,7 @@ class LocCa(siglip2.Part):
   # text_prefix_len and cross_attention are set here). locca_task_probs: the chance of each
   # task (caption, ref, grounded) per example. locca_loc_bins: coordinate quantisation bins.
   # locca_box_text_len: the most tokens of a referring expression (batch["box_text"]'s last
-  # dim; None: input.text_len). locca_label_smoothing: of the token loss.
+  # dim; None: input.box_text_len, else input.text_len). locca_label_smoothing: of the token loss.
   # locca_parallel_fraction: CapPa parallel prediction on that fraction of caption rows.
   SETTINGS = dict(locca_weight=0.0, locca_decoder={}, locca_task_probs=(1.0, 1.0, 1.0),
                   locca_loc_bins=1024, locca_box_text_len=None, locca_label_smoothing=0.0,
@@ -188,7 +188,7 @@ class LocCa(siglip2.Part):
                       " (coordinate bins, e.g. 1024 as PaliGemma)")
     if settings["locca_box_text_len"] is not None:
       base.positive_int("locca_box_text_len", settings["locca_box_text_len"],
-                        " (batch['box_text']'s tokens; None: input.text_len)")
+                        " (batch['box_text']'s tokens; None: input.box_text_len)")
     if not 0.0 <= base.number("locca_label_smoothing", settings["locca_label_smoothing"]) < 1:
       raise base.ConfigError(f"objective.locca_label_smoothing must be in [0, 1), got "
                              f"{settings['locca_label_smoothing']!r}.")
@@ -213,7 +213,11 @@ class LocCa(siglip2.Part):
     probs = [float(p) for p in settings["locca_task_probs"]]
     self.task_probs = tuple(p / sum(probs) for p in probs)
     self.text_len = int(ctx.text_len)
-    self.box_text_len = int(settings["locca_box_text_len"] or ctx.text_len)
+    self.box_text_len = int(settings["locca_box_text_len"] or ctx.box_text_len or ctx.text_len)
+    if ctx.box_text_len > self.box_text_len:
+      raise base.ConfigError(
+          f"objective.locca_box_text_len={self.box_text_len} is shorter than the batches' "
+          f"input.box_text_len={ctx.box_text_len}; raise it or leave it None (the input's).")
     self.prefix_len = 1 + max(self.box_text_len, 4)
     self.target_len = max(self.text_len, self.box_text_len, 5)
     self.label_smoothing = float(settings["locca_label_smoothing"])
