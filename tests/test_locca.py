@@ -157,6 +157,30 @@ def test_masked_image_tokens_change_nothing():
     assert not np.isclose(loss(tokens, everything), loss(other, everything), rtol=1e-4)
 
 
+def test_naflex_padding_patches_change_nothing():
+  """End to end on NaFlex batches: the padded patches reach the decoder as masked tokens."""
+  mesh = _mesh()
+  model = Towers(towers=TOWERS, out_dim=8, temperature_init=10.0, bias_init=-5.0)
+  ctx = Context(mesh=mesh, batch_size=B, text_len=L, image_patches=(6, 4), total_steps=10)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(())):
+    obj = siglip2.Siglip2(model, ctx, locca_weight=1.0, locca_decoder=DECODER,
+                          locca_loc_bins=BINS, locca_box_text_len=LR)
+    params = _init(obj)
+    batch, _, _ = _batch()
+    rng = np.random.default_rng(2)
+    patches = rng.normal(size=(B, 6, 48)).astype(np.float32)
+    batch.update(image=patches, image_mask=np.arange(6)[None].repeat(B, 0) < 4,
+                 image_shape=np.full((B, 2), 2, np.int32))
+    other = dict(batch, image=np.where(batch["image_mask"][..., None], patches, 7.0))
+    loss_fn, boxes_fn = jax.jit(obj.loss_fn), jax.jit(obj.predict_boxes)
+    metrics = [loss_fn(params, b, jax.random.key(1), step=np.int32(0))[1] for b in (batch, other)]
+    np.testing.assert_allclose(metrics[0]["locca/loss"], metrics[1]["locca/loss"], rtol=1e-6)
+    images = [{"x": b["image"], "mask": b["image_mask"], "shape": b["image_shape"]}
+              for b in (batch, other)]
+    np.testing.assert_array_equal(boxes_fn(params, images[0], batch["box_text"][:, 0]),
+                                  boxes_fn(params, images[1], batch["box_text"][:, 0]))
+
+
 def test_sharded_equals_single_device():
   batch, _, _ = _batch(seed=4)
   results = []
