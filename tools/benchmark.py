@@ -11,6 +11,8 @@ Two FLOP counts are reported:
   (XLA counts a while-loop body once, so a scanned model would be undercounted). MFU uses it.
 - `compiled_flops_per_step_per_device`: XLA's count for the compiled, partitioned step as it
   runs (with remat recomputation; a scanned layer stack counted once).
+Both include whatever the step runs besides the model, e.g. a SigLIP 2 teacher's forward pass
+(objective.distill_*: it runs unrolled, so every teacher layer is counted; tests/test_distill.py).
 """
 from __future__ import annotations
 

@@ -89,9 +89,11 @@ class Part:
 
 from big_mm.objectives import locca  # pylint: disable=g-import-not-at-top,wrong-import-position
 from big_mm.objectives import self_distill  # pylint: disable=g-import-not-at-top,wrong-import-position
+from big_mm.objectives import distill  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The parts, in the order their losses are added.
-PARTS: tuple[type[Part], ...] = (locca.LocCa, self_distill.SelfDistillation)
+PARTS: tuple[type[Part], ...] = (locca.LocCa, self_distill.SelfDistillation,
+                                  distill.Distillation)
 
 
 def _parts_settings() -> dict:
