@@ -146,7 +146,9 @@ def main(argv=None):
                  help="read this many records, drawn at random, instead of all")
   p.add_argument("--out", required=True, help="output path DIR/NAME.model")
   p.add_argument("--vocab_size", type=int, default=128)
-  p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
+  # word: one piece per whitespace-separated word (a closed vocabulary, e.g. the scenes' 16
+  # words, where unigram / bpe stop at character pieces).
+  p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe", "word"])
   p.add_argument("--lowercase", action="store_true",
                  help="case-fold (normalization nmt_nfkc_cf)")
   p.add_argument("--normalization", default=None, choices=NORMALIZATIONS)
