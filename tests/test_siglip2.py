@@ -86,3 +86,30 @@ def test_siglip2_trains_with_patch_dropout_and_unmasked_tuning(tmp_path, data_di
   train.train(config, str(tmp_path))
   rows = [r for r in read_metrics(str(tmp_path)) if "patch_dropout_on" in r]
   assert [r["patch_dropout_on"] for r in rows] == [1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("spec,parts", [
+    ("configs/siglip2_b16.py", ["locca", "self_distill"]),
+    ("configs/siglip2_b16.py:naflex=true", ["locca"]),
+    ("configs/demo_siglip2.py", ["locca"]),
+    ("configs/demo_siglip2.py:data=scenes,locca=false,sd=true", ["self_distill"]),
+])
+def test_recipe_configs_build_their_parts(spec, parts):
+  """The paper-scale and demo configs (shapes only: no tokenizer, no data): the objective and
+  its parts build, and the params include each part's scopes."""
+  from big_mm import models
+  from big_mm.objectives import base
+  c = config_lib.load(spec)
+  model = models.get_model(c.model_name, **c.model.to_dict())
+  ctx = Context(mesh=MESH, batch_size=c.batch_size, text_len=c.input.text_len,
+                image_size=base.image_size(c.input.pp_image),
+                image_patches=base.naflex_patches(c.input.pp_image),
+                box_text_len=c.input.get("box_text_len") or 0, total_steps=1000)
+  settings = c.objective.to_dict()
+  del settings["name"]
+  obj = siglip2.Siglip2(model, ctx, **settings)
+  assert [p.NAME for p in obj.parts] == parts
+  params = jax.eval_shape(obj.init_params, jax.random.key(0))
+  assert {"img", "txt", "t", "b"} <= set(params)
+  if "locca" in parts:
+    assert "dec" in params
