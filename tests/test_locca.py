@@ -231,6 +231,34 @@ def test_decoding_api():
     assert expressions.shape == (B, LR) and expressions.max() < V
 
 
+def test_one_batch_is_learned_and_decoded_back():
+  """Training and decoding build the same sequences: fitted to one batch (ref and grounded
+  tasks), predict_boxes gives its boxes' bin centres and predict_expressions its expressions."""
+  import optax
+  mesh = _mesh()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(())):
+    obj = _objective(mesh, locca_task_probs=(0.0, 0.5, 0.5))
+    params = _init(obj)
+    batch, box, expr = _batch()
+    tx = optax.adam(3e-3)
+
+    @jax.jit
+    def step(params, opt, i):
+      (_, metrics), grads = obj.value_and_grad(params, batch, jax.random.fold_in(
+          jax.random.key(0), i), step=i)
+      updates, opt = tx.update(grads, opt, params)
+      return optax.apply_updates(params, updates), opt, metrics["locca/nll"]
+
+    opt = tx.init(params)
+    for i in range(300):
+      params, opt, nll = step(params, opt, i)
+    assert nll < 0.1
+    slot = np.argmax(np.any(batch["box_text"] != 0, -1), 1)
+    got = obj.predict_boxes(params, batch["image"], batch["box_text"][np.arange(B), slot])
+    np.testing.assert_allclose(got, locca.dequantize(locca.quantize(box, BINS), BINS), atol=1e-6)
+    np.testing.assert_array_equal(obj.predict_expressions(params, batch["image"], box), expr)
+
+
 def test_box_metrics_on_hand_made_boxes():
   true = np.array([[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.4, 0.4],
                    [0.0, 0.0, 1.0, 1.0]])

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from big_mm import decoding
+from big_mm import modalities as modalities_lib
 from big_mm.models.decoder import Decoder, shift_right
 from big_mm.objectives import base, siglip2
 from big_mm.objectives.generative import token_loss
@@ -246,7 +247,6 @@ class LocCa(siglip2.Part):
     """Zeros shaped like the image tower's tokens (for init)."""
     obj = self.objective
     example = base.zeros(base.modality_example(obj.ctx, ("image",)))
-    from big_mm import modalities as modalities_lib  # pylint: disable=g-import-not-at-top
     image = modalities_lib.model_input(example, "image")
     _, out = jax.eval_shape(lambda p: obj.model.apply({"params": p}, {"image": image},
                                                       train=False),
