@@ -3,15 +3,15 @@ image tower's patch tokens (objective.patch_features: a towers model's un-pooled
 tokens as a [B, h, w, D] grid), fitted on `train_split` and measured on the eval `split` of a
 dataset with dense maps (e.g. the bundled multimodal_scenes: depth and semseg per pixel).
 
-Protocol. SigLIP 2 (Tschannen et al. 2025, arXiv:2502.14786, Sec. 4 "dense features") measures
-its dense features by probing the frozen encoder, following TIPS (Maninis et al. 2024,
-arXiv:2410.16512): segmentation mIoU, depth RMSE. Its segmentation head is DINOv2's linear
-probe (Oquab et al. 2023, Sec. 7.4 "lin."): a linear layer on each patch token gives a
-low-resolution logit map, upsampled bilinearly to the label resolution. We follow that for both
-tasks: the patch grid's linear outputs are upsampled bilinearly (jax.image.resize, half-pixel
-centres) to the map's H x W and compared per pixel. The heads here are plain linear maps on the
-last layer's tokens (no multi-layer concatenation, no DPT decoder, no augmentation), so numbers
-compare models under this probe, not with the papers' tables.
+Protocol. SigLIP 2 (Tschannen et al. 2025, arXiv:2502.14786) shows its dense features by
+probing the frozen image encoder on semantic segmentation (mIoU) and depth estimation (RMSE),
+as TIPS (Maninis et al. 2024, arXiv:2410.16512) does. The linear segmentation probe is DINOv2's
+(Oquab et al. 2023, "lin."): a linear layer on each patch token gives a low-resolution logit
+map, upsampled bilinearly to the label resolution. We do that for both tasks: the patch grid's
+linear outputs are upsampled bilinearly (jax.image.resize, half-pixel centres) to the map's
+H x W and scored per pixel. Both heads here are linear maps on the last layer's tokens (no
+multi-layer concatenation, no DPT-style decoder, no augmentation), so the numbers compare
+models under this probe, not with the papers' tables.
 
 Features are standardised per dimension with the training tokens' mean and std (+1e-5), as the
 few-shot probe does (fewshot.py). Then

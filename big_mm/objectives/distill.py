@@ -1,8 +1,8 @@
 """Distillation from a frozen teacher, a `siglip2.Part` of objective.name="siglip2": the student's
 image-text embeddings learn from a towers model loaded from a checkpoint. SigLIP 2
-(Tschannen et al. 2025, arXiv:2502.14786, sec. 2.5) distils its small models from a larger
-teacher (there through active data curation, ACID); this part gives the per-example
-distillation losses big_mm can compute from a teacher's forward pass:
+(Tschannen et al. 2025, arXiv:2502.14786) distils its small models from a larger teacher
+(there implicitly, through active data curation, ACID); this part gives the explicit
+distillation losses computed from a teacher's forward pass on the same batch:
 
   distill_kind="logits"    open_clip's DistillClipLoss (src/open_clip/loss.py, used by
                            `--distill-model`): the cross-entropy between the teacher's and the
