@@ -49,7 +49,7 @@ def _boxes(c, arg):
                        locca_decoder=dict(width=64, depth=2, mlp_dim=256, num_heads=4))
     c.evals.update(
         referring=dict(type="referring", split="test", every_steps=200, pp_image=eval_pp),
-        captioning=dict(type="captioning", split="test", every_steps=0, pp_image=eval_pp,
+        captioning=dict(type="captioning", split="test", pp_image=eval_pp,  # at the end
                         max_examples=200))
 
 
@@ -60,7 +60,7 @@ def _scenes(c, arg):
   c.evals = dict(
       retrieval=dict(type="retrieval", split="test", every_steps=200,
                      pp_image="decode|resize(32)|value_range(-1,1)"),
-      dense_probe=dict(type="dense_probe", split="test", every_steps=0,
+      dense_probe=dict(type="dense_probe", split="test",  # at the end
                        pp_image="decode|resize(32)|value_range(-1,1)"))
   c.model.towers["text"]["vocab_size"] = 19
   if arg.sd:

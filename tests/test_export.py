@@ -955,3 +955,13 @@ def test_exports_are_atomic_and_name_the_extra(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
   with pytest.raises(ExportError, match=r'pip install -e "\.\[export\]"'):
     export.export_hf(params, kwargs, str(tmp_path / "x"), arch="siglip")
+
+
+def test_exports_keep_the_towers_and_name_the_training_only_scopes():
+  """A SigLIP 2 run's checkpoint also holds its LocCa decoder (dec) and self-distillation heads
+  (sd); the HF / open_clip exports take the towers and t / b only."""
+  from big_mm.export import common as export_common
+  params = {k: {"w": np.zeros(1)} for k in ("img", "txt", "t", "b", "dec", "sd")}
+  kwargs = {"towers": {"image": {}, "text": {}}}
+  kept, dropped = export_common.towers_params(params, kwargs)
+  assert sorted(kept) == ["b", "img", "t", "txt"] and dropped == ["dec", "sd"]

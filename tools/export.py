@@ -36,6 +36,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from big_mm import cli, export  # noqa: E402
+from big_mm.export import common as export_common  # noqa: E402
 from big_mm.export import matryoshka  # noqa: E402
 from big_mm.input import tokenizer as tokenizer_lib  # noqa: E402
 from big_mm.cli import restore_params  # noqa: E402
@@ -87,6 +88,10 @@ def run(config, workdir, fmt, out, *, step=None, arch=None, image_size=None,
             "than the full one.", file=sys.stderr)
   if fmt == "npz":
     return export.export_npz(params, out)
+  params, dropped = export_common.towers_params(params, export_common.model_kwargs(config))
+  if dropped:
+    print(f"Exporting the towers only; left out the training-only param scopes {dropped}.",
+          file=sys.stderr)
   warning = check_pp(eval_pp(config))
   if warning:
     print(warning, file=sys.stderr)

@@ -148,6 +148,17 @@ def model_kwargs(config) -> dict:
   return m
 
 
+def towers_params(params: Mapping[str, Any], model_kwargs_: Mapping) -> tuple[dict, list[str]]:
+  """(the towers model's params: its towers' scopes and t / b, the other top-level scopes'
+  names). A run's checkpoint may hold training-only scopes beside the towers (SigLIP 2's LocCa
+  decoder `dec`, its self-distillation heads `sd`); exports keep the towers, as SigLIP 2
+  releases only the encoders."""
+  from big_mm import modalities  # pylint: disable=g-import-not-at-top
+  keep = {modalities.get(m).scope for m in model_kwargs_["towers"]} | {"t", "b"}
+  return ({k: v for k, v in params.items() if k in keep},
+          sorted(k for k in params if k not in keep))
+
+
 def resolved_arch(model_kwargs_: Mapping) -> tuple[dict, dict, tuple]:
   """(image options, text options, (img_dim, txt_dim)) with every default filled in, as the
   modules themselves resolve them (variants, mlp_dim = 4 * width, Towers head defaults)."""
