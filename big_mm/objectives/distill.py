@@ -1,5 +1,5 @@
-"""Distillation from a frozen teacher, a `siglip2.Part` of objective.name="siglip2": the student's
-image-text embeddings learn from a towers model loaded from a checkpoint. SigLIP 2
+"""Distillation from a frozen teacher, a `Part` (objectives/part.py) of objective.name="siglip2":
+the student's image-text embeddings learn from a towers model loaded from a checkpoint. SigLIP 2
 (Tschannen et al. 2025, arXiv:2502.14786) distils its small models from a larger teacher
 (there implicitly, through active data curation, ACID); this part gives the explicit
 distillation losses computed from a teacher's forward pass on the same batch:
@@ -55,7 +55,8 @@ import numpy as np
 
 from big_mm import modalities as modalities_lib
 from big_mm import sharding, tree_paths
-from big_mm.objectives import base, siglip2
+from big_mm.objectives import base
+from big_mm.objectives.part import Part
 
 log = logging.getLogger("big_mm")
 
@@ -104,7 +105,7 @@ def _unrolled(kwargs: Mapping[str, Any]) -> dict:
   return kwargs
 
 
-class Distillation(siglip2.Part):
+class Distillation(Part):
   """Distillation from a frozen teacher (see the module docstring)."""
   NAME = "distill"
   SETTINGS = dict(

@@ -50,7 +50,8 @@ import jax.numpy as jnp
 from big_mm import decoding
 from big_mm import modalities as modalities_lib
 from big_mm.models.decoder import Decoder, shift_right
-from big_mm.objectives import base, siglip2
+from big_mm.objectives import base
+from big_mm.objectives.part import Part
 from big_mm.objectives.generative import token_loss
 
 TASKS = ("caption", "ref", "grounded")
@@ -142,7 +143,7 @@ def sample_tasks(rng, probs, box_text):
   return task, box_index
 
 
-class LocCa(siglip2.Part):
+class LocCa(Part):
   """The LocCa decoder part (module docstring)."""
   NAME = "locca"
   # locca_weight: the part's loss weight (0: off). locca_decoder: big_mm.models.decoder.Decoder

@@ -1,6 +1,6 @@
 """SigLIP 2's self-distillation and masked prediction (Tschannen et al., 2025, arXiv:2502.14786,
-section 2.3), a `siglip2.Part` of objective.name="siglip2": from `self_distill_start_fraction`
-of training on, an EMA teacher of the image tower distils into the student through
+section 2.3), a `Part` (objectives/part.py) of objective.name="siglip2": from
+`self_distill_start_fraction` of training on, an EMA teacher of the image tower distils into the student through
 
   SILC (Naeem et al., 2024, arXiv:2310.13355): local-to-global consistency. The student sees
     `self_distill_local_crops` local crops of each image, the teacher the whole image (the
@@ -53,7 +53,8 @@ from big_mm import modalities as modalities_lib
 from big_mm.models import layers
 from big_mm.models.towers import l2_normalize
 from big_mm.models.vit import ViT
-from big_mm.objectives import base, siglip2
+from big_mm.objectives import base
+from big_mm.objectives.part import Part
 
 SCOPE = "sd"
 LOSSES = ("silc", "tips")
@@ -123,7 +124,7 @@ def random_patch_mask(rng, n, length, ratio):
   return scores <= kth
 
 
-class SelfDistillation(siglip2.Part):
+class SelfDistillation(Part):
   """SILC + TIPS self-distillation with an EMA teacher (see the module docstring)."""
   NAME = "self_distill"
   SETTINGS = dict(
