@@ -25,7 +25,8 @@ Towers: the demo's 2-layer width-64 towers (configs/demo.py); 6x6 patches on 48x
 Results: README.md (SigLIP 2 section), docs/benchmarks.md.
 
 Arguments (`configs/demo_siglip2.py:locca=false,steps=300`): data (boxes|scenes), locca, sd,
-patch_dropout, steps, batch.
+patch_dropout, crop (boxes: a random 48-pixel crop of the canvas resized to 56, else the whole
+canvas; the crop clips a fifth of the boxes to the image edge), steps, batch.
 """
 from big_mm import config as config_lib
 from configs import demo
@@ -36,7 +37,8 @@ BOX_TEXT_LEN = 12  # digits_boxes_spm: an expression is at most 10 pieces, + EOS
 def _boxes(c, arg):
   c.input = dict(data="digits_boxes", split="train", data_dir=None,
                  tokenizer="data/digits_boxes_spm.model", text_len=16,
-                 pp_image="decode|resize(56)|random_crop(48)|flip_lr|value_range(-1,1)",
+                 pp_image=("decode|resize(56)|random_crop(48)|flip_lr|value_range(-1,1)"
+                           if arg.crop else "decode|resize(48)|flip_lr|value_range(-1,1)"),
                  box_column="boxes", box_text_column="box_texts", max_boxes=3,
                  box_text_len=BOX_TEXT_LEN, num_workers=0)
   c.model.towers["image"]["patch_size"] = (6, 6)
@@ -73,7 +75,7 @@ def _scenes(c, arg):
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="boxes", locca=True, sd=False, patch_dropout=0.0,
-                             steps=600, batch=128)
+                             crop=True, steps=600, batch=128)
   c = demo.get_config(f"steps={arg.steps},batch={arg.batch}")
   c.objective = dict(name="siglip2", loss="sigmoid", strategy="all_gather")
   if arg.data == "boxes":
