@@ -15,7 +15,7 @@ class Part:
     example_batch() -> {key: ShapeDtypeStruct}  its batch keys, for init (may be empty)
     init_params(rng, towers_params) -> {scope: boxed params}   its own param subtrees
     init_extra(params) -> pytree | None       its extra train state (None: none)
-    update_extra(extra, params, step[, stats]) -> extra  after each update (default:
+    update_extra(extra, params, step, stats=None) -> extra  after each update (default:
                                               unchanged); stats: what its loss put under
                                               metrics[base.EXTRA_STATS] (when it did)
     loss(params, batch, rng, fwd, *, extra, step) -> (weighted loss, metrics)
@@ -52,8 +52,8 @@ class Part:
   def init_extra(self, params):
     del params
 
-  def update_extra(self, extra, params, step):
-    del params, step
+  def update_extra(self, extra, params, step, stats=None):
+    del params, step, stats
     return extra
 
   def loss(self, params, batch, rng, fwd, *, extra, step):

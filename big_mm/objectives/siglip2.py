@@ -130,13 +130,9 @@ class Siglip2(Contrastive):
     return out
 
   def _update_extra(self, extra, params, step, stats=None):
-    out = {}
-    for name, e in extra.items():
-      part = next(p for p in self.parts if p.NAME == name)
-      part_stats = (stats or {}).get(name)
-      out[name] = (part.update_extra(e, params, step) if part_stats is None else
-                   part.update_extra(e, params, step, part_stats))
-    return out
+    parts = {p.NAME: p for p in self.parts}
+    return {name: parts[name].update_extra(e, params, step, (stats or {}).get(name))
+            for name, e in extra.items()}
 
   # ----------------------------------------------------------------------- loss
 
