@@ -11,15 +11,18 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from big_mm import tree_paths
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # Logical axis -> mesh axis (or tuple, or None). Flax uses each mesh axis at most once per
-# array, first rule first: activations' "batch" takes (data, fsdp) so their "embed" stays
-# unsharded, while params (which have no "batch") shard "embed" over fsdp. "expert": the
-# experts dimension of mixture-of-experts params, over the `expert` mesh axis (size 1 unless
-# config.mesh.expert says otherwise).
+# array, first rule first: activations' "batch" takes (data, fsdp, expert) so their "embed"
+# stays unsharded, while params (which have no "batch") shard "embed" over fsdp. "expert": the
+# experts dimension of mixture-of-experts params and of the tokens dispatched to them, over the
+# `expert` mesh axis (size 1 unless config.mesh.expert says otherwise); the dispatched tokens'
+# groups ("expert_group") stay over (data, fsdp), so dispatching them is an all-to-all within
+# each expert-axis row of devices (big_mm/models/moe.py).
 DEFAULT_RULES = (
     ("batch", BATCH_AXES),
+    ("expert_group", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),

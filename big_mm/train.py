@@ -48,6 +48,7 @@ from big_mm import cli
 from big_mm import config as config_lib
 from big_mm import evaluators, metrics as metrics_lib, models, objectives, optim, sharding
 from big_mm import tree_paths
+from big_mm.models import moe
 from big_mm.input import pipeline, sources
 from big_mm.input.tokenizer import Tokenizer
 
@@ -281,7 +282,9 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
   open_clip directory, a big_vision .npz, `file.npz:img` for one of its sub-trees, a ViT
   classifier .npz as the image tower); shapes must agree. A param under a top-level scope the
   source has nothing of (`txt/...` from `file.npz:img`, `b` from a CLIP checkpoint) keeps its
-  init, said in the log; one missing from a scope the source has is an error."""
+  init, said in the log; one missing from a scope the source has is an error.
+  Sparse upcycling: a mixture-of-experts param missing from a dense source gets the dense MLP
+  copied into every expert (big_mm/models/moe.py `upcycle`); the routers keep their init."""
   path = config.init.get("path")
   if not config.init.workdir and not path:
     return state
@@ -297,13 +300,19 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
   covered = {n.split("/")[0] for n in flat_loaded}
   copied, kept = [], []
 
+  upcycled, routers = [], []
+
   def take(path, current, target_sharding):
     name = tree_paths.path_str(path)
     if not pattern.fullmatch(name):
       return current
     if name not in flat_loaded:
-      if name.split("/")[0] not in covered:
-        kept.append(name)
+      experts = moe.upcycle(flat_loaded, name, current.shape)
+      if experts is not None:  # sparse upcycling: a dense MLP copied into every expert
+        upcycled.append(name)
+        return jax.device_put(experts.astype(current.dtype), target_sharding)
+      if name.split("/")[0] not in covered or moe.is_router(name):
+        (routers if moe.is_router(name) else kept).append(name)
         return current
       raise config_lib.ConfigError(f"init: param {name!r} matches init.include="
                                    f"{config.init.include!r} but is not in {source!r} (which "
@@ -316,8 +325,11 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
     return jax.device_put(np.asarray(value, current.dtype), target_sharding)
 
   params = jax.tree_util.tree_map_with_path(take, state["params"], ts.shardings["params"])
-  if not copied:
+  if not copied and not upcycled:
     raise config_lib.ConfigError(f"init.include={config.init.include!r} matched no parameter.")
+  if upcycled:
+    log.info("init: upcycled %d expert params from dense MLPs of %s; %d routers keep their "
+             "init.", len(upcycled), source, len(routers))
   log.info("Initialised %d params from %s%s", len(copied), source,
            "" if step is None else f" step {step}")
   if kept:

@@ -85,7 +85,7 @@ def test_expert_axis_shards_expert_params():
   assert dict(default) == {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1}
   mesh = sharding.make_mesh(default)
   assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1, "expert": 1}
-  assert sharding.batch_axes(mesh) == ("data", "fsdp")
+  assert sharding.batch_axes(mesh) == ("data", "fsdp", "expert")
   boxed = jax.eval_shape(_Tiny().init, jax.random.key(0), jnp.zeros((1, 8)))["params"]
   with_expert = sharding.logical_shardings(
       boxed, sharding.make_mesh(_cfg(data=1, fsdp=4, tensor=2, expert=1)))

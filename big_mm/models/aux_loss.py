@@ -16,22 +16,29 @@ into the metric `aux_loss/<name>`, and the loss is the objective's own loss plus
 `aux_loss/*` metric. The trainer logs metrics as they come, so the terms appear in the logs.
 Without sown terms the loss and metrics are exactly the objective's own. Outside training
 (the collection is not mutable) `sow` does nothing.
+
+Statistics that are logged but not trained on (a mixture-of-experts layer's dropped-token
+fraction and expert loads) are sown to `layers.AUX_METRIC`; `apply` returns each name's mean
+over its sowings as the metric `<top-level scope>/<name>` (e.g. `img/moe_dropped`, averaged
+over the image tower's MoE layers).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from big_mm.models.layers import AUX_LOSS
+from big_mm.models.layers import AUX_LOSS, AUX_METRIC
 
 PREFIX = "aux_loss/"
 
 
 def apply(model, params, *args, **kwargs):
-  """`model.apply({"params": params}, ...)` with the aux_loss collection mutable ->
-  (outputs, {"aux_loss/<name>": float32 scalar})."""
-  outputs, state = model.apply({"params": params}, *args, mutable=[AUX_LOSS], **kwargs)
-  return outputs, collect(state.get(AUX_LOSS, {}))
+  """`model.apply({"params": params}, ...)` with the aux collections mutable ->
+  (outputs, {"aux_loss/<name>": float32 scalar, "<scope>/<stat name>": float32 scalar})."""
+  outputs, state = model.apply({"params": params}, *args, mutable=[AUX_LOSS, AUX_METRIC],
+                               **kwargs)
+  return outputs, {**collect(state.get(AUX_LOSS, {})), **collect_metrics(state.get(AUX_METRIC,
+                                                                                  {}))}
 
 
 def collect(sown) -> dict:
@@ -43,6 +50,16 @@ def collect(sown) -> dict:
     term = jnp.sum(jnp.asarray(value, jnp.float32))
     terms[key] = terms[key] + term if key in terms else term
   return terms
+
+
+def collect_metrics(sown) -> dict:
+  """A sown aux_metric collection -> {"<top scope>/<name>": mean of every value sown as <name>
+  under that scope}."""
+  values = {}
+  for path, value in jax.tree_util.tree_leaves_with_path(sown):
+    keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    values.setdefault(f"{keys[0]}/{keys[-1]}", []).append(jnp.asarray(value, jnp.float32))
+  return {k: jnp.mean(jnp.concatenate([jnp.ravel(v) for v in vs])) for k, vs in values.items()}
 
 
 def total(metrics: dict):

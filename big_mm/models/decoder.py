@@ -35,14 +35,15 @@ sit just before `cached_prefix`, the whole cached prefix length N + P').
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from big_mm.kernels import attention as attention_kernels
-from big_mm.models import layers
+from big_mm.models import layers, moe
 from big_mm.models.vit import resolve_arch
 
 
@@ -157,6 +158,7 @@ class Decoder(nn.Module):
   dropout: float = 0.0
   attn_implementation: str = "xla"
   dtype: Any = "float32"
+  moe: Optional[Mapping[str, Any]] = None  # mixture-of-experts MLPs (big_mm/models/moe.py)
 
   def arch(self) -> dict:
     a = resolve_arch(self, dict(width=512, depth=6, mlp_dim=None, num_heads=8))
@@ -207,9 +209,14 @@ class Decoder(nn.Module):
     block = layers.BlockConfig(num_heads=a["num_heads"], mlp_dim=a["mlp_dim"],
                                dropout=self.dropout,
                                attn_implementation=self.attn_implementation, dtype=self.dtype)
+    # The decoder is causal (or prefix-causal): expert-choice routing is refused.
+    experts = moe.encoder_kwargs(dataclasses.replace(block, causal=True), self.moe, a["depth"],
+                                 "Decoder.moe")
     for i in range(a["depth"]):
-      x = DecoderBlock(block=block, cross_attention=self.cross_attention,
-                       name=f"decoderblock_{i}")(x, enc, attn_kw, not train, enc_mask)
+      x = DecoderBlock(
+          block=experts["moe_block"] if i in experts.get("moe_layers", ()) else block,
+          cross_attention=self.cross_attention,
+          name=f"decoderblock_{i}")(x, enc, attn_kw, not train, enc_mask)
     x = layers._layernorm(self.dtype, name="decoder_norm")(x)
     return self._outputs(x, n_prefix, decode, dtype)
 

@@ -39,6 +39,7 @@ from big_mm.kernels import attention as attention_kernels
 
 Dtype = Any
 AUX_LOSS = "aux_loss"  # the collection of auxiliary loss terms (big_mm/models/aux_loss.py)
+AUX_METRIC = "aux_metric"  # statistics a layer reports, logged but not trained on (same file)
 ACT_AXES = ("batch", "length", "embed")
 REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable", "checkpoint_dots",
@@ -264,10 +265,12 @@ class Encoder1DBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Stack of `depth` Encoder1DBlocks (all with `block`) + final LayerNorm (`encoder_norm`).
+  """Stack of `depth` Encoder1DBlocks + final LayerNorm (`encoder_norm`). Blocks use `block`,
+  those listed in `moe_layers` use `moe_block` (big_mm/models/moe.py).
 
   scan=True: one `encoderblock` whose params (and sown aux losses) have a leading `layers`
-  axis of size depth (nn.scan); scan=False: `encoderblock_{i}`. remat_policy: "none" (no
+  axis of size depth (nn.scan; with MoE only when every block is MoE); scan=False:
+  `encoderblock_{i}`. remat_policy: "none" (no
   rematerialisation) or a `jax.checkpoint_policies` name applied with nn.remat.
   `mask` (boolean, broadcastable to [B, H, L, L]) is passed to every block.
   Returns (encoded, out) with out["pre_ln"] the output before `encoder_norm`.
@@ -276,10 +279,16 @@ class Encoder(nn.Module):
   block: BlockConfig = BlockConfig()
   scan: bool = False
   remat_policy: str = "none"
+  moe_block: Optional[BlockConfig] = None
+  moe_layers: Tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
     out = {}
+    blocks = [self.moe_block if i in self.moe_layers else self.block for i in range(self.depth)]
+    if self.scan and len(set(map(id, blocks))) > 1:
+      raise ValueError(f"scan=True needs every block alike; MoE blocks {self.moe_layers} of "
+                       f"{self.depth} are not. Use scan=False or moe layers='all'.")
     policy = remat_policy_fn(self.remat_policy)
     block = Encoder1DBlock
     if policy is not False:
@@ -287,14 +296,14 @@ class Encoder(nn.Module):
       block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(3,), policy=policy)
     if self.scan:
       x, _ = nn.scan(
-          block, variable_axes={"params": 0, AUX_LOSS: 0},
+          block, variable_axes={"params": 0, AUX_LOSS: 0, AUX_METRIC: 0},
           split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(name="encoderblock", block=self.block)(x, mask, deterministic)
+      )(name="encoderblock", block=blocks[0])(x, mask, deterministic)
     else:
       for i in range(self.depth):
-        x, _ = block(name=f"encoderblock_{i}", block=self.block)(x, mask, deterministic)
+        x, _ = block(name=f"encoderblock_{i}", block=blocks[i])(x, mask, deterministic)
     out["pre_ln"] = x
     x = _layernorm(self.block.dtype, name="encoder_norm", eps=self.block.norm_eps)(x)
     return constrain(x), out

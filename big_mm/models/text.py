@@ -29,12 +29,12 @@ False with it). It overrides `pool` (setting both to different things is an erro
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from big_mm.models import layers
+from big_mm.models import layers, moe
 from big_mm.models.vit import resolve_arch
 
 POOL_TYPES = ("last", "last_position", "first", "mean", "max", "map", "none")
@@ -73,6 +73,7 @@ class TextTransformer(nn.Module):
   remat_policy: str = "none"
   attn_implementation: str = "xla"
   dtype: Any = "float32"
+  moe: Optional[Mapping[str, Any]] = None  # mixture-of-experts MLPs (big_mm/models/moe.py)
 
   def arch(self) -> dict:
     a = resolve_arch(self, dict(width=512, depth=12, mlp_dim=2048, num_heads=8))
@@ -121,8 +122,10 @@ class TextTransformer(nn.Module):
                                dropout=self.dropout, causal=self.causal, act=self.act,
                                norm_eps=self.norm_eps,
                                attn_implementation=self.attn_implementation, dtype=self.dtype)
-    x, enc_out = layers.Encoder(depth=a["depth"], block=block, scan=self.scan,
-                                remat_policy=self.remat_policy)(x, mask, deterministic=not train)
+    x, enc_out = layers.Encoder(
+        depth=a["depth"], block=block, scan=self.scan, remat_policy=self.remat_policy,
+        **moe.encoder_kwargs(block, self.moe, a["depth"], "TextTransformer.moe"),
+    )(x, mask, deterministic=not train)
     out.update(enc_out)
     out["transformed"] = x
 

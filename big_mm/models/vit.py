@@ -19,13 +19,13 @@ cls token included).
 from __future__ import annotations
 
 import difflib
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from big_mm.models import layers, naflex
+from big_mm.models import layers, moe, naflex
 
 # RECIPES.md section 1 (big_vision decode_variant): name -> (width, depth, mlp_dim, num_heads).
 VARIANTS = {
@@ -123,6 +123,7 @@ class ViT(nn.Module):
   remat_policy: str = "none"
   attn_implementation: str = "xla"
   dtype: Any = "float32"             # compute dtype; params stay float32
+  moe: Optional[Mapping[str, Any]] = None  # mixture-of-experts MLPs (big_mm/models/moe.py)
 
   def arch(self) -> dict:
     a = resolve_arch(self, dict(width=768, depth=12, mlp_dim=None, num_heads=12,
@@ -238,8 +239,9 @@ class ViT(nn.Module):
                                attn_implementation=self.attn_implementation, dtype=self.dtype)
     keys = None if mask is None else mask[:, None, None, :]
     x, enc_out = layers.Encoder(depth=a["depth"], block=block, scan=self.scan,
-                                remat_policy=self.remat_policy,
-                                name="Transformer")(x, keys, deterministic=not train)
+                                remat_policy=self.remat_policy, name="Transformer",
+                                **moe.encoder_kwargs(block, self.moe, a["depth"], "ViT.moe"),
+                                )(x, keys, deterministic=not train)
     out["encoder"] = enc_out
     encoded = out["encoded"] = x
     if mask is not None:
