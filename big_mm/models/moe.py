@@ -26,7 +26,9 @@ Routing (router in float32):
 Training terms (sown as aux losses, already weighted; models/aux_loss.py), per MoE layer:
 `load_balance` = w * E * sum_e f_e * P_e (Switch; f_e the fraction of tokens whose first
 choice is expert e, P_e its mean router probability, per group; token choice only) and `router_z` = w * mean
-logsumexp(logits)^2 (ST-MoE). Statistics sown to `AUX_METRIC` (the mean over MoE layers is
+logsumexp(logits)^2 (ST-MoE); optionally LIMoE's `entropy_local` / `entropy_global` of a call's
+tokens (MoeSettings; "<name>/<tag>" with a tag: models/limoe.py tags them). Statistics sown
+to `AUX_METRIC` (the mean over MoE layers is
 logged per tower, `aux_loss.collect_metrics`): `moe_dropped` (the fraction of token choices
 dropped; expert choice: of tokens taken by no expert) and `moe_load/expert_<e>` (each expert's
 share of the choices, before capacity; 1/E each when balanced).
@@ -70,6 +72,14 @@ class MoeSettings:
   router_jitter: float = 0.0      # Switch: router input times U(1 - j, 1 + j) in training
   load_balance_weight: float = 0.01
   z_loss_weight: float = 0.001
+  # LIMoE's entropy terms (Mustafa et al. 2022, arXiv:2206.02770), 0: off. local: w * the
+  # tokens' mean router entropy (minimised: each token confident); global: w * max(0, tau -
+  # H(mean router distribution)) with tau = entropy_global_threshold in nats (None: w * -H),
+  # maximising the entropy of the experts' use up to tau.
+  entropy_local_weight: float = 0.0
+  entropy_global_weight: float = 0.0
+  entropy_global_threshold: Optional[float] = None
+  tag: Optional[str] = None       # the entropy terms are sown as "entropy_local/<tag>", ...
 
 
 def layer_indices(spec, depth: int) -> tuple[int, ...]:
@@ -109,6 +119,9 @@ def settings(moe: Optional[Mapping], depth: int, *, causal: bool = False,
                      f"num_experts={s.num_experts}, top_k={s.top_k}.")
   if s.capacity_factor <= 0 or s.group_examples < 1:
     raise ValueError(f"{where}: capacity_factor must be > 0 and group_examples >= 1.")
+  if min(s.entropy_local_weight, s.entropy_global_weight, s.entropy_global_threshold or 0) < 0:
+    raise ValueError(f"{where}: entropy_local_weight, entropy_global_weight and "
+                     "entropy_global_threshold (nats) must be >= 0.")
   if s.routing == "expert_choice" and (causal or s.batch_priority):
     raise ValueError(f"{where}: expert_choice routing sees every token of a group, so it is "
                      "neither causal nor prioritised; use token_choice in causal towers and "
@@ -249,6 +262,16 @@ class MoeMlp(nn.Module):
     if s.z_loss_weight:
       z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
       self.sow(layers.AUX_LOSS, "router_z", s.z_loss_weight * z)
+    suffix = f"/{s.tag}" if s.tag else ""
+    if s.entropy_local_weight:  # H(p) = logsumexp(logits) - sum p * logits, per token
+      local = jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.sum(probs * logits, -1))
+      self.sow(layers.AUX_LOSS, "entropy_local" + suffix, s.entropy_local_weight * local)
+    if s.entropy_global_weight:
+      mean = jnp.mean(probs, axis=(0, 1))
+      neg_h = jnp.sum(mean * jnp.log(jnp.maximum(mean, jnp.finfo(jnp.float32).tiny)))
+      if s.entropy_global_threshold is not None:
+        neg_h = jnp.maximum(0.0, s.entropy_global_threshold + neg_h)
+      self.sow(layers.AUX_LOSS, "entropy_global" + suffix, s.entropy_global_weight * neg_h)
     self.sow(layers.AUX_METRIC, "moe_dropped", dropped)
     for i in range(e):
       self.sow(layers.AUX_METRIC, f"moe_load/expert_{i}", load[i])
