@@ -289,6 +289,23 @@ def test_refuses_what_does_not_map(tmp_path):
   assert not os.path.exists(tmp_path / "a")  # nothing half-written
 
 
+def test_refuses_mixture_of_experts_except_npz(tmp_path):
+  """HF / open_clip blocks have one dense MLP: a model with MoeMlp_0 params is refused with the
+  reason and the way out (npz), also when the given kwargs lack the moe dict; npz keeps it."""
+  moe = siglip_kwargs(image={"moe": {"layers": "all", "num_experts": 2}})
+  params = random_params(moe)
+  for kwargs in (moe, siglip_kwargs()):
+    for fn, extra in ((export.export_hf, {"arch": "siglip"}),
+                      (export.export_open_clip, {"image_size": 32})):
+      with pytest.raises(ExportError) as e:
+        fn(params, kwargs, str(tmp_path / "out"), **extra)
+      msg = str(e.value)
+      assert "mixture-of-experts" in msg and "img/Transformer/encoderblock_0/MoeMlp_0" in msg
+      assert "--format npz" in msg and not (tmp_path / "out").exists()
+  flat = export.load_params(export.export_npz(params, str(tmp_path / "moe.npz")))
+  assert flat["img/Transformer/encoderblock_0/MoeMlp_0/Dense_0/kernel"].shape == (2, 32, 64)
+
+
 def test_bad_inputs(tmp_path):
   from safetensors.numpy import load_file, save_file
   kwargs = siglip_kwargs()

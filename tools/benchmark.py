@@ -13,6 +13,18 @@ Two FLOP counts are reported:
   runs (with remat recomputation; a scanned layer stack counted once).
 Both include whatever the step runs besides the model, e.g. a SigLIP 2 teacher's forward pass
 (objective.distill_*: it runs unrolled, so every teacher layer is counted; tests/test_distill.py).
+Also reported: `num_active_params` (the params one token uses: all but the mixture-of-experts
+expert params, plus top_k / num_experts of those; `active_params`), each tower's
+`<scope>/moe_dropped` of the last step, and the collectives in the compiled step's HLO.
+
+Mixture-of-experts mode: `--moe_mesh=1,2,4,8` runs the config (some tower with a `moe` dict)
+with mesh expert=e, data=the rest, for each e, after the same config with every `moe` removed
+(dense, expert=1), and prints a table (`moe_comparison`); flops_per_token is
+`model_flops_per_step` / (batch * tokens per example: image patches + text_len).
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tools/benchmark.py \
+      --config configs/demo.py --moe_mesh=1,2,4,8 \
+      --config.model.towers.image.moe="{'layers': 'every_2', 'num_experts': 8}"
 """
 from __future__ import annotations
 
@@ -28,7 +40,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from big_mm import config as config_lib  # noqa: E402
-from big_mm import metrics, sharding, train  # noqa: E402
+from big_mm import metrics, modalities, sharding, train, tree_paths  # noqa: E402
+from big_mm.models import moe as moe_lib  # noqa: E402
+from big_mm.models.towers import Towers  # noqa: E402
 
 USAGE = __doc__
 
@@ -58,6 +72,28 @@ def synthetic_batch(config, image_size: int, mesh) -> dict[str, jax.Array]:
   batch = {"image": rng.uniform(-1, 1, size=(b, image_size, image_size, 3)).astype(np.float32),
            "text": text}
   return {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+
+
+def active_params(params, config) -> int:
+  """Params one token uses: every param but the experts' (`.../MoeMlp_k/Dense_*`, leading axis
+  E), plus the share of those a token goes through: top_k / E (token choice), capacity_factor /
+  E on average (expert choice)."""
+  scopes = {modalities.get(m).scope: t.get("moe") for m, t in tower_configs(config.model).items()}
+  total = 0.0
+  for name, x in tree_paths.flat_dict(params).items():
+    size = int(np.prod(x.shape))
+    if re.search(r"/MoeMlp_\d+/Dense_", name):
+      s = moe_lib.MoeSettings(**dict(scopes[name.split("/")[0]]))
+      size *= (s.top_k if s.routing == "token_choice" else s.capacity_factor) / x.shape[0]
+    total += size
+  return int(round(total))
+
+
+def collectives(hlo: str) -> dict[str, int]:
+  """How many of each collective op the compiled HLO text holds (async -start ops counted)."""
+  ops = re.findall(r"\s(all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute)"
+                   r"(?:-start)?\(", hlo)
+  return {op: ops.count(op) for op in sorted(set(ops))}
 
 
 def model_flops(config, abstract_batch: dict[str, jax.ShapeDtypeStruct]) -> float | None:
@@ -118,6 +154,7 @@ def run(config, *, steps: int, image_size: int | None) -> dict:
       "image_size": image_size,
       "text_len": config.input.text_len,
       "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"]))),
+      "num_active_params": active_params(state["params"], config),
       "compile_s": round(compile_s, 3),
       "step_s_median": step_s,
       "step_s_min": float(np.min(times)),
@@ -127,6 +164,8 @@ def run(config, *, steps: int, image_size: int | None) -> dict:
       "mfu": (metrics.mfu(total_flops / jax.device_count(), step_s, peak)
               if total_flops and peak else None),
       "loss_finite": bool(np.isfinite(float(m["loss"]))),
+      **{k: float(v) for k, v in m.items() if k.endswith("/moe_dropped")},
+      "collectives": collectives(compiled.as_text()),
   }
   if memory is not None:
     result["memory_bytes"] = {k: int(getattr(memory, k)) for k in (
@@ -135,14 +174,65 @@ def run(config, *, steps: int, image_size: int | None) -> dict:
   return result
 
 
+def moe_comparison(config, expert_sizes, *, steps: int, image_size: int | None) -> list[dict]:
+  """[dense row, MoE row per mesh expert size]: the config without any `moe` (expert=1), then
+  as given at mesh expert=e, data=the rest of the devices; each row run()'s result plus
+  `model` and `flops_per_token`."""
+  moe_towers = [m for m, t in tower_configs(config.model).items() if t.get("moe")]
+  if not moe_towers:
+    raise ValueError("--moe_mesh compares MoE towers with dense ones, but no tower of the config "
+                     "has a moe dict; add one, e.g. --config.model.towers.image.moe="
+                     "\"{'layers': 'every_2', 'num_experts': 8}\".")
+  variants = [("dense", 1)] + [("moe", int(e)) for e in expert_sizes]
+  rows = []
+  for name, e in variants:
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = -1, 1, 1, e
+      if name == "dense":
+        for tower in tower_configs(c.model).values():
+          if "moe" in tower:
+            del tower["moe"]
+    row = {"model": name, **run(c, steps=steps, image_size=image_size)}
+    cls, kwargs = Towers(**c.model.to_dict()).tower_kwargs("image")
+    patch = cls(**kwargs).arch()["patch_size"]
+    tokens = (row["image_size"] // patch[0]) * (row["image_size"] // patch[1]) + row["text_len"]
+    row["flops_per_token"] = row["model_flops_per_step"] / (row["batch_size"] * tokens)
+    rows.append(row)
+  return rows
+
+
+def moe_table(rows: list[dict]) -> str:
+  """A markdown table of moe_comparison's rows."""
+  lines = ["| model | mesh | params | active params | train FLOPs / token | img dropped | "
+           "txt dropped | argument MB / device | temp MB / device | collectives |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    mem = r.get("memory_bytes", {})
+    dropped = [f"{r[k]:.3f}" if k in r else "-" for k in ("img/moe_dropped", "txt/moe_dropped")]
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1 or k == "expert")
+    lines.append(
+        f"| {r['model']} | {mesh} | "
+        f"{r['num_params']:,} | {r['num_active_params']:,} | {r['flops_per_token']:.3e} | "
+        f"{dropped[0]} | {dropped[1]} | {mem.get('argument_size_in_bytes', 0) / 1e6:.2f} | "
+        f"{mem.get('temp_size_in_bytes', 0) / 1e6:.2f} | "
+        f"{', '.join(f'{k} {v}' for k, v in r['collectives'].items())} |")
+  return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
   flags, overrides = config_lib.parse_command_line(argv)
-  if "config" not in flags or set(flags) - {"config", "steps", "image_size", "out"}:
+  if "config" not in flags or set(flags) - {"config", "steps", "image_size", "out", "moe_mesh"}:
     print(USAGE, file=sys.stderr)
     return 2
   config = config_lib.load(flags["config"], overrides)
-  result = run(config, steps=int(flags.get("steps", 10)),
-               image_size=int(flags["image_size"]) if "image_size" in flags else None)
+  image_size = int(flags["image_size"]) if "image_size" in flags else None
+  if "moe_mesh" in flags:
+    result = moe_comparison(config, flags["moe_mesh"].split(","),
+                            steps=int(flags.get("steps", 10)), image_size=image_size)
+    print(moe_table(result), file=sys.stderr)
+  else:
+    result = run(config, steps=int(flags.get("steps", 10)), image_size=image_size)
   text = json.dumps(result, indent=2)
   print(text)
   if "out" in flags:

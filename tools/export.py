@@ -25,7 +25,8 @@ Flags:
   --config      a recipe to use instead of the stored config (the keys that differ from the
                 stored one are logged); --config.a.b=VALUE overrides either
   --debug       shows the traceback of a user error too
-Models the target cannot represent exactly are refused with the list of differences.
+Models the target cannot represent exactly are refused with the list of differences;
+mixture-of-experts towers (model.towers.*.moe) export to npz only (hf / open_clip have no MoE MLP).
 """
 from __future__ import annotations
 

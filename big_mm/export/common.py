@@ -177,6 +177,24 @@ def resolved_arch(model_kwargs_: Mapping) -> tuple[dict, dict, tuple]:
   return opts("image"), opts("text"), (dims["image"], dims["text"])
 
 
+_MOE_LAYER = re.compile(r"^(.*?(?:^|/)MoeMlp_\d+)/")
+
+
+def refuse_moe(flat: Mapping[str, Any], target: str) -> None:
+  """Refuses params with mixture-of-experts MLPs (a `MoeMlp_k` scope, big_mm/models/moe.py):
+  the blocks of HF SigLIP / CLIP, open_clip and big_vision's ViT have one dense MLP and no
+  router, so any mapping (one expert, their mean) would compute a different model."""
+  layers = sorted({m.group(1) for k in flat for m in [_MOE_LAYER.match(k)] if m})
+  if layers:
+    raise ExportError(
+        f"This big_mm model has mixture-of-experts MLPs ({len(layers)} MoE layers, e.g. "
+        f"{layers[0]!r}), which {target} cannot represent: its transformer blocks have one dense "
+        "MLP and no router, so exporting one expert or an average of them would compute a "
+        "different model. Export with --format npz (export.export_npz: big_mm's own format, "
+        "every param kept; config.init.path and export.load_params read it back) and run the "
+        "model with big_mm, or train dense towers (no `moe` in model.towers) for this format.")
+
+
 def check_refusals(problems: list[str], target: str) -> None:
   if problems:
     raise ExportError(

@@ -299,6 +299,7 @@ def prepare(params, model_kwargs: Mapping, arch: str, *, image_size: Optional[in
   kwargs = common.model_kwargs(model_kwargs)
   img, txt, dims = common.resolved_arch(kwargs)
   flat = common.unstack_layers(common.flatten(params))
+  common.refuse_moe(flat, "transformers." + HF_CLASSES[arch])
   img_k = {**kwargs, "towers": {m: {**t, "scan": False} for m, t in kwargs["towers"].items()}}
   p = img["patch_size"]
   if "img/pos_embedding" in flat:

@@ -216,6 +216,7 @@ def export_open_clip(params, model_kwargs: Mapping, out_dir: str, *,
   img, txt, dims = common.resolved_arch(kwargs)
   # Shape checks and sincos tables as for HF; the HF-specific refusals are replaced by ours.
   flat = common.unstack_layers(common.flatten(params))
+  common.refuse_moe(flat, "open_clip")
   common.check_refusals(problems_for(img, txt, dims, flat), "open_clip")
   flat, img, txt, dims, image_size, text_len = hf.prepare(params, kwargs, "clip",
                                                           image_size=image_size, check=False)
