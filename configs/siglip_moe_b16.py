@@ -23,7 +23,8 @@ CLIP-L/14, and H/14 84.1%. How this config differs:
 - LIMoE is ONE shared transformer for image patches and text tokens (experts shared across the
   modalities) trained with its local / global entropy regularisers on the router; this config
   keeps SigLIP's two separate towers, each with its own experts (V-MoE, Riquelme et al. 2021,
-  in each tower), the sigmoid loss, and Switch / ST-MoE auxiliary losses instead.
+  in each tower), the sigmoid loss, and Switch / ST-MoE auxiliary losses instead. LIMoE's
+  shared tower and entropy terms are model_name="limoe" (big_mm/models/limoe.py).
 - Routing settings: experts=8, top_k=1, MoE every second block (V-MoE's "every other layer")
   and capacity_factor=1.25 (big_mm's default) were not checked against LIMoE's own B/16
   settings, which could not be read here; LIMoE's 0.5B total for B/16 is more than 8 experts

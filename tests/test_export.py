@@ -291,7 +291,9 @@ def test_refuses_what_does_not_map(tmp_path):
 
 def test_refuses_mixture_of_experts_except_npz(tmp_path):
   """HF / open_clip blocks have one dense MLP: a model with MoeMlp_0 params is refused with the
-  reason and the way out (npz), also when the given kwargs lack the moe dict; npz keeps it."""
+  reason and the way out (npz), also when the given kwargs lack the moe dict, and by
+  tools/export.py's towers_params before it leaves a scope out (LIMoE's shared encoder); npz
+  keeps them."""
   moe = siglip_kwargs(image={"moe": {"layers": "all", "num_experts": 2}})
   params = random_params(moe)
   for kwargs in (moe, siglip_kwargs()):
@@ -302,6 +304,11 @@ def test_refuses_mixture_of_experts_except_npz(tmp_path):
       msg = str(e.value)
       assert "mixture-of-experts" in msg and "img/Transformer/encoderblock_0/MoeMlp_0" in msg
       assert "--format npz" in msg and not (tmp_path / "out").exists()
+  from big_mm.export import common as export_common
+  shared = {"shared": {"Transformer": {"encoderblock_1": {"MoeMlp_0": {"router": np.zeros(2)}}}},
+            "img": {}, "txt": {}, "t": np.zeros(1), "b": np.zeros(1)}  # LIMoE's shared tower
+  with pytest.raises(ExportError, match="'shared/Transformer/encoderblock_1/MoeMlp_0'"):
+    export_common.towers_params(shared, siglip_kwargs())
   flat = export.load_params(export.export_npz(params, str(tmp_path / "moe.npz")))
   assert flat["img/Transformer/encoderblock_0/MoeMlp_0/Dense_0/kernel"].shape == (2, 32, 64)
 

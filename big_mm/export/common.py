@@ -154,6 +154,7 @@ def towers_params(params: Mapping[str, Any], model_kwargs_: Mapping) -> tuple[di
   decoder `dec`, its self-distillation heads `sd`); exports keep the towers, as SigLIP 2
   releases only the encoders."""
   from big_mm import modalities  # pylint: disable=g-import-not-at-top
+  refuse_moe(params, "an HF / open_clip export")  # before any scope (LIMoE's shared/) is left out
   keep = {modalities.get(m).scope for m in model_kwargs_["towers"]} | {"t", "b"}
   return ({k: v for k, v in params.items() if k in keep},
           sorted(k for k in params if k not in keep))
@@ -180,11 +181,13 @@ def resolved_arch(model_kwargs_: Mapping) -> tuple[dict, dict, tuple]:
 _MOE_LAYER = re.compile(r"^(.*?(?:^|/)MoeMlp_\d+)/")
 
 
-def refuse_moe(flat: Mapping[str, Any], target: str) -> None:
-  """Refuses params with mixture-of-experts MLPs (a `MoeMlp_k` scope, big_mm/models/moe.py):
-  the blocks of HF SigLIP / CLIP, open_clip and big_vision's ViT have one dense MLP and no
-  router, so any mapping (one expert, their mean) would compute a different model."""
-  layers = sorted({m.group(1) for k in flat for m in [_MOE_LAYER.match(k)] if m})
+def refuse_moe(params: Mapping[str, Any], target: str) -> None:
+  """Refuses params (nested or flat) with mixture-of-experts MLPs (a `MoeMlp_k` scope,
+  big_mm/models/moe.py): the blocks of HF SigLIP / CLIP, open_clip and big_vision's ViT have one
+  dense MLP and no router, so any mapping (one expert, their mean) would compute a different
+  model."""
+  layers = sorted({m.group(1) for k in tree_paths.flat_dict(params)
+                   for m in [_MOE_LAYER.match(k)] if m})
   if layers:
     raise ExportError(
         f"This big_mm model has mixture-of-experts MLPs ({len(layers)} MoE layers, e.g. "
