@@ -54,11 +54,12 @@ def collect(sown) -> dict:
 
 def collect_metrics(sown) -> dict:
   """A sown aux_metric collection -> {"<top scope>/<name>": mean of every value sown as <name>
-  under that scope}."""
+  under that scope} (a layer applied alone: {"<name>": ...})."""
   values = {}
   for path, value in jax.tree_util.tree_leaves_with_path(sown):
     keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
-    values.setdefault(f"{keys[0]}/{keys[-1]}", []).append(jnp.asarray(value, jnp.float32))
+    name = keys[-1] if len(keys) == 1 else f"{keys[0]}/{keys[-1]}"
+    values.setdefault(name, []).append(jnp.asarray(value, jnp.float32))
   return {k: jnp.mean(jnp.concatenate([jnp.ravel(v) for v in vs])) for k, vs in values.items()}
 
 

@@ -169,11 +169,19 @@ class ExpertDense(nn.Module):
             + bias.astype(dtype)[:, None, None])
 
 
+def top_k(x, k: int):
+  """lax.top_k over the last axis as a stable sort, which GSPMD partitions over the leading
+  (group) axes: lax.top_k flattens them and so all-gathers the whole batch's router outputs
+  onto every device (seen in the compiled HLO with data=8)."""
+  index = jnp.argsort(-x, axis=-1, stable=True)[..., :k]
+  return jnp.take_along_axis(x, index, axis=-1), index
+
+
 def token_choice(probs, s: MoeSettings, cap: int):
   """probs f32 [G, S, E] -> (combine f32 [G, S, E, C], dispatch bool [G, S, E, C],
   the fraction of choices dropped, f32 [E] each expert's share of the choices)."""
   g, n, e = probs.shape
-  gate, expert = jax.lax.top_k(probs, s.top_k)                        # [G, S, k]
+  gate, expert = top_k(probs, s.top_k)                                # [G, S, k]
   if s.renormalize:
     gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
   if s.batch_priority:
@@ -200,7 +208,7 @@ def token_choice(probs, s: MoeSettings, cap: int):
 def expert_choice(probs, s: MoeSettings, cap: int):
   """probs f32 [G, S, E] -> (combine, dispatch, fraction of tokens no expert took, load)."""
   e = probs.shape[-1]
-  gate, token = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), cap)         # [G, E, C]
+  gate, token = top_k(jnp.swapaxes(probs, 1, 2), cap)                 # [G, E, C]
   slot = jax.nn.one_hot(token, probs.shape[1], dtype=jnp.float32)     # [G, E, C, S]
   dispatch = jnp.transpose(slot, (0, 3, 1, 2)) > 0                    # [G, S, E, C]
   combine = jnp.where(dispatch, gate[:, None], 0.0)
