@@ -9,7 +9,7 @@ import pytest
 from big_mm import sharding, train
 from big_mm.input import pipeline
 from big_mm.models import aux_loss, get_model, limoe, moe
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=2)
 TOWERS = {"image": {"patch_size": 8, "pool": "map"}, "text": {"vocab_size": 50}}
