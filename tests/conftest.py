@@ -5,8 +5,19 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import atexit
 import json
+import shutil
 import sys
+import tempfile
+
+# One XLA compilation cache for the whole run, shared by the xdist workers and the processes
+# tests start (they inherit the environment set here, in the controller): many tests compile
+# the same tiny train steps. Measured on tests/test_train.py: 227 s without, 181 s with it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="big_mm_tests_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest
 

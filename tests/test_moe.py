@@ -165,7 +165,7 @@ def test_upcycled_demo_starts_as_the_dense_demo(trained_demo, data_dir):
   workdir, _ = trained_demo
   user = config_lib.load_file(os.path.join(ROOT, "configs", "demo_moe.py") + ":top_k=2,capacity=8")
   user.input.data_dir = data_dir
-  user.init.workdir = str(workdir)
+  user.init = dict(workdir=str(workdir))
   user.evals = {}
   config = config_lib.load(user)
   setup = train.build(config, devices=jax.devices()[:1])
