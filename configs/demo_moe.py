@@ -15,8 +15,9 @@ README.md (600 steps each, as the dense demo):
   # on 8 simulated devices, experts over an expert axis of 4:
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m big_mm.train \
       --config configs/demo_moe.py:expert_axis=4 --workdir /tmp/moe_ep4
-  # sparse upcycling: every expert starts as the trained dense demo's MLP
-  python -m big_mm.train --config configs/demo_moe.py:steps=200 --workdir /tmp/moe_up \
+  # sparse upcycling: every expert starts as the trained dense demo's MLP (top-2 weights
+  # renormalised to 1: the upcycled model starts computing what the dense one does)
+  python -m big_mm.train --config configs/demo_moe.py:steps=200,top_k=2 --workdir /tmp/moe_up \
       --config.init.workdir=/tmp/big_mm_demo
 
 Hardware: any CPU (2 cores). Expected result: held-out zero-shot accuracy about the dense demo's

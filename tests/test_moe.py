@@ -17,7 +17,7 @@ from big_mm.models import aux_loss, moe
 from conftest import ROOT, final_params, tiny_config
 
 
-def loop_token_choice(probs, top_k, cap, batch_priority, renormalize):
+def loop_token_choice(probs, top_k, cap, batch_priority, renormalize, causal):
   """Token-choice routing, one assignment at a time: -> combine [G, S, E, C], dropped count."""
   g, n, e = probs.shape
   combine = np.zeros((g, n, e, cap))
@@ -27,28 +27,29 @@ def loop_token_choice(probs, top_k, cap, batch_priority, renormalize):
              else range(n))
     choices = {t: np.argsort(-probs[gi, t], kind="stable")[:top_k] for t in range(n)}
     fill = [0] * e
-    for k in range(top_k):
-      for t in order:
-        ex = choices[t][k]
-        gate = probs[gi, t, ex] / (probs[gi, t, choices[t]].sum() if renormalize else 1.0)
-        if fill[ex] < cap:
-          combine[gi, t, ex, fill[ex]] = gate
-          fill[ex] += 1
-        else:
-          dropped += 1
+    ranked = ([(t, k) for t in order for k in range(top_k)] if causal else
+              [(t, k) for k in range(top_k) for t in order])
+    for t, k in ranked:
+      ex = choices[t][k]
+      gate = probs[gi, t, ex] / (probs[gi, t, choices[t]].sum() if renormalize else 1.0)
+      if fill[ex] < cap:
+        combine[gi, t, ex, fill[ex]] = gate
+        fill[ex] += 1
+      else:
+        dropped += 1
   return combine, dropped
 
 
-@pytest.mark.parametrize("top_k,batch_priority,renormalize", [(1, False, False),
-                                                             (2, True, True)])
-def test_token_choice_matches_loop_reference(top_k, batch_priority, renormalize):
+@pytest.mark.parametrize("top_k,batch_priority,renormalize,causal", [
+    (1, False, False, False), (2, True, True, False), (2, False, False, True)])
+def test_token_choice_matches_loop_reference(top_k, batch_priority, renormalize, causal):
   probs = np.asarray(jax.nn.softmax(jax.random.normal(jax.random.key(0), (3, 10, 4)) * 2))
   s = moe.MoeSettings(num_experts=4, top_k=top_k, capacity_factor=0.8,
-                      batch_priority=batch_priority, renormalize=renormalize)
+                      batch_priority=batch_priority, renormalize=renormalize, causal=causal)
   cap = moe.capacity(s, 10)
   assert cap == math.ceil(top_k * 10 / 4 * 0.8)
   combine, dispatch, dropped, load = moe.token_choice(jnp.asarray(probs), s, cap)
-  want, n_dropped = loop_token_choice(probs, top_k, cap, batch_priority, renormalize)
+  want, n_dropped = loop_token_choice(probs, top_k, cap, batch_priority, renormalize, causal)
   assert n_dropped > 0  # the capacity binds
   np.testing.assert_allclose(combine, want, rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(dispatch, want > 0)
@@ -114,6 +115,39 @@ def test_settings_errors_name_the_fix():
   vit = ViT(width=8, depth=2, num_heads=2, patch_size=4, scan=True, moe={"layers": "every_2"})
   with pytest.raises(ValueError, match="scan=True needs every block alike"):
     vit.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+
+def test_moe_decoder_stays_causal_and_decodes_like_the_full_pass():
+  """A captioner whose decoder blocks are top-2 MoE: with dropped tokens, logits at position i
+  still ignore the tokens after i; without drops, KV-cache decoding (one token per group)
+  gives the full pass's logits."""
+  from test_generative import DEC, IMG, TEXTS, _context
+  from big_mm.models import get_model
+  from big_mm.objectives import get_objective
+  images = jax.random.normal(jax.random.key(1), (len(TEXTS), 32, 32, 3))
+  texts = jnp.asarray(TEXTS)
+  for capacity in (0.5, 4.0):
+    decoder = dict(DEC, moe=dict(layers="all", num_experts=4, top_k=2, capacity_factor=capacity))
+    model = get_model("captioner", image=IMG, decoder=decoder)
+    obj = get_objective("captioning")(model, _context())
+    params = sharding.unbox(model.init({"params": jax.random.key(0)}, images[:1], texts[:1],
+                                       train=False)["params"])
+    logits = jax.jit(obj._logits)
+    full = logits(params, images, texts)
+    if capacity < 1:
+      _, stats = aux_loss.apply(model, params, images, texts, train=False)
+      assert float(stats["dec/moe_dropped"]) > 0, stats
+      changed = logits(params, images, texts.at[:, 4:].set(77))
+      np.testing.assert_allclose(full[:, :5], changed[:, :5], atol=1e-5)
+      assert np.max(np.abs(full[:, 5:] - changed[:, 5:])) > 1e-3
+      continue
+    enc = obj.encode(params, images)
+    cache = obj.init_cache(params, enc, texts.shape[1])
+    inputs = jnp.pad(texts, ((0, 0), (1, 0)))[:, :-1]
+    step = jax.jit(obj.decode_step)
+    for pos in range(texts.shape[1]):
+      out, cache = step(params, enc, cache, inputs[:, pos], jnp.int32(pos))
+      np.testing.assert_allclose(out, full[:, pos], atol=2e-5, rtol=1e-5)
 
 
 def run_moe_steps(config, devices, batches):

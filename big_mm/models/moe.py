@@ -15,7 +15,9 @@ Routing (router in float32):
 - "token_choice" (V-MoE / Switch / GShard): each token picks its `top_k` experts by router
   probability; an expert takes at most C = ceil(top_k * S * capacity_factor / E) tokens of a
   group, first choices before second choices, tokens in sequence order or, with
-  `batch_priority` (V-MoE's BPR), in order of their highest router probability. A choice over
+  `batch_priority` (V-MoE's BPR), in order of their highest router probability. In a causal
+  tower (text with causal=True, the decoder) a token's choices all come before the next
+  token's and BPR is refused, so no token's routing depends on a later one. A choice over
   capacity is dropped (counted in `moe_dropped`); a token that loses every choice passes only
   through the residual. Combine weights are the router probabilities (renormalised over the
   chosen experts with `renormalize`, so they sum to 1 as in Mixtral / sparse upcycling).
@@ -25,11 +27,10 @@ Routing (router in float32):
 
 Training terms (sown as aux losses, already weighted; models/aux_loss.py), per MoE layer:
 `load_balance` = w * E * sum_e f_e * P_e (Switch; f_e the fraction of tokens whose first
-choice is expert e, P_e its mean router probability, per group; token choice only) and `router_z` = w * mean
-logsumexp(logits)^2 (ST-MoE); optionally LIMoE's `entropy_local` / `entropy_global` of a call's
-tokens (MoeSettings; "<name>/<tag>" with a tag: models/limoe.py tags them). Statistics sown
-to `AUX_METRIC` (the mean over MoE layers is
-logged per tower, `aux_loss.collect_metrics`): `moe_dropped` (the fraction of token choices
+choice is expert e, P_e its mean router probability, per group; token choice only) and
+`router_z` = w * mean logsumexp(logits)^2 (ST-MoE); optionally LIMoE's `entropy_local` /
+`entropy_global` of a call's tokens (MoeSettings; "<name>/<tag>" with a tag: models/limoe.py
+tags them). Statistics sown to `AUX_METRIC` (the mean over MoE layers is logged per tower, `aux_loss.collect_metrics`): `moe_dropped` (the fraction of token choices
 dropped; expert choice: of tokens taken by no expert) and `moe_load/expert_<e>` (each expert's
 share of the choices, before capacity; 1/E each when balanced).
 
@@ -80,6 +81,7 @@ class MoeSettings:
   entropy_global_weight: float = 0.0
   entropy_global_threshold: Optional[float] = None
   tag: Optional[str] = None       # the entropy terms are sown as "entropy_local/<tag>", ...
+  causal: bool = False            # set by the tower (`settings`): token-major capacity order
 
 
 def layer_indices(spec, depth: int) -> tuple[int, ...]:
@@ -126,6 +128,11 @@ def settings(moe: Optional[Mapping], depth: int, *, causal: bool = False,
     raise ValueError(f"{where}: expert_choice routing sees every token of a group, so it is "
                      "neither causal nor prioritised; use token_choice in causal towers and "
                      "drop batch_priority.")
+  if causal and s.batch_priority:
+    raise ValueError(f"{where}: batch_priority orders a group's tokens by their router "
+                     "probability, so a token's routing would depend on later ones in a causal "
+                     "tower; drop it there.")
+  s = dataclasses.replace(s, causal=causal)
   idx = layer_indices(s.layers, depth)
   if not idx:
     raise ValueError(f"{where}.layers={s.layers!r} selects no block of {depth}.")
@@ -188,14 +195,18 @@ def token_choice(probs, s: MoeSettings, cap: int):
     order = jnp.argsort(-jnp.max(probs, axis=-1), axis=-1, stable=True)  # [G, S]
   else:
     order = jnp.broadcast_to(jnp.arange(n), (g, n))
-  # Choices in priority order: every token's first choice, then every second choice, ...
+  # Choices in priority order: every token's first choice, then every second choice, ...;
+  # causal: each token's choices, token after token.
   ranked = jnp.take_along_axis(expert, order[..., None], axis=1)      # [G, S, k]
-  onehot = jax.nn.one_hot(jnp.swapaxes(ranked, 1, 2), e, dtype=jnp.int32)  # [G, k, S, E]
+  if not s.causal:
+    ranked = jnp.swapaxes(ranked, 1, 2)                               # [G, k, S]
+  onehot = jax.nn.one_hot(ranked, e, dtype=jnp.int32)
   position = jnp.cumsum(onehot.reshape(g, s.top_k * n, e), axis=1).reshape(onehot.shape) - 1
-  position = jnp.sum(position * onehot, axis=-1)                      # [G, k, S]
+  position = jnp.sum(position * onehot, axis=-1)
   kept = position < cap
   inverse = jnp.argsort(order, axis=-1)
-  unrank = lambda t: jnp.take_along_axis(jnp.swapaxes(t, 1, 2), inverse[..., None], axis=1)
+  unrank = lambda t: jnp.take_along_axis(t if s.causal else jnp.swapaxes(t, 1, 2),
+                                         inverse[..., None], axis=1)
   position, kept = unrank(position), unrank(kept)                     # [G, S, k]
   slot = jax.nn.one_hot(jnp.where(kept, position, cap), cap, dtype=jnp.float32)  # [G, S, k, C]
   choice = jax.nn.one_hot(expert, e, dtype=jnp.float32)               # [G, S, k, E]
