@@ -98,6 +98,10 @@ def defaults() -> ConfigDict:
   # batch["text"] [B, k, L], all positives of their image (objectives/losses.py,
   # multi_positive_loss); split_long_captions: a caption longer than text_len is split into
   # sentences / word runs (captions of their own) instead of truncated (input/pipeline.py).
+  # language_column: the record field / TFDS feature / table column holding each record's
+  # language code; language_temperature = T (None: off; a number >= 1, inf: uniform): training
+  # draws language l with p_l ~ n_l^(1/T), n_l its natural share (mixtures: the weighted share;
+  # the parts keep their weights within a language) (big_mm/input/languages.py).
   c.input = ConfigDict(dict(
       data="digits_captions", split="train", data_dir=None, image_column=None,
       text_column=None, tokenizer=None, text_len=16,
@@ -106,6 +110,7 @@ def defaults() -> ConfigDict:
       semseg_column=None, prefix_column=None, prefix_len=0, box_column=None,
       box_text_column=None, max_boxes=0, box_text_len=0, max_bad_fraction=0.5,
       drop_failing_parts=False, captions_per_example=1, split_long_captions=False,
+      language_column=None, language_temperature=None,
   ))
   # {name: {type: ..., ...}} (FREE_FORM): each type's keys, defaults and checks are its
   # evaluator's (big_mm/evaluators/; every_* durations: evaluators/common.py DEFAULTS).
@@ -278,6 +283,7 @@ def validate(config: ConfigDict) -> None:
   _validate_modalities(config.input)
   _validate_captions_per_example(config)
   _validate_boxes(config)
+  _validate_languages(config.input)
   if not 0 <= config.input.max_bad_fraction < 1:
     raise ConfigError(f"input.max_bad_fraction must be in [0, 1) (0: stop at the first bad "
                       f"record), got {config.input.max_bad_fraction!r}.")
@@ -289,6 +295,26 @@ def validate(config: ConfigDict) -> None:
   from big_mm import evaluators  # pylint: disable=g-import-not-at-top
   for name, ev in config.evals.items():
     evaluators.check(name, ev)
+
+
+def _validate_languages(input_cfg: ConfigDict) -> None:
+  """input.language_temperature: None or a number >= 1, and then input.language_column names
+  the language field."""
+  column, temperature = input_cfg.language_column, input_cfg.language_temperature
+  if column is not None and (not isinstance(column, str) or not column):
+    raise ConfigError(f"input.language_column must be a field name (a non-empty string) or "
+                      f"None, got {column!r}.")
+  if temperature is None:
+    return
+  from big_mm.input import languages  # pylint: disable=g-import-not-at-top
+  try:
+    languages.check_temperature(temperature)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if column is None:
+    raise ConfigError(f"input.language_temperature={temperature!r} needs input.language_column: "
+                      f"the record field / TFDS feature / table column holding each record's "
+                      f"language (e.g. 'language').")
 
 
 def _validate_objective(config: ConfigDict) -> None:

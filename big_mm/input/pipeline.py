@@ -6,7 +6,9 @@ concatenated into one endless global stream, and process p of P reads stream pos
 p, p+P, p+2P, ... (disjoint, together covering every epoch). Each step a process takes
 the next global_batch_size/P good examples. Random preprocessing draws from an rng
 seeded by (seed, epoch, example index), so batches do not depend on num_workers or
-threads. Bad records (`BadRecord`, unreadable records) are skipped before batching
+threads. With input.language_temperature the source is first resampled by language
+(languages.py: a stateless virtual epoch, so all of this holds unchanged; the mix is logged
+at start-up). Bad records (`BadRecord`, unreadable records) are skipped before batching
 and counted per reason (`it.stats()`); batch shapes never change. A source (a mixture
 part, or the one source) with more than input.max_bad_fraction bad records among its
 last _BAD_WINDOW reads is broken, not noisy: the run stops with `SourceFailed` naming it,
@@ -40,7 +42,7 @@ from big_mm import modalities as modalities_lib
 from big_mm.input import boxes as boxes_lib
 from big_mm.input import dense
 from big_mm.input import files
-from big_mm.input import mixture
+from big_mm.input import languages
 from big_mm.input import preprocess
 from big_mm.input import sources
 from big_mm.input import tokenizer as tokenizer_lib
@@ -358,7 +360,7 @@ def _source_fields(source) -> set[str] | None:
     return set(info.features.keys())
   if isinstance(source, files.SliceSource):
     return _source_fields(source.source)
-  if isinstance(getattr(source, "sources", None), list):  # mixture.MixtureSource
+  if isinstance(getattr(source, "sources", None), list):  # A mixture / language-sampled.
     parts = [_source_fields(s) for s in source.sources]
     return None if None in parts else set().union(*parts)
   for i in range(min(10, len(source))):
@@ -407,7 +409,7 @@ class _TrainElement:
     epoch, index = self.position(k)
     ex = self.example.load(index, _example_rng(self.seed, epoch, index))
     source = self.example.source
-    ex[_PART] = source.source_of(index) if isinstance(source, mixture.MixtureSource) else 0
+    ex[_PART] = source.source_of(index) if hasattr(source, "source_of") else 0
     return ex
 
 
@@ -474,12 +476,15 @@ class TrainIterator:
     name, split = _get(input_cfg, "data"), _get(input_cfg, "split", "train")
     source = sources.open_source(name, split, _get(input_cfg, "data_dir"),
                                  **sources.source_options(input_cfg))
+    if _get(input_cfg, "language_temperature") is not None:  # Resampled by language.
+      source = languages.sample_languages(source, _get(input_cfg, "language_column"),
+                                          _get(input_cfg, "language_temperature"), str(name))
+    self.language_source = source if hasattr(source, "language_of") else None
     self.num_examples = len(source)
     if self.num_examples == 0:
       raise ValueError(f"{name!r} split {split!r} is empty")
     check_modalities(source, input_cfg, name)
-    self.part_names = (list(source.names) if isinstance(source, mixture.MixtureSource)
-                       else [str(name)])
+    self.part_names = (list(source.names) if hasattr(source, "source_of") else [str(name)])
     self.max_bad_fraction = float(_get(input_cfg, "max_bad_fraction", 0.5))
     if not 0 <= self.max_bad_fraction < 1:
       raise ValueError(f"input.max_bad_fraction={self.max_bad_fraction} must be in [0, 1) "

@@ -252,5 +252,31 @@ class TableSource:
     return {"image": self._image(_value(images, row), files.dirname(path), key),
             "text": text, "key": key}
 
+  def column_values(self, name: str) -> list[Any]:
+    """Column `name` of every row, in row order (None for malformed lines), reading only
+    that column (input.language_column; big_mm/input/languages.py)."""
+    out = []
+    for path in self.paths:
+      if self.fmt == "parquet":
+        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+        with fsspec.open(path, "rb") as f:
+          columns = pq.read_schema(f).names
+          if name in columns:
+            f.seek(0)
+            table, malformed = pq.read_table(f, columns=[name]), []
+      else:
+        table, malformed = _read_table(path, self.fmt)
+        columns = table.column_names
+        if malformed and not columns:  # No line parses (as in _load).
+          out += [None] * len(malformed)
+          continue
+      if name not in columns:
+        raise ValueError(f"{path}: no column {name!r} (input.language_column); its columns "
+                         f"are {list(columns)}.")
+      values = table.column(name)
+      out += (values.to_pylist() if hasattr(values, "to_pylist") else list(values))
+      out += [None] * len(malformed)
+    return out
+
   def __repr__(self):
     return f"TableSource({self.fmt}, {len(self.paths)} files)"
