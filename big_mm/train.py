@@ -336,7 +336,7 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
     scopes = sorted({n.split("/")[0] for n in kept})
     log.info("init: %s not in %s: %d params keep their init.", ", ".join(scopes), source,
              len(kept))
-  unused = sorted(set(flat_loaded) - set(copied))
+  unused = sorted(set(flat_loaded) - set(copied) - {moe.dense_source(n) for n in upcycled})
   if unused:
     log.info("init: %d params of %s not loaded (not in this model or not in init.include), "
              "e.g. %s", len(unused), source, unused[:5])

@@ -305,10 +305,15 @@ def upcycle(flat_dense: Mapping[str, Any], name: str, shape) -> Optional[np.ndar
   init."""
   if "/MoeMlp_0/Dense_" not in name:
     return None
-  dense = flat_dense.get(name.replace("/MoeMlp_0/", "/MlpBlock_0/"))
+  dense = flat_dense.get(dense_source(name))
   if dense is None or tuple(np.shape(dense)) != tuple(shape[1:]):
     return None
   return np.broadcast_to(np.asarray(dense)[None], tuple(shape)).copy()
+
+
+def dense_source(name: str) -> str:
+  """The dense MLP param an expert param `name` is upcycled from."""
+  return name.replace("/MoeMlp_0/", "/MlpBlock_0/")
 
 
 def is_router(name: str) -> bool:
