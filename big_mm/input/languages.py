@@ -74,7 +74,8 @@ def temperature_probs(counts: dict[str, float], temperature: float) -> dict[str,
   return {l: v / total for l, v in powered.items()}
 
 
-def _normalise(value) -> str:
+def normalise(value) -> str:
+  """A language value (str, bytes, None, numpy scalar) -> its code; UNKNOWN if none."""
   if isinstance(value, (bytes, np.bytes_)):
     value = bytes(value).decode("utf-8", "replace")
   if isinstance(value, np.ndarray) and value.ndim == 0:
@@ -94,7 +95,12 @@ def column_values(source, column: str) -> tuple[list[str | None], dict[str, int]
     return values, {"unreadable": sum(v is None for v in values),
                     "missing": sum(v == UNKNOWN for v in values)}
   if isinstance(source, tables.TableSource):
-    values = [_normalise(v) for v in source.column_values(column)]
+    values = [normalise(v) for v in source.column_values(column)]
+  elif isinstance(source, mixture.MixtureSource):  # Its virtual epoch, slot by slot.
+    parts = [column_values(part, column)[0] for part in source.sources]
+    values = []
+    for part, slots in zip(parts, source.slots):
+      values += [part[j % len(part)] for j in range(slots)]
   else:
     values, fields = [], set()
     for i in range(len(source)):
@@ -104,7 +110,7 @@ def column_values(source, column: str) -> tuple[list[str | None], dict[str, int]
         values.append(None)
         continue
       fields.update(record)
-      values.append(_normalise(record.get(column)))
+      values.append(normalise(record.get(column)))
     if fields and column not in fields:
       raise ValueError(f"input.language_column={column!r}: the records of {source!r} have no "
                        f"such field; their fields: {sorted(fields)}. Name the field (TFDS "
