@@ -15,7 +15,9 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from big_mm import config as config_lib  # pylint: disable=wrong-import-position
-from big_mm.input import languages, pipeline, sources, tokenizer  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from big_mm.input import languages, pipeline, sources, tokenizer
+# pylint: enable=wrong-import-position
 
 TOKENIZER = os.path.join(ROOT, "data", "digits_spm.model")
 # Record i's caption is str(i) (the digits tokenizer gives it back exactly); its language:
@@ -56,8 +58,8 @@ def _hoeffding(m: int, events: int, failure: float = 1e-6) -> float:
 
 def _stream_languages(it, m: int) -> list[str]:
   """The languages of the first m positions of a train iterator's stream (no decoding)."""
-  src = it.language_source
-  return [src.language_of(it._element.position(k)[1]) for k in range(m)]  # pylint: disable=protected-access
+  src, element = it.language_source, it._element  # pylint: disable=protected-access
+  return [src.language_of(element.position(k)[1]) for k in range(m)]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.3, math.inf])
