@@ -7,11 +7,12 @@ number word that `num2words` (PyPI, LGPL-2.1, used as a library at build time; p
 setup.py) gives for the digit in that language and "{n}" the numeral. The templates are ours.
 HELD_OUT_TEMPLATES[lang] appear in no caption: they are zero-shot prompts the model never
 trained on (`prompts(lang)`, with `words(lang)` as class names).
-Splits (every record has every feature; the ones a split does not use are ""):
+Splits (every record has every feature):
   - `train`: one record per (image, language): image, text (the caption), language (ISO 639-1
     code), label (0-9), id (row in sklearn's data); text_<lang> is the caption in its own
-    language's column.
-  - `test`: one record per image: image, label, id and text_<lang> for every language.
+    language's column, "" in the others.
+  - `test`: one record per image: image, label, id and text_<lang> for every language;
+    text / language are the English caption / "en" (a reader of `text` gets a caption).
 A caption's template is a pure function of (seed, id, language). Build with
 `python data/build_demo.py --multilingual [--data_dir DIR]` or `build(data_dir)`.
 """
@@ -95,7 +96,7 @@ def generate(split: str, seed: int = SEED, max_images: int | None = None):
     image = digits_captions.to_png(images[i])
     captions = {lang: caption(label, i, lang, seed) for lang in LANGUAGES}
     if split == "test":
-      yield i, {"image": image, "label": label, "id": i, "text": "", "language": "",
+      yield i, {"image": image, "label": label, "id": i, "text": captions["en"], "language": "en",
                 **{f"text_{lang}": captions[lang] for lang in LANGUAGES}}
       continue
     for k, lang in enumerate(LANGUAGES):

@@ -17,12 +17,14 @@ and resized (Lanczos):
     different art style. Attribution: "All emojis designed by OpenMoji - the open-source emoji
     and icon project. License: CC BY-SA 4.0". Images are rendered at build time only: none of
     either font's art is in this repository.
-Splits (every record has every feature; the ones a split does not use are ""):
+Splits (every record has every feature):
   - `train`: the train emoji in Noto, one record per (emoji, language): image, text (the name in
     `language`), language (ISO 639-1 code), label (the emoji's id among the train emoji),
-    emoji (the character); text_<lang> is the caption in its own language's column.
+    emoji (the character); text_<lang> is the caption in its own language's column, "" in
+    the others.
   - `test` (Noto) and `openmoji_test` (OpenMoji): the held-out emoji, one record per emoji:
-    image, label (id among the held-out emoji), emoji, and text_<lang> for every language.
+    image, label (id among the held-out emoji), emoji, and text_<lang> for every language;
+    text / language are the English caption / "en" (a reader of `text` gets a caption).
 Build with `python data/build_demo.py --multilingual [--data_dir DIR]` or `build(data_dir)`;
 the TFDS writer needs no TensorFlow (the images are handed to it PNG-encoded).
 """
@@ -164,7 +166,8 @@ def generate(split: str, max_emoji: int | None = None):
     image = digits_captions.png_bytes(render(char, style))
     captions = {lang: name(char, lang) for lang in LANGUAGES}
     if split != "train":
-      yield label, {"image": image, "label": label, "emoji": char, "text": "", "language": "",
+      yield label, {"image": image, "label": label, "emoji": char, "text": captions["en"],
+                    "language": "en",
                     **{f"text_{lang}": captions[lang] for lang in LANGUAGES}}
       continue
     for i, lang in enumerate(LANGUAGES):

@@ -69,7 +69,7 @@ def test_small_build_splits_features_and_bytes(built, tmp_path):
   test_ids = digits_captions.split_ids(labels)[1][:MAX_IMAGES]
   assert sorted(int(test[k]["id"]) for k in range(len(test))) == sorted(test_ids.tolist())
   for r in (test[k] for k in range(len(test))):
-    assert r["text"] == r["language"] == b""
+    assert (r["text"], r["language"]) == (r["text_en"], b"en")
     assert {lang: r[f"text_{lang}"].decode() for lang in dm.LANGUAGES} == {
         lang: dm.caption(r["label"], int(r["id"]), lang) for lang in dm.LANGUAGES}
     assert r["image"].shape == (32, 32, 3)

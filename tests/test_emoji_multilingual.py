@@ -93,8 +93,8 @@ def test_small_build_splits_and_features(built):
   assert sorted({r["language"].decode() for r in train}) == sorted(em.LANGUAGES)
   noto, openmoji = _records(built, "test"), _records(built, "openmoji_test")
   for a, b in zip(noto, openmoji):
-    assert a["label"] == b["label"] and a["text"] == a["language"] == b"" and a["emoji"] == b[
-        "emoji"]
+    assert a["label"] == b["label"] and a["emoji"] == b["emoji"]
+    assert (a["text"], a["language"]) == (a["text_en"], b"en")
     for lang in em.LANGUAGES:
       assert a[f"text_{lang}"] == b[f"text_{lang}"] == em.names(
           "test", lang, MAX_EMOJI)[a["label"]].encode()

@@ -6,10 +6,16 @@ the config either as lists or by the name of a list big_mm ships:
 
 CLASSNAMES / TEMPLATES map those names to the lists (big_mm/evaluators/imagenet.py says where
 each comes from). The config keeps the name; evaluators resolve it when they are built.
+
+Per language (zeroshot with `languages`): a dict {language: names} / {language: templates}, or
+one value every language shares (by_language).
 """
 from __future__ import annotations
 
+import collections.abc
 import difflib
+
+import ml_collections
 
 from big_mm import config as config_lib
 from big_mm.evaluators import imagenet
@@ -63,3 +69,36 @@ def templates(key: str, value) -> tuple[str, ...]:
       raise config_lib.ConfigError(f"{key} entry {template!r}: each template must hold exactly "
                                    f'one "{{}}" (where the class name goes) and no other braces.')
   return value
+
+
+def languages(key: str, value) -> tuple[str, ...]:
+  """evals.X.languages: distinct language codes ("en", "ja", ...); () = not per language."""
+  value = tuple(value) if isinstance(value, (tuple, list)) else value
+  if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
+    raise config_lib.ConfigError(f"{key} must be a tuple of language codes like ('en', 'ja'), "
+                                 f"got {value!r}.")
+  bad = [v for v in value if v == "mean" or "/" in v or "->" in v]
+  if bad or len(set(value)) != len(value):
+    raise config_lib.ConfigError(
+        f"{key}={value!r}: languages must be distinct and none may be 'mean' or hold '/' or "
+        f"'->' (they name metrics: <lang>/accuracy, mean/accuracy, <A>-><B>/R@1).")
+  return value
+
+
+def by_language(key: str, value, langs: tuple[str, ...], parse) -> dict[str, tuple[str, ...]]:
+  """{language: parse(key, its value)} for evals.X.<key> given as {language: value} (a dict
+  holding every language in `langs`; others are ignored) or as one value for all of them."""
+  if not is_mapping(value):
+    parsed = parse(key, value)
+    return {lang: parsed for lang in langs}
+  missing = [lang for lang in langs if lang not in value]
+  if missing:
+    raise config_lib.ConfigError(
+        f"{key} has no entry for language(s) {missing} of languages={langs}; give one per "
+        f"language ({{'en': ..., 'ja': ...}}) or one value for all of them.")
+  return {lang: parse(f"{key}[{lang!r}]", value[lang]) for lang in langs}
+
+
+def is_mapping(value) -> bool:
+  """A dict or a ConfigDict (config.load makes a config's dicts ConfigDicts)."""
+  return isinstance(value, (collections.abc.Mapping, ml_collections.ConfigDict))

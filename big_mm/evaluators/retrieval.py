@@ -19,6 +19,16 @@ d of the embeddings (re-normalised), named with the suffix @d{d}: img2txt/R@1@d3
 
 An objective with its own similarity (FILIP: `common.own_similarity`) ranks by it: img2txt by
 its image->text similarity, txt2img by its text->image one (logged at every evaluation).
+
+Per language (`languages`, e.g. ("en", "ja") on data/emoji_multilingual.py's test splits): the
+captions in language L are the text column "text_L" (or text_column with "{lang}" in it, e.g.
+"captions_{lang}"); the images are embedded once. Every metric is reported per language,
+<L>/img2txt/R@1, <L>/num_captions, ..., and as its unweighted mean over the languages,
+mean/img2txt/R@1, .... With cross_lingual (default) and 2+ languages, text->text retrieval
+across languages too: each caption in A queries the captions in B, a hit when one of the same
+image's ranks within the top k (with the tie rule above): <A>-><B>/R@k for every ordered pair,
+and cross_lingual/R@k, the mean over the pairs (at the full embedding dim, by the dot product;
+an objective with its own image-text similarity needs cross_lingual=False).
 """
 from __future__ import annotations
 
@@ -27,7 +37,8 @@ import logging
 
 import numpy as np
 
-from big_mm.evaluators import common
+from big_mm import config as config_lib
+from big_mm.evaluators import common, prompts
 
 _QUERY_CHUNK = 1024  # Queries scored at once: bounds the [chunk, candidates] host arrays.
 
@@ -100,29 +111,107 @@ def _recall_metrics(zimg, ztxt, owner, labels, ks, scores=None) -> dict[str, flo
 class Retrieval(common.Evaluator):
   """recall@k in both directions; see the module docstring."""
   # COCO / Flickr30k: 5 captions per image.
-  DEFAULTS = dict(common.DEFAULTS, ks=(1, 5, 10), captions_per_image=5)
+  DEFAULTS = dict(common.DEFAULTS, ks=(1, 5, 10), captions_per_image=5, languages=(),
+                  cross_lingual=True)
 
   @staticmethod
   def validate(name, ev):
     common.int_at_least(f"evals.{name}.captions_per_image", ev["captions_per_image"], 1)
+    languages = prompts.languages(f"evals.{name}.languages", ev["languages"])
+    if not isinstance(ev["cross_lingual"], bool):
+      raise config_lib.ConfigError(f"evals.{name}.cross_lingual must be True or False, got "
+                                   f"{ev['cross_lingual']!r}.")
+    column = ev["text_column"]
+    if column is not None and ("{lang}" in column) != bool(languages):
+      raise config_lib.ConfigError(
+          f"evals.{name}.text_column={column!r}: with languages, a text column names each "
+          f"language's captions with '{{lang}}' (e.g. 'text_{{lang}}', the default); without "
+          f"languages it must not hold '{{lang}}'.")
+
+  def __init__(self, name, ev, context):
+    self.languages = tuple(ev.languages)
+    if self.languages:  # text_column "...{lang}..." is per language: none for the images.
+      ev = ev.copy_and_resolve_references()
+      self.text_column, ev.text_column = ev.text_column or "text_{lang}", None
+    super().__init__(name, ev, context)
+    if len(self.languages) > 1 and ev.cross_lingual and common.own_similarity(context):
+      raise config_lib.ConfigError(
+          f"evals.{name}: cross-lingual text->text retrieval ranks by the dot product of text "
+          f"embeddings, which this objective's own (FILIP token-wise) similarity has no "
+          f"counterpart of; set evals.{name}.cross_lingual=False.")
+
+  def _language_input(self, language: str):
+    """The eval input config reading the captions in `language`."""
+    cfg = self.input_cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.text_column = self.text_column.format(lang=language)
+    return cfg
 
   def evaluate(self, params) -> dict[str, float]:
+    if self.languages:
+      return self._evaluate_languages(params)
     ev = self.ev
     data = self.context.embedder.split(params, self.input_cfg, ev.batch_size,
                                        captions=ev.captions_per_image)
     zimg, ztxt, owner = data["zimg"], data["ztxt"], data["caption_owner"]
     _check_finite(self.name, "image", zimg)
     _check_finite(self.name, "text", ztxt)
-    if common.own_similarity(self.context):
-      logging.getLogger("big_mm").info(
-          "evals.%s: ranking by the objective's own (FILIP token-wise) similarity.", self.name)
-    out = _recall_metrics(zimg, ztxt, owner, data.get("label"), ev.ks,
-                          functools.partial(common.scores, self.context))
-    for dim in common.matryoshka_dims(self.context, zimg.shape[-1]):
-      at_dim = _recall_metrics(common.matryoshka_prefix(zimg, dim),
-                               common.matryoshka_prefix(ztxt, dim), owner, data.get("label"),
-                               ev.ks)
-      out.update({f"{name}@d{dim}": value for name, value in at_dim.items()})
+    out = self._image_text(zimg, ztxt, owner, data.get("label"))
     out["num_examples"] = float(len(zimg))
     out["num_captions"] = float(len(ztxt))
     return out
+
+  def _evaluate_languages(self, params) -> dict[str, float]:
+    """Per language, their means and cross-lingual text->text recall (module docstring)."""
+    ev, embedder = self.ev, self.context.embedder
+    # The images (with the first language's captions as the records' text, unused).
+    images = embedder.split(params, self._language_input(self.languages[0]), ev.batch_size,
+                            texts=False)
+    zimg = images["zimg"]
+    _check_finite(self.name, "image", zimg)
+    out, texts = {}, {}
+    for lang in self.languages:
+      data = embedder.split(params, self._language_input(lang), ev.batch_size, images=False,
+                            captions=ev.captions_per_image)
+      texts[lang] = data["ztxt"], data["caption_owner"]
+      _check_finite(self.name, f"{lang} text", data["ztxt"])
+      metrics = self._image_text(zimg, *texts[lang], images.get("label"))
+      metrics["num_captions"] = float(len(data["ztxt"]))
+      out.update({f"{lang}/{k}": v for k, v in metrics.items()})
+    out.update({f"mean/{k}": float(np.mean([out[f"{lang}/{k}"] for lang in self.languages]))
+                for k in metrics})
+    if ev.cross_lingual and len(self.languages) > 1:
+      out.update(cross_lingual_recalls(texts, ev.ks))
+    out["num_examples"] = float(len(zimg))
+    return out
+
+  def _image_text(self, zimg, ztxt, owner, labels) -> dict[str, float]:
+    """_recall_metrics with the objective's scores, and at each Matryoshka prefix dim."""
+    ev = self.ev
+    if common.own_similarity(self.context):
+      logging.getLogger("big_mm").info(
+          "evals.%s: ranking by the objective's own (FILIP token-wise) similarity.", self.name)
+    out = _recall_metrics(zimg, ztxt, owner, labels, ev.ks,
+                          functools.partial(common.scores, self.context))
+    for dim in common.matryoshka_dims(self.context, zimg.shape[-1]):
+      at_dim = _recall_metrics(common.matryoshka_prefix(zimg, dim),
+                               common.matryoshka_prefix(ztxt, dim), owner, labels, ev.ks)
+      out.update({f"{name}@d{dim}": value for name, value in at_dim.items()})
+    return out
+
+
+def cross_lingual_recalls(texts, ks) -> dict[str, float]:
+  """{"<A>-><B>/R@k": recall of A's captions querying B's (right: a caption of the same image),
+  "cross_lingual/R@k": the mean over the ordered pairs}; texts: {language: (ztxt [M, D], owner
+  [M], each caption's image row)}."""
+  out = {}
+  pairs = [(a, b) for a in texts for b in texts if a != b]
+  for a, b in pairs:
+    (za, owner_a), (zb, owner_b) = texts[a], texts[b]
+    has_b = np.isin(owner_a, owner_b)  # Queries whose image has a caption in b.
+    za, owner_a = za[has_b], owner_a[has_b]
+    recalls = _recalls(za, zb, lambda rows: owner_a[rows][:, None] == owner_b[None], ks)
+    out.update({f"{a}->{b}/R@{k}": value for k, value in recalls.items()})
+  out.update({f"cross_lingual/R@{k}": float(np.mean([out[f"{a}->{b}/R@{k}"] for a, b in pairs]))
+              for k in ks})
+  return out

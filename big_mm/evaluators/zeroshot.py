@@ -3,6 +3,15 @@
 ImageNet as in the CLIP / SigLIP papers (configs/common.py paper_evals):
   dict(type="zeroshot", data="imagenet2012", split="validation", classnames="imagenet2012",
        templates="clip80")
+
+Per language (multilingual models), with `languages` and class names / templates per language
+(a {language: value} dict, or one value all languages share; data/emoji_multilingual.py's
+names() and data/digits_multilingual.py's words() / prompts() give them):
+  dict(type="zeroshot", data="emoji_multilingual", split="openmoji_test", languages=("en", "ja"),
+       classnames={"en": names("test", "en"), "ja": names("test", "ja")}, templates=("{}",))
+reports <lang>/accuracy and <lang>/balanced_accuracy per language and mean/accuracy,
+mean/balanced_accuracy: their unweighted means over the languages (every language classifies the
+same images). The images are embedded once.
 """
 from __future__ import annotations
 
@@ -51,20 +60,20 @@ class ZeroShot(common.Evaluator):
   embeddings (re-normalised): accuracy@d{k}, balanced_accuracy@d{k}. An objective with its
   own similarity (FILIP, common.own_similarity) scores each class by the mean over its
   prompts of that similarity instead (logged at every evaluation)."""
-  DEFAULTS = dict(common.DEFAULTS, classnames=(), templates=("{}",))
+  DEFAULTS = dict(common.DEFAULTS, classnames=(), templates=("{}",), languages=())
 
   @staticmethod
   def validate(name, ev):
-    prompts.classnames(f"evals.{name}.classnames", ev["classnames"])
-    prompts.templates(f"evals.{name}.templates", ev["templates"])
+    prompt_lists(name, ev)
 
   def __init__(self, name, ev, context):
     super().__init__(name, ev, context)
     if context.tokenizer is None:
       raise config_lib.ConfigError(f"evals.{name} (zeroshot) needs input.tokenizer (to tokenize "
                                    f"the class prompts).")
-    self.classnames = prompts.classnames(f"evals.{name}.classnames", ev.classnames)
-    self.templates = prompts.templates(f"evals.{name}.templates", ev.templates)
+    # {language: (classnames, templates)}; {None: ...} without languages.
+    self.prompts = prompt_lists(name, ev)
+    num_classes = len(next(iter(self.prompts.values()))[0])
     # A TFDS dataset names its classes: their number must match (and the dataset must be
     # there) now, at start-up, not at the first evaluation.
     try:
@@ -72,25 +81,25 @@ class ZeroShot(common.Evaluator):
     except sources.DatasetNotFound as e:
       raise sources.DatasetNotFound(f"evals.{name}: {e}. Or turn this evaluator off: "
                                     f"--config.evals.{name}.every_steps=0") from None
-    if labels is not None and len(labels) != len(self.classnames):
+    if labels is not None and len(labels) != num_classes:
       raise config_lib.ConfigError(
           f"evals.{name}: {self.input_cfg.data!r} has {len(labels)} classes but classnames "
-          f"has {len(self.classnames)} names; give one name per label id, in order.")
+          f"has {num_classes} names; give one name per label id, in order.")
 
-  def _own_scores(self, params, zimg):
+  def _own_scores(self, params, zimg, classnames, templates):
     """[N, C] with the objective's own similarity (FILIP): a class's score is the mean over
     its prompts of the image->text similarity (token features have no mean embedding)."""
     context, ev = self.context, self.ev
     logging.getLogger("big_mm").info(
         "evals.%s: classifying by the objective's own (FILIP token-wise) similarity.", self.name)
     scores = []
-    for start in range(0, len(self.classnames), ev.batch_size):
-      names = self.classnames[start:start + ev.batch_size]
-      tokens = context.tokenizer.encode([t.format(n) for n in names for t in self.templates],
+    for start in range(0, len(classnames), ev.batch_size):
+      names = classnames[start:start + ev.batch_size]
+      tokens = context.tokenizer.encode([t.format(n) for n in names for t in templates],
                                         context.config.input.text_len)
       ztxt = context.embedder.texts(params, tokens, ev.batch_size)
       s = common.scores(context, zimg, ztxt, "img2txt")
-      scores.append(s.reshape(len(zimg), len(names), len(self.templates)).mean(axis=-1))
+      scores.append(s.reshape(len(zimg), len(names), len(templates)).mean(axis=-1))
     return np.concatenate(scores, axis=1)
 
   def evaluate(self, params) -> dict[str, float]:
@@ -99,23 +108,61 @@ class ZeroShot(common.Evaluator):
     if "label" not in data:
       raise ValueError(f"Split {ev.split!r} of {self.input_cfg.data!r} has no labels for "
                        f"zero-shot.")
+    out = {"num_examples": float(len(data["label"]))}
+    for language, (classnames, templates) in self.prompts.items():
+      prefix = "" if language is None else f"{language}/"
+      accuracies = self._accuracies(params, data, classnames, templates)
+      out.update({prefix + k: v for k, v in accuracies.items()})
+    if None not in self.prompts:  # Per language: the means over the languages too.
+      out.update({f"mean/{k}": float(np.mean([out[f"{lang}/{k}"] for lang in self.prompts]))
+                  for k in accuracies})
+    return out
+
+  def _accuracies(self, params, data, classnames, templates) -> dict[str, float]:
+    """accuracy, balanced_accuracy (and @d{k}) of the images in data with these prompts."""
+    ev, context = self.ev, self.context
     # Matryoshka models: the accuracies at every prefix dim k too, named "...@d{k}".
     prefix_dims = common.matryoshka_dims(context, data["zimg"].shape[-1])
     if common.own_similarity(context):  # FILIP: token features have no class embedding
       classes = {None: None}
     else:
       classes = class_embeddings_by_dim(context.embedder, params, context.tokenizer,
-                                        self.classnames, self.templates,
+                                        classnames, templates,
                                         context.config.input.text_len, ev.batch_size,
                                         prefix_dims)
     labels = data["label"]
-    out = {"num_examples": float(len(labels))}
+    out = {}
     for dim, class_z in classes.items():
       zimg = data["zimg"] if dim is None else common.matryoshka_prefix(data["zimg"], dim)
       pred = np.argmax(zimg @ class_z.T if class_z is not None else self._own_scores(
-          params, zimg), axis=-1)
+          params, zimg, classnames, templates), axis=-1)
       per_class = [np.mean(pred[labels == c] == c) for c in np.unique(labels)]
       suffix = "" if dim is None else f"@d{dim}"
       out[f"accuracy{suffix}"] = float(np.mean(pred == labels))
       out[f"balanced_accuracy{suffix}"] = float(np.mean(per_class))
     return out
+
+
+def prompt_lists(name: str, ev) -> dict:
+  """{language: (classnames, templates)} of evals.{name} (ev: its keys); {None: (...)} without
+  languages. ConfigError for a bad value, a language without names or templates, or languages
+  whose class counts differ."""
+  langs = prompts.languages(f"evals.{name}.languages", ev["languages"])
+  if not langs:
+    for key in ("classnames", "templates"):
+      if prompts.is_mapping(ev[key]):
+        raise config_lib.ConfigError(
+            f"evals.{name}.{key} is given per language ({list(ev[key].keys())}); name the "
+            f"languages to evaluate: evals.{name}.languages=('en', ...).")
+    return {None: (prompts.classnames(f"evals.{name}.classnames", ev["classnames"]),
+                   prompts.templates(f"evals.{name}.templates", ev["templates"]))}
+  names = prompts.by_language(f"evals.{name}.classnames", ev["classnames"], langs,
+                              prompts.classnames)
+  templates = prompts.by_language(f"evals.{name}.templates", ev["templates"], langs,
+                                  prompts.templates)
+  counts = {lang: len(n) for lang, n in names.items()}
+  if len(set(counts.values())) > 1:
+    raise config_lib.ConfigError(
+        f"evals.{name}.classnames: every language needs one name per label id, in order, but "
+        f"their counts differ: {counts}.")
+  return {lang: (names[lang], templates[lang]) for lang in langs}
