@@ -101,7 +101,8 @@ def defaults() -> ConfigDict:
   # language_column: the record field / TFDS feature / table column holding each record's
   # language code; language_temperature = T (None: off; a number >= 1, inf: uniform): training
   # draws language l with p_l ~ n_l^(1/T), n_l its natural share (mixtures: the weighted share;
-  # the parts keep their weights within a language) (big_mm/input/languages.py).
+  # the parts keep their weights within a language) (big_mm/input/languages.py); languages:
+  # a tuple of codes, only records in these languages are trained on (None: all).
   c.input = ConfigDict(dict(
       data="digits_captions", split="train", data_dir=None, image_column=None,
       text_column=None, tokenizer=None, text_len=16,
@@ -110,7 +111,7 @@ def defaults() -> ConfigDict:
       semseg_column=None, prefix_column=None, prefix_len=0, box_column=None,
       box_text_column=None, max_boxes=0, box_text_len=0, max_bad_fraction=0.5,
       drop_failing_parts=False, captions_per_example=1, split_long_captions=False,
-      language_column=None, language_temperature=None,
+      language_column=None, language_temperature=None, languages=None,
   ))
   # {name: {type: ..., ...}} (FREE_FORM): each type's keys, defaults and checks are its
   # evaluator's (big_mm/evaluators/; every_* durations: evaluators/common.py DEFAULTS).
@@ -304,6 +305,15 @@ def _validate_languages(input_cfg: ConfigDict) -> None:
   if column is not None and (not isinstance(column, str) or not column):
     raise ConfigError(f"input.language_column must be a field name (a non-empty string) or "
                       f"None, got {column!r}.")
+  keep = input_cfg.languages
+  if keep is not None:
+    if (isinstance(keep, str) or not isinstance(keep, (tuple, list)) or not keep
+        or not all(isinstance(l, str) and l for l in keep)):
+      raise ConfigError(f"input.languages must be None or a non-empty tuple of language codes, "
+                        f"e.g. ('en',); got {keep!r}.")
+    if column is None:
+      raise ConfigError(f"input.languages={tuple(keep)!r} needs input.language_column: the "
+                        f"record field holding each record's language (e.g. 'language').")
   if temperature is None:
     return
   from big_mm.input import languages  # pylint: disable=g-import-not-at-top

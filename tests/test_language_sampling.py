@@ -168,3 +168,22 @@ def test_bad_keys_fail_clearly(data):
     pipeline.make_train_iterator(dict(_cfg(f"jsonl:{d}/main.jsonl", language_temperature=2.0),
                                       language_column="lang"),
                                  global_batch_size=4, seed=0, sharding=None)
+
+
+def test_languages_keeps_only_those_records(data):
+  """input.languages=("ja", "ar"): the stream holds those languages only, in their natural
+  proportion (150 : 40) without a temperature."""
+  d, lang_of = data
+  it = pipeline.make_train_iterator(_cfg(f"jsonl:{d}/main.jsonl", languages=("ja", "ar")),
+                                    global_batch_size=4, seed=0, sharding=None)
+  stream = _stream_languages(it, len(it.language_source))
+  assert set(stream) == {"ja", "ar"}
+  assert stream.count("ja") == 150 and stream.count("ar") == 40
+  with pytest.raises(ValueError, match=r"no record is in these languages.*'en'"):
+    pipeline.make_train_iterator(_cfg(f"jsonl:{d}/main.jsonl", languages=("xx",)),
+                                 global_batch_size=4, seed=0, sharding=None)
+  cfg = config_lib.defaults()
+  cfg.total_steps = 1
+  cfg.input.languages = "en"
+  with pytest.raises(config_lib.ConfigError, match="tuple of language codes"):
+    config_lib.validate(cfg)

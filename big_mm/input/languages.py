@@ -131,9 +131,11 @@ class LanguageSampledSource:
   """
 
   def __init__(self, parts: Sequence[Any], weights: Sequence[float], names: Sequence[str],
-               column: str, temperature: float):
+               column: str, temperature: float, keep: Sequence[str] | None = None):
     self.sources, self.names = list(parts), list(names)
     self.column, self.temperature = column, check_temperature(temperature)
+    self.keep = None if keep is None else tuple(keep)
+    found = set()
     p = np.asarray(weights, np.float64) / float(sum(weights))
     cells, natural, self.scan = [], {}, []  # cells: (part, language, indices)
     for k, part in enumerate(self.sources):
@@ -147,10 +149,16 @@ class LanguageSampledSource:
       for i, v in enumerate(values):
         if v is not None:
           by_language.setdefault(v, []).append(i)
+      found.update(by_language)
       for lang, idx in sorted(by_language.items()):
+        if self.keep is not None and lang not in self.keep:
+          continue
         share = p[k] * len(idx) / readable  # p_k n_{k,l} / n_k
         natural[lang] = natural.get(lang, 0.0) + share
         cells.append((k, lang, np.asarray(idx, _index_dtype(len(values))), share))
+    if not natural:
+      raise ValueError(f"input.languages={self.keep}: no record is in these languages; the "
+                       f"data has {sorted(found)} (input.language_column={column!r}).")
     self.natural = natural
     self.target = temperature_probs(natural, self.temperature)
     self.cells = [(k, lang, idx) for k, lang, idx, _ in cells]
@@ -212,16 +220,18 @@ class LanguageSampledSource:
             f"T={self.temperature:g}, {len(self.cells)} cells)")
 
 
-def sample_languages(source, column: str, temperature: float, name: str = "input.data"
-                     ) -> LanguageSampledSource:
-  """`source` (a MixtureSource: its parts and weights) resampled by language, logged."""
+def sample_languages(source, column: str, temperature: float, name: str = "input.data",
+                     keep: Sequence[str] | None = None) -> LanguageSampledSource:
+  """`source` (a MixtureSource: its parts and weights) resampled by language, logged.
+  keep (input.languages): only records in these languages are read (the others are left
+  out; the natural shares are then those of the kept languages)."""
   if not isinstance(column, str) or not column:
     raise ValueError(f"input.language_temperature needs input.language_column (the field "
                      f"holding each record's language), got {column!r}.")
   if isinstance(source, mixture.MixtureSource):
     out = LanguageSampledSource(source.sources, source.weights, source.names, column,
-                                temperature)
+                                temperature, keep)
   else:
-    out = LanguageSampledSource([source], [1.0], [str(name)], column, temperature)
+    out = LanguageSampledSource([source], [1.0], [str(name)], column, temperature, keep)
   logging.info("%s", out.report())
   return out

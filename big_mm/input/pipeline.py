@@ -476,9 +476,11 @@ class TrainIterator:
     name, split = _get(input_cfg, "data"), _get(input_cfg, "split", "train")
     source = sources.open_source(name, split, _get(input_cfg, "data_dir"),
                                  **sources.source_options(input_cfg))
-    if _get(input_cfg, "language_temperature") is not None:  # Resampled by language.
+    temperature, keep = _get(input_cfg, "language_temperature"), _get(input_cfg, "languages")
+    if temperature is not None or keep is not None:  # Resampled / filtered by language.
       source = languages.sample_languages(source, _get(input_cfg, "language_column"),
-                                          _get(input_cfg, "language_temperature"), str(name))
+                                          1.0 if temperature is None else temperature,
+                                          str(name), keep=keep)
     self.language_source = source if hasattr(source, "language_of") else None
     self.num_examples = len(source)
     if self.num_examples == 0:
