@@ -1,15 +1,19 @@
 """data/emoji_multilingual.py: the emoji split, their names in 14 languages, the Noto and OpenMoji
-renders and the TFDS splits of a small build."""
+renders, the TFDS splits of a small build and the per-language evaluators reading them."""
 import glob
 import io
 import os
 import unicodedata
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from big_mm import evaluators, sharding
+from big_mm.input.tokenizer import Tokenizer
+from conftest import TOKENIZER, tiny_config
 from data import emoji_multilingual as em
 
 pytestmark = pytest.mark.skipif(
@@ -112,3 +116,37 @@ def test_two_builds_write_the_same_bytes(built, tmp_path):
     again = os.path.join(str(tmp_path), os.path.relpath(path, built))
     with open(path, "rb") as f, open(again, "rb") as g:
       assert f.read() == g.read(), path
+
+
+class _CrudeObjective:
+  """Images: their mean colour; texts: their first two tokens, as 3 numbers."""
+
+  def embed_images(self, params, images):
+    del params
+    return images.mean(axis=(1, 2))
+
+  def embed_texts(self, params, texts):
+    del params
+    return jnp.stack([texts[:, 0], texts[:, 1], jnp.ones(len(texts))], -1).astype(jnp.float32)
+
+
+def test_per_language_evaluators_read_the_built_splits(built):
+  """zeroshot with names(split, lang) and retrieval over text_<lang> on openmoji_test."""
+  langs = ("en", "ja", "ar")
+  common = dict(data="emoji_multilingual", split="openmoji_test", languages=langs,
+                pp_image="decode|value_range(-1,1)", batch_size=8)
+  config = tiny_config(built, evals={
+      "z": dict(common, type="zeroshot", templates=("{}",),
+                classnames={lang: em.names("test", lang, MAX_EMOJI) for lang in em.LANGUAGES}),
+      "r": dict(common, type="retrieval", ks=(1,))})
+  context = evaluators.EvalContext(config, sharding.make_mesh(config.mesh), _CrudeObjective(),
+                                   Tokenizer(TOKENIZER))
+  out = {}
+  for name in ("z", "r"):
+    out.update(evaluators.build(name, config.evals[name], context)({}))
+  keys = {f"eval/z/{lang}/accuracy" for lang in langs + ("mean",)} | {
+      f"eval/r/{lang}/img2txt/R@1" for lang in langs + ("mean",)} | {
+      "eval/r/ja->ar/R@1", "eval/r/cross_lingual/R@1"}
+  assert keys <= set(out) and all(0 <= out[k] <= 1 for k in keys)
+  assert out["eval/z/num_examples"] == out["eval/r/num_examples"] == 2
+  assert out["eval/r/en/num_captions"] == out["eval/r/ja/num_captions"] == 2
