@@ -89,7 +89,8 @@ def test_command_line_parsing():
 
 
 @pytest.mark.parametrize("name", ["demo", "siglip_b16", "clip_b16", "lit_b16",
-                                  "siglip_moe_b16"])
+                                  "siglip_moe_b16", "msiglip_b16", "demo_moe",
+                                  "demo_multilingual"])
 def test_every_recipe_config_is_valid(name):
   c = config_lib.load(f"configs/{name}.py")
   assert c.model_name == "towers" and set(c.model.towers) == {"image", "text"}
