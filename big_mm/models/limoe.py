@@ -44,7 +44,7 @@ import numpy as np
 
 from big_mm import modalities
 from big_mm.models import layers, moe, text
-from big_mm.models.towers import l2_normalize
+from big_mm.models import towers as towers_lib
 from big_mm.models.vit import resolve_arch
 
 # Per-modality kwargs and their defaults (None: from the variant / (16, 16) / 32,000).
@@ -180,13 +180,7 @@ class LIMoE(nn.Module):
     return out
 
   def out_dims(self) -> dict[str, Optional[int]]:
-    d = self.out_dim
-    if d is None or isinstance(d, (int, np.integer)):
-      return {m: d for m in self.towers}
-    if not isinstance(d, Mapping) or set(d) - set(self.towers):
-      raise ValueError(f"model.out_dim must be an int or {{modality: int}} over the towers "
-                       f"{sorted(self.towers)}; got {self.out_dim!r}.")
-    return {m: d.get(m) for m in self.towers}
+    return towers_lib.out_dims(self.out_dim, self.towers)
 
   def moe_settings(self):
     return moe.settings(self.moe, self.arch()["depth"], where="model.moe")
@@ -231,17 +225,9 @@ class LIMoE(nn.Module):
                                  dims[m], self.dropout, self.dtype, name=mod.scope)(
                                      x, shared, train=train)
       out.update({f"{mod.scope}/{k}": v for k, v in tower_out.items()})
-      z[m] = l2_normalize(pooled)
+      z[m] = towers_lib.l2_normalize(pooled)
 
-    t_init = float(np.log(self.temperature_init))
-    t = self.param("t", layers.logical(lambda k, s, d: jnp.full(s, t_init, d), (None,)),
-                   (1,), jnp.float32)
-    b_init = 0.0 if self.bias_init is None else float(self.bias_init)
-    b = self.param("b", layers.logical(lambda k, s, d: jnp.full(s, b_init, d), (None,)),
-                   (1,), jnp.float32)
-    out["t/parameterized"] = t[0]
-    out["t"] = jnp.exp(t[0])
-    out["b"] = b[0]
+    out.update(towers_lib.contrastive_scalars(self, self.temperature_init, self.bias_init))
     return z, out
 
 

@@ -79,13 +79,7 @@ class Towers(nn.Module):
     super().__post_init__()
 
   def out_dims(self) -> dict[str, Optional[int]]:
-    d = self.out_dim
-    if d is None or isinstance(d, (int, np.integer)):
-      return {m: d for m in self.towers}
-    if not isinstance(d, Mapping) or set(d) - set(self.towers):
-      raise ValueError(f"model.out_dim must be an int or {{modality: int}} over the towers "
-                       f"{sorted(self.towers)}; got {self.out_dim!r}.")
-    return {m: d.get(m) for m in self.towers}
+    return out_dims(self.out_dim, self.towers)
 
   def tower_kwargs(self, modality: str) -> tuple[type, dict]:
     """(class, full kwargs) of one tower, head size and head init included."""
@@ -114,16 +108,31 @@ class Towers(nn.Module):
       out.update({f"{scope}/{k}": v for k, v in tower_out.items()})
       z[m] = l2_normalize(pooled)
 
-    t_init = float(np.log(self.temperature_init))
-    t = self.param("t", layers.logical(lambda k, s, d: jnp.full(s, t_init, d), (None,)),
-                   (1,), jnp.float32)
-    b_init = 0.0 if self.bias_init is None else float(self.bias_init)
-    b = self.param("b", layers.logical(lambda k, s, d: jnp.full(s, b_init, d), (None,)),
-                   (1,), jnp.float32)
-    out["t/parameterized"] = t[0]
-    out["t"] = jnp.exp(t[0])
-    out["b"] = b[0]
+    out.update(contrastive_scalars(self, self.temperature_init, self.bias_init))
     return z, out
+
+
+def contrastive_scalars(module: nn.Module, temperature_init: float,
+                        bias_init: Optional[float]) -> dict:
+  """The params `t` [1] (log temperature, init log temperature_init) and `b` [1] (bias, init
+  bias_init or 0) of `module` -> {"t/parameterized": t, "t": exp(t), "b": b} (scalars)."""
+  t_init = float(np.log(temperature_init))
+  t = module.param("t", layers.logical(lambda k, s, d: jnp.full(s, t_init, d), (None,)),
+                   (1,), jnp.float32)
+  b_init = 0.0 if bias_init is None else float(bias_init)
+  b = module.param("b", layers.logical(lambda k, s, d: jnp.full(s, b_init, d), (None,)),
+                   (1,), jnp.float32)
+  return {"t/parameterized": t[0], "t": jnp.exp(t[0]), "b": b[0]}
+
+
+def out_dims(out_dim, modalities_: Mapping[str, Any]) -> dict[str, Optional[int]]:
+  """`out_dim` (an int for every tower, or {modality: int}) -> {modality: int or None}."""
+  if out_dim is None or isinstance(out_dim, (int, np.integer)):
+    return {m: out_dim for m in modalities_}
+  if not isinstance(out_dim, Mapping) or set(out_dim) - set(modalities_):
+    raise ValueError(f"model.out_dim must be an int or {{modality: int}} over the towers "
+                     f"{sorted(modalities_)}; got {out_dim!r}.")
+  return {m: out_dim.get(m) for m in modalities_}
 
 
 def from_two_towers(kwargs: Mapping[str, Any]) -> dict:
