@@ -93,10 +93,21 @@ def check_batch_size(batch_size: int, mesh: Mesh, process_count: int | None = No
     raise ShardingError(f"batch_size={batch_size} does not divide over {process_count} processes.")
 
 
-def rules(config_rules) -> tuple[tuple[str, Any], ...]:
-  if config_rules is None:
-    return DEFAULT_RULES
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config_rules)
+def rules(config_rules, mesh: Mesh | None = None) -> tuple[tuple[str, Any], ...]:
+  """The logical-axis rules (config.sharding_rules, None: DEFAULT_RULES); with `mesh`, mesh
+  axes it lacks are dropped from them (a hand-made mesh without `expert`, say)."""
+  out = DEFAULT_RULES if config_rules is None else tuple(
+      (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config_rules)
+  if mesh is None:
+    return out
+
+  def present(axes):
+    if isinstance(axes, str) or axes is None:
+      return axes if axes is None or axes in mesh.axis_names else None
+    kept = tuple(a for a in axes if a in mesh.axis_names)
+    return kept or None
+
+  return tuple((name, present(axes)) for name, axes in out)
 
 
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -126,7 +137,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, config_rules=None) -> Any
   Leaves without logical names (or with names that map nowhere) are replicated.
   """
   specs = nn.get_partition_spec(abstract_boxed)
-  mesh_specs = nn.logical_to_mesh(specs, rules(config_rules))
+  mesh_specs = nn.logical_to_mesh(specs, rules(config_rules, mesh))
   shapes = unbox(abstract_boxed)
   return jax.tree.map(
       lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),

@@ -246,7 +246,8 @@ def use_mesh(setup: Setup):
   """Context for tracing: the mesh and logical-axis rules for activation constraints."""
   stack = contextlib.ExitStack()
   stack.enter_context(jax.set_mesh(setup.mesh))
-  stack.enter_context(nn.logical_axis_rules(sharding.rules(setup.config.sharding_rules)))
+  stack.enter_context(nn.logical_axis_rules(sharding.rules(setup.config.sharding_rules,
+                                                          setup.mesh)))
   return stack
 
 

@@ -112,6 +112,24 @@ def tiny_config(data_dir, **changes):
   return config_lib.load(user)
 
 
+def train_steps(config, devices, batches):
+  """Trains on host `batches` with `config.mesh` over `devices` -> (setup, each step's metrics,
+  the final params (host arrays), the params' shardings)."""
+  import jax
+  from big_mm import sharding, train
+  setup = train.build(config, devices=devices)
+  ts = train.make_train_state(setup)
+  with train.use_mesh(setup):
+    state = ts.init(jax.random.key(0))
+    step = train.make_train_step(setup, ts)
+    metrics = []
+    for batch in batches:
+      batch = {k: jax.device_put(v, sharding.batch_sharding(setup.mesh)) for k, v in batch.items()}
+      state, m = step(state, batch)
+      metrics.append(jax.device_get(m))
+  return setup, metrics, jax.device_get(state["params"]), ts.shardings["params"]
+
+
 def final_params(workdir, step):
   """The params a run saved at `step` (host arrays)."""
   import jax

@@ -205,7 +205,7 @@ def test_sharded_loss_and_grad_equal_single_device():
   (ref_loss, _), ref_grads = jax.jit(grad_fn)(params, batch, rng)
 
   model = obj.model
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(None)):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(None, mesh)):
     boxed = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, images[:1],
                                               texts[:1], train=False)["params"])
     param_sh = sharding.logical_shardings(boxed, mesh)

@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_mm import sharding, train
 from big_mm.input import pipeline
 from big_mm.models import aux_loss, get_model, limoe, moe
-from conftest import tiny_config
+from conftest import tiny_config, train_steps
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=2)
 TOWERS = {"image": {"patch_size": 8, "pool": "map"}, "text": {"vocab_size": 50}}
@@ -105,20 +104,6 @@ def test_entropy_losses_match_numpy():
     assert "aux_loss/load_balance" not in aux and "img/moe_dropped" in aux
 
 
-def _run(config, devices, batches):
-  setup = train.build(config, devices=devices)
-  ts = train.make_train_state(setup)
-  with train.use_mesh(setup):
-    state = ts.init(jax.random.key(0))
-    step = train.make_train_step(setup, ts)
-    metrics = []
-    for batch in batches:
-      batch = {k: jax.device_put(v, sharding.batch_sharding(setup.mesh)) for k, v in batch.items()}
-      state, m = step(state, batch)
-      metrics.append(jax.device_get(m))
-  return setup, metrics, jax.device_get(state["params"]), ts.shardings["params"]
-
-
 def test_contrastive_trains_limoe_expert_parallel_like_one_device(data_dir):
   """model_name="limoe" through train.build / make_train_step: experts over an expert axis of
   4 train exactly as on one device, with per-modality entropy terms and MoE statistics."""
@@ -131,12 +116,10 @@ def test_contrastive_trains_limoe_expert_parallel_like_one_device(data_dir):
   it = pipeline.make_train_iterator(tiny_config(data_dir).input, global_batch_size=16, seed=0,
                                     sharding=None)
   batches = [{k: v for k, v in next(it).items() if k in ("image", "text")} for _ in range(2)]
-  _, ref, ref_params, _ = _run(tiny_config(data_dir, model_name="limoe", model=model,
-                                           mesh=dict(data=1, expert=1)),
-                               jax.devices()[:1], batches)
-  setup, got, params, shardings = _run(tiny_config(data_dir, model_name="limoe", model=model,
-                                                   mesh=dict(data=2, expert=4)),
-                                       jax.devices(), batches)
+  config = lambda mesh: tiny_config(data_dir, model_name="limoe", model=model, mesh=mesh)
+  _, ref, ref_params, _ = train_steps(config(dict(data=1, expert=1)), jax.devices()[:1], batches)
+  setup, got, params, shardings = train_steps(config(dict(data=2, expert=4)), jax.devices(),
+                                              batches)
   keys = [f"aux_loss/entropy_{kind}/{m}" for kind in ("local", "global")
           for m in ("image", "text")]
   keys += ["loss", "img/moe_dropped", "txt/moe_dropped", "txt/moe_load/expert_3",

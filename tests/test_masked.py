@@ -256,7 +256,7 @@ def test_sharded_loss_and_grad_equal_single_device():
   (ref_loss, _), ref_grads = grad_fn(params, batch, rng)
   mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(None)):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(None, mesh)):
     boxed = jax.eval_shape(lambda: obj.init_params(jax.random.key(0)))
     param_sh = sharding.logical_shardings(boxed, mesh)
     assert any(s.spec != P() for s in jax.tree.leaves(param_sh))  # FSDP really shards

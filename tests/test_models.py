@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 from big_mm.kernels import attention as attn
 from big_mm.models import MODELS, get_model, layers
 from big_mm.models.text import TextTransformer, last_token_index
-from big_mm.models.towers import TOWERS, Towers
+from big_mm.models.towers import Towers
 from big_mm.models.vit import ViT, decode_variant
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4)

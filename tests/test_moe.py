@@ -14,7 +14,7 @@ from big_mm import config as config_lib
 from big_mm import sharding, train
 from big_mm.input import pipeline
 from big_mm.models import aux_loss, moe
-from conftest import ROOT, final_params, tiny_config
+from conftest import ROOT, final_params, tiny_config, train_steps
 
 
 def loop_token_choice(probs, top_k, cap, batch_priority, renormalize, causal):
@@ -150,20 +150,6 @@ def test_moe_decoder_stays_causal_and_decodes_like_the_full_pass():
       np.testing.assert_allclose(out, full[:, pos], atol=2e-5, rtol=1e-5)
 
 
-def run_moe_steps(config, devices, batches):
-  setup = train.build(config, devices=devices)
-  ts = train.make_train_state(setup)
-  with train.use_mesh(setup):
-    state = ts.init(jax.random.key(0))
-    step = train.make_train_step(setup, ts)
-    metrics = []
-    for batch in batches:
-      batch = {k: jax.device_put(v, sharding.batch_sharding(setup.mesh)) for k, v in batch.items()}
-      state, m = step(state, batch)
-      metrics.append(jax.device_get(m))
-  return metrics, jax.device_get(state["params"]), ts.shardings["params"]
-
-
 @pytest.mark.parametrize("image_top_k,text_top_k", [(1, 2), (2, 1)])
 def test_expert_parallel_steps_match_one_device(data_dir, image_top_k, text_top_k):
   """Experts over an expert axis of 4 (batch over data 2 x expert 4) train exactly like one
@@ -175,9 +161,9 @@ def test_expert_parallel_steps_match_one_device(data_dir, image_top_k, text_top_
                                            capacity_factor=0.5, router_noise=0.1),
             "model.towers.text.moe": dict(layers="all", num_experts=4, top_k=text_top_k,
                                           capacity_factor=4.0, renormalize=True)}
-  ref, ref_params, _ = run_moe_steps(tiny_config(data_dir, mesh=dict(data=1, expert=1),
+  _, ref, ref_params, _ = train_steps(tiny_config(data_dir, mesh=dict(data=1, expert=1),
                                                  **towers), jax.devices()[:1], batches)
-  got, params, shardings = run_moe_steps(tiny_config(data_dir, mesh=dict(data=2, expert=4),
+  _, got, params, shardings = train_steps(tiny_config(data_dir, mesh=dict(data=2, expert=4),
                                                      **towers), jax.devices(), batches)
   for r, g in zip(ref, got):
     for key in ("loss", "img/moe_dropped", "txt/moe_dropped", "aux_loss/load_balance",

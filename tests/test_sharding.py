@@ -95,3 +95,11 @@ def test_expert_axis_shards_expert_params():
   mesh = sharding.make_mesh(_cfg(data=2, fsdp=1, tensor=2, expert=2))
   boxed = jax.eval_shape(_Experts().init, jax.random.key(0), jnp.zeros((1, 8)))["params"]
   assert sharding.logical_shardings(boxed, mesh)["experts"].spec == P("expert", None, "tensor")
+
+
+def test_rules_drop_mesh_axes_a_hand_made_mesh_lacks():
+  """A mesh without `expert` (made by hand): the batch goes over the axes it has."""
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rules = dict(sharding.rules(None, mesh))
+  assert rules["batch"] == ("data", "fsdp") and rules["expert"] is None
+  assert dict(sharding.rules(None))["batch"] == ("data", "fsdp", "expert")
