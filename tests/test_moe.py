@@ -127,7 +127,8 @@ def test_moe_decoder_stays_causal_and_decodes_like_the_full_pass():
   images = jax.random.normal(jax.random.key(1), (len(TEXTS), 32, 32, 3))
   texts = jnp.asarray(TEXTS)
   for capacity in (0.5, 4.0):
-    decoder = dict(DEC, moe=dict(layers="all", num_experts=4, top_k=2, capacity_factor=capacity))
+    decoder = dict(DEC, depth=1, moe=dict(layers="all", num_experts=4, top_k=2,
+                                         capacity_factor=capacity))
     model = get_model("captioner", image=IMG, decoder=decoder)
     obj = get_objective("captioning")(model, _context())
     params = sharding.unbox(model.init({"params": jax.random.key(0)}, images[:1], texts[:1],
