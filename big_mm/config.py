@@ -83,7 +83,9 @@ def defaults() -> ConfigDict:
   # nested one, e.g. "captions/text") (None: sources' defaults).
   # modalities (MultiMAE): None = image + text; else a tuple of MODALITIES. rgb is the batch's
   # "image"; depth ([H, W] float) and semseg ([H, W] int class ids) come from depth_column /
-  # semseg_column (None: "depth" / "semseg") and get pp_image's geometric ops (same draws).
+  # semseg_column (None: "depth" / "semseg") and get pp_image's geometric ops (same draws);
+  # tok_rgb / tok_depth / tok_semseg (4M): stored token codes int32 [N] (tools/
+  # tokenize_dataset.py), which no pp op may move (big_mm/input/dense.py).
   # prefix_column (prefix-LM captioners): a text field tokenized to prefix_len tokens as
   # batch["prefix"]; None: no prefix.
   # box_column (LocCa): a field of [n, 4] normalised (ymin, xmin, ymax, xmax) boxes, with one
@@ -407,7 +409,8 @@ def _validate_boxes(config: ConfigDict) -> None:
 
 def _validate_modalities(input_cfg) -> None:
   """input.modalities: None or distinct names of big_mm/modalities.py including the image
-  ("rgb"); dense ones need a pp_image whose ops dense maps can follow (big_mm/input/dense.py)."""
+  ("rgb") or token codes (tok_*; the image is loaded either way); dense ones need a pp_image
+  whose ops dense maps can follow, token codes one that moves no pixel (big_mm/input/dense.py)."""
   from big_mm import modalities as modalities_lib  # pylint: disable=g-import-not-at-top
   modalities = input_cfg.modalities
   if modalities is None:
@@ -418,20 +421,22 @@ def _validate_modalities(input_cfg) -> None:
   for m in modalities:
     choice("input.modalities entry", m, modalities_lib.names())
   found = [modalities_lib.get(m) for m in modalities]
-  if len(set(found)) != len(found) or modalities_lib.get("image") not in found:
+  codes = any(mod.kind == modalities_lib.CODES for mod in found)
+  if len(set(found)) != len(found) or not (modalities_lib.get("image") in found or codes):
     raise ConfigError(f"input.modalities={tuple(modalities)!r} must name each modality once "
-                      f"and include 'rgb' (the batch's image).")
+                      f"and include 'rgb' (the batch's image) or token codes (tok_*).")
   for mod in found:
     value = input_cfg.get(mod.column_key) if mod.column_key else None
     if value is not None and not (isinstance(value, str) and value):
       raise ConfigError(f"input.{mod.column_key} must be a field name (a non-empty string) or "
                         f"None, got {value!r}.")
-  if any(mod.kind == modalities_lib.DENSE for mod in found):
+  if codes or any(mod.kind == modalities_lib.DENSE for mod in found):
     from big_mm.input import dense, preprocess  # pylint: disable=g-import-not-at-top
     try:
-      dense.check_pp(preprocess.parse_pp(input_cfg.pp_image))
+      dense.check_pp(preprocess.parse_pp(input_cfg.pp_image), codes=codes)
     except ValueError as e:
-      raise ConfigError(f"input.pp_image with dense input.modalities: {e}") from None
+      kind = "token (tok_*)" if codes else "dense"
+      raise ConfigError(f"input.pp_image with {kind} input.modalities: {e}") from None
 
 
 def _validate_pp(input_cfg) -> None:

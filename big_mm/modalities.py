@@ -16,6 +16,14 @@ Batch conventions for a modality with batch key K:
 `present_key`, `mask_key` and `shape_key` spell them; `model_input(batch, name)` is what a
 tower gets: batch[K], or {"x": batch[K], "mask": ..., "shape": ...} when the batch has them.
 
+Token modalities (kind CODES: "tok_rgb", "tok_depth", "tok_semseg"; 4M, Mizrahi et al. 2023)
+are a tokenizer's code grid of the record's image / depth / semseg, flattened row-major, int32
+[N], stored in the record under the modality's name (tools/tokenize_dataset.py writes them
+with big_mm.models.vq tokenizers). The pipeline passes them through untouched (no pp op
+may move the pixels they encode; big_mm/input/dense.py). N is a property of the tokenizer,
+not of the batch's image size or text length: `example_shape` takes it as `codes_len` (an
+objective gets it from its tokenizer's num_tokens).
+
 Adding a modality is one `register(Modality(...))` in its family's module (its reader,
 preprocessing ops and tower live there too); docs/CONTRACTS.md shows the whole path.
 """
@@ -31,7 +39,8 @@ import numpy as np
 IMAGE = "image"    # float32 [H, W, 3] (the pipeline's pp_image output)
 TOKENS = "tokens"  # int32 [text_len] token ids (0 = padding)
 DENSE = "dense"    # [H, W] per-pixel maps aligned with the image (depth, segmentation)
-KINDS = (IMAGE, TOKENS, DENSE)
+CODES = "codes"    # int32 [N] a tokenizer's code grid of an image-like modality, row-major
+KINDS = (IMAGE, TOKENS, DENSE, CODES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +68,15 @@ class Modality:
     value = input_cfg.get(self.column_key) if hasattr(input_cfg, "get") else None
     return value or self.default_field
 
-  def example_shape(self, image_hw: tuple[int, int], text_len: int) -> tuple[int, ...]:
-    """One example's shape given the batch's image size and text length."""
+  def example_shape(self, image_hw: tuple[int, int], text_len: int,
+                    codes_len: Optional[int] = None) -> tuple[int, ...]:
+    """One example's shape given the batch's image size and text length (CODES: the
+    tokenizer's number of codes `codes_len`, which the caller must give)."""
+    if self.kind == CODES:
+      if codes_len is None:
+        raise ValueError(f"Modality {self.name!r} holds a tokenizer's codes: its example "
+                         f"shape is (num_tokens,) of that tokenizer; pass codes_len.")
+      return (int(codes_len),)
     if self.kind == IMAGE:
       return tuple(image_hw) + (3,)
     if self.kind == DENSE:
@@ -95,6 +111,10 @@ register(Modality("depth", "depth", DENSE, np.float32, column_key="depth_column"
                   default_field="depth"))
 register(Modality("semseg", "semseg", DENSE, np.int32, column_key="semseg_column",
                   default_field="semseg"))
+# Token codes of the image, depth and semseg (record field = batch key = name).
+register(Modality("tok_rgb", "tok_rgb", CODES, np.int32))
+register(Modality("tok_depth", "tok_depth", CODES, np.int32))
+register(Modality("tok_semseg", "tok_semseg", CODES, np.int32))
 
 
 def names() -> list[str]:

@@ -37,6 +37,12 @@ maps and checks their size against the decoded image; decode(shrink_to=...) is r
 OP_KINDS (check_pp, which config validation runs).
 Caveat: maps are compared with the image after EXIF orientation (decode applies it); a
 square image with an EXIF rotation would be rotated while its maps are not.
+
+Token codes (modalities of kind CODES, e.g. tok_rgb) were computed from the stored image and
+maps, so no op may move their pixels: with codes, check_pp(ops, codes=True) refuses flip_lr,
+inception_crop, randaugment and naflex, and JointPreprocessor(..., codes=True) lets resize,
+resize_small, central_crop and random_crop run only where they keep the image's size (a
+no-op, e.g. resize(32) on the 32x32 images a tokenizer saw), raising ValueError otherwise.
 """
 from __future__ import annotations
 
@@ -61,6 +67,9 @@ OP_KINDS = {
     "flip_lr": GEOMETRIC, "randaugment": RANDAUGMENT, "value_range": PHOTOMETRIC,
     "normalize": PHOTOMETRIC, "naflex": PATCHES,
 }
+# Geometric ops allowed with token codes when they leave the image's size unchanged (then
+# they are the identity); every other GEOMETRIC / RANDAUGMENT / PATCHES op moves pixels.
+SIZE_OPS = ("resize", "resize_small", "central_crop", "random_crop")
 _MM_PER_M = 1000.0
 _INT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit PNGs open as one of these.
 
@@ -212,11 +221,18 @@ def apply_to_map(op: preprocess.Op, arr: np.ndarray, name: str, rng, out_hw) -> 
   raise AssertionError(op.name)
 
 
-def check_pp(ops: list[preprocess.Op]) -> None:
-  """ValueError if the image ops cannot be applied jointly to dense maps."""
+def check_pp(ops: list[preprocess.Op], codes: bool = False) -> None:
+  """ValueError if the image ops cannot be applied jointly to dense maps, or (`codes`: a
+  token modality is loaded) may move the pixels that the stored token codes encode."""
   for op in ops:
     if op.key != preprocess.IMAGE:
       continue
+    if (codes and op.name in OP_KINDS and OP_KINDS[op.name] in (GEOMETRIC, RANDAUGMENT, PATCHES)
+        and op.name not in SIZE_OPS):
+      raise ValueError(f"pp op {op.name!r} moves the image's pixels, but token codes "
+                       f"(tok_* in input.modalities) were computed from the stored image and "
+                       f"cannot follow; drop {op.name!r} from pp_image (with codes, only "
+                       f"{', '.join(SIZE_OPS)} that keep the image's size are allowed).")
     if op.name not in OP_KINDS:
       raise ValueError(f"pp op {op.name!r}: big_mm/input/dense.py does not know whether it "
                        f"moves pixels, so dense maps (depth, semseg) cannot follow it; add it "
@@ -233,9 +249,10 @@ class JointPreprocessor:
   """preprocess.Preprocessor that also carries dense maps through the image's geometric
   ops (see the module docstring). Picklable."""
 
-  def __init__(self, pp: str, *, tokenizer=None):
+  def __init__(self, pp: str, *, tokenizer=None, codes: bool = False):
     self.pp = preprocess.Preprocessor(pp, tokenizer=tokenizer)
-    check_pp(self.pp.ops)
+    self.codes = bool(codes)
+    check_pp(self.pp.ops, codes=self.codes)
 
   def __call__(self, example: Mapping[str, Any], rng: np.random.Generator, *,
                optional: tuple[str, ...] = ()) -> tuple[dict[str, Any], Any]:
@@ -261,6 +278,16 @@ class JointPreprocessor:
       if not decoded and op.name != "decode":
         maps, decoded = self._decode_maps(maps, values[preprocess.IMAGE]), True
       kind = OP_KINDS[op.name]
+      if self.codes and kind == GEOMETRIC:
+        before_hw = values[op.key].shape[:2]
+        values[op.key] = op(values[op.key], rng, ctx)
+        if values[op.key].shape[:2] != before_hw:
+          raise ValueError(
+              f"pp op {op.name!r} changed the image from {before_hw[0]}x{before_hw[1]} "
+              f"to {values[op.key].shape[0]}x{values[op.key].shape[1]}, but token codes "
+              f"(tok_* in input.modalities) encode the stored image's pixel grid; drop it or "
+              f"make it keep the stored size.")
+        continue
       if kind in (GEOMETRIC, RANDAUGMENT) and maps:
         before = rng.bit_generator.state if rng is not None else None
         values[op.key] = op(values[op.key], rng, ctx)

@@ -23,7 +23,8 @@ are then skipped as "part_dropped").
                                 # (+ "boxes": f32 [B,K,4], "box_text": i32 [B,K,Lr] with
                                 # input.box_column; see big_mm/input/boxes.py)
                                 # input.modalities: + "depth" f32 [B,H,W], "semseg" i32
-                                # [B,H,W], "{m}_present" i32 [B] (see _load_modalities)
+                                # [B,H,W], "{m}_present" i32 [B] (see _load_modalities);
+                                # token codes "tok_rgb" etc. i32 [B,N] as stored
   state = it.get_state()        # JSON-serialisable; it.set_state(state) resumes exactly
 
   for batch in make_eval_batches(config.input, "test", 256, s):   # padded, with "mask"
@@ -211,10 +212,16 @@ class _Example:
     # input.modalities (MultiMAE): fields per modality, dense maps jointly augmented.
     self.modalities = tuple(_get(input_cfg, "modalities") or ())
     if self.modalities:
-      self.joint = dense.JointPreprocessor(self.pp.pp, tokenizer=self.pp.tokenizer)
       image = modalities_lib.get("image")
-      self.fields = {m: modalities_lib.get(m).field(input_cfg) for m in self.modalities
-                     if modalities_lib.get(m) is not image}
+      fields = {m: modalities_lib.get(m).field(input_cfg) for m in self.modalities
+                if modalities_lib.get(m) is not image}
+      is_codes = lambda m: modalities_lib.get(m).kind == modalities_lib.CODES
+      self.fields = {m: f for m, f in fields.items() if not is_codes(m)}
+      # Token codes pass through as stored: {modality: (field, N)}.
+      self.codes = {m: (f, _codes_length(source, f, m)) for m, f in fields.items()
+                    if is_codes(m)}
+      self.joint = dense.JointPreprocessor(self.pp.pp, tokenizer=self.pp.tokenizer,
+                                           codes=bool(self.codes))
       tokenize = [o for o in self.pp.ops if o.name == "tokenize"]
       if "text" in self.fields and not tokenize:
         raise ValueError("input.modalities has 'text', but the pp has no tokenize op; set "
@@ -322,14 +329,20 @@ class _Example:
 
   def _load_modalities(self, record, index: int, rng: np.random.Generator) -> dict[str, Any]:
     """input.modalities: "image" and each listed modality; an optional one the record lacks
-    (None / absent) is zeros with "{m}_present" 0. Dense maps: see dense.py."""
+    (None / absent) is zeros with "{m}_present" 0. Dense maps: see dense.py. Token codes
+    (kind CODES) are required: int32 [N] as stored, or the record is bad (missing_codes,
+    bad_codes)."""
     example = {preprocess.IMAGE: record.get(self.image_key)}
     example.update({m: record.get(f) for m, f in self.fields.items()})
     try:
+      codes = {m: _check_codes(record.get(f), m, n) for m, (f, n) in self.codes.items()}
       values, counts = self.joint(example, rng, optional=(preprocess.TEXT,))
     except preprocess.BadRecord as e:
       return {_SKIP: e.reason, "_detail": str(e), "_index": index}
     out = {"image": np.asarray(values[preprocess.IMAGE], np.float32)}
+    for m, value in codes.items():
+      out[modalities_lib.get(m).batch_key] = value
+      out[modalities_lib.present_key(m)] = np.int32(1)
     hw = out["image"].shape[:2]
     for m in self.fields:
       mod = modalities_lib.get(m)
@@ -350,6 +363,53 @@ def image_outputs(image) -> dict[str, np.ndarray]:
     return {"image": image.data, modalities_lib.mask_key("image"): image.mask,
             modalities_lib.shape_key("image"): image.shape}
   return {"image": np.asarray(image, np.float32)}
+
+
+def _check_codes(value, name: str, length: int) -> np.ndarray:
+  """A record's token codes -> int32 [length]; BadRecord when absent (missing_codes) or not
+  `length` integers in [0, 2**31) (bad_codes)."""
+  if value is None:
+    raise preprocess.BadRecord("missing_codes", f"the record has no {name!r} token codes")
+  arr = np.asarray(value)
+  if arr.shape != (length,) or arr.dtype.kind not in "iu":
+    raise preprocess.BadRecord("bad_codes", f"{name} of shape {arr.shape} and dtype "
+                                            f"{arr.dtype}; want {length} integers (its dataset's "
+                                            f"code count)")
+  if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+    raise preprocess.BadRecord("bad_codes", f"{name} codes in [{arr.min()}, {arr.max()}]; "
+                                            f"want non-negative int32")
+  return arr.astype(np.int32)
+
+
+def _field_shapes(source, field: str) -> set[tuple[int, ...]]:
+  """Shapes of `field` in a source's records: its TFDS feature's, every mixture part's, else
+  the first readable record's that has it (empty: none of the first 10)."""
+  if isinstance(source, sources.TfdsSource):
+    info = sources._info(source.name, source.data_dir)  # pylint: disable=protected-access
+    return {tuple(getattr(info.features[field], "shape", ()))}
+  if isinstance(source, files.SliceSource):
+    return _field_shapes(source.source, field)
+  if isinstance(getattr(source, "sources", None), list):  # A mixture / language-sampled.
+    return set().union(*(_field_shapes(s, field) for s in source.sources))
+  for i in range(min(10, len(source))):
+    try:
+      value = source[i].get(field)
+    except Exception:  # pylint: disable=broad-except  (a bad record: try the next)
+      continue
+    if value is not None:
+      return {np.shape(value)}
+  return set()
+
+
+def _codes_length(source, field: str, name: str) -> int:
+  """N of token modality `name` read from `field`: the one [N] shape its records have."""
+  shapes = _field_shapes(source, field)
+  if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+    raise ValueError(f"input.modalities names {name!r}, token codes read from field {field!r}, "
+                     f"whose records hold shapes {sorted(shapes)}; it needs one int32 [N] per "
+                     f"record, the same N in every source (tools/tokenize_dataset.py writes "
+                     f"such datasets).")
+  return int(next(iter(shapes))[0])
 
 
 def _source_fields(source) -> set[str] | None:

@@ -66,6 +66,8 @@ SKIP_REASONS = {
     "nonfinite_depth": "the depth map holds NaN or inf",
     "bad_boxes": "the boxes (input.box_column) are not [n, 4] yxyx in [0, 1], or their texts "
                  "(input.box_text_column) are missing, empty or not one per box",
+    "missing_codes": "the record has no token codes of a tok_* modality in input.modalities",
+    "bad_codes": "a tok_* field is not 1-D non-negative int32 codes of its dataset's length",
     "part_dropped": "a slot of a mixture part dropped by input.drop_failing_parts",
 }
 
@@ -76,6 +78,10 @@ BUILD_COMMANDS = {
     "digits_pairs_wide": "python data/build_demo.py --data_dir {data_dir}",
     "digits_boxes": "python data/build_demo.py --data_dir {data_dir}",
     "multimodal_scenes": "python data/build_demo.py --data_dir {data_dir}",
+    "multimodal_scenes_tokens": ("python tools/tokenize_dataset.py --data multimodal_scenes "
+                                 "--data_dir {data_dir} --tokenizer rgb=RGB_RUN --tokenizer "
+                                 "depth=DEPTH_RUN --tokenizer semseg=SEMSEG_RUN (vq_tokenizer "
+                                 "runs of configs/demo_4m_tokenizer.py)"),
     # ImageNet cannot be downloaded by TFDS: the tars come from image-net.org (log-in).
     "imagenet2012": ("put ILSVRC2012_img_val.tar (and ILSVRC2012_img_train.tar) from "
                      "image-net.org in the data dir's downloads/manual/, then tfds build "
