@@ -1,7 +1,7 @@
 """Models. Lookups are explicit: `MODELS[name]` / `get_model(name, **kwargs)`."""
 import difflib
 
-from big_mm.models import captioner, limoe, multimae, towers
+from big_mm.models import captioner, fourm, limoe, multimae, towers
 from big_mm.models.vit import check_kwargs
 
 MODELS = {
@@ -9,6 +9,7 @@ MODELS = {
     "captioner": captioner.Captioner,
     "coca": captioner.CoCa,
     "multimae": multimae.MultiMAE,
+    "fourm": fourm.FourM,
     "limoe": limoe.LIMoE,
 }
 

@@ -12,12 +12,13 @@ from big_mm.objectives import base
 from big_mm.objectives.base import Context
 from big_mm.objectives.contrastive import Contrastive
 from big_mm.objectives.filip import Filip
+from big_mm.objectives.fourm import FourM
 from big_mm.objectives.generative import CoCa, Captioning
 from big_mm.objectives.masked import MultiMAE
 from big_mm.objectives.siglip2 import Siglip2
 
 OBJECTIVES = {"contrastive": Contrastive, "captioning": Captioning, "coca": CoCa,
-              "multimae": MultiMAE, "filip": Filip, "siglip2": Siglip2}
+              "multimae": MultiMAE, "filip": Filip, "siglip2": Siglip2, "fourm": FourM}
 
 
 def get_objective(name: str):
