@@ -4,7 +4,9 @@ For each configured `(target, inputs)` in `predictions`, objective.predict runs 
 inputs fully visible and the target fully masked (one jit per distinct `inputs`, all targets
 sharing those inputs predicted in one call), over every real example of the split (`mask`)
 whose inputs and target are present (`{m}_present`, where the batch has it). Metrics, each
-accumulated over the whole split (keys `{target}_from_{inputs joined by _}/{metric}`):
+accumulated over the whole split (keys `{target}_from_{inputs joined by _}/{metric}`). A
+target predicted from itself alone, e.g. ("rgb", ("rgb",)) -> `rgb_from_rgb`, is a round trip,
+accepted only for an objective with ROUND_TRIP = True (a tokenizer: objective "vq_tokenizer").
 
   depth (pixels with true d > 0 only; sums over all such pixels of the split):
     abs_rel = mean |d_pred - d| / d
@@ -308,10 +310,12 @@ def _validate_predictions(key: str, predictions) -> None:
     config_lib.choice(f"{key}[{i}] target", target, TARGETS)
     for m in inputs:
       config_lib.choice(f"{key}[{i}] input", m, multimae.MODALITIES)
-    if not inputs or target in inputs or len(set(inputs)) != len(inputs):
+    round_trip = tuple(inputs) == (target,)  # a tokenizer's reconstruction (vq_tokenizer)
+    if not inputs or (target in inputs and not round_trip) or len(set(inputs)) != len(inputs):
       raise config_lib.ConfigError(
           f"{key}[{i}]={item!r}: give at least one input, each once, and not the target itself "
-          f"({target!r} is predicted with its input masked).")
+          f"({target!r} is predicted with its input masked), or the target alone (a round "
+          f"trip, for objective.name='vq_tokenizer').")
 
 
 class CrossModal(common.Evaluator):
@@ -343,6 +347,12 @@ class CrossModal(common.Evaluator):
       raise TypeError(f"{type(objective).__name__} has no predict(); the cross_modal evaluator "
                       "needs a masked multimodal objective (objective.name='multimae').")
     self.predictions = check_predictions(ev.predictions, objective.modalities)
+    if not getattr(objective, "ROUND_TRIP", False):
+      trips = [p for p in self.predictions if p[1] == (p[0],)]
+      if trips:
+        raise ValueError(f"cross_modal predictions {trips} predict a modality from itself, a "
+                         f"round trip that only a tokenizer objective ('vq_tokenizer') makes; "
+                         f"{type(objective).__name__} predicts targets from other inputs.")
     self.targets = tuple(sorted({t for t, _ in self.predictions}))
     if "rgb" in self.targets:
       check_rgb_range(ev.rgb_range, self.input_cfg.pp_image)

@@ -1,7 +1,7 @@
 """Models. Lookups are explicit: `MODELS[name]` / `get_model(name, **kwargs)`."""
 import difflib
 
-from big_mm.models import captioner, fourm, limoe, multimae, towers
+from big_mm.models import captioner, fourm, limoe, multimae, towers, vq
 from big_mm.models.vit import check_kwargs
 
 MODELS = {
@@ -11,6 +11,7 @@ MODELS = {
     "multimae": multimae.MultiMAE,
     "fourm": fourm.FourM,
     "limoe": limoe.LIMoE,
+    "vq_tokenizer": vq.VQTokenizer,
 }
 
 

@@ -16,9 +16,11 @@ from big_mm.objectives.fourm import FourM
 from big_mm.objectives.generative import CoCa, Captioning
 from big_mm.objectives.masked import MultiMAE
 from big_mm.objectives.siglip2 import Siglip2
+from big_mm.objectives.vq import VQTokenizer
 
 OBJECTIVES = {"contrastive": Contrastive, "captioning": Captioning, "coca": CoCa,
-              "multimae": MultiMAE, "filip": Filip, "siglip2": Siglip2, "fourm": FourM}
+              "multimae": MultiMAE, "filip": Filip, "siglip2": Siglip2, "fourm": FourM,
+              "vq_tokenizer": VQTokenizer}
 
 
 def get_objective(name: str):
