@@ -195,10 +195,11 @@ class FourM(nn.Module):
     tokens = self._all_tokens(tokens)
     dtype = layers.to_dtype(self.dtype)
     width = self.encoder_arch()["width"]
-    x = jnp.concatenate([self.embeds[m](tokens[m]) + self.kinds[m].astype(dtype)
-                         for m in self.modalities], axis=1)
-    text_pos = self.text_pos if "text" in self.modalities else None
-    x = x + self._positions(width, text_pos).astype(dtype)
+    x = []
+    for m in self.modalities:
+      pos = self.text_pos if m == "text" else layers.posemb_sincos_2d(*self.grid(m), width)
+      x.append(self.embeds[m](tokens[m]) + (self.kinds[m] + pos).astype(dtype))
+    x = jnp.concatenate(x, axis=1)
     x = jnp.take_along_axis(x, visible[..., None], axis=1)  # unpicked tokens are dropped here
     b = x.shape[0]
     g = jnp.tile(self.global_tokens.astype(dtype), (b, 1, 1))
