@@ -17,6 +17,7 @@ if ROOT not in sys.path:
 from big_mm import config as config_lib  # pylint: disable=wrong-import-position
 from big_mm import modalities  # pylint: disable=wrong-import-position
 from big_mm.input import pipeline, sources  # pylint: disable=wrong-import-position
+from big_mm.input import preprocess as preprocessing  # pylint: disable=wrong-import-position
 from tools import tokenize_dataset  # pylint: disable=wrong-import-position
 
 SPM = os.path.join(ROOT, "data", "scenes_spm.model")
@@ -108,6 +109,29 @@ def test_tool_keeps_fields_and_adds_codes(tokens_dir):
   assert len(used) == 1 and "codes used" in used[0] and "perplexity" in used[0]
   usage = report["usage"]["semseg"].counts
   assert usage.sum() == 500 * 64 and usage.shape == (16,)
+
+
+def test_tool_drops_and_counts_bad_records(tokens_dir, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  d, _, _ = tokens_dir
+  real, calls = tokenize_dataset._decode, []  # pylint: disable=protected-access
+
+  def decode(modality, value):  # Records 0, 3, 6, ...: corrupt depth; 1, 4, ...: 16x32.
+    calls.append(None)
+    if len(calls) % 3 == 1:
+      raise preprocessing.BadRecord("corrupt_depth")
+    return real(modality, value)[:16] if len(calls) % 3 == 2 else real(modality, value)
+
+  monkeypatch.setattr(tokenize_dataset, "_decode", decode)
+  report = tokenize_dataset.tokenize_dataset(
+      "multimodal_scenes", {"depth": FakeTokenizer("depth")}, data_dir=d, out_name="dropped",
+      splits=[SPLIT], batch=64, log=lambda _: None)
+  assert report["splits"][SPLIT]["dropped"] == {"corrupt_depth": 167, "wrong_size": 167}
+  skip = {"image": tfds.decode.SkipDecoding()}
+  src = tfds.builder("multimodal_scenes", data_dir=d).as_data_source(SPLIT, decoders=skip)
+  out = tfds.builder_from_directory(f"{d}/dropped/1.0.0").as_data_source(SPLIT, decoders=skip)
+  assert [int(out[i]["id"]) for i in range(len(out))] == [
+      int(src[i]["id"]) for i in range(2, 500, 3)]
 
 
 def test_tool_errors(tokens_dir, capsys):

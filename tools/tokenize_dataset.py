@@ -8,9 +8,10 @@ Usage:
 
 Writes the TFDS dataset --out_name (array_record, TF-free like data/scenes.py) into the same
 data dir: every feature of --data with its type and values unchanged, in the source's record
-order (records whose field does not decode are dropped and counted), plus "tok_<m>" Tensor
-int32 [N] for each tokenizer (N = its grid's h * w, the code grid row-major; modalities
-tok_rgb / tok_depth / tok_semseg of big_mm/modalities.py). The dataset's description names
+order, plus "tok_<m>" Tensor int32 [N] for each tokenizer (N = its grid's h * w, the code grid
+row-major; modalities tok_rgb / tok_depth / tok_semseg of big_mm/modalities.py). Records whose
+field does not decode, or has another size than the feature's fixed shape (else the first
+record's), are dropped and counted (wrong_size). The dataset's description names
 the tokenizer runs (workdir, step, grid, vocab) that produced it. Train on it with
 `--config.input.data=multimodal_scenes_tokens --config.input.modalities="('tok_rgb', ...)"`.
 
@@ -247,11 +248,11 @@ def tokenize_dataset(data: str, tokenizers: dict[str, Any], *, data_dir: str | N
         record = dict(src[i])
         try:
           x = {m: _decode(m, record[FIELDS[m]]) for m in tokenizers}
-          for m, v in x.items():
-            if v.shape != shapes[m]:
-              raise preprocess.BadRecord(f"{FIELDS[m]}_shape", f"{v.shape} != {shapes[m]}")
         except preprocess.BadRecord as e:
           dropped[e.reason] += 1
+          continue
+        if any(v.shape != shapes[m] for m, v in x.items()):  # Not the size tokenized.
+          dropped["wrong_size"] += 1
           continue
         records.append((i, record))
         for m, v in x.items():
