@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from big_mm import config as config_lib
 from big_mm import objectives, sharding
+from big_mm.evaluators import cross_modal
 from big_mm.models import fourm as fourm_lib
 from big_mm.objectives import fourm
 from conftest import ROOT, TOKENIZER, train_steps
@@ -266,7 +267,9 @@ def test_text_generation_greedy_stops_at_eos():
   np.testing.assert_array_equal(np.where(done, 0, expect), text)
 
 
-def test_predict_decodes_with_tokenizers_and_encodes_missing_inputs():
+def test_predict_for_cross_modal_decodes_with_tokenizers():
+  """predict through the cross_modal evaluator's jitted, batch-sharded predictors and its
+  scoring; input codes encoded from the raw batch or read from it give the same output."""
   obj = _objective()
   params = _params(obj)
   rng = np.random.default_rng(0)
@@ -274,22 +277,33 @@ def test_predict_decodes_with_tokenizers_and_encodes_missing_inputs():
          "depth": jnp.asarray(rng.uniform(1, 9, (4, IMAGE, IMAGE)), jnp.float32),
          "semseg": jnp.asarray(rng.integers(0, CLASSES, (4, IMAGE, IMAGE)), jnp.int32)}
   assert obj.modalities == ("rgb", "depth", "semseg") and obj.num_semseg_classes == CLASSES
-  out = jax.jit(lambda p, b: obj.predict(p, b, inputs=("rgb",), targets=("depth", "semseg")))(
-      params, raw)
-  assert out["depth"].shape == (4, IMAGE, IMAGE)
-  assert out["semseg"].shape == (4, IMAGE, IMAGE, CLASSES)
-  # Codes from the batch or encoded from its image: the same prediction.
-  coded = dict(raw, tok_rgb=FakeTokenizer("rgb").encode(raw["image"]))
-  np.testing.assert_array_equal(
-      obj.predict(params, coded, inputs=("rgb",), targets=("depth",))["tok_depth"],
-      out["tok_depth"])
-  # The target's own codes in the batch are never read.
-  with_target = dict(coded, tok_depth=jnp.zeros((4, N), jnp.int32))
-  np.testing.assert_array_equal(
-      obj.predict(params, with_target, inputs=("rgb",), targets=("depth",))["tok_depth"],
-      out["tok_depth"])
-  rgb = obj.predict(params, coded, inputs=("depth", "semseg"), targets=("rgb",))["rgb"]
-  assert rgb.shape == (4, IMAGE, IMAGE, 3)
+  shapes = jax.eval_shape(lambda: obj.predict(params, raw, inputs=("depth", "semseg"),
+                                              targets=("rgb",)))
+  assert shapes["rgb"].shape == (4, IMAGE, IMAGE, 3) and shapes["tok_rgb"].shape == (4, N)
+  predictions = cross_modal.check_predictions(cross_modal.DEFAULT_PREDICTIONS, obj.modalities)
+  mesh = jax.make_mesh((4, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  on_mesh = jax.device_put(params, sharding.replicated(mesh))
+  predictors, outputs = {}, {}
+
+  def predict(b, inputs, targets):
+    if inputs not in predictors:
+      predictors[inputs] = cross_modal.predictor(obj, mesh, inputs, targets)
+    outputs[inputs] = {m: np.asarray(x) for m, x in predictors[inputs](on_mesh, b).items()}
+    return outputs[inputs]
+
+  scores = cross_modal.score(predict, [(raw, np.ones(4, bool))], predictions,
+                             num_classes=CLASSES, rgb_range=(-1.0, 1.0))
+  assert scores["depth_from_rgb/num_examples"] == 4
+  assert all(np.isfinite(v) for v in scores.values())
+  out = outputs[("rgb",)]
+  assert out["depth"].shape == (4, IMAGE, IMAGE) and out["semseg"].shape == (4, IMAGE, IMAGE)
+  # The rgb codes read from the batch instead of encoded; the targets' codes (never read) there.
+  coded = dict(raw, tok_rgb=FakeTokenizer("rgb").encode(raw["image"]),
+               tok_depth=jnp.zeros((4, N), jnp.int32), tok_semseg=jnp.ones((4, N), jnp.int32))
+  again = predictors[("rgb",)](on_mesh, coded)
+  for m in ("depth", "semseg"):
+    np.testing.assert_array_equal(again[m], out[m])
   assert obj.embed_images(params, raw["image"]).shape == (4, 32)
   with pytest.raises(ValueError, match="not one of the model"):
     obj.predict(params, raw, inputs=("rgb",), targets=("text",))

@@ -434,18 +434,16 @@ class FourM:
 
   def predict(self, params, batch, *, inputs, targets, rng=None) -> dict:
     """generate, then each grid target decoded by its tokenizer (module docstring)."""
+    names = [short_name(m) for m in self._names(targets)]
+    missing = [n for n in names if n != "text" and n not in self.tokenizers]
+    if missing:
+      raise ValueError(f"predict of {missing} decodes generated codes with a tokenizer; give "
+                       "objective.tokenizers=((name, <vq_tokenizer workdir>), ...) for each.")
     codes = self.generate(params, batch, inputs=inputs, targets=targets, rng=rng)
     out = dict(codes)
-    for t in targets:
-      m = TOKEN_MODALITY.get(t, t)
-      name = short_name(m)
-      if m == "text":
-        out[name] = codes[m]
-      elif name in self.tokenizers:
-        out[name] = self.tokenizers[name].decode(codes[m])
-      else:
-        raise ValueError(f"predict of {name!r} decodes its generated codes with a tokenizer; "
-                         f"give objective.tokenizers=(({name!r}, <vq_tokenizer workdir>), ...).")
+    for name in names:
+      m = TOKEN_MODALITY[name]
+      out[name] = codes[m] if m == "text" else self.tokenizers[name].decode(codes[m])
     return out
 
   def embed_images(self, params, images):
