@@ -47,6 +47,25 @@ def test_psnr_per_image_in_unit_range_averaged():
   assert perfect.result()["psnr"] == pytest.approx(100.0)
 
 
+def test_text_exact_match_and_token_accuracy_cut_at_eos():
+  m = cross_modal.TextMetrics()
+  true = np.array([[5, 6, 7, 1, 0, 0], [5, 6, 1, 0, 0, 0], [4, 1, 0, 0, 0, 0]])
+  pred = np.array([[5, 6, 7, 1, 9, 9],   # exact: what follows the EOS is not read
+                   [5, 7, 1, 1, 1, 1],   # 5 and the EOS of [5, 6, 1] at their positions: 2 / 3
+                   [4, 3, 3, 3, 3, 3]])  # no EOS: 4 right, the EOS missed: 1 / 2
+  m.update(pred, true)
+  assert m.result() == pytest.approx({"exact_match": 1 / 3, "token_acc": (4 + 2 + 1) / 9})
+  np.testing.assert_array_equal(cross_modal.caption_tokens([3, 4, 0, 5]), [3, 4])
+
+
+def test_text_baseline_is_the_most_frequent_training_caption():
+  captions = np.array([[3, 4, 1, 0], [5, 1, 0, 0], [3, 4, 1, 0], [6, 7, 8, 1]])
+  batches = [({"text": captions[:2]}, np.ones(2, bool)),
+             ({"text": captions[2:]}, np.ones(2, bool))]
+  means = cross_modal.training_means(batches, ("text",), num_examples=4, num_classes=0)
+  np.testing.assert_array_equal(means["text"], [3, 4, 1, 0])
+
+
 @pytest.mark.parametrize("pp,expected", [
     ("decode|resize(32)|value_range(-1,1)", (-1.0, 1.0)),
     ("decode|resize(32)", (0.0, 255.0)),
@@ -246,7 +265,7 @@ def test_evaluator_checks_modalities_and_rgb_range(setup):
 @pytest.mark.parametrize("changes,error", [
     (dict(predictions=(("depth", "rgb"),)), r"predictions\[0\].*must be a pair"),
     (dict(predictions=(("depth", ("depth", "rgb")),)), r"not the target itself"),
-    (dict(predictions=(("text", ("rgb",)),)), r"predictions\[0\] target='text'.*'semseg'"),
+    (dict(predictions=(("label", ("rgb",)),)), r"predictions\[0\] target='label'.*'text'"),
     (dict(predictions=(("depth", ("rgbb",)),)), r"input='rgbb'.*Did you mean 'rgb'"),
     (dict(predictions=()), r"non-empty tuple"),
     (dict(baseline_examples=-1), r"baseline_examples must be an integer >= 0"),

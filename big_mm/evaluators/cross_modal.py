@@ -17,6 +17,10 @@ accepted only for an objective with ROUND_TRIP = True (a tokenizer: objective "v
                 intersection_c / union_c are pixel counts summed over the whole split
                 (a class absent from both prediction and truth is left out of the mean)
     pixel_acc = fraction of pixels predicted right
+  text (a generative objective's caption, e.g. 4M's; token ids as generated):
+    exact_match = fraction of captions generated exactly (both cut after their first EOS)
+    token_acc   = fraction of the true captions' tokens (EOS included) matched at their
+                  position
   rgb: both images mapped to [0, 1] by x01 = (x - lo) / (hi - lo), (lo, hi) = `rgb_range`
   (the prediction then clipped to [0, 1]):
     psnr = mean over images of 10 log10(1 / max(MSE_image, 1e-10)) (per image, then
@@ -32,11 +36,12 @@ prediction computed from the first `baseline_examples` real examples of the trai
 (config.input.data / input.split, read with the evaluator's pp_image, in order): per-pixel
 mean depth (over examples with d > 0 at that pixel; pixels never valid get the mean of all
 valid depths), per-pixel mean rgb image, per-pixel majority semseg class (ties: the lower
-id). baseline_examples=0 skips the baselines. The baselines are computed once per run, at the
+id), the most frequent caption (text). baseline_examples=0 skips the baselines. The baselines are computed once per run, at the
 evaluator's first call (they depend on the data, not on the params).
 """
 from __future__ import annotations
 
+import collections
 import math
 from typing import Callable, Iterable
 
@@ -53,7 +58,8 @@ from big_mm.models import multimae
 from big_mm.objectives.masked import batch_key
 
 MIN_MSE = 1e-10  # PSNR <= 100 dB.
-TARGETS = ("rgb", "depth", "semseg")
+EOS_ID = 1  # big_mm.input.tokenizer: 0 pad, 1 eos
+TARGETS = ("rgb", "depth", "semseg", "text")
 DEFAULT_PREDICTIONS = (("depth", ("rgb",)), ("semseg", ("rgb",)), ("rgb", ("depth", "semseg")))
 
 
@@ -129,7 +135,42 @@ class RgbMetrics:
     return {"psnr": self.psnr / self.images if self.images else float("nan")}
 
 
+class TextMetrics:
+  """Generated token ids against the true caption's, each cut after its first EOS (id 1) or
+  at its first pad (id 0): exact_match (whole caption right) and token_acc (the true
+  caption's tokens, EOS included, matched at their position)."""
+
+  def __init__(self):
+    self.exact = self.correct = self.tokens = self.examples = 0
+
+  def update(self, pred: np.ndarray, true: np.ndarray) -> None:
+    for p, t in zip(pred, true):
+      p, t = caption_tokens(p), caption_tokens(t)
+      self.exact += int(np.array_equal(p, t))
+      n = min(len(p), len(t))
+      self.correct += int(np.sum(p[:n] == t[:n]))
+      self.tokens += len(t)
+      self.examples += 1
+
+  def result(self) -> dict[str, float]:
+    if not self.examples:
+      return {"exact_match": float("nan"), "token_acc": float("nan")}
+    return {"exact_match": self.exact / self.examples,
+            "token_acc": self.correct / max(self.tokens, 1)}
+
+
+def caption_tokens(ids: np.ndarray) -> np.ndarray:
+  """A caption's ids up to its first EOS (kept) or pad (dropped)."""
+  ids = np.asarray(ids)
+  stop = np.flatnonzero((ids == EOS_ID) | (ids == 0))
+  if not stop.size:
+    return ids
+  return ids[:stop[0] + 1] if ids[stop[0]] == EOS_ID else ids[:stop[0]]
+
+
 def _new_metrics(target: str, num_classes: int, rgb_range):
+  if target == "text":
+    return TextMetrics()
   if target == "depth":
     return DepthMetrics()
   if target == "semseg":
@@ -204,13 +245,17 @@ def training_means(batches: Iterable, targets, num_examples: int,
   sums: dict[str, np.ndarray] = {}
   counts: dict[str, np.ndarray] = {}
   seen = {t: 0 for t in targets}
+  text_len = 0
   for batch, mask in batches:
     _require(batch, targets)
     for t in targets:
       rows = _rows(batch, mask, (t,))
       x = _host(batch, t)[rows][:num_examples - seen[t]]
       seen[t] += len(x)
-      if t == "depth":
+      if t == "text":
+        total = collections.Counter(tuple(caption_tokens(c)) for c in x)
+        count, text_len = np.int64(len(x)), x.shape[1]
+      elif t == "depth":
         valid = x > 0
         total, count = np.where(valid, x, 0).astype(np.float64).sum(0), valid.sum(0)
       elif t == "semseg":
@@ -218,7 +263,7 @@ def training_means(batches: Iterable, targets, num_examples: int,
         count = np.int64(len(x))
       else:
         total, count = x.astype(np.float64).sum(0), np.int64(len(x))
-      sums[t] = sums.get(t, 0) + total
+      sums[t] = sums.get(t, collections.Counter() if t == "text" else 0) + total
       counts[t] = counts.get(t, 0) + count
     if all(n >= num_examples for n in seen.values()):
       break
@@ -228,7 +273,10 @@ def training_means(batches: Iterable, targets, num_examples: int,
                      f"the mean baseline; set baseline_examples=0 to skip the baselines.")
   out = {}
   for t in targets:
-    if t == "semseg":
+    if t == "text":
+      common_caption = np.asarray(sums[t].most_common(1)[0][0], np.int32)
+      out[t] = np.pad(common_caption, (0, text_len - len(common_caption)))
+    elif t == "semseg":
       out[t] = np.argmax(sums[t], axis=-1).astype(np.int32)
     elif t == "depth":
       valid = counts[t] > 0

@@ -43,7 +43,6 @@ embed_images(params, images) -> [B, D]: mean encoder output of the rgb tokenizer
 """
 from __future__ import annotations
 
-import importlib
 import math
 
 import jax
@@ -52,6 +51,7 @@ import numpy as np
 
 from big_mm.models import aux_loss
 from big_mm.models import fourm as fourm_lib
+from big_mm.models import vq
 from big_mm.objectives import base
 from big_mm.objectives.masked import dirichlet_fractions, sample_visible
 
@@ -457,11 +457,6 @@ class FourM:
 
 
 def _load_tokenizer(name: str, workdir: str):
-  try:
-    vq = importlib.import_module("big_mm.models.vq")
-  except ModuleNotFoundError as e:
-    raise base.ConfigError(f"objective.tokenizers names {name!r} but big_mm.models.vq (the "
-                           "tokenizer loader) is not installed.") from e
   tok = vq.load(workdir)
   if tok.modality != name:
     raise base.ConfigError(f"objective.tokenizers: {workdir!r} is a {tok.modality!r} tokenizer, "
