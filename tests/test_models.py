@@ -369,7 +369,8 @@ def test_invalid_kwargs_messages():
   with pytest.raises(ValueError, match=r"Unknown model 'tower'.*towers"):
     get_model("tower")
   assert MODELS["towers"] is Towers
-  assert set(MODELS) == {"towers", "captioner", "coca", "multimae", "limoe"}
+  assert set(MODELS) == {"towers", "captioner", "coca", "multimae", "limoe", "fourm",
+                         "vq_tokenizer"}
   with pytest.raises(ValueError, match=r"Unknown pool 'avg'"):
     ViT(**dict(IMG, pool="avg")).init(jax.random.PRNGKey(0), _images())
 
