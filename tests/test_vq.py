@@ -251,9 +251,10 @@ def test_config_errors():
   with pytest.raises(ValueError, match="only reconstructs"):
     _objective("rgb").predict({}, {}, inputs=("rgb",), targets=("depth",))
   # cross_modal: a round trip is valid config, refused for an objective that is no tokenizer.
-  cross_modal._validate_predictions("p", (("rgb", ("rgb",)),))  # pylint: disable=protected-access
+  validate = cross_modal._validate_predictions  # pylint: disable=protected-access
+  validate("p", (("rgb", ("rgb",)),))
   with pytest.raises(config_lib.ConfigError, match="not the target itself"):
-    cross_modal._validate_predictions("p", (("rgb", ("rgb", "depth")),))  # pylint: disable=protected-access
+    validate("p", (("rgb", ("rgb", "depth")),))
 
 
 def _tiny_run_config(scenes_dir, modality="depth"):

@@ -9,18 +9,19 @@ always loads). Loss:
   vq:         + beta * commitment ||z - sg[e]||^2 + codebook_weight * ||sg[z] - e||^2 (VQ-VAE,
               van den Oord et al. 2017: beta = 0.25), on l2-normalised latents and codes
   fsq:        recon only (no auxiliary loss; Mentzer et al. 2023)
-Dead-code restart (vq): state["extra"]["last_used"][k] is the last step code k was picked. A
-code unused for `restart_after` steps is dead; each dead code's codebook-loss target becomes
-a random encoder output of the batch (so it is pulled onto the data, at the optimizer's pace,
-instead of being reset in one step; the token is a random choice fixed while the code stays
-dead). The codebook is a param and learned by this codebook
-loss, not by an EMA (the EMA-codebook variant of the paper's appendix): evaluators and
-`load()` see params only, and update_extra_state cannot write params, so an EMA codebook
-kept in the extra state would never reach them.
+Dead-code restart (vq): state["extra"]["last_used"][k] is the last step code k was picked
+(update_extra_state, from the step's code histogram). A code unused for `restart_after` steps
+is dead and gets the loss term vq/restart = ||e_k - sg[z_j]||^2 (weight codebook_weight)
+towards a batch encoder output z_j, j a random choice fixed while the code stays dead: it is
+pulled onto the data at the optimizer's pace rather than reset in one step.
+Why a codebook loss and not the EMA codebook update (van den Oord et al. 2017, appendix A.1):
+the codebook must be a param, since evaluators and `load()` read params only, and
+update_extra_state cannot write params, so an EMA codebook in the extra state would never
+reach them.
 
-Metrics: recon/loss, vq/commitment, vq/codebook (vq), codebook/perplexity (exp of the
-entropy of the batch's code histogram), codebook/used_fraction (codes used in the batch /
-vocab), codebook/dead_codes (vq), and the batch's reconstruction quality: recon/psnr (rgb,
+Metrics: recon/loss, vq/commitment, vq/codebook, vq/restart (vq), codebook/perplexity (exp
+of the entropy of the batch's code histogram), codebook/used_fraction (codes used in the
+batch / vocab), codebook/dead_codes (vq), and the batch's reconstruction quality: recon/psnr (rgb,
 [-1, 1] mapped to [0, 1], per image then averaged), recon/abs_rel (depth, metres, d > 0),
 recon/pixel_acc and recon/miou (semseg, the batch's per-class IoU averaged over classes
 present in prediction or truth).
