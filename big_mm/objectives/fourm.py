@@ -29,7 +29,8 @@ one after another, each then added to the inputs (chained generation, as 4M):
       (log-probability of the sampled token, plus `choice_temperature` * (1 - r) Gumbel
       noise as MaskGIT); fixed tokens are fed back to the encoder as inputs.
   text: autoregressive, greedy (or sampled at `temperature` > 0), stopping at EOS (id 1);
-      a small jitted loop that reruns encoder and decoder per token. big_mm/decoding.py's
+      a small jitted loop: one encoder pass, then the decoder rerun per token (no KV cache;
+      captions are short). big_mm/decoding.py's
       interface (encode / init_cache / decode_step with a KV cache over one decoder) does not
       fit a decoder whose queries are per-modality target sets.
 predict(params, batch, inputs=("rgb",), targets=("depth",)) follows MultiMAE's contract
@@ -367,11 +368,15 @@ class FourM:
     visible = jnp.broadcast_to(index, (b,) + index.shape)
     valid = self._input_valid(batch, given)
     targets = jnp.broadcast_to(self._indices(("text",)), (b, n))
+    # The inputs do not change while the caption grows: one encoder pass, a decoder pass per
+    # token.
+    encoded, mask = self._apply(params, tokens, visible, valid, method=self.model.encode)
 
     def step(i, state):
       text, done = state
-      logits = self._apply(params, dict(tokens, text=text), visible, valid, targets,
-                           jnp.ones((b, n), bool), heads=("text",))["text"]
+      logits = self._apply(params, encoded, mask, visible, dict(tokens, text=text), targets,
+                           jnp.ones((b, n), bool), heads=("text",),
+                           method=self.model.decode)["text"]
       logits = jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False)
       logits = jnp.where(jnp.arange(logits.shape[-1]) == 0, -1e9, logits)  # never pad
       if self.temperature > 0:
