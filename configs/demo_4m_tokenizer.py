@@ -22,7 +22,10 @@ vq.load + encode), perplexity = exp entropy of their histogram:
   depth:  abs-rel 0.0386 vs 0.230, delta<1.25 0.979 vs 0.671; 502 / 1000 used, perplexity 84
   semseg: mIoU 0.977 vs 0.223, pixel accuracy 0.997 vs 0.893; 616 / 1000 used, perplexity 74
 (depth and semseg maps are mostly flat regions, so a few codes carry most tokens). With
-300 steps at lr 2e-3, depth reached abs-rel 0.0585.
+300 steps at lr 2e-3, depth reached abs-rel 0.0585. rgb with quantizer=vq: PSNR 24.60 dB,
+572 / 1024 codes used, perplexity 206; its codebook collapses to ~5 codes within 50 steps
+and the dead-code pull (objective.restart_after=10) brings codes back (dead: 1020 at step 50,
+433 at 600); with restart_after=100, 0.6% of the codes were still in use at step 200.
 
 Arguments (`configs/demo_4m_tokenizer.py:modality=rgb,steps=600`): modality (rgb | depth |
 semseg), steps, batch, quantizer (fsq | vq), codebook (vq codebook size), levels (fsq levels,
@@ -55,7 +58,7 @@ def get_config(arg=None):
       num_res_blocks=1, quantizer=arg.quantizer, codebook_size=arg.codebook, code_dim=16,
       levels=tuple(int(l) for l in str(arg.levels).split("-")), num_classes=4,
       depth_mean=6.0, depth_std=2.5)
-  c.objective = dict(name="vq_tokenizer", beta=0.25)
+  c.objective = dict(name="vq_tokenizer", beta=0.25, restart_after=10)  # vq only
 
   c.optim = dict(name="adamw", lr=3e-3, b1=0.9, b2=0.99, wd=0.0, clip_norm=1.0,
                  schedule=dict(name="cosine", warmup_steps=min(50, arg.steps // 10)))
