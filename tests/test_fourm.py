@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from big_mm import config as config_lib
-from big_mm import objectives, sharding
+from big_mm import models, objectives, sharding
 from big_mm.evaluators import cross_modal
 from big_mm.models import fourm as fourm_lib
 from big_mm.objectives import fourm
@@ -390,3 +390,18 @@ def test_trains_sharded_exactly_as_on_one_device():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params,
                ref_params)
   assert shardings["embed_tok_rgb"]["embedding"].spec == P(None, "fsdp")  # FSDP really shards
+
+
+def test_paper_config_has_4m_b_size():
+  """configs/4m_b.py builds a model of 4M-B's size: ml-4m lists 198M params for its 12 + 12
+  blocks of width 768 (SwiGLU, no biases); big_mm's GELU blocks with biases give 199.5M besides
+  the token embeddings and output heads."""
+  config = config_lib.load(os.path.join(ROOT, "configs", "4m_b.py"))
+  model = models.get_model(config.model_name, **config.model.to_dict())
+  tokens = {m: jnp.zeros((1, n), jnp.int32) for m, n in model.num_tokens().items()}
+  picks, valid = jnp.zeros((1, 128), jnp.int32), jnp.ones((1, 128), bool)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, picks, valid, picks,
+                                             valid))["params"]
+  sizes = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in shapes.items()}
+  vocab = sum(n for k, n in sizes.items() if k.startswith(("embed_", "head_", "dec_embed")))
+  assert 195e6 < sum(sizes.values()) - vocab < 205e6, sizes
