@@ -1,6 +1,7 @@
 r"""4M-B (arXiv 2312.06647) pretraining over RGB, depth and semseg tokens and captions.
 
-  python tools/tokenize_dataset.py --data my_dataset --tokenizer rgb=RUN_rgb,depth=RUN_depth,semseg=RUN_semseg
+  python tools/tokenize_dataset.py --data my_dataset --tokenizer rgb=RUN_rgb \
+      --tokenizer depth=RUN_depth --tokenizer semseg=RUN_semseg
   python -m big_mm.train --config configs/4m_b.py:data=my_dataset_tokens,tokenizers=RUN \
       --workdir gs://bucket/4m_b
 
@@ -23,8 +24,9 @@ Differences:
   wholly target (see objectives/fourm.py).
 - 4M's RGB and depth tokenizers have ViT-B encoders and diffusion (UNet) decoders, its semseg
   tokenizer is a VQ-VAE (ml-4m cfgs/default/tokenization/divae/, vqvae/semseg_coco/);
-  big_mm's are conv VQ / FSQ tokenizers (configs/demo_4m_tokenizer.py shows the recipe at demo scale). Train
-  one per modality on your data at 224 px, downsample 16, and set VOCAB to their codebooks.
+  big_mm's are conv VQ / FSQ tokenizers (configs/demo_4m_tokenizer.py is the recipe at demo
+  scale). Train one per modality on your data at 224 px, downsample 16, and set VOCAB to
+  their codebooks.
 Data: any dataset with image / depth / semseg / caption fields, pre-tokenized with
 tools/tokenize_dataset.py (CC12M with pseudo labels, as 4M, is not in TFDS).
 Size (tests/test_fourm.py): 199.5M params besides 113.2M in token embeddings and output

@@ -7,7 +7,8 @@ Commands (from the repo root, after `python data/build_demo.py --data_dir DIR`):
         --workdir /tmp/big_mm_4m_tok_$m --config.input.data_dir=DIR
   done
   python tools/tokenize_dataset.py --data multimodal_scenes --data_dir DIR \
-      --tokenizer rgb=/tmp/big_mm_4m_tok_rgb,depth=/tmp/big_mm_4m_tok_depth,semseg=/tmp/big_mm_4m_tok_semseg
+      --tokenizer rgb=/tmp/big_mm_4m_tok_rgb --tokenizer depth=/tmp/big_mm_4m_tok_depth \
+      --tokenizer semseg=/tmp/big_mm_4m_tok_semseg
   python -m big_mm.train --config configs/demo_4m.py --workdir /tmp/big_mm_4m \
       --config.input.data_dir=DIR
 

@@ -36,8 +36,9 @@ prediction computed from the first `baseline_examples` real examples of the trai
 (config.input.data / input.split, read with the evaluator's pp_image, in order): per-pixel
 mean depth (over examples with d > 0 at that pixel; pixels never valid get the mean of all
 valid depths), per-pixel mean rgb image, per-pixel majority semseg class (ties: the lower
-id), the most frequent caption (text). baseline_examples=0 skips the baselines. The baselines are computed once per run, at the
-evaluator's first call (they depend on the data, not on the params).
+id), the most frequent caption (text). baseline_examples=0 skips the baselines. The
+baselines are computed once per run, at the evaluator's first call (they depend on the
+data, not on the params).
 """
 from __future__ import annotations
 
