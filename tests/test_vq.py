@@ -74,14 +74,14 @@ def test_vq_straight_through_gradient_reaches_the_encoder():
   def recon_sum(p):
     return jnp.sum(obj.model.apply({"params": p}, x)["recon"])
 
-  grads = jax.grad(recon_sum)(params)
+  grads = jax.jit(jax.grad(recon_sum))(params)
   enc = jax.tree.leaves(grads["encoder"])
   assert all(np.isfinite(g).all() for g in enc)
   assert sum(float(jnp.sum(jnp.abs(g))) for g in enc) > 0
   # The decoder's output does not move the codebook (only the codebook loss does).
   assert float(jnp.max(jnp.abs(grads["codebook"]))) == 0.0
   # Forward: the decoder sees exactly the looked-up codes.
-  out = obj.model.apply({"params": params}, x)
+  out = jax.jit(lambda p: obj.model.apply({"params": p}, x))(params)
   book = np.asarray(vq_lib._l2norm(params["codebook"]))  # pylint: disable=protected-access
   np.testing.assert_allclose(out["zq"].reshape(-1, 4), book[np.asarray(out["codes"]).reshape(-1)],
                              atol=1e-6)
