@@ -132,6 +132,24 @@ def check_vocab(ctx: Context, vocab_size: int | None, key: str, *,
                       f"{pieces} pieces; set {key}={pieces}.")
 
 
+def check_loaded(ctx: Context, modalities, model, vocab_size: int | None, vocab_key: str, *,
+                 needed_by: str | None = None) -> None:
+  """Fails fast unless input.modalities loads each of the model's `modalities` and, with
+  "text" among them, input.text_len is `model.text_len` and the tokenizer's vocabulary
+  `vocab_size` (`vocab_key`: the config key that sets it; needed_by: as check_vocab)."""
+  if ctx.modalities is not None:
+    missing = [m for m in modalities if m not in tuple(ctx.modalities)]
+    if missing:
+      raise ConfigError(
+          f"model.modalities has {missing} but input.modalities={tuple(ctx.modalities)} does "
+          "not load them; add them to input.modalities (or drop them from model.modalities).")
+  if "text" in modalities:
+    if ctx.text_len != model.text_len:
+      raise ConfigError(f"model.text_len={model.text_len} but input.text_len={ctx.text_len}; "
+                        "set both to the same length.")
+    check_vocab(ctx, vocab_size, vocab_key, needed_by=needed_by)
+
+
 def image_size(pp_image: str) -> tuple[int, int] | None:
   """(height, width) of the images `pp_image` makes, or None when they keep the source's size.
   Found by running its ops on two blank images of different sizes (no data is read)."""

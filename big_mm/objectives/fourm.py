@@ -157,17 +157,8 @@ class FourM:
       if n > self.total:
         raise base.ConfigError(f"objective.{key}={n} must be in [1, {self.total}] (the model "
                                f"has {self.total} tokens: {self.counts}).")
-    if ctx.modalities is not None:
-      missing = [m for m in self.token_modalities if m not in tuple(ctx.modalities)]
-      if missing:
-        raise base.ConfigError(
-            f"model.modalities has {missing} but input.modalities={tuple(ctx.modalities)} does "
-            "not load them; add them to input.modalities (or drop them from model.modalities).")
-    if "text" in self.token_modalities:
-      if ctx.text_len != model.text_len:
-        raise base.ConfigError(f"model.text_len={model.text_len} but input.text_len="
-                               f"{ctx.text_len}; set both to the same length.")
-      base.check_vocab(ctx, model.vocab()["text"], "model.vocab_sizes['text']")
+    base.check_loaded(ctx, self.token_modalities, model, model.vocab().get("text"),
+                      "model.vocab_sizes['text']")
     self.tokenizers = dict(loaded_tokenizers or {})
     for name, workdir in settings["tokenizers"]:
       if name not in self.tokenizers:

@@ -123,18 +123,8 @@ class MultiMAE:
           f"objective.modality_weights names {unknown}, not modalities of the model "
           f"{self.modalities}.")
     self.weights = {m: float(weights.get(m, 1.0)) for m in self.modalities}
-    if ctx.modalities is not None:
-      missing = [m for m in self.modalities if m not in tuple(ctx.modalities)]
-      if missing:
-        raise base.ConfigError(
-            f"model.modalities has {missing} but input.modalities={tuple(ctx.modalities)} does "
-            "not load them; add them to input.modalities (or drop them from model.modalities).")
-    if "text" in self.modalities:
-      if ctx.text_len != model.text_len:
-        raise base.ConfigError(
-            f"model.text_len={model.text_len} but input.text_len={ctx.text_len}; set "
-            "both to the same length.")
-      base.check_vocab(ctx, model.vocab_size, "model.vocab_size", needed_by=self.NAME)
+    base.check_loaded(ctx, self.modalities, model, model.vocab_size, "model.vocab_size",
+                      needed_by=self.NAME)
 
   # ---- pieces ----------------------------------------------------------------------------
 
