@@ -4,7 +4,7 @@ Command (from the repo root, after `python data/build_demo.py --data_dir DIR`), 
 modality, each into its own workdir (the 4M demo reads them with big_mm.models.vq.load):
 
   python -m big_mm.train --config configs/demo_4m_tokenizer.py:modality=depth \
-      --workdir /tmp/4m_tok_depth --config.input.data_dir=DIR
+      --workdir /tmp/big_mm_4m_tok_depth --config.input.data_dir=DIR
 
 32x32 scenes, a conv encoder downsampling by 4 to an 8x8 grid of 64 tokens, FSQ (Mentzer et
 al. 2023) with levels (8, 5, 5, 5) = 1000 codes by default (quantizer=vq: a 1024-code
