@@ -228,14 +228,16 @@ def test_resumed_across_the_switch_on_equals_the_uninterrupted_run(data_dir, tmp
   from conftest import read_metrics
   config = _sd_config(data_dir)
   straight, workdir = str(tmp_path / "straight"), str(tmp_path / "run")
-  train.train(config, straight)
+  one = jax.devices()[:1]  # one device: the sharded step has its own test above
+  train.train(config, straight, devices=one)
   on = [r["self_distill_on"] for r in read_metrics(straight) if "self_distill_on" in r]
   assert on == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # 6 steps, start_fraction 0.5
   with monkeypatch.context() as m:
     faults.on_batch(m, 3, lambda batch: (_ for _ in ()).throw(faults.Crash()))
     with pytest.raises(faults.Crash):
-      train.train(config, workdir)  # checkpoint at step 2; resumes before the switch-on
-  train.train(config, workdir)
+      # A checkpoint at step 2; it resumes before the switch-on.
+      train.train(config, workdir, devices=one)
+  train.train(config, workdir, devices=one)
   want, got = restored_state(config, straight, 6), restored_state(config, workdir, 6)
   jax.tree.map(np.testing.assert_array_equal, got["params"], want["params"])
   jax.tree.map(np.testing.assert_array_equal, got["extra"], want["extra"])
