@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_mm import modalities as modalities_lib
 from big_mm.models import aux_loss
 from big_mm.models import fourm as fourm_lib
 from big_mm.models import vq
@@ -66,10 +67,6 @@ EOS_ID = 1
 
 def short_name(m: str) -> str:
   return m[len("tok_"):] if m.startswith("tok_") else m
-
-
-def present_key(m: str) -> str:
-  return f"{m}_present"
 
 
 def _text_prefix(picks, valid, start: int, length: int):
@@ -109,7 +106,7 @@ class FourM:
   SETTINGS = dict(num_input_tokens=64, num_target_tokens=64, dirichlet_alpha=1.0,
                   target_dirichlet_alpha=1.0, text_target_prob=0.5, tokenizers=(),
                   num_steps=8, temperature=0.0, choice_temperature=0.0)
-  BATCH_KEYS = fourm_lib.MODALITIES + tuple(present_key(m) for m in fourm_lib.MODALITIES) + (
+  BATCH_KEYS = fourm_lib.MODALITIES + tuple(modalities_lib.present_key(m) for m in fourm_lib.MODALITIES) + (
       "image", "depth", "semseg")
 
   @classmethod
@@ -201,7 +198,7 @@ class FourM:
       if m not in batch or (allowed is not None and m not in allowed):
         out[m] = jnp.zeros((b, n), bool)
         continue
-      present = batch.get(present_key(m))
+      present = batch.get(modalities_lib.present_key(m))
       present = jnp.ones((b,), bool) if present is None else jnp.asarray(present) > 0
       avail = jnp.broadcast_to(present[:, None], (b, n))
       if m == "text":
@@ -424,7 +421,7 @@ class FourM:
       else:
         out[t] = self._maskgit(params, tokens, batch, given, t, key)
       tokens[t] = batch[t] = out[t]
-      batch = {k: v for k, v in batch.items() if k != present_key(t)}  # generated: present
+      batch = {k: v for k, v in batch.items() if k != modalities_lib.present_key(t)}  # generated: present
       given = given + (t,)
     return out
 
