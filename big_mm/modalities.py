@@ -21,8 +21,8 @@ are a tokenizer's code grid of the record's image / depth / semseg, flattened ro
 [N], stored in the record under the modality's name (tools/tokenize_dataset.py writes them
 with big_mm.models.vq tokenizers). The pipeline passes them through untouched (no pp op
 may move the pixels they encode; big_mm/input/dense.py). N is a property of the tokenizer,
-not of the batch's image size or text length: `example_shape` takes it as `codes_len` (an
-objective gets it from its tokenizer's num_tokens).
+not of the batch's image size or text length, so `example_shape` refuses them (the 4M
+objective builds their examples from its model's token counts).
 
 Adding a modality is one `register(Modality(...))` in its family's module (its reader,
 preprocessing ops and tower live there too); docs/CONTRACTS.md shows the whole path.
@@ -68,15 +68,12 @@ class Modality:
     value = input_cfg.get(self.column_key) if hasattr(input_cfg, "get") else None
     return value or self.default_field
 
-  def example_shape(self, image_hw: tuple[int, int], text_len: int,
-                    codes_len: Optional[int] = None) -> tuple[int, ...]:
-    """One example's shape given the batch's image size and text length (CODES: the
-    tokenizer's number of codes `codes_len`, which the caller must give)."""
+  def example_shape(self, image_hw: tuple[int, int], text_len: int) -> tuple[int, ...]:
+    """One example's shape given the batch's image size and text length (not CODES: their
+    length is the tokenizer's, which the objective knows)."""
     if self.kind == CODES:
-      if codes_len is None:
-        raise ValueError(f"Modality {self.name!r} holds a tokenizer's codes: its example "
-                         f"shape is (num_tokens,) of that tokenizer; pass codes_len.")
-      return (int(codes_len),)
+      raise ValueError(f"Modality {self.name!r} holds a tokenizer's codes: its example shape "
+                       f"is (num_tokens,) of that tokenizer, which the objective builds.")
     if self.kind == IMAGE:
       return tuple(image_hw) + (3,)
     if self.kind == DENSE:

@@ -102,8 +102,8 @@ def rules(config_rules, mesh: Mesh | None = None) -> tuple[tuple[str, Any], ...]
     return out
 
   def present(axes):
-    if isinstance(axes, str) or axes is None:
-      return axes if axes is None or axes in mesh.axis_names else None
+    if axes is None or isinstance(axes, str):
+      return axes if axes in mesh.axis_names else None
     kept = tuple(a for a in axes if a in mesh.axis_names)
     return kept or None
 

@@ -8,24 +8,13 @@ import pytest
 from big_mm import config as config_lib
 from big_mm import sharding, train
 from big_mm.input import pipeline
-from conftest import final_params, tiny_config
+from conftest import final_params, tiny_config, train_steps
 
 
 def run_steps(config, devices, batches):
-  """Trains on the given host batches with `config.mesh` over `devices`; returns losses and
-  the final params (host arrays)."""
-  setup = train.build(config, devices=devices)
-  placed = [{k: jax.device_put(v, sharding.batch_sharding(setup.mesh)) for k, v in b.items()}
-            for b in batches]
-  ts = train.make_train_state(setup)
-  with train.use_mesh(setup):
-    state = ts.init(jax.random.key(0))
-    step = train.make_train_step(setup, ts)
-    losses = []
-    for batch in placed:
-      state, metrics = step(state, batch)
-      losses.append(float(metrics["loss"]))
-  return losses, jax.device_get(state["params"]), ts.shardings["params"]
+  """conftest.train_steps -> (each step's loss, the final params, their shardings)."""
+  _, metrics, params, shardings = train_steps(config, devices, batches)
+  return [float(m["loss"]) for m in metrics], params, shardings
 
 
 @pytest.fixture(scope="module")
