@@ -87,22 +87,9 @@ def check_token_settings(settings) -> None:
                            f"{settings['label_smoothing']!r}.")
 
 
-class _Generative(base.ImageTextInit):
-  """The decoding API shared by Captioning and CoCa (the model has encode/decode/prefill).
-  Reads the context's mesh, text_len and tokenizer (required: its vocabulary must be the
-  model's, `VOCAB_KEY`)."""
-  BATCH_KEYS = ("image", "text")
-
-  def __init__(self, model, ctx: base.Context, **settings):
-    settings = base.fill(type(self), settings)
-    base.check_vocab(ctx, model.vocab_size, self.VOCAB_KEY, needed_by=self.NAME)
-    self.model = model
-    self.ctx = ctx
-    self.mesh = ctx.mesh
-    self.vocab_size = model.vocab_size
-    self.max_text_len = int(ctx.text_len)
-    self.label_smoothing = float(settings["label_smoothing"])
-    self.settings = settings
+class DecodingAPI:
+  """big_mm/decoding.py's interface over `self.model`, a model with encode / decode /
+  prefill (Captioner, CoCa, LanguageModel). Subclasses set model, vocab_size, max_text_len."""
 
   def _apply(self, params, *args, **kw):
     return self.model.apply({"params": params}, *args, **kw)
@@ -131,6 +118,23 @@ class _Generative(base.ImageTextInit):
         {"params": params, "cache": cache}, tokens[:, None], enc, decode=True,
         position=position, cache_len=None, method=type(self.model).decode, mutable=["cache"])
     return logits[:, 0].astype(jnp.float32), variables["cache"]
+
+
+class _Generative(DecodingAPI, base.ImageTextInit):
+  """The decoding API and log-likelihoods shared by Captioning and CoCa. Reads the context's
+  mesh, text_len and tokenizer (required: its vocabulary must be the model's, `VOCAB_KEY`)."""
+  BATCH_KEYS = ("image", "text")
+
+  def __init__(self, model, ctx: base.Context, **settings):
+    settings = base.fill(type(self), settings)
+    base.check_vocab(ctx, model.vocab_size, self.VOCAB_KEY, needed_by=self.NAME)
+    self.model = model
+    self.ctx = ctx
+    self.mesh = ctx.mesh
+    self.vocab_size = model.vocab_size
+    self.max_text_len = int(ctx.text_len)
+    self.label_smoothing = float(settings["label_smoothing"])
+    self.settings = settings
 
   def log_likelihood(self, params, images, texts, prefix=None):
     """Log-probability of the caption tokens (never the prefix) and their count."""
