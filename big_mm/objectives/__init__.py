@@ -10,17 +10,19 @@ from typing import Any, Mapping
 
 from big_mm.objectives import base
 from big_mm.objectives.base import Context
+from big_mm.objectives.cm3 import CM3
 from big_mm.objectives.contrastive import Contrastive
 from big_mm.objectives.filip import Filip
 from big_mm.objectives.fourm import FourM
 from big_mm.objectives.generative import CoCa, Captioning
 from big_mm.objectives.masked import MultiMAE
 from big_mm.objectives.siglip2 import Siglip2
+from big_mm.objectives.ul2 import UL2
 from big_mm.objectives.vq import VQTokenizer
 
 OBJECTIVES = {"contrastive": Contrastive, "captioning": Captioning, "coca": CoCa,
               "multimae": MultiMAE, "filip": Filip, "siglip2": Siglip2, "fourm": FourM,
-              "vq_tokenizer": VQTokenizer}
+              "vq_tokenizer": VQTokenizer, "ul2": UL2, "cm3": CM3}
 
 
 def get_objective(name: str):

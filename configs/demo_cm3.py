@@ -1,0 +1,54 @@
+r"""Demo: CM3 (causally masked documents of image tokens and captions) on the bundled digits.
+
+Commands (from the repo root, after `python data/build_demo.py --data_dir DIR`): an image
+tokenizer, the digits' codes, the judge of generated images, then CM3:
+
+  python -m big_mm.train --config configs/demo_cm3_tokenizer.py --workdir /tmp/big_mm_cm3_tok \
+      --config.input.data_dir=DIR
+  python tools/tokenize_dataset.py --data digits_captions --data_dir DIR \
+      --tokenizer rgb=/tmp/big_mm_cm3_tok
+  python tools/train_digit_classifier.py --data_dir DIR --out /tmp/big_mm_digit_judge.npz
+  python -m big_mm.train --config configs/demo_cm3.py --workdir /tmp/big_mm_cm3 \
+      --config.input.data_dir=DIR
+
+A causal decoder (model "lm": width 128, depth 4) over documents of the image's 16 codes and
+its caption, image first or caption first, with CM3's causal masking (objective "cm3").
+
+Arguments (`configs/demo_cm3.py:steps=3000,batch=64`): steps, batch, tokenizer (the
+vq_tokenizer workdir), judge (the classifier .npz), codes (the tokenizer's codebook size),
+tokens (its codes per image).
+"""
+from big_mm import config as config_lib
+
+TEXT_LEN = 16
+MAX_SPANS = 4
+TEXT_VOCAB = 128  # data/digits_spm.model
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, steps=3000, batch=64, tokenizer="/tmp/big_mm_cm3_tok",
+                             judge="/tmp/big_mm_digit_judge.npz", codes=1000, tokens=16)
+  c = config_lib.ConfigDict()
+  c.seed = 0
+  c.batch_size = arg.batch
+  c.total_steps = arg.steps
+  c.log_every_steps = 50
+
+  c.input = dict(data="digits_captions_tokens", split="train", data_dir=None,
+                 modalities=("tok_rgb", "text"), tokenizer="data/digits_spm.model",
+                 text_len=TEXT_LEN, pp_image="decode|value_range(-1,1)", num_workers=0)
+
+  seq_len = arg.tokens + TEXT_LEN + 4 + 2 * MAX_SPANS + 1
+  vocab = TEXT_VOCAB + arg.codes + 4 + MAX_SPANS
+  c.model_name = "lm"
+  c.model = dict(decoder=dict(width=128, depth=4, mlp_dim=512, num_heads=4, vocab_size=vocab,
+                              max_len=seq_len))
+  c.objective = dict(name="cm3", image_tokens=arg.tokens, image_vocab=arg.codes,
+                     image_tokenizer=arg.tokenizer, image_first_prob=0.5, mean_spans=1.0,
+                     min_spans=1, max_spans=MAX_SPANS)
+
+  c.optim = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.95, wd=1e-4, clip_norm=1.0,
+                 schedule=dict(name="cosine", warmup_steps=min(100, arg.steps // 10)))
+  c.evals = {}
+  c.checkpoint = dict(every_steps=1000, keep=2)
+  return c
