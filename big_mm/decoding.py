@@ -12,9 +12,9 @@ outputs are the caption only. BOS is token 0 (the pad id), fed at position 0.
 
 `prompt` (int [B, P], every decoder takes it; None = no prompt): per row, tokens then 0-pads; row
 b's prompt is its n_b tokens before the first 0 (n_b = 0 allowed; content tokens are never 0). The
-prompt is teacher-forced: the token predicted after feeding position i < n_b is replaced by
-prompt[b, i] (never sampled; not counted in beam scores nor in the length penalty), and generation
-starts right after it. `position` is absolute: the token at output index i of row b is predicted
+prompt is teacher-forced: the token predicted after feeding position i < n_b is prompt[b, i], fed
+next (never sampled; not counted in beam scores nor in the length penalty), and generation starts
+right after it. `position` is absolute: the token at output index i of row b is predicted
 after feeding position n_b + i. The cache is created for P + max_len positions, so
 P + max_len <= objective.max_text_len; max_len defaults to max_text_len - P. `images` may be None
 when a prompt is given (a decoder-only LM conditions on the prompt alone): encode then gets the
@@ -30,8 +30,8 @@ Each decoder is one jitted function whose loop is a `lax.while_loop` that stops 
 sequence is finished (EOS generated, or max_len tokens generated). It is compiled once per
 (objective, input shapes/shardings, static options) and cached by jax.jit (the objective is a
 static argument, hashed by identity); sampling's temperature / top_k / top_p and beam search's
-length_penalty are traced, so changing them does not recompile. Without a prompt, every row is at
-output index = position; the code is the prompted one with n_b = 0 (P = 0).
+length_penalty are traced, so changing them does not recompile. Without a prompt, the code is the
+prompted one with n_b = 0 and P = 0 (output index = position).
 
 Sharding: the images, prompt (and params) may be global jax.Arrays sharded over the batch; nothing
 is replicated, the batch sharding propagates through encode/init_cache/decode_step. Per-row

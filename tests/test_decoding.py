@@ -358,3 +358,208 @@ def test_prefix_reaches_encode():
         np.testing.assert_array_equal(
             decoding.decode(obj, params, images[i:i + 1], method=method, prefix=prefix[i:i + 1],
                             max_len=6, **options)[0], out[i], err_msg=method)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts: teacher-forced per-row starts of the output.
+
+def _bias(params, images):
+  return np.asarray(images).reshape(len(images), -1) @ np.asarray(params["proj"])
+
+
+def _next_logits(obj, params, bias, inputs):
+  """Independent numpy logits after feeding `inputs` (BOS first) to a Markov / Buffer objective."""
+  p = jax.tree.map(np.asarray, params)
+  if isinstance(obj, BufferObjective):
+    return bias + sum(p["weight"][i, tok] for i, tok in enumerate(inputs))
+  prev = inputs[-2] if len(inputs) > 1 else 0
+  return bias + p["first"][inputs[-1]] + p["second"][prev]
+
+
+def _prompt_tokens(row):
+  row = list(np.asarray(row))
+  return row[:row.index(0)] if 0 in row else row
+
+
+def _numpy_greedy(obj, params, bias, prompt_row, max_len):
+  inputs, out = [0] + _prompt_tokens(prompt_row), []
+  while len(out) < max_len and EOS not in out:
+    out.append(1 + int(np.argmax(_next_logits(obj, params, bias, inputs)[1:])))  # never pad
+    inputs.append(out[-1])
+  return out
+
+
+def _numpy_logp(obj, params, bias, prompt_row, seq):
+  """log p(seq | prompt): the generated tokens only."""
+  inputs, total = [0] + _prompt_tokens(prompt_row), 0.0
+  for tok in seq:
+    total += _log_softmax(_next_logits(obj, params, bias, inputs))[tok]
+    inputs.append(tok)
+  return total
+
+
+def _prompts(n, width, vocab_size, seed=0):
+  """Rows of every length 0..width (tokens in [1, vocab): EOS may be forced, pad never)."""
+  r = np.random.RandomState(seed)
+  tokens = r.randint(1, vocab_size, (n, width))
+  lengths = np.arange(n) % (width + 1)
+  return np.where(np.arange(width) < lengths[:, None], tokens, 0).astype(np.int32)
+
+
+def test_greedy_with_prompt_is_teacher_forced_argmax(markov):
+  buffer_obj = BufferObjective(vocab_size=5, max_text_len=7)
+  for obj, params in [markov, (buffer_obj, buffer_obj.init_params())]:
+    images, prompt = _images(16, seed=7), _prompts(16, 2, obj.vocab_size, seed=1)
+    out = decoding.greedy(obj, params, images, prompt=prompt)  # max_len: max_text_len - 2
+    assert out.shape == (16, obj.max_text_len - 2) and out.dtype == jnp.int32
+    _check_padding(out)
+    for bias, p, row in zip(_bias(params, images), prompt, np.asarray(out)):
+      np.testing.assert_array_equal(_strip(row), _numpy_greedy(obj, params, bias, p, out.shape[1]))
+
+
+def test_prompted_rows_equal_rows_alone(markov):
+  """Rows of other prompt lengths in the batch change nothing (each row alone: its own width)."""
+  obj, params = markov
+  images, prompt = _images(16, seed=8), _prompts(16, 2, obj.vocab_size, seed=2)
+  for method, options in [("greedy", {}), ("beam", dict(beam_size=3, length_penalty=0.0))]:
+    out = np.asarray(decoding.decode(obj, params, images, method=method, prompt=prompt,
+                                     max_len=4, **options))
+    for i in ((0, 4, 8) if method == "greedy" else (0, 8)):  # prompt lengths 0, 1, 2
+      alone = prompt[i:i + 1, :len(_prompt_tokens(prompt[i]))]
+      np.testing.assert_array_equal(
+          decoding.decode(obj, params, images[i:i + 1], method=method, prompt=alone, max_len=4,
+                          **options)[0], out[i], err_msg=method)
+
+
+def test_empty_prompt_equals_no_prompt(markov):
+  obj, params = markov
+  images, rng = _images(16, seed=9), jax.random.key(2, impl="rbg")
+  for width, max_len in [(0, 6), (2, 4)]:
+    empty = np.zeros((16, width), np.int32)
+    for method, options in [("greedy", {}), ("beam", dict(beam_size=3)), ("sample", {})]:
+      if method == "sample":
+        if not width:  # the width-0 code path is the same as greedy's and beam's
+          continue
+        options = dict(rng=rng)
+      np.testing.assert_array_equal(
+          decoding.decode(obj, params, images, method=method, prompt=empty, max_len=max_len,
+                          **options),
+          decoding.decode(obj, params, images, method=method, max_len=max_len, **options),
+          err_msg=f"{method}, width {width}")
+
+
+def test_beam_with_prompt(markov):
+  obj, params = markov
+  images, prompt = _images(16, seed=8), _prompts(16, 2, obj.vocab_size, seed=2)
+  np.testing.assert_array_equal(
+      decoding.beam_search(obj, params, images, prompt=prompt, max_len=4, beam_size=1,
+                           length_penalty=0.0),
+      decoding.greedy(obj, params, images, prompt=prompt, max_len=4))
+  # Exhaustive: the prompt's tokens are neither scored nor counted in the length penalty.
+  vocab, max_len = 4, 3
+  obj = BufferObjective(vocab_size=vocab, max_text_len=2 + max_len)  # positions matter
+  params = obj.init_params()
+  images, prompt = _images(16, seed=0), _prompts(16, 2, vocab, seed=0)
+  hypotheses = [tuple(h) for h in _all_hypotheses(vocab, max_len)]
+  logps = [{h: _numpy_logp(obj, params, bias, p, h) for h in hypotheses}
+           for bias, p in zip(_bias(params, images), prompt)]
+  prompt_logps = [_numpy_logp(obj, params, bias, [], _prompt_tokens(p))
+                  for bias, p in zip(_bias(params, images), prompt)]
+  differs = 0
+  for alpha in [0.0, 2.0]:  # a strong length penalty: it tells the two scorings apart
+    beam = decoding.beam_search(obj, params, images, prompt=prompt, max_len=max_len,
+                                beam_size=12, length_penalty=alpha)  # exact (see above)
+    _check_padding(beam)
+    for logp, p, lp_prompt, row in zip(logps, prompt, prompt_logps, np.asarray(beam)):
+      got = tuple(_strip(row))
+      best = max(_score(lp, len(h), alpha) for h, lp in logp.items())
+      assert _score(logp[got], len(got), alpha) >= best - 1e-4, (alpha, got)
+      n = len(_prompt_tokens(p))
+      whole = max(logp, key=lambda h: _score(lp_prompt + logp[h], n + len(h), alpha))
+      differs += whole != got
+  assert differs, "the test should include rows where scoring the prompt too would differ"
+  # Nor in the length: with these probabilities, lp counting 4 prompt tokens would pick [EOS].
+  obj = FixedObjective([0.01, 0.3, 0.5, 0.19])
+  prompt = np.array([[3, 3, 3, 3], [2, 3, 0, 0], [0, 0, 0, 0]], np.int32)
+  np.testing.assert_array_equal(decoding.beam_search(obj, None, _images(3), prompt=prompt,
+                                                     max_len=2, length_penalty=1.0), [[2, 2]] * 3)
+
+
+def test_sample_with_prompt(markov):
+  obj, params = markov
+  images, prompt = _images(16, seed=10), _prompts(16, 2, obj.vocab_size, seed=4)
+  given = prompt.copy()
+  rng = jax.random.key(5, impl="rbg")
+  a = np.asarray(decoding.sample(obj, params, images, rng, prompt=prompt, max_len=4, top_k=2))
+  np.testing.assert_array_equal(prompt, given)
+  _check_padding(a)
+  np.testing.assert_array_equal(
+      a, decoding.sample(obj, params, images, rng, prompt=prompt, max_len=4, top_k=2))
+  b = decoding.sample(obj, params, images, jax.random.key(6, impl="rbg"), prompt=prompt,
+                      max_len=4, top_k=2)
+  assert np.any(a != np.asarray(b)), "another rng should give other samples"
+  # Every token is among the 2 most likely (pad excluded) after the fed prompt and samples.
+  for bias, p, row in zip(_bias(params, images), prompt, a):
+    inputs = [0] + _prompt_tokens(p)
+    for tok in _strip(row):
+      logits = _next_logits(obj, params, bias, inputs)[1:]
+      assert tok in 1 + np.argsort(-logits)[:2], (inputs, tok)
+      inputs.append(tok)
+
+
+def test_prompt_alone_and_with_prefix():
+  """images=None: encode gets the prompt (a decoder-only LM); a text prefix combines with it."""
+  class PromptOnly(PrefixMarkovObjective):
+    def encode(self, params, tokens, prefix=None):
+      return super().encode(params, jnp.zeros((tokens.shape[0], 12)), prefix=prefix)
+
+  obj = PromptOnly()
+  params = obj.init_params()
+  prompt = _prompts(8, 2, obj.vocab_size, seed=5)
+  prefix = np.random.RandomState(0).randint(2, obj.vocab_size, (8, 1)).astype(np.int32)
+  for pre in (None, prefix):
+    out = decoding.greedy(obj, params, None, prompt=prompt, prefix=pre)
+    bias = np.zeros((8, obj.vocab_size)) if pre is None else 4.0 * np.eye(obj.vocab_size)[pre[:, 0]]
+    for b, p, row in zip(bias, prompt, np.asarray(out)):
+      np.testing.assert_array_equal(_strip(row), _numpy_greedy(obj, params, b, p, 4))
+
+
+def test_prompt_errors(markov):
+  obj, params = markov
+  images, prompt = _images(2), np.full((2, 2), 3, np.int32)
+  with pytest.raises(ValueError, match=r"max_len must be in \[1, objective.max_text_len=6 - "):
+    decoding.greedy(obj, params, images, prompt=prompt, max_len=5)
+  with pytest.raises(ValueError, match="no room to generate"):
+    decoding.beam_search(obj, params, images, prompt=np.full((2, 6), 3))
+  with pytest.raises(ValueError, match=r"prompt must be int \[B, P\]"):
+    decoding.greedy(obj, params, images, prompt=prompt[0])
+  with pytest.raises(ValueError, match="one prompt row per image"):
+    decoding.greedy(obj, params, images, prompt=prompt[:1])
+  with pytest.raises(ValueError, match="or a prompt"):
+    decoding.greedy(obj, params, None)
+
+
+def test_prompted_sharded_equals_unsharded(markov):
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  obj, params = markov
+  images, prompt = _images(16, seed=8), _prompts(16, 2, obj.vocab_size, seed=2)
+  shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))  # noqa: E731
+  rng = jax.random.key(5, impl="rbg")
+  runs = {
+      "greedy": dict(method="greedy"),
+      "beam": dict(method="beam", beam_size=3, length_penalty=0.0),
+      "sample": dict(method="sample", rng=rng, top_k=2),
+  }
+  for name, options in runs.items():
+    out = decoding.decode(obj, params, shard(images), prompt=shard(prompt), max_len=4, **options)
+    assert not out.sharding.is_fully_replicated, name
+    np.testing.assert_array_equal(
+        out, decoding.decode(obj, params, images, prompt=prompt, max_len=4, **options),
+        err_msg=name)
+  # As without a prompt: per step, the only collective is the "all finished?" flag's all-reduce.
+  hlo = decoding._beam_jit.lower(decoding._Static(obj), params, shard(images), None,
+                                 jnp.float32(0.0), shard(prompt), max_len=4, beam_size=3,
+                                 eos_id=1).compile().as_text()
+  collectives = [line for line in hlo.splitlines()
+                 if re.search(r"(all-gather|all-reduce|all-to-all|collective-permute)\(", line)]
+  assert len(collectives) == 1 and "pred[] all-reduce(" in collectives[0], collectives
