@@ -1,8 +1,9 @@
 """Generative image-text models: Captioner (CapPa / Cap, or a prefix-LM) and CoCa.
 
 Captioner param tree: `img/...` (ViT, pool="none": its tokens), `dec/...` (decoder.Decoder;
-`dec/prefix_pos_embedding` [1, text_prefix_len, D] when text_prefix_len > 0), `img_proj`
-(prefix_lm only: image tokens -> decoder width).
+`dec/prefix_pos_embedding` [1, text_prefix_len, D] with prefix_lm and text_prefix_len > 0),
+`img_proj` (prefix_lm only: image tokens -> decoder width), `txt/...` (text.TextTransformer, the
+encoder-decoder's text prefix encoder: prefix_lm=False and text_prefix_len > 0).
 
   logits, out = Captioner(...).apply({"params": p}, image, text, prefix=None, parallel=None,
                                      train=False)
@@ -10,7 +11,12 @@ Captioner param tree: `img/...` (ViT, pool="none": its tokens), `dec/...` (decod
 logits: float32 [B, L, V], the next-token predictions for teacher-forced inputs
 [BOS=0] + text[:, :-1] (caption positions only); see big_mm/objectives/generative.py.
 
-prefix_lm=False: encoder-decoder (CapPa), the decoder cross-attends to the image tokens.
+prefix_lm=False: encoder-decoder (CapPa), the decoder cross-attends to the image tokens. With
+text_prefix_len > 0 the text prefix (padded to text_prefix_len slots) is encoded by a
+bidirectional text encoder at the image tokens' width (`text_encoder`: its TextTransformer
+kwargs; depth / num_heads / mlp_dim default to the image tower's; pad slots masked) and its
+tokens follow the image tokens in the memory the decoder cross-attends to, pad slots masked
+(e.g. UL2's [mode] + corrupted input, big_mm/objectives/ul2.py).
 prefix_lm=True: decoder-only over [image tokens (N); text prefix (text_prefix_len slots);
 caption] (PaliGemma-style): the image tokens and the text prefix attend bidirectionally, the
 caption causally; no cross-attention. `prefix`: int [B, P'] (P' <= text_prefix_len, 0 = pad),
@@ -18,8 +24,10 @@ e.g. a prompt or question. Pad slots are never attended to, so a shorter or padd
 the same logits; prefix=None is an all-pad prefix (image-only conditioning). text_prefix_len=0:
 no text prefix (then `prefix` must be None).
 
-encode(image, prefix=None) -> enc {"tokens": [B, N, D]} (+ "prefix": int [B, P'] when
-text_prefix_len > 0); decode / prefill read everything from enc (every leaf batch-major).
+encode(image, prefix=None) -> enc {"tokens": [B, N, D]} (+ "prefix": int [B, P'] for a
+prefix-LM with text_prefix_len > 0; the encoder-decoder's text prefix gives "tokens" [B, N + P,
+D] and "mask" bool [B, N + P], False = a pad slot); decode / prefill read everything from enc
+(every leaf batch-major).
 
 CoCa param tree: `img/...` (ViT tokens), `img_pool` (MAP pooler -> contrastive embedding),
 `img_proj`, `txt/...` (unimodal causal decoder with an appended cls token), `txt_proj`,
@@ -37,6 +45,7 @@ import numpy as np
 
 from big_mm.models import layers
 from big_mm.models.decoder import Decoder, shift_right
+from big_mm.models.text import TextTransformer
 from big_mm.models.towers import l2_normalize
 from big_mm.models.vit import ViT, check_kwargs
 
@@ -45,24 +54,41 @@ def _image_tower(image_kw):
   return ViT(**{**dict(image_kw or {}), "pool": "none", "num_classes": None}, name="img")
 
 
+# The text prefix encoder's kwargs the captioner sets (width: the image tokens').
+_FIXED_TEXT_ENCODER_KEYS = ("width", "vocab_size", "pool", "pool_type", "pad_mask",
+                            "num_classes", "causal")
+
+
 class Captioner(nn.Module):
   """image: ViT kwargs (pool is forced to "none"); decoder: Decoder kwargs. text_prefix_len:
-  the text prefix slots of a prefix-LM (0 = none)."""
+  the text prefix slots (0 = none); text_encoder: TextTransformer kwargs of the
+  encoder-decoder's text prefix encoder (prefix_lm=False, text_prefix_len > 0)."""
   image: Optional[Any] = None
   decoder: Optional[Any] = None
   prefix_lm: bool = False
   text_prefix_len: int = 0
+  text_encoder: Optional[Any] = None
 
   def __post_init__(self):
     check_kwargs(ViT, dict(self.image or {}), "model.image")
     check_kwargs(Decoder, dict(self.decoder or {}), "model.decoder")
     if "text_prefix_len" in dict(self.decoder or {}):
       raise ValueError("Set model.text_prefix_len, not model.decoder.text_prefix_len.")
-    if self.text_prefix_len < 0 or (self.text_prefix_len and not self.prefix_lm):
-      raise ValueError(f"model.text_prefix_len={self.text_prefix_len}: a text prefix needs "
-                       "model.prefix_lm=True (and a length >= 0); set prefix_lm=True or "
-                       "text_prefix_len=0.")
+    if self.text_prefix_len < 0:
+      raise ValueError(f"model.text_prefix_len must be >= 0, got {self.text_prefix_len}.")
+    if self.text_encoder is not None:
+      if not self._encodes_text():
+        raise ValueError("model.text_encoder is the encoder-decoder's text prefix encoder: it "
+                         "needs model.prefix_lm=False and model.text_prefix_len > 0.")
+      check_kwargs(TextTransformer, dict(self.text_encoder), "model.text_encoder")
+      fixed = sorted(k for k in _FIXED_TEXT_ENCODER_KEYS if k in dict(self.text_encoder))
+      if fixed:
+        raise ValueError(f"model.text_encoder.{fixed[0]} is set by the captioner (the width is "
+                         "the image tokens', the vocabulary the decoder's); remove it.")
     super().__post_init__()
+
+  def _encodes_text(self) -> bool:
+    return not self.prefix_lm and self.text_prefix_len > 0
 
   @property
   def vocab_size(self) -> int:
@@ -72,7 +98,15 @@ class Captioner(nn.Module):
     self.img = _image_tower(self.image)
     kw = dict(self.decoder or {})
     self.dec = Decoder(**{**kw, "cross_attention": not self.prefix_lm,
-                          "text_prefix_len": self.text_prefix_len}, name="dec")
+                          "text_prefix_len": self.text_prefix_len if self.prefix_lm else 0},
+                       name="dec")
+    if self._encodes_text():
+      arch = self.img.arch()
+      self.txt = TextTransformer(**{
+          **{k: arch[k] for k in ("depth", "num_heads", "mlp_dim")},
+          **dict(self.text_encoder or {}), "width": arch["width"],
+          "vocab_size": self.vocab_size, "pool": "none", "pad_mask": True,
+          "num_classes": None}, name="txt")
     if self.prefix_lm:
       width = self.dec.arch()["width"]
       self.img_proj = nn.Dense(width, param_dtype=jnp.float32,
@@ -88,6 +122,8 @@ class Captioner(nn.Module):
     if self.prefix_lm:
       tokens = self.img_proj(tokens)
     enc = {"tokens": tokens}
+    if self._encodes_text():
+      return self._encode_text(enc, prefix, train)
     if self.text_prefix_len:
       if prefix is None:
         prefix = jnp.zeros((tokens.shape[0], self.text_prefix_len), jnp.int32)
@@ -96,6 +132,20 @@ class Captioner(nn.Module):
       raise ValueError("A text prefix was given but the captioner has text_prefix_len=0; set "
                        "model.prefix_lm=True and model.text_prefix_len.")
     return enc
+
+  def _encode_text(self, enc, prefix, train):
+    """Appends the encoded text prefix (pad slots masked) to the image tokens."""
+    b, n = enc["tokens"].shape[:2]
+    if prefix is None:
+      prefix = jnp.zeros((b, self.text_prefix_len), jnp.int32)
+    prefix = jnp.asarray(prefix, jnp.int32)
+    if prefix.ndim != 2 or prefix.shape[1] > self.text_prefix_len:
+      raise ValueError(f"prefix must be int [B, P] with P <= text_prefix_len="
+                       f"{self.text_prefix_len}; got shape {tuple(prefix.shape)}.")
+    prefix = jnp.pad(prefix, ((0, 0), (0, self.text_prefix_len - prefix.shape[1])))
+    text, _ = self.txt(prefix, train=train)
+    return {"tokens": jnp.concatenate([enc["tokens"], text.astype(enc["tokens"].dtype)], 1),
+            "mask": jnp.concatenate([jnp.ones((b, n), bool), prefix != 0], 1)}
 
   def decode(self, inputs, enc, *, parallel=None, decode=False, position=None, cache_len=None,
              train=False):
@@ -111,7 +161,7 @@ class Captioner(nn.Module):
       return self.dec(inputs, None, prefix=enc["tokens"], prefix_tokens=prefix_tokens,
                       parallel=parallel, train=train)[0]
     return self.dec(inputs, enc["tokens"], parallel=parallel, decode=decode, position=position,
-                    cache_len=cache_len, train=train)[0]
+                    cache_len=cache_len, train=train, enc_mask=enc.get("mask"))[0]
 
   def prefill(self, enc, cache_len):
     """Creates the decoding cache: [B, cache_len] caption positions (+ the image tokens and
@@ -126,7 +176,7 @@ class Captioner(nn.Module):
     else:
       # Position 0 is written again by the first decode step (BOS), so this write is harmless.
       self.dec(jnp.zeros((b, 1), jnp.int32), tokens, decode=True, position=0,
-               cache_len=cache_len)
+               cache_len=cache_len, enc_mask=enc.get("mask"))
 
   def __call__(self, image, text, *, prefix=None, parallel=None, train=False):
     enc = self.encode(image, prefix, train=train)

@@ -1,0 +1,207 @@
+"""UL2's mixture of denoisers (big_mm/objectives/ul2.py) on the three model forms: "lm", the
+prefix-LM captioner and the encoder-decoder captioner with a text-encoded prefix."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from big_mm import config as config_lib
+from big_mm import objectives, sharding
+from big_mm.input.tokenizer import Tokenizer
+from big_mm.models import get_model
+from big_mm.objectives import denoising, ul2
+from conftest import TOKENIZER, tiny_config, train_steps
+
+TEXT_LEN = 12
+PIECES = 128      # data/digits_spm.model
+SENTINELS = 4
+VOCAB = PIECES + SENTINELS + 3
+PREFIX_LEN = 13   # 1 + the widest corrupted input of the default mixture at 12 tokens
+TARGET_LEN = 9
+BLOCK = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
+DEC = dict(BLOCK, vocab_size=VOCAB, max_len=TARGET_LEN)
+IMG = dict(BLOCK, patch_size=(8, 8))
+MODELS = {
+    "lm": ("lm", dict(decoder=DEC, text_prefix_len=PREFIX_LEN)),
+    "prefix_lm": ("captioner", dict(image=IMG, decoder=DEC, prefix_lm=True,
+                                    text_prefix_len=PREFIX_LEN)),
+    "enc_dec": ("captioner", dict(image=IMG, decoder=DEC, text_prefix_len=PREFIX_LEN,
+                                  text_encoder=dict(depth=1))),
+}
+CAPTIONS = ["a handwritten 3", "the digit 7 in ink", "zero", "a 5", "four", "a photo of a 1",
+            "the number eight written by hand", "9"]
+
+
+def _objective(kind="lm", model_changes=None, context_changes=None, **settings):
+  name, kw = MODELS[kind]
+  model = get_model(name, **{**kw, **(model_changes or {})})
+  ctx = objectives.Context(**{**dict(text_len=TEXT_LEN, image_size=(32, 32),
+                                     tokenizer=Tokenizer(TOKENIZER)), **(context_changes or {})})
+  return ul2.UL2(model, ctx, **{"num_sentinels": SENTINELS, **settings})
+
+
+def _batch(b=8, seed=0):
+  text = Tokenizer(TOKENIZER).encode([CAPTIONS[i % len(CAPTIONS)] for i in range(b)],
+                                     length=TEXT_LEN)
+  image = np.random.default_rng(seed).normal(size=(b, 32, 32, 3)).astype(np.float32)
+  return {"image": image, "text": np.asarray(text, np.int32)}
+
+
+def _params(obj):
+  return sharding.unbox(jax.jit(obj.init_params)(jax.random.key(0)))
+
+
+def test_batch_reconstructs_the_captions_and_draws_by_weight():
+  denoisers = (("R", 3, 0.5, 1.0), ("S", None, 0.25, 2.0), ("X", 2, 0.5, 1.0))
+  obj = _objective(denoisers=denoisers, model_changes=dict(decoder=dict(DEC, max_len=16)))
+  text = np.tile(_batch()["text"], (250, 1))  # 2,000 rows
+  prefix, targets, choice = jax.jit(obj.corrupt)(jax.random.key(0), text)
+  prefix, targets, choice = map(np.asarray, (prefix, targets, choice))
+  assert prefix.shape == (len(text), obj.prefix_len) and targets.shape[1] == obj.target_len
+  modes = {PIECES + SENTINELS + i: m for i, m in enumerate(ul2.MODES)}
+  content = [row[row > 1].tolist() for row in text]
+  got = []
+  for p, t, c in zip(prefix, targets, choice):
+    mode = modes[p[0]]
+    assert mode == denoisers[c][0]
+    if mode == "S":
+      got += denoising.prefix_inverse(p[None, 1:], t[None])
+    else:
+      got += denoising.span_inverse(p[None, 1:], t[None], sentinel_start=PIECES,
+                                    num_sentinels=SENTINELS)
+  assert got == content
+  # Weights 1 : 2 : 1 (4 standard errors of a binomial fraction over 2,000 rows: 0.045).
+  np.testing.assert_allclose(np.bincount(choice, minlength=3) / len(choice), [0.25, 0.5, 0.25],
+                             atol=0.045)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_model_trains_a_step_and_decodes_like_the_full_pass(kind):
+  """Each model form: a finite loss with per-mode metrics, a step that lowers it, and the
+  KV-cache decoding of the targets given [mode] + input equal to the teacher-forced pass."""
+  obj = _objective(kind)
+  params = _params(obj)
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  if kind == "lm":
+    batch.pop("image")
+  loss_fn = jax.jit(obj.loss_fn)
+  loss, metrics = loss_fn(params, batch, jax.random.key(1))
+  assert np.isfinite(loss) and 0 <= metrics["ul2/token_accuracy"] <= 1
+  assert {"ul2/R_loss", "ul2/S_loss", "ul2/X_loss", "ul2/S_fraction"} <= set(metrics)
+  grads = jax.grad(lambda p: obj.loss_fn(p, batch, jax.random.key(1))[0])(params)
+  stepped = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
+  assert loss_fn(stepped, batch, jax.random.key(1))[0] < loss
+
+  prefix, targets, _ = obj.corrupt(jax.random.key(2), batch["text"])
+  images = batch.get("image", prefix)
+  full = jax.jit(obj._logits)(params, images, targets, prefix)
+  enc = obj.encode(params, images, prefix)
+  cache = obj.init_cache(params, enc, targets.shape[1])
+  inputs = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+  step = jax.jit(obj.decode_step)
+  for pos in range(targets.shape[1]):
+    logits, cache = step(params, enc, cache, inputs[:, pos], jnp.int32(pos))
+    np.testing.assert_allclose(logits, full[:, pos], atol=2e-5, rtol=1e-5)
+  # Pad slots of the prefix are never attended: a shorter prefix gives the same logits.
+  width = int(np.max(np.sum(np.asarray(prefix) != 0, axis=1)))
+  np.testing.assert_allclose(obj._logits(params, images, targets, prefix[:, :width]), full,
+                             atol=2e-5)
+  logp, n = obj.log_likelihood(params, images, targets, prefix)
+  np.testing.assert_array_equal(n, np.sum(np.asarray(targets) != 0, axis=1))
+  assert np.all(np.asarray(logp) < 0)
+
+
+def test_encoder_decoder_param_tree():
+  """The text encoder (txt/) exists only for the encoder-decoder with a text prefix; the
+  other captioners keep their trees."""
+  def tree(**kw):
+    model = get_model("captioner", **{**dict(image=IMG, decoder=DEC), **kw})
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                               jnp.zeros((1, 4), jnp.int32)))["params"]
+    return jax.tree.map(jnp.shape, sharding.unbox(shapes))
+  plain, enc_dec = tree(), tree(text_prefix_len=5)
+  assert set(enc_dec) == set(plain) | {"txt"} and enc_dec["dec"] == plain["dec"]
+  assert enc_dec["txt"]["pos_embedding"] == (1, 5, 32)
+  assert enc_dec["txt"]["Embed_0"]["embedding"] == (VOCAB, 32)
+  assert "prefix_pos_embedding" in tree(prefix_lm=True, text_prefix_len=5)["dec"]
+  with pytest.raises(ValueError, match="text_encoder.width is set by the captioner"):
+    get_model("captioner", decoder=DEC, text_prefix_len=5, text_encoder=dict(width=8))
+  with pytest.raises(ValueError, match="needs model.prefix_lm=False and model.text_prefix_len"):
+    get_model("captioner", decoder=DEC, prefix_lm=True, text_prefix_len=5,
+              text_encoder=dict(depth=1))
+
+
+def test_loss_decreases():
+  obj = _objective("lm")
+  params = _params(obj)
+  batch = {"text": jnp.asarray(_batch()["text"])}
+  opt = optax.adam(3e-3)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, rng):
+    grads = jax.grad(lambda p: obj.loss_fn(p, batch, rng)[0])(params)
+    updates, state = opt.update(grads, state)
+    return optax.apply_updates(params, updates), state
+
+  loss_fn = jax.jit(obj.loss_fn)
+  first = loss_fn(params, batch, jax.random.key(0))[0]
+  for i in range(30):
+    params, state = step(params, state, jax.random.key(i))
+  last = loss_fn(params, batch, jax.random.key(0))[0]
+  assert last < 0.7 * first, (first, last)
+
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(denoisers=(("Q", 3, 0.15, 1.0),)), r"mode must be one of \['R', 'S', 'X'\]"),
+    (dict(denoisers=(("R", 3, 0.15, -1.0),)), "weight must be a number >= 0, got -1.0"),
+    (dict(denoisers=(("R", 3, 0.15, 0.0),)), "every weight is 0"),
+    (dict(denoisers=(("S", 3, 0.25, 1.0),)), "S denoiser has no spans; set its mean_span"),
+    (dict(denoisers=(("X", 3, 1.5, 1.0),)), r"rate must be in \(0, 1\)"),
+    (dict(denoisers=("R", 3, 0.15, 1.0)), r"must be \(mode, mean_span, rate, weight\)"),
+    (dict(num_sentinels=0), "num_sentinels must be a positive integer"),
+])
+def test_settings_errors(settings, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    objectives.settings(dict(name="ul2", **settings))
+
+
+def test_model_errors():
+  with pytest.raises(config_lib.ConfigError, match=r"set model.decoder.vocab_size=135"):
+    _objective(model_changes=dict(decoder=dict(DEC, vocab_size=PIECES)))
+  with pytest.raises(config_lib.ConfigError, match=r"set model.text_prefix_len=13"):
+    _objective(model_changes=dict(text_prefix_len=8))
+  with pytest.raises(config_lib.ConfigError, match=r"set model.decoder.max_len=9"):
+    _objective(model_changes=dict(decoder=dict(DEC, max_len=6)))
+  with pytest.raises(config_lib.ConfigError, match=r"set objective.num_sentinels=4 "):
+    _objective("lm", context_changes=dict(text_len=24), denoisers=(("X", 3, 0.5, 1.0),),
+               num_sentinels=2, model_changes=dict(decoder=dict(DEC, vocab_size=PIECES + 5)))
+  with pytest.raises(config_lib.ConfigError, match="text_prefix_len=0 but UL2's prefix"):
+    _objective("enc_dec", model_changes=dict(text_prefix_len=0, text_encoder=None))
+  with pytest.raises(config_lib.ConfigError, match="needs input.tokenizer"):
+    _objective(context_changes=dict(tokenizer=None))
+
+
+def test_trains_sharded_exactly_as_on_one_device(data_dir):
+  """The encoder-decoder captioner through config.load / train.build / the train step: two
+  steps on 8 devices (data 4 x fsdp 2) equal the same steps on one device."""
+  def config(mesh):
+    return tiny_config(data_dir, **{
+        "batch_size": 8, "total_steps": 2, "mesh": mesh, "input.text_len": TEXT_LEN,
+        "model_name": "captioner", "model": MODELS["enc_dec"][1],
+        "objective": dict(name="ul2", num_sentinels=SENTINELS)})
+
+  batches = [_batch(seed=i) for i in range(2)]
+  _, ref, ref_params, _ = train_steps(config(dict(data=1, fsdp=1, tensor=1)),
+                                      jax.devices()[:1], batches)
+  _, got, params, shardings = train_steps(config(dict(data=4, fsdp=2, tensor=1)),
+                                          jax.devices(), batches)
+  for r, g in zip(ref, got):
+    for key in ("loss", "ul2/nll", "ul2/R_loss", "ul2/X_fraction"):
+      np.testing.assert_allclose(g[key], r[key], rtol=2e-5, err_msg=key)
+  assert got[-1]["loss"] != got[0]["loss"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params,
+               ref_params)
+  assert shardings["txt"]["Embed_0"]["embedding"].spec != P()  # FSDP really shards
