@@ -439,9 +439,10 @@ def test_empty_prompt_equals_no_prompt(markov):
     plain = decoding.decode(obj, params, images, method=method, max_len=4, **options)
     # Width 0 (beam's: test_prompted_rows_equal_rows_alone) and rows of 0-pads only.
     for width in (0, 2) if method == "greedy" else (2,):
+      empty = np.zeros((16, width), np.int32)
       np.testing.assert_array_equal(
-          decoding.decode(obj, params, images, method=method, prompt=np.zeros((16, width), np.int32),
-                          max_len=4, **options), plain, err_msg=f"{method}, width {width}")
+          decoding.decode(obj, params, images, method=method, prompt=empty, max_len=4, **options),
+          plain, err_msg=f"{method}, width {width}")
 
 
 def test_beam_with_prompt(markov):
