@@ -19,6 +19,7 @@ vq_tokenizer workdir), judge (the classifier .npz), codes (the tokenizer's codeb
 tokens (its codes per image).
 """
 from big_mm import config as config_lib
+from configs import common
 
 TEXT_LEN = 16
 MAX_SPANS = 4
@@ -49,6 +50,8 @@ def get_config(arg=None):
 
   c.optim = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.95, wd=1e-4, clip_norm=1.0,
                  schedule=dict(name="cosine", warmup_steps=min(100, arg.steps // 10)))
-  c.evals = {}
+  c.evals = dict(tasks=dict(type="cm3", split="test", every_steps=arg.steps // 2,
+                            max_examples=300, classnames=common.CAPTION_CLASSES, judge=arg.judge,
+                            image_temperature=1.0, image_top_k=0))
   c.checkpoint = dict(every_steps=1000, keep=2)
   return c

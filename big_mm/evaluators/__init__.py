@@ -8,7 +8,7 @@ the params at every evaluation.
 from __future__ import annotations
 
 from big_mm import config as config_lib
-from big_mm.evaluators import (captioning, cross_modal, dense_probe, fewshot, referring,
+from big_mm.evaluators import (captioning, cm3, cross_modal, dense_probe, fewshot, referring,
                                retrieval, scoring, zeroshot)
 from big_mm.evaluators.common import Embedder, EvalContext, Evaluator
 
@@ -24,6 +24,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {
     "fewshot": fewshot.FewShot,
     "referring": referring.Referring,
     "dense_probe": dense_probe.DenseProbe,
+    "cm3": cm3.CM3Tasks,
 }
 
 
