@@ -16,7 +16,14 @@ baseline); training logs the batch's codebook perplexity / used fraction. The di
 (tools/train_digit_classifier.py, big_mm.evaluators.digit_judge) tells whether the round trip
 keeps the digit readable.
 
-Measured: see docs/benchmarks.md, "CM3 demo data (digits tokenizer and judge)".
+Measured (2026-12-07, 2-core Xeon CPU shared with other jobs, 1 device, jax 0.10.2, the
+defaults: 4x4 grid, FSQ (8, 5, 5, 5), 600 steps of batch 64: 16 min, 0.63-0.76 s/step while
+the CPU was free), on the 300 test digits: round-trip PSNR 29.40 dB (training-mean baseline
+13.45 dB); the digit judge (MLP, tools/train_digit_classifier.py) reads 96.33% of the
+round-tripped digits right (96.67% of the real ones): the ceiling for judging generated
+images. Codebook: 862 / 1000 codes used among the test split's 4,800 tokens, perplexity 610
+(train + test, 28,752 tokens: 969 used, perplexity 666). More in docs/benchmarks.md, "CM3 demo
+data (digits tokenizer and judge)".
 
 Arguments (`configs/demo_cm3_tokenizer.py:steps=600,downsample=8`): steps, batch, downsample
 (4 or 8), levels (fsq levels, e.g. 8-5-5-5), channels.

@@ -89,3 +89,20 @@ def test_cli_errors(tmp_path, capsys):
   assert tool.main([]) == 2  # --out missing.
   assert tool.main(["--out", str(tmp_path / "j.npz"), "--C", "x"]) == 1
   assert "--C must be a number" in capsys.readouterr().err
+
+
+def test_round_trip_batches_and_code_usage():
+  class Tok:  # Codes = the sign of the first channel at 2x2 pixels; decode repeats it.
+    def encode(self, x):
+      return (x[:, ::16, ::16, 0] > 0).reshape(x.shape[0], -1).astype(np.int32)
+
+    def decode(self, codes):
+      return np.repeat(np.repeat(codes.reshape(-1, 2, 2, 1), 16, 1), 16, 2).repeat(3, 3) * 2.0 - 1
+
+  images, _ = _synthetic(n=7)
+  recon, codes = tool.round_trip(Tok(), images, batch=3)
+  assert recon.shape == images.shape and codes.shape == (7, 4)
+  np.testing.assert_array_equal(codes, Tok().encode(images))
+  np.testing.assert_array_equal(recon, Tok().decode(codes))
+  used, perplexity = tool.code_usage(np.array([0, 0, 1, 3]), 5)
+  assert used == 3 and perplexity == pytest.approx(np.exp(1.5 * np.log(2.0)))
