@@ -7,9 +7,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from big_mm import config as config_lib
-from big_mm import objectives, sharding
+from big_mm import decoding, objectives, sharding
 from big_mm.input.tokenizer import Tokenizer
 from big_mm.models import get_model
+from big_mm.models.decoder import shift_right
 from big_mm.objectives import denoising, ul2
 from conftest import TOKENIZER, tiny_config, train_steps
 
@@ -77,12 +78,20 @@ def test_batch_reconstructs_the_captions_and_draws_by_weight():
                              atol=0.045)
 
 
+@pytest.fixture(scope="module")
+def corrupted():
+  """A batch's (prefix, targets) under MIXTURE: the same for every model form."""
+  return jax.jit(_objective("lm", denoisers=MIXTURE).corrupt)(
+      jax.random.key(2), jnp.asarray(_batch()["text"]))[:2]
+
+
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_model_trains_a_step_and_decodes_like_the_full_pass(kind):
+def test_model_trains_a_step_and_decodes_like_the_full_pass(kind, corrupted):
   """Each model form: a finite loss with per-mode metrics, lowered by a few gradient steps
-  (the same noise: the batch is memorised); the KV-cache decoding of the targets given
-  [mode] + input equals the teacher-forced pass (the prefix-LM captioner's decoding is
-  tests/test_generative.py's)."""
+  (the same noise: the batch is memorised). "lm" and the encoder-decoder: the KV-cache
+  decoding of the targets given [mode] + input equals the teacher-forced pass, the prefix's
+  pad slots are never attended, and decoding.greedy follows the logits (the prefix-LM
+  captioner's decoding is tests/test_generative.py's)."""
   obj = _objective(kind, denoisers=MIXTURE)
   params = _params(obj)
   batch = {k: jnp.asarray(v) for k, v in _batch().items()}
@@ -100,15 +109,22 @@ def test_model_trains_a_step_and_decodes_like_the_full_pass(kind):
   assert np.all(np.diff(losses) < 0), losses
   if kind == "prefix_lm":
     return
-
-  prefix, targets, _ = jax.jit(obj.corrupt)(jax.random.key(2), batch["text"])
+  prefix, targets = corrupted
   images = batch.get("image", prefix)
   width = int(np.max(np.sum(np.asarray(prefix) != 0, axis=1)))
+
+  def pads_changed(params, images, prefix, targets):
+    if kind == "lm":  # fewer pad slots
+      return obj._logits(params, images, targets, prefix[:, :width])
+    enc = obj.encode(params, images, prefix)  # the text encoder's pad slots replaced by noise
+    enc["tokens"] = jnp.where(enc["mask"][..., None], enc["tokens"], 7.0)
+    return obj.model.apply({"params": params}, shift_right(targets), enc,
+                           method=type(obj.model).decode)
 
   @jax.jit
   def full(params, images, prefix, targets):
     return (obj._logits(params, images, targets, prefix),
-            obj._logits(params, images, targets, prefix[:, :width]),
+            pads_changed(params, images, prefix, targets),
             obj.log_likelihood(params, images, targets, prefix))
 
   @jax.jit
@@ -123,13 +139,22 @@ def test_model_trains_a_step_and_decodes_like_the_full_pass(kind):
                              (inputs.T, positions))
     return jnp.swapaxes(logits, 0, 1)
 
-  logits, shorter, (logp, n) = full(params, images, prefix, targets)
+  logits, pads, (logp, n) = full(params, images, prefix, targets)
   np.testing.assert_allclose(cached(params, images, prefix, targets), logits, atol=2e-5,
                              rtol=1e-5)
-  # Pad slots of the prefix are never attended: a shorter prefix gives the same logits.
-  np.testing.assert_allclose(shorter, logits, atol=2e-5)
+  np.testing.assert_allclose(pads, logits, atol=2e-5)
   np.testing.assert_array_equal(n, np.sum(np.asarray(targets) != 0, axis=1))
   assert np.all(np.asarray(logp) < 0)
+  if kind == "enc_dec":
+    # Each greedy token is the argmax of the teacher-forced logits of the tokens before it (up
+    # to its EOS; pads after).
+    gen = np.asarray(decoding.greedy(obj, params, images, prefix=prefix,
+                                     max_len=targets.shape[1]))
+    best = np.argmax(full(params, images, prefix, jnp.asarray(gen))[0], axis=-1)
+    for g, b in zip(gen, best):
+      end = list(g).index(1) + 1 if 1 in g else len(g)
+      np.testing.assert_array_equal(g[:end], b[:end])
+      assert not np.any(g[end:])
 
 
 def test_encoder_decoder_param_tree():
