@@ -119,9 +119,6 @@ class UL2(DecodingAPI):
     if ctx.tokenizer is None:
       raise base.ConfigError("objective.name='ul2' predicts text, so it needs input.tokenizer "
                              "(the path of a SentencePiece .model, e.g. data/digits_spm.model).")
-    if ctx.prefix_column:
-      raise base.ConfigError(f"input.prefix_column={ctx.prefix_column!r}: UL2 makes its own "
-                             "prefix (mode token + corrupted caption); unset input.prefix_column.")
     self.model, self.ctx, self.mesh, self.settings = model, ctx, ctx.mesh, settings
     self.denoisers = tuple((m, None if s is None else float(s), float(r), float(w))
                            for m, s, r, w in settings["denoisers"])
