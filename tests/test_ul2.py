@@ -85,36 +85,14 @@ def corrupted():
       jax.random.key(2), jnp.asarray(_batch()["text"]))[:2]
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
-def test_model_trains_a_step_and_decodes_like_the_full_pass(kind, corrupted):
-  """Each model form: a finite loss with per-mode metrics, lowered by a few gradient steps
-  (the same noise: the batch is memorised). "lm" and the encoder-decoder: the KV-cache
-  decoding of the targets given [mode] + input equals the teacher-forced pass, the prefix's
-  pad slots are never attended, and decoding.greedy follows the logits (the prefix-LM
-  captioner's decoding is tests/test_generative.py's)."""
-  obj = _objective(kind, denoisers=MIXTURE)
-  params = _params(obj)
-  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
-  if kind == "lm":
-    batch.pop("image")
-  grad_fn = jax.jit(jax.value_and_grad(obj.loss_fn, has_aux=True))
-  (loss, metrics), grads = grad_fn(params, batch, jax.random.key(1))
-  assert np.isfinite(loss) and 0 <= metrics["ul2/token_accuracy"] <= 1
-  assert {"ul2/R_loss", "ul2/S_loss", "ul2/X_loss", "ul2/S_fraction"} <= set(metrics)
-  losses = [loss]
-  for _ in range(3):
-    params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
-    (loss, _), grads = grad_fn(params, batch, jax.random.key(1))
-    losses.append(loss)
-  assert np.all(np.diff(losses) < 0), losses
-  if kind == "prefix_lm":
-    return
-  prefix, targets = corrupted
-  images = batch.get("image", prefix)
+def _check_decoding(obj, params, images, prefix, targets, greedy):
+  """The KV-cache decoding of the targets given [mode] + input equals the teacher-forced pass;
+  the prefix's pad slots are never attended; log-likelihoods count the targets; greedy: each
+  token decoding.greedy gives is the argmax of the teacher-forced logits before it."""
   width = int(np.max(np.sum(np.asarray(prefix) != 0, axis=1)))
 
   def pads_changed(params, images, prefix, targets):
-    if kind == "lm":  # fewer pad slots
+    if not obj.has_image:  # "lm": fewer pad slots
       return obj._logits(params, images, targets, prefix[:, :width])
     enc = obj.encode(params, images, prefix)  # the text encoder's pad slots replaced by noise
     enc["tokens"] = jnp.where(enc["mask"][..., None], enc["tokens"], 7.0)
@@ -145,16 +123,36 @@ def test_model_trains_a_step_and_decodes_like_the_full_pass(kind, corrupted):
   np.testing.assert_allclose(pads, logits, atol=2e-5)
   np.testing.assert_array_equal(n, np.sum(np.asarray(targets) != 0, axis=1))
   assert np.all(np.asarray(logp) < 0)
-  if kind == "enc_dec":
-    # Each greedy token is the argmax of the teacher-forced logits of the tokens before it (up
-    # to its EOS; pads after).
+  if greedy:
     gen = np.asarray(decoding.greedy(obj, params, images, prefix=prefix,
                                      max_len=targets.shape[1]))
     best = np.argmax(full(params, images, prefix, jnp.asarray(gen))[0], axis=-1)
     for g, b in zip(gen, best):
-      end = list(g).index(1) + 1 if 1 in g else len(g)
+      end = list(g).index(1) + 1 if 1 in g else len(g)  # up to its EOS; pads after
       np.testing.assert_array_equal(g[:end], b[:end])
       assert not np.any(g[end:])
+
+
+@pytest.mark.parametrize("kind", ["prefix_lm", "enc_dec"])
+def test_captioner_trains_and_decodes(kind, corrupted):
+  """A finite loss with per-mode metrics, lowered by a few gradient steps (the same noise: the
+  batch is memorised); the encoder-decoder's decoding (_check_decoding; the prefix-LM
+  captioner's is tests/test_generative.py's, "lm"'s in the sharded test)."""
+  obj = _objective(kind, denoisers=MIXTURE)
+  params = _params(obj)
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  grad_fn = jax.jit(jax.value_and_grad(obj.loss_fn, has_aux=True))
+  (loss, metrics), grads = grad_fn(params, batch, jax.random.key(1))
+  assert np.isfinite(loss) and 0 <= metrics["ul2/token_accuracy"] <= 1
+  assert {"ul2/R_loss", "ul2/S_loss", "ul2/X_loss", "ul2/S_fraction"} <= set(metrics)
+  losses = [loss]
+  for _ in range(3):
+    params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
+    (loss, _), grads = grad_fn(params, batch, jax.random.key(1))
+    losses.append(loss)
+  assert np.all(np.diff(losses) < 0), losses
+  if kind == "enc_dec":
+    _check_decoding(obj, params, batch["image"], *corrupted, greedy=True)
 
 
 def test_encoder_decoder_param_tree():
@@ -207,10 +205,10 @@ def test_model_errors():
     _objective(context_changes=dict(tokenizer=None))
 
 
-def test_trains_sharded_exactly_as_on_one_device(data_dir):
+def test_trains_sharded_exactly_as_on_one_device(data_dir, corrupted):
   """model_name "lm", objective "ul2" through config.load / train.build / the train step: two
   steps on 8 devices (data 4 x fsdp 2) equal the same steps on one device (the noise drawn per
-  row is the same under any sharding)."""
+  row is the same under any sharding); then the LM's decoding (_check_decoding)."""
   def config(mesh):
     return tiny_config(data_dir, **{
         "batch_size": 8, "total_steps": 2, "mesh": mesh, "input.text_len": TEXT_LEN,
@@ -218,8 +216,8 @@ def test_trains_sharded_exactly_as_on_one_device(data_dir):
         "objective": dict(name="ul2", num_sentinels=SENTINELS, denoisers=MIXTURE)})
 
   batches = [{"text": _batch()["text"][::1 - 2 * i]} for i in range(2)]
-  _, ref, ref_params, _ = train_steps(config(dict(data=1, fsdp=1, tensor=1)),
-                                      jax.devices()[:1], batches)
+  setup, ref, ref_params, _ = train_steps(config(dict(data=1, fsdp=1, tensor=1)),
+                                          jax.devices()[:1], batches)
   _, got, params, shardings = train_steps(config(dict(data=4, fsdp=2, tensor=1)),
                                           jax.devices(), batches)
   for r, g in zip(ref, got):
@@ -229,3 +227,6 @@ def test_trains_sharded_exactly_as_on_one_device(data_dir):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params,
                ref_params)
   assert shardings["dec"]["Embed_0"]["embedding"].spec != P()  # FSDP really shards
+  assert {"ul2/R_loss", "ul2/S_loss", "ul2/X_loss", "ul2/token_accuracy"} <= set(got[0])
+  prefix, targets = corrupted
+  _check_decoding(setup.objective, ref_params, prefix, prefix, targets, greedy=False)
