@@ -339,9 +339,9 @@ def _validate_objective(config: ConfigDict) -> None:
   if config.input.prefix_column and "prefix" not in objectives.get_objective(name).BATCH_KEYS:
     readers = [n for n, cls in objectives.OBJECTIVES.items() if "prefix" in cls.BATCH_KEYS]
     raise ConfigError(
-        f"input.prefix_column={config.input.prefix_column!r} is read only by prefix-LM "
-        f"captioners (objective.name in {readers}, model.prefix_lm=True); objective.name is "
-        f"{name!r}. Unset input.prefix_column.")
+        f"input.prefix_column={config.input.prefix_column!r} is read only by captioners with "
+        f"a text prefix (objective.name in {readers}, model.text_prefix_len > 0); "
+        f"objective.name is {name!r}. Unset input.prefix_column.")
 
 
 def _validate_captions_per_example(config: ConfigDict) -> None:

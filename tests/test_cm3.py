@@ -75,20 +75,20 @@ def test_causal_masking_is_exactly_invertible_with_static_shapes():
 def test_span_count_is_a_clamped_poisson_and_spans_cover_every_position():
   """Long documents (so the 2k <= n + 1 cap never binds): the mean span count matches
   E[clamp(Poisson(1), 1, 3)], and every position is masked sometimes."""
-  rows, width = 3000, 40
+  rows, width, sentinels = 1500, 40, 100
   docs = jnp.tile(jnp.arange(2, 2 + width, dtype=jnp.int32), (rows, 1))
   seq, _, spans = cm3.causal_mask(jax.random.key(3), docs, jnp.full((rows,), width),
                                   mean_spans=1.0, min_spans=1, max_spans=3,
-                                  sentinel_start=100)
+                                  sentinel_start=sentinels)
   p = [math.exp(-1) / math.factorial(i) for i in range(3)]
   expected = 1 * (p[0] + p[1]) + 2 * p[2] + 3 * (1 - sum(p))
-  assert abs(float(np.mean(spans)) - expected) < 0.04  # sd of the mean ~0.013
+  assert abs(float(np.mean(spans)) - expected) < 0.06  # sd of the mean ~0.018
   body = np.asarray(seq)[:, :width]
-  masked_ever = np.zeros(width, bool)
-  for row, k in zip(body, np.asarray(spans)):
-    kept = set(row[row < 100].tolist())
-    masked_ever |= ~np.isin(np.arange(2, 2 + width), list(kept))
-  assert masked_ever.all()
+  in_body = np.zeros((rows, sentinels), bool)
+  row_ids = np.repeat(np.arange(rows), width)
+  is_token = body.ravel() < sentinels
+  in_body[row_ids[is_token], body.ravel()[is_token]] = True
+  assert not in_body[:, 2:2 + width].all(axis=0).any()  # no position is always kept
 
 
 def _user(**objective):

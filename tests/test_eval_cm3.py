@@ -119,7 +119,7 @@ class Oracle(cm3.CM3):
     return s[:te + 2] + [c + v.code_start for c in codes] + [v.img_end]
 
 
-def _setup(tmp_path, objective_cls):
+def _setup(tmp_path, objective_cls, tasks=cm3_eval.TASKS):
   tokenizer = Tokenizer(TOKENIZER)
   vocab = cm3.DocumentVocab(tokenizer.vocab_size, CODES, SPANS)
   seq_len = N + TEXT_LEN + 4 + 2 * SPANS + 1
@@ -131,7 +131,7 @@ def _setup(tmp_path, objective_cls):
   judge = os.path.join(tmp_path, "judge.npz")
   _level_judge(judge)
   ev = config_lib.ConfigDict(dict(cm3_eval.CM3Tasks.DEFAULTS, type="cm3", batch_size=8,
-                                  classnames=CLASSNAMES, judge=judge))
+                                  classnames=CLASSNAMES, judge=judge, tasks=tasks))
   config = config_lib.ConfigDict(dict(input=dict(data="unused", split="train")))
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, expert=1), jax.devices()[:1])
   evaluator = cm3_eval.CM3Tasks("cm3", ev, common.EvalContext(config, mesh, objective,
@@ -152,14 +152,15 @@ def test_an_oracle_scores_one_on_every_task(tmp_path):
 
 
 def test_a_random_model_runs_the_real_decoding_path(tmp_path):
-  objective, evaluator, tokenizer = _setup(tmp_path, cm3.CM3)
+  objective, evaluator, tokenizer = _setup(tmp_path, cm3.CM3, tasks=("caption", "image"))
   params = objective.init_params(jax.random.key(0))
   params = jax.tree.map(lambda x: getattr(x, "value", x), params,
                         is_leaf=lambda x: hasattr(x, "value"))
   codes, captions, labels = _examples(tokenizer)
   out = evaluator.score(params, codes, captions, labels)
-  for key in ("caption/label_accuracy", "infill/accuracy", "image/judge_accuracy"):
-    assert 0.0 <= out[key] <= 1.0
+  assert sorted(out) == ["caption/label_accuracy", "image/judge_accuracy", "image/valid_codes",
+                         "num_examples"]
+  assert 0.0 <= out["image/judge_accuracy"] <= 1.0
   assert out["caption/label_accuracy"] < 0.5  # an untrained model does not know the digits
 
 

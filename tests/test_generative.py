@@ -352,7 +352,8 @@ def test_text_prefix_config_errors():
        r"input.prefix_len=5 but model.text_prefix_len=4"),
       ("prefix_lm", dict(prefix_column="question", prefix_len=2),
        r"input.prefix_len=2 but model.text_prefix_len=0"),
-      ("cappa", dict(prefix_column="question", prefix_len=2), r"prefix_lm=True"),
+      ("cappa", dict(prefix_column="question", prefix_len=2),
+       r"input.prefix_len=2 but model.text_prefix_len=0"),
       ("text_prefix", dict(prefix_column="question", prefix_len=4, modalities=("rgb", "text")),
        r"not read with input.modalities"),
   ]:
@@ -363,6 +364,6 @@ def test_text_prefix_config_errors():
   c.total_steps = 1
   c.objective = dict(name="coca")
   c.input.update(prefix_column="question", prefix_len=2)
-  with pytest.raises(config_lib.ConfigError, match=r"read only by prefix-LM captioners.*'coca'"):
+  with pytest.raises(config_lib.ConfigError, match=r"read only by captioners with a text prefix.*'coca'"):
     config_lib.validate(c)
   generative.Captioning(_model("text_prefix"), _context(prefix_column="question", prefix_len=4))

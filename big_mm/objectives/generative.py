@@ -17,13 +17,15 @@ Both provide the decoding API used by big_mm/decoding.py and the evaluators:
   log_likelihood(params, images, texts, prefix=None) -> (sum_logp [B], num_tokens [B])
 Every enc / cache leaf has a leading batch axis (beams may repeat / reorder them).
 
-Text prefix (prefix-LM captioner with model.text_prefix_len > 0, e.g. a prompt or question):
+Text prefix (a captioner with model.text_prefix_len > 0, e.g. a prompt or question; with
+prefix_lm=True it is part of the decoder's bidirectional prefix, with prefix_lm=False the text
+encoder encodes it for the cross-attention):
 `prefix` int [B, P] (0 = pad; batch["prefix"] from input.prefix_column, tokenized to
 input.prefix_len without EOS) conditions the caption with the image; it is never a target,
 so the loss and log-likelihoods cover the caption tokens only. prefix=None: no text prefix
 (all pad). Models without a text prefix reject a prefix. Config: input.prefix_column and
-input.prefix_len > 0 go together and need a "captioner" with prefix_lm=True and
-text_prefix_len >= input.prefix_len (checked when the objective is built).
+input.prefix_len > 0 go together and need a "captioner" with text_prefix_len >=
+input.prefix_len (checked when the objective is built).
 """
 from __future__ import annotations
 
@@ -69,12 +71,11 @@ def check_prefix(ctx: base.Context, model) -> None:
     raise base.ConfigError(
         f"input.prefix_column={column!r} is not read with input.modalities="
         f"{tuple(ctx.modalities)}; unset one of them.")
-  if not getattr(model, "prefix_lm", False):
-    raise base.ConfigError(
-        f"input.prefix_column={column!r} needs model_name='captioner' with model.prefix_lm=True "
-        f"and model.text_prefix_len >= input.prefix_len={length}; got a "
-        f"{type(model).__name__} with prefix_lm=False.")
   model_len = int(getattr(model, "text_prefix_len", 0) or 0)
+  if not hasattr(model, "text_prefix_len"):
+    raise base.ConfigError(
+        f"input.prefix_column={column!r} needs model_name='captioner' with "
+        f"model.text_prefix_len >= input.prefix_len={length}; got a {type(model).__name__}.")
   if model_len < length:
     raise base.ConfigError(
         f"input.prefix_len={length} but model.text_prefix_len={model_len}; set "
@@ -99,8 +100,7 @@ class DecodingAPI:
       return {}
     if not getattr(self.model, "text_prefix_len", 0):
       raise ValueError(f"A text prefix was given, but this {type(self.model).__name__} has no "
-                       "text prefix (it needs a captioner with prefix_lm=True and "
-                       "text_prefix_len > 0).")
+                       "text prefix (it needs model.text_prefix_len > 0).")
     return {"prefix": prefix}
 
   def encode(self, params, images, prefix=None):
