@@ -11,7 +11,7 @@ from big_mm import decoding, objectives, sharding
 from big_mm.input.tokenizer import Tokenizer
 from big_mm.models import get_model
 from big_mm.models.decoder import shift_right
-from big_mm.objectives import denoising, ul2
+from big_mm.objectives import cm3, denoising, ul2
 from conftest import TOKENIZER, tiny_config, train_steps
 
 TEXT_LEN = 12
@@ -31,6 +31,12 @@ MODELS = {
                                   text_encoder=dict(depth=1))),
 }
 MIXTURE = (("R", 3, 0.15, 1.0), ("S", None, 0.25, 1.0), ("X", 3, 0.5, 1.0))
+# sequence="document": N codes of CODES per image; documents of N + TEXT_LEN + 4 = 20 tokens.
+CODES, N = 16, 4
+DOC_VOCAB = cm3.DocumentVocab(PIECES, CODES, SENTINELS)
+DOC_MODEL = dict(decoder=dict(DEC, vocab_size=DOC_VOCAB.size + 3, max_len=14), text_prefix_len=20)
+DOC_SETTINGS = dict(sequence="document", image_tokens=N, image_vocab=CODES, denoisers=MIXTURE)
+DOC_INPUT = dict(modalities=("tok_rgb", "text"))
 CAPTIONS = ["a handwritten 3", "the digit 7 in ink", "zero", "a 5", "four", "a photo of a 1",
             "the number eight written by hand", "9"]
 
@@ -48,6 +54,11 @@ def _batch(b=8, seed=0):
                                      length=TEXT_LEN)
   image = np.random.default_rng(seed).normal(size=(b, 32, 32, 3)).astype(np.float32)
   return {"image": image, "text": np.asarray(text, np.int32)}
+
+
+def _document_batch(b=8, seed=0):
+  codes = np.random.default_rng(seed).integers(0, CODES, (b, N)).astype(np.int32)
+  return {"tok_rgb": codes, "text": _batch(b)["text"]}
 
 
 def _params(obj):
@@ -183,6 +194,8 @@ def test_encoder_decoder_param_tree():
     (dict(denoisers=(("X", 3, 1.5, 1.0),)), r"rate must be in \(0, 1\)"),
     (dict(denoisers=("R", 3, 0.15, 1.0)), r"must be \(mode, mean_span, rate, weight\)"),
     (dict(num_sentinels=0), "num_sentinels must be a positive integer"),
+    (dict(sequence="documents"), r"sequence='documents' is not valid; choose one of"),
+    (dict(image_first_prob=1.5), r"image_first_prob must be in \[0, 1\]"),
 ])
 def test_settings_errors(settings, match):
   with pytest.raises(config_lib.ConfigError, match=match):
@@ -230,3 +243,64 @@ def test_trains_sharded_exactly_as_on_one_device(data_dir, corrupted):
   assert {"ul2/R_loss", "ul2/S_loss", "ul2/X_loss", "ul2/token_accuracy"} <= set(got[0])
   prefix, targets = corrupted
   _check_decoding(setup.objective, ref_params, prefix, prefix, targets, greedy=False)
+
+
+def test_document_batch_reconstructs_the_documents():
+  """sequence="document": each row's document (image and text blocks, image or caption first)
+  is what the denoisers corrupt, image codes included: inputs + targets give it back exactly."""
+  obj = _objective("lm", DOC_MODEL, DOC_INPUT, **DOC_SETTINGS)
+  assert (obj.prefix_len, obj.target_len, obj.mode_ids["R"]) == (20, 14, DOC_VOCAB.size)
+  batch = {k: jnp.asarray(v) for k, v in _document_batch(64).items()}
+
+  @jax.jit
+  def corrupt(rng, batch):
+    rng_order, rng_noise = jax.random.split(rng)
+    docs = obj.documents(rng_order, batch)
+    return (docs, *obj.corrupt(rng_noise, docs))
+
+  docs, prefix, targets, choice = map(np.asarray, corrupt(jax.random.key(0), batch))
+  assert docs.shape == (64, N + TEXT_LEN + 4) and set(choice.tolist()) == {0, 1, 2}
+  image_first = docs[:, 0] == DOC_VOCAB.img_start
+  assert 16 <= np.sum(image_first) <= 48
+  for d, codes, text, first, p, t, c in zip(docs, *map(np.asarray, batch.values()), image_first,
+                                           prefix, targets, choice):
+    blocks = [DOC_VOCAB.image_block(codes), DOC_VOCAB.text_block(text[text > 1])]
+    assert d[d != 0].tolist() == np.concatenate(blocks if first else blocks[::-1]).tolist()
+    mode = MIXTURE[c][0]
+    assert p[0] == obj.mode_ids[mode]
+    if mode == "S":
+      got = denoising.prefix_inverse(p[None, 1:], t[None])
+    else:
+      got = denoising.span_inverse(p[None, 1:], t[None], sentinel_start=DOC_VOCAB.sentinel_start,
+                                   num_sentinels=SENTINELS)
+    assert got == [d[d != 0].tolist()]
+  assert np.any((targets >= DOC_VOCAB.code_start) & (targets < DOC_VOCAB.img_start))
+
+
+def test_document_lm_trains():
+  """sequence="document" on "lm": a finite loss and gradients from tok_rgb + text."""
+  obj = _objective("lm", DOC_MODEL, DOC_INPUT, **DOC_SETTINGS)
+  assert set(obj.example_batch()) == {"tok_rgb", "text"}
+  params = _params(obj)
+  batch = {k: jnp.asarray(v) for k, v in _document_batch().items()}
+  grad_fn = jax.jit(jax.value_and_grad(obj.loss_fn, has_aux=True))
+  (loss, metrics), grads = grad_fn(params, batch, jax.random.key(1))
+  assert np.isfinite(loss) and {"ul2/R_loss", "ul2/S_loss", "ul2/X_loss"} <= set(metrics)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  codes = grads["dec"]["Embed_0"]["embedding"][DOC_VOCAB.code_start:DOC_VOCAB.img_start]
+  assert np.any(codes)  # the image codes are embedded (the head is not tied)
+
+
+def test_document_errors():
+  with pytest.raises(config_lib.ConfigError, match="sequence='document' needs model_name='lm'"):
+    _objective("prefix_lm", DOC_MODEL, DOC_INPUT, **DOC_SETTINGS)
+  with pytest.raises(config_lib.ConfigError, match=r"set input.modalities=\('tok_rgb', 'text'\)"):
+    _objective("lm", DOC_MODEL, **DOC_SETTINGS)
+  vocab = (r"needs 155 ids \(128 text pieces \+ objective.image_vocab=16 image codes \+ 4 "
+           r"boundary tokens \+ objective.num_sentinels=4 sentinels \+ 3 mode tokens\); set "
+           r"model.decoder.vocab_size=155")
+  with pytest.raises(config_lib.ConfigError, match=vocab):
+    _objective("lm", dict(DOC_MODEL, decoder=DEC), DOC_INPUT, **DOC_SETTINGS)
+  with pytest.raises(config_lib.ConfigError, match=r"image_tokens=4 \+ input.text_len=12 \+ 4 = "
+                     r"20 tokens\) takes 20 slots; set model.text_prefix_len=20"):
+    _objective("lm", dict(DOC_MODEL, text_prefix_len=PREFIX_LEN), DOC_INPUT, **DOC_SETTINGS)

@@ -1,5 +1,5 @@
 """UL2's mixture of denoisers (Tay et al. 2022, "UL2: Unifying Language Learning Paradigms",
-ICLR 2023) over captions: objective "ul2".
+ICLR 2023) over captions or image-text documents: objective "ul2".
 
 Per example one denoiser (mode, mean_span, rate, weight) is drawn with probability ~ weight;
 its corrupted caption, after its mode token, is the model's bidirectional text prefix and its
@@ -27,15 +27,25 @@ What the sources say (the paper's text was not reachable here; facts below from 
 - Not confirmed: the paper's mixture weights. The default weighs the 7 denoisers equally (the
   appendix code's default); S's rate enters through denoising.prefix_split's documented rule.
 
-Vocabulary: [0, V) the tokenizer's pieces, then `num_sentinels` sentinels, then the mode tokens
-[R], [S], [X] (UL2's [NLU], [S2S], [NLG]): model.decoder.vocab_size = V + num_sentinels + 3.
-The prefix is [mode] + the corrupted input: 1 + the widest input of the mixture's denoisers
-(`prefix_len`) slots; the targets are `target_len` wide (the decoder's max_len must hold them).
+Sequences (`sequence`): "text" corrupts the caption batch["text"]; "document" (model "lm"
+only) corrupts each example's CM3 document (big_mm/objectives/cm3.py `build_documents`:
+[IMG_START, codes, IMG_END] of batch["tok_rgb"] [B, `image_tokens`] and [TXT_START, caption,
+TXT_END], the image first with probability `image_first_prob`), so image codes are denoised too
+and an S denoiser continues a prefix of the document: a split after the image block is caption
+generation, after the caption block image generation.
 
-Models: "lm" (decoder-only prefix-LM over the caption), "captioner" with prefix_lm=True
-(decoder-only: image tokens + the prefix, bidirectional, then the targets) and "captioner" with
-prefix_lm=False and text_prefix_len > 0 (encoder-decoder: the decoder cross-attends to the image
-tokens and the text-encoded prefix). Each needs model.text_prefix_len >= prefix_len.
+Vocabulary: [0, V) the tokenizer's pieces (documents: cm3.DocumentVocab's ids before its
+sentinels: the pieces, the `image_vocab` codes, the 4 boundary tokens), then `num_sentinels`
+sentinels, then the mode tokens [R], [S], [X] (UL2's [NLU], [S2S], [NLG]):
+model.decoder.vocab_size = V + num_sentinels + 3. The prefix is [mode] + the corrupted input:
+1 + the widest input of the mixture's denoisers (`prefix_len`) slots; the targets are
+`target_len` wide (the decoder's max_len must hold them).
+
+Models: "lm" (decoder-only prefix-LM over the caption or document), "captioner" with
+prefix_lm=True (decoder-only: image tokens + the prefix, bidirectional, then the targets) and
+"captioner" with prefix_lm=False and text_prefix_len > 0 (encoder-decoder: the decoder
+cross-attends to the image tokens and the text-encoded prefix). Each needs
+model.text_prefix_len >= prefix_len.
 
 Metrics: ul2/nll, ul2/token_accuracy, ul2/<mode>_loss (the token NLL of the rows of that mode)
 and ul2/<mode>_fraction, for the mixture's modes.
@@ -55,7 +65,7 @@ from big_mm.models import aux_loss
 from big_mm.models import captioner as captioner_lib
 from big_mm.models import lm as lm_lib
 from big_mm.models.decoder import Decoder
-from big_mm.objectives import base, denoising
+from big_mm.objectives import base, cm3, denoising
 from big_mm.objectives.generative import DecodingAPI, check_token_settings, token_loss
 
 MODES = ("R", "S", "X")  # the order of the mode tokens after the sentinels
@@ -97,14 +107,24 @@ class UL2(DecodingAPI):
   """Objective "ul2" (module docstring)."""
   NAME = "ul2"
   # denoisers: ((mode, mean_span, rate, weight), ...); num_sentinels: the sentinel ids after
-  # the tokenizer's pieces (at least the most spans a caption gets); label_smoothing.
-  SETTINGS = dict(denoisers=DENOISERS, num_sentinels=32, label_smoothing=0.0)
-  BATCH_KEYS = ("image", "text")
+  # the tokenizer's pieces (at least the most spans a sequence gets); sequence: "text" (the
+  # caption) or "document" (module docstring), whose image_tokens / image_vocab are the codes
+  # per image and the codebook size of batch["tok_rgb"]; label_smoothing.
+  SETTINGS = dict(denoisers=DENOISERS, num_sentinels=32, sequence="text", image_first_prob=0.5,
+                  image_tokens=16, image_vocab=1000, label_smoothing=0.0)
+  BATCH_KEYS = ("image", "tok_rgb", "text")
+  DOCUMENT_KEYS = ("tok_rgb", "text")
 
   @classmethod
   def check_settings(cls, settings) -> None:
     _check_denoisers(settings["denoisers"])
     base.positive_int("num_sentinels", settings["num_sentinels"])
+    base.choice("sequence", settings["sequence"], ("text", "document"))
+    if not 0 <= base.number("image_first_prob", settings["image_first_prob"]) <= 1:
+      raise base.ConfigError("objective.image_first_prob must be in [0, 1], got "
+                             f"{settings['image_first_prob']!r}.")
+    base.positive_int("image_tokens", settings["image_tokens"])
+    base.positive_int("image_vocab", settings["image_vocab"])
     check_token_settings(settings)
 
   def __init__(self, model, ctx: base.Context, **settings):
@@ -124,37 +144,64 @@ class UL2(DecodingAPI):
                            for m, s, r, w in settings["denoisers"])
     self.num_sentinels = int(settings["num_sentinels"])
     self.label_smoothing = float(settings["label_smoothing"])
+    self.document = settings["sequence"] == "document"
     self.sentinel_start = int(ctx.tokenizer.vocab_size)
+    seq_len = int(ctx.text_len)
+    if self.document:
+      self._check_document_inputs()
+      self.doc_vocab = cm3.DocumentVocab(self.sentinel_start, int(settings["image_vocab"]),
+                                         self.num_sentinels)
+      self.sentinel_start = self.doc_vocab.sentinel_start
+      seq_len += int(settings["image_tokens"]) + cm3.NUM_BOUNDARY_TOKENS
     self.mode_ids = {m: self.sentinel_start + self.num_sentinels + i
                      for i, m in enumerate(MODES)}
-    self._check_model(int(ctx.text_len))
+    self._check_model(seq_len)
     self.vocab_size = model.vocab_size
     self.max_text_len = self.decoder_len
 
-  def _check_model(self, text_len: int) -> None:
+  def _check_document_inputs(self) -> None:
+    if self.has_image:
+      raise base.ConfigError(
+          "objective.sequence='document' needs model_name='lm' (the document holds the image "
+          "as its VQ codes, batch['tok_rgb']); a captioner reads the image itself: use "
+          "objective.sequence='text'.")
+    if not set(self.DOCUMENT_KEYS) <= set(self.ctx.modalities or ("image", "text")):
+      raise base.ConfigError(
+          f"objective.sequence='document' reads {self.DOCUMENT_KEYS}; set "
+          f"input.modalities={self.DOCUMENT_KEYS}.")
+
+  def _check_model(self, seq_len: int) -> None:
     model, pieces = self.model, self.sentinel_start
     need = pieces + self.num_sentinels + len(MODES)
+    if self.document:
+      v = self.doc_vocab
+      ids = (f"{v.text_vocab} text pieces + objective.image_vocab={v.code_vocab} image codes + "
+             f"{cm3.NUM_BOUNDARY_TOKENS} boundary tokens")
+      what = (f"documents of objective.image_tokens={self.settings['image_tokens']} + "
+              f"input.text_len={self.ctx.text_len} + {cm3.NUM_BOUNDARY_TOKENS} = {seq_len} "
+              "tokens")
+    else:
+      ids, what = f"the tokenizer's {pieces} pieces", f"captions of input.text_len={seq_len}"
     if model.vocab_size != need:
       raise base.ConfigError(
-          f"model.decoder.vocab_size={model.vocab_size} but UL2 needs {need} ids (the "
-          f"tokenizer's {pieces} pieces + objective.num_sentinels={self.num_sentinels} "
-          f"sentinels + {len(MODES)} mode tokens); set model.decoder.vocab_size={need}.")
-    spans = max([denoising.max_spans(text_len, s, r) for m, s, r, _ in self.denoisers
+          f"model.decoder.vocab_size={model.vocab_size} but UL2 needs {need} ids ({ids} + "
+          f"objective.num_sentinels={self.num_sentinels} sentinels + {len(MODES)} mode "
+          f"tokens); set model.decoder.vocab_size={need}.")
+    spans = max([denoising.max_spans(seq_len, s, r) for m, s, r, _ in self.denoisers
                  if m != "S"] or [0])
     if spans > self.num_sentinels:
       raise base.ConfigError(
-          f"objective.num_sentinels={self.num_sentinels} but captions of input.text_len="
-          f"{text_len} get up to {spans} noise spans with these denoisers; set "
-          f"objective.num_sentinels={spans} (and model.decoder.vocab_size to match).")
-    widths = [self._lengths(text_len, d) for d in self.denoisers]
+          f"objective.num_sentinels={self.num_sentinels} but {what} get up to {spans} noise "
+          f"spans with these denoisers; set objective.num_sentinels={spans} (and "
+          f"model.decoder.vocab_size to match).")
+    widths = [self._lengths(seq_len, d) for d in self.denoisers]
     self.prefix_len = 1 + max(w[0] for w in widths)
     self.target_len = max(w[1] for w in widths)
     have = int(getattr(model, "text_prefix_len", 0) or 0)
     if have < self.prefix_len:
       raise base.ConfigError(
-          f"model.text_prefix_len={have} but UL2's prefix (mode token + corrupted caption of "
-          f"input.text_len={text_len}) takes {self.prefix_len} slots; set "
-          f"model.text_prefix_len={self.prefix_len}.")
+          f"model.text_prefix_len={have} but UL2's prefix (mode token + corrupted {what}) "
+          f"takes {self.prefix_len} slots; set model.text_prefix_len={self.prefix_len}.")
     self.decoder_len = int(dict(model.decoder or {}).get("max_len", Decoder.max_len))
     if self.decoder_len < self.target_len:
       raise base.ConfigError(
@@ -172,6 +219,9 @@ class UL2(DecodingAPI):
 
   def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     text = jax.ShapeDtypeStruct((1, int(self.ctx.text_len)), jnp.int32)
+    if self.document:
+      codes = (1, int(self.settings["image_tokens"]))
+      return {"tok_rgb": jax.ShapeDtypeStruct(codes, jnp.int32), "text": text}
     if not self.has_image:
       return {"text": text}
     return {**base.image_text_example(self.ctx), "text": text}
@@ -189,9 +239,16 @@ class UL2(DecodingAPI):
     mode_col = jnp.full((inputs.shape[0], 1), self.mode_ids[mode], jnp.int32)
     return jnp.concatenate([mode_col, inputs], axis=1)
 
+  def documents(self, rng, batch):
+    """(sequence="document") batch["tok_rgb"] and batch["text"] -> their documents int32
+    [B, N + L + 4], the image first with probability image_first_prob (drawn with rng)."""
+    codes = batch["tok_rgb"]
+    image_first = jax.random.uniform(rng, (codes.shape[0],)) < self.settings["image_first_prob"]
+    return cm3.build_documents(codes, batch["text"], image_first, self.doc_vocab)[0]
+
   def corrupt(self, rng, text):
-    """Captions [B, L] -> (prefix int32 [B, prefix_len], targets int32 [B, target_len],
-    the drawn denoiser's index [B])."""
+    """Sequences [B, L] (captions or documents) -> (prefix int32 [B, prefix_len], targets int32
+    [B, target_len], the drawn denoiser's index [B])."""
     keys = jax.random.split(rng, len(self.denoisers) + 1)
     weights = jnp.asarray([d[3] for d in self.denoisers], jnp.float32)
     choice = jax.random.categorical(keys[0], jnp.log(weights), shape=(text.shape[0],))
@@ -226,7 +283,11 @@ class UL2(DecodingAPI):
 
   def loss_fn(self, params, batch, rng):
     rng_noise, rng_dropout = jax.random.split(rng)
-    prefix, targets, choice = self.corrupt(rng_noise, batch["text"])
+    tokens = batch["text"]
+    if self.document:
+      rng_order, rng_noise = jax.random.split(rng_noise)
+      tokens = self.documents(rng_order, batch)
+    prefix, targets, choice = self.corrupt(rng_noise, tokens)
     args = (batch["image"], targets) if self.has_image else (targets,)
     out, aux = aux_loss.apply(self.model, params, *args, prefix=prefix, train=True,
                               rngs={"dropout": rng_dropout})
