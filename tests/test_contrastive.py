@@ -256,7 +256,7 @@ def test_other_objectives_settings_are_unknown_keys(data_dir, tiny_two_towers):
   """Settings of the other objectives are unknown keys here (refused before any compute,
   naming the objective that has them), not silently ignored."""
   setup, _, _ = tiny_two_towers
-  for key, value, owners in (("label_smoothing", 0.1, r"\['captioning', 'coca'\]"),
+  for key, value, owners in (("label_smoothing", 0.1, r"\['captioning', 'coca', 'ul2', 'cm3'\]"),
                              ("caption_weight", 1.0, r"\['coca'\]"),
                              ("num_visible", 10, r"\['multimae'\]")):
     match = (rf"Unknown config key 'objective.{key}' for objective.name='contrastive': it is a "
