@@ -10,7 +10,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from big_mm import config as config_lib  # pylint: disable=wrong-import-position
 from big_mm.evaluators import digit_judge  # pylint: disable=wrong-import-position
 from tools import train_digit_classifier as tool  # pylint: disable=wrong-import-position
 
@@ -107,26 +106,3 @@ def test_round_trip_batches_and_code_usage():
   np.testing.assert_array_equal(recon, Tok().decode(codes))
   used, perplexity = tool.code_usage(np.array([0, 0, 1, 3]), 5)
   assert used == 3 and perplexity == pytest.approx(np.exp(1.5 * np.log(2.0)))
-
-
-def test_demo_tokenizer_round_trip_is_judged(data_dir, tmp_path):
-  """configs/demo_cm3_tokenizer.py trains (3 steps), loads as a 4x4-grid, 240-code tokenizer
-  and its round trip of the test digits goes through the judge."""
-  from big_mm import train  # pylint: disable=g-import-not-at-top
-  from big_mm.models import vq  # pylint: disable=g-import-not-at-top
-  c = config_lib.load(os.path.join(ROOT, "configs", "demo_cm3_tokenizer.py:steps=3,batch=16,"
-                                   "channels=8"))
-  with c.unlocked():
-    c.input.data_dir = data_dir
-    c.optim.schedule.warmup_steps = 1
-    c.model.num_res_blocks = 0  # Compiles faster.
-    c.evals = {}
-  train.train(c, str(tmp_path / "tok"))
-  tok = vq.load(str(tmp_path / "tok"))
-  assert (tok.modality, tok.grid, tok.vocab_size) == ("rgb", (4, 4), 240)
-  images, labels = tool.load_split("digits_captions", "test", data_dir)
-  recon, codes = tool.round_trip(tok, images[:40], batch=32)
-  assert recon.shape == (40, 32, 32, 3) and codes.shape == (40, 16)
-  assert codes.min() >= 0 and codes.max() < 240
-  _, judge = tool.fit(images[40:], labels[40:], hidden=0)
-  assert judge.predict(recon).shape == (40,)

@@ -152,15 +152,13 @@ def test_an_oracle_scores_one_on_every_task(tmp_path):
 
 
 def test_a_random_model_runs_the_real_decoding_path(tmp_path):
-  objective, evaluator, tokenizer = _setup(tmp_path, cm3.CM3, tasks=("caption", "image"))
+  objective, evaluator, tokenizer = _setup(tmp_path, cm3.CM3, tasks=("caption",))
   params = objective.init_params(jax.random.key(0))
   params = jax.tree.map(lambda x: getattr(x, "value", x), params,
                         is_leaf=lambda x: hasattr(x, "value"))
   codes, captions, labels = _examples(tokenizer)
   out = evaluator.score(params, codes, captions, labels)
-  assert sorted(out) == ["caption/label_accuracy", "image/judge_accuracy", "image/valid_codes",
-                         "num_examples"]
-  assert 0.0 <= out["image/judge_accuracy"] <= 1.0
+  assert sorted(out) == ["caption/label_accuracy", "num_examples"]
   assert out["caption/label_accuracy"] < 0.5  # an untrained model does not know the digits
 
 
