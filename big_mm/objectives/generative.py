@@ -90,7 +90,8 @@ def check_token_settings(settings) -> None:
 
 class DecodingAPI:
   """big_mm/decoding.py's interface over `self.model`, a model with encode / decode /
-  prefill (Captioner, CoCa, LanguageModel). Subclasses set model, vocab_size, max_text_len."""
+  prefill (Captioner, CoCa, LanguageModel). Subclasses set model, vocab_size, max_text_len;
+  log_likelihood needs their `_logits(params, images, texts[, prefix=])` (teacher-forced)."""
 
   def _apply(self, params, *args, **kw):
     return self.model.apply({"params": params}, *args, **kw)
@@ -119,9 +120,18 @@ class DecodingAPI:
         position=position, cache_len=None, method=type(self.model).decode, mutable=["cache"])
     return logits[:, 0].astype(jnp.float32), variables["cache"]
 
+  def log_likelihood(self, params, images, texts, prefix=None):
+    """Log-probability of the target tokens (never the prefix) and their count."""
+    logits = self._logits(params, images, texts, **self._prefix_kw(prefix))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_logp = jnp.take_along_axis(logp, texts[..., None], axis=-1)[..., 0]
+    mask = texts != 0
+    return jnp.sum(jnp.where(mask, token_logp, 0.0), axis=1), jnp.sum(mask, axis=1).astype(
+        jnp.int32)
+
 
 class _Generative(DecodingAPI, base.ImageTextInit):
-  """The decoding API and log-likelihoods shared by Captioning and CoCa. Reads the context's
+  """What Captioning and CoCa share besides DecodingAPI. Reads the context's
   mesh, text_len and tokenizer (required: its vocabulary must be the model's, `VOCAB_KEY`)."""
   BATCH_KEYS = ("image", "text")
 
@@ -135,15 +145,6 @@ class _Generative(DecodingAPI, base.ImageTextInit):
     self.max_text_len = int(ctx.text_len)
     self.label_smoothing = float(settings["label_smoothing"])
     self.settings = settings
-
-  def log_likelihood(self, params, images, texts, prefix=None):
-    """Log-probability of the caption tokens (never the prefix) and their count."""
-    logits = self._logits(params, images, texts, **self._prefix_kw(prefix))
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_logp = jnp.take_along_axis(logp, texts[..., None], axis=-1)[..., 0]
-    mask = texts != 0
-    return jnp.sum(jnp.where(mask, token_logp, 0.0), axis=1), jnp.sum(mask, axis=1).astype(
-        jnp.int32)
 
 
 class Captioning(_Generative):

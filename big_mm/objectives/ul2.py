@@ -273,14 +273,6 @@ class UL2(DecodingAPI):
     logits = self.model.apply({"params": params}, *args, prefix=prefix, train=False)
     return logits[0] if self.has_image else logits
 
-  def log_likelihood(self, params, images, targets, prefix=None):
-    """Log-probability of the target tokens (never the prefix) and their count."""
-    logp = jax.nn.log_softmax(self._logits(params, images, targets, prefix), axis=-1)
-    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    mask = targets != 0
-    return (jnp.sum(jnp.where(mask, token_logp, 0.0), axis=1),
-            jnp.sum(mask, axis=1).astype(jnp.int32))
-
   def loss_fn(self, params, batch, rng):
     rng_noise, rng_dropout = jax.random.split(rng)
     tokens = batch["text"]
