@@ -40,7 +40,13 @@ IMAGE = "image"    # float32 [H, W, 3] (the pipeline's pp_image output)
 TOKENS = "tokens"  # int32 [text_len] token ids (0 = padding)
 DENSE = "dense"    # [H, W] per-pixel maps aligned with the image (depth, segmentation)
 CODES = "codes"    # int32 [N] a tokenizer's code grid of an image-like modality, row-major
-KINDS = (IMAGE, TOKENS, DENSE, CODES)
+AUDIO = "audio"    # float32 [frames, mels] a log-mel spectrogram (big_mm/input/audio.py)
+POINTS = "points"  # float32 [N, 3] a point cloud (big_mm/input/points.py)
+VECTOR = "vector"  # float32 [d] a feature vector (precomputed features, Symile's bits)
+# Kinds whose example shape is fixed by their own pp string (input.pp_modalities[name]; see
+# preprocess.output_shape), not by the image size or text length.
+PP_SHAPED = (AUDIO, POINTS, VECTOR)
+KINDS = (IMAGE, TOKENS, DENSE, CODES) + PP_SHAPED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +68,11 @@ class Modality:
   aliases: tuple[str, ...] = ()
 
   def field(self, input_cfg) -> str:
-    """The record field this modality is read from under `input_cfg`."""
+    """The record field this modality is read from under `input_cfg` (input.columns[name]
+    first, then its column_key)."""
+    columns = input_cfg.get("columns") if hasattr(input_cfg, "get") else None
+    if columns and columns.get(self.name):
+      return columns[self.name]
     if self.column_key is None:
       return self.batch_key
     value = input_cfg.get(self.column_key) if hasattr(input_cfg, "get") else None
@@ -74,6 +84,10 @@ class Modality:
     if self.kind == CODES:
       raise ValueError(f"Modality {self.name!r} holds a tokenizer's codes: its example shape "
                        f"is (num_tokens,) of that tokenizer, which the objective builds.")
+    if self.kind in PP_SHAPED:
+      raise ValueError(f"Modality {self.name!r} ({self.kind}): its example shape is fixed by "
+                       f"its pp string, input.pp_modalities[{self.name!r}] "
+                       f"(preprocess.output_shape).")
     if self.kind == IMAGE:
       return tuple(image_hw) + (3,)
     if self.kind == DENSE:
@@ -112,6 +126,15 @@ register(Modality("semseg", "semseg", DENSE, np.int32, column_key="semseg_column
 register(Modality("tok_rgb", "tok_rgb", CODES, np.int32))
 register(Modality("tok_depth", "tok_depth", CODES, np.int32))
 register(Modality("tok_semseg", "tok_semseg", CODES, np.int32))
+# N-modal binding (LanguageBind, ULIP-2, Symile). Record field = batch key = name unless
+# input.columns says otherwise; examples shaped by input.pp_modalities[name].
+register(Modality("audio", "audio", AUDIO, np.float32, tower="audio_transformer",
+                  param_scope="aud"))
+register(Modality("points", "points", POINTS, np.float32, tower="point_transformer",
+                  param_scope="pts"))
+# Generic feature vectors, e.g. Symile's synthetic XOR bits (data/symile_xor.py).
+for _name in ("vec_a", "vec_b", "vec_c"):
+  register(Modality(_name, _name, VECTOR, np.float32, tower="mlp"))
 
 
 def names() -> list[str]:

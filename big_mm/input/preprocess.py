@@ -621,6 +621,9 @@ def sample_captions(caps: list[str], k: int, rng: np.random.Generator) -> list[s
 class OpDef:
   key: str  # The example key the op reads and writes.
   make: Callable[..., OpFn]  # Validates the string's arguments, returns the op function.
+  # Ops that fix their output's shape: out_shape(*args) -> that shape (args as `make` takes
+  # them, defaults filled). Ops after it on the same key must keep the shape.
+  out_shape: Callable[..., tuple[int, ...]] | None = None
 
 
 OPS: dict[str, OpDef] = {
@@ -723,6 +726,13 @@ def parse_pp(pp: str, key: str | None = None) -> list[Op]:
                        f"{valid_ops(key)}")
   _check_order(pp, ops)
   return ops
+
+
+def output_shape(pp: str) -> tuple[int, ...] | None:
+  """The example shape a pp string's output has whatever the input (the last op that fixes
+  it, OpDef.out_shape), or None when no op fixes it."""
+  shaped = [o for o in parse_pp(pp) if OPS[o.name].out_shape is not None]
+  return tuple(int(n) for n in OPS[shaped[-1].name].out_shape(*shaped[-1].args)) if shaped else None
 
 
 def apply_pp(ops: list[Op], value, rng: np.random.Generator, ctx: Context | None = None):

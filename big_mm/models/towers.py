@@ -27,11 +27,16 @@ import numpy as np
 
 from big_mm import modalities
 from big_mm.models import layers
+from big_mm.models.mlp import MlpTower
 from big_mm.models.text import TextTransformer
 from big_mm.models.vit import ViT, check_kwargs
 
 # Tower name -> module class: `cls(num_classes=D, **kwargs)(x, train=) -> (pooled [B, D], out)`.
-TOWERS = {"vit": ViT, "text_transformer": TextTransformer}
+TOWERS = {
+    "vit": ViT,
+    "text_transformer": TextTransformer,
+    "mlp": MlpTower,
+}
 
 
 def l2_normalize(x, eps: float = 1e-12):
