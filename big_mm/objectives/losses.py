@@ -1,10 +1,10 @@
 """Contrastive losses (SigLIP sigmoid / CLIP softmax) over a globally sharded batch.
 
 Public API:
-  sigmoid_loss(zimg, ztxt, t, b)            single-device full-batch reference (big_vision SigLIP)
-  softmax_loss(zimg, ztxt, t, b=None)       single-device full-batch reference (CLIP, mean of 2 CEs)
+  sigmoid_loss(zimg, ztxt, t, b, valid=None)     single-device full-batch reference (SigLIP)
+  softmax_loss(zimg, ztxt, t, b=None, valid=None)  single-device full-batch reference (CLIP)
   contrastive_loss(zimg, ztxt, t, b, *, loss, strategy, mesh=None, batch_axes=("data", "fsdp"),
-                   implementation="xla", kernel_config=None)
+                   implementation="xla", kernel_config=None, valid=None)
   batch_axes_of(mesh, batch_axes)           batch axes present in `mesh` (in the given order)
   sigmoid_loss_multi(zimg, ztxt, t, b)      multi-positive references: ztxt [B, k, D] holds k
   softmax_loss_multi(zimg, ztxt, t, b=None)   captions per image, each a positive of its image
@@ -13,6 +13,18 @@ Public API:
 `t` is the already exponentiated temperature (scalar), `b` the bias (scalar). Inputs are
 [B, D] embeddings (L2-normalised by the model); everything is computed (xla) or accumulated
 (pallas, which takes bf16 embeddings as they are) in float32.
+
+Presence mask `valid` (bool / int / float [B], nonzero = present; the global batch, sharded
+like the embeddings): pair i is present in both towers or it is dropped. Absent rows and
+columns contribute nothing; n_valid = the number of present pairs.
+  sigmoid  sum over present (i, j) of -log sigmoid(z_ij (t x_i.y_j + b)) / max(n_valid, 1)
+           (all present: big_vision's sum / B, i.e. valid=None's value)
+  softmax  0.5 * (image->text + text->image), each the mean over present rows of
+           lse over present columns - the positive; absent columns are replaced by a large
+           finite negative logit (never -inf), so nothing is NaN.
+  n_valid = 0 gives loss 0 with zero (finite) gradients. Every strategy takes it with
+  implementation="xla"; the fused kernels and the multi-positive path take none. valid=None
+  runs the unmasked code unchanged.
 
 Strategies for the global batch (batch dim sharded over `batch_axes` of `mesh`):
   "local"      the reference on the global arrays; XLA/GSPMD inserts the collectives.
@@ -73,27 +85,66 @@ def _scalar(x):
   return jnp.reshape(x, ()) if x.size == 1 else x
 
 
+# The logit of an absent column: exp underflows to 0 next to any real logit, and it stays
+# finite (an all-absent row's lse is about this value, then dropped by a where()).
+_ABSENT = -1e30
+
+
+def _presence(valid, n):
+  """float32 [n] 0/1 mask of a presence vector (nonzero = present)."""
+  valid = jnp.asarray(valid)
+  if valid.shape != (n,):
+    raise ValueError(f"valid must be a presence mask of shape ({n},) (one entry per pair of "
+                     f"the global batch), got shape {valid.shape}")
+  return (valid != 0).astype(jnp.float32)
+
+
+def _masked_lse(logits, mi, mt):
+  """Row lse over present columns (image->text) and column lse over present rows
+  (text->image) of a logit block, mi / mt the rows' / columns' 0/1 masks."""
+  return (jax.nn.logsumexp(jnp.where(mt[None, :] > 0, logits, _ABSENT), axis=1),
+          jax.nn.logsumexp(jnp.where(mi[:, None] > 0, logits, _ABSENT), axis=0))
+
+
+def _count(m, axes, n_global):
+  """The loss's normaliser: B unmasked, else max(n_valid, 1) over the whole batch."""
+  if m is None:
+    return n_global
+  return jnp.maximum(jax.lax.psum(jnp.sum(m), axes), 1.0)
+
+
 # ----------------------------------------------------------------------------- references
 
 
-def sigmoid_loss(zimg, ztxt, t, b):
-  """big_vision SigLIP loss: mean over rows of -sum_j log_sigmoid(z_ij * logits_ij)."""
+def sigmoid_loss(zimg, ztxt, t, b, valid=None):
+  """big_vision SigLIP loss: mean over rows of -sum_j log_sigmoid(z_ij * logits_ij); with
+  `valid`, the sum over present pairs (i, j) / max(n_valid, 1)."""
   zimg, ztxt = _f32(zimg, ztxt)
   t, b = _scalar(t), _scalar(b)
   logits = t * zimg @ ztxt.T + b
   n = logits.shape[0]
   z = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0
-  return -jnp.mean(jnp.sum(jax.nn.log_sigmoid(z * logits), axis=-1))
+  if valid is None:
+    return -jnp.mean(jnp.sum(jax.nn.log_sigmoid(z * logits), axis=-1))
+  m = _presence(valid, n)
+  pairs = m[:, None] * m[None, :]
+  return -jnp.sum(pairs * jax.nn.log_sigmoid(z * logits)) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def softmax_loss(zimg, ztxt, t, b=None):
-  """CLIP loss: mean of the image->text and text->image cross-entropies (each mean over rows)."""
+def softmax_loss(zimg, ztxt, t, b=None, valid=None):
+  """CLIP loss: mean of the image->text and text->image cross-entropies (each mean over rows);
+  with `valid`, over present rows, absent columns left out of the lse."""
   zimg, ztxt = _f32(zimg, ztxt)
   t = _scalar(t)
   logits = t * zimg @ ztxt.T
   if b is not None:
     logits = logits + _scalar(b)
   pos = jnp.diagonal(logits)
+  if valid is not None:
+    m = _presence(valid, logits.shape[0])
+    lse_img, lse_txt = _masked_lse(logits, m, m)
+    total = jnp.sum(jnp.where(m > 0, lse_img + lse_txt - 2.0 * pos, 0.0))
+    return total / (2.0 * jnp.maximum(jnp.sum(m), 1.0))
   i2t = jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos)
   t2i = jnp.mean(jax.nn.logsumexp(logits, axis=0) - pos)
   return 0.5 * (i2t + t2i)
@@ -179,7 +230,10 @@ def _check(loss, strategy, implementation="xla"):
 # ----------------------------------------------------------------------------- all_gather
 
 
-def _all_gather_sigmoid(zimg, ztxt, t, b, *, axes, n_global):
+# Per-device functions take the local 0/1 presence mask `m` [b] (None: unmasked).
+
+
+def _all_gather_sigmoid(zimg, ztxt, t, b, m=None, *, axes, n_global):
   nb = zimg.shape[0]
   idx = jax.lax.axis_index(axes)
   ztxt_all = jax.lax.all_gather(ztxt, axes, axis=0, tiled=True)  # [B, d]
@@ -187,21 +241,30 @@ def _all_gather_sigmoid(zimg, ztxt, t, b, *, axes, n_global):
   rows = idx * nb + jnp.arange(nb)
   cols = jnp.arange(ztxt_all.shape[0])
   z = jnp.where(rows[:, None] == cols[None, :], 1.0, -1.0)
-  local = -jnp.sum(jax.nn.log_sigmoid(z * logits))
-  return jax.lax.psum(local, axes) / n_global
+  terms = jax.nn.log_sigmoid(z * logits)
+  if m is not None:
+    terms = m[:, None] * jax.lax.all_gather(m, axes, axis=0, tiled=True)[None, :] * terms
+  local = -jnp.sum(terms)
+  return jax.lax.psum(local, axes) / _count(m, axes, n_global)
 
 
-def _all_gather_softmax(zimg, ztxt, t, b, *, axes, n_global):
+def _all_gather_softmax(zimg, ztxt, t, b, m=None, *, axes, n_global):
   zimg_all = jax.lax.all_gather(zimg, axes, axis=0, tiled=True)  # [B, d]
   ztxt_all = jax.lax.all_gather(ztxt, axes, axis=0, tiled=True)  # [B, d]
   # image->text: local image rows against all texts; text->image: local text rows vs all images.
   logits_i2t = t * zimg @ ztxt_all.T + b  # [b, B]
   logits_t2i = t * ztxt @ zimg_all.T + b  # [b, B]
   pos = t * jnp.sum(zimg * ztxt, axis=-1) + b  # [b], the diagonal entries of the global logits
-  local = (jnp.sum(jax.nn.logsumexp(logits_i2t, axis=1))
-           + jnp.sum(jax.nn.logsumexp(logits_t2i, axis=1))
-           - 2.0 * jnp.sum(pos))
-  return jax.lax.psum(local, axes) / (2.0 * n_global)
+  if m is None:
+    local = (jnp.sum(jax.nn.logsumexp(logits_i2t, axis=1))
+             + jnp.sum(jax.nn.logsumexp(logits_t2i, axis=1))
+             - 2.0 * jnp.sum(pos))
+  else:
+    m_all = jax.lax.all_gather(m, axes, axis=0, tiled=True)
+    lse_img = _masked_lse(logits_i2t, m, m_all)[0]
+    lse_txt = _masked_lse(logits_t2i, m, m_all)[0]
+    local = jnp.sum(jnp.where(m > 0, lse_img + lse_txt - 2.0 * pos, 0.0))
+  return jax.lax.psum(local, axes) / (2.0 * _count(m, axes, n_global))
 
 
 # ----------------------------------------------------------------------------- ring
@@ -211,61 +274,74 @@ def _ring_perm(n):
   return [(i, (i + 1) % n) for i in range(n)]
 
 
-def _ring_sigmoid(zimg, ztxt, t, b, *, axes, n_global, n_dev):
+# With a mask, the text shard's mask `mt` travels with it (None unmasked: no extra leaves).
+
+
+def _ring_sigmoid(zimg, ztxt, t, b, m=None, *, axes, n_global, n_dev):
   nb = zimg.shape[0]
   perm = _ring_perm(n_dev)
 
   @jax.checkpoint
-  def block(zi, zt, t, b, diag):
+  def block(zi, zt, t, b, diag, mi, mt):
     logits = t * zi @ zt.T + b
     z = jnp.where(diag, 2.0 * jnp.eye(nb, dtype=jnp.float32) - 1.0, -1.0)
-    return -jnp.sum(jax.nn.log_sigmoid(z * logits))
+    terms = jax.nn.log_sigmoid(z * logits)
+    if mi is not None:
+      terms = mi[:, None] * mt[None, :] * terms
+    return -jnp.sum(terms)
 
-  total = block(zimg, ztxt, t, b, True)  # offset 0: the positives live here
+  total = block(zimg, ztxt, t, b, True, m, m)  # offset 0: the positives live here
 
   def body(carry, _):
-    zt, acc = carry
-    zt = jax.lax.ppermute(zt, axes, perm)
-    acc = acc + block(zimg, zt, t, b, False)
-    return (zt, acc), None
+    zt, mt, acc = carry
+    zt, mt = jax.lax.ppermute((zt, mt), axes, perm)
+    acc = acc + block(zimg, zt, t, b, False, m, mt)
+    return (zt, mt, acc), None
 
   if n_dev > 1:
-    (_, total), _ = jax.lax.scan(body, (ztxt, total), None, length=n_dev - 1)
-  return jax.lax.psum(total, axes) / n_global
+    (_, _, total), _ = jax.lax.scan(body, (ztxt, m, total), None, length=n_dev - 1)
+  return jax.lax.psum(total, axes) / _count(m, axes, n_global)
 
 
-def _ring_softmax(zimg, ztxt, t, b, *, axes, n_global, n_dev):
+def _ring_softmax(zimg, ztxt, t, b, m=None, *, axes, n_global, n_dev):
   perm = _ring_perm(n_dev)
 
-  @jax.checkpoint
-  def block(zi, zt, t, b, lse_img, lse_txt):
-    logits = t * zi @ zt.T + b  # [b_img, b_txt]
-    lse_img = jnp.logaddexp(lse_img, jax.nn.logsumexp(logits, axis=1))
-    lse_txt = jnp.logaddexp(lse_txt, jax.nn.logsumexp(logits, axis=0))
-    return lse_img, lse_txt
+  def lse(logits, mi, mt):
+    if mi is None:
+      return jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0)
+    return _masked_lse(logits, mi, mt)
 
   @jax.checkpoint
-  def first_block(zi, zt, t, b):
-    logits = t * zi @ zt.T + b
-    return jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0)
+  def block(zi, zt, t, b, lse_img, lse_txt, mi, mt):
+    lse_i, lse_t = lse(t * zi @ zt.T + b, mi, mt)  # logits [b_img, b_txt]
+    return jnp.logaddexp(lse_img, lse_i), jnp.logaddexp(lse_txt, lse_t)
 
-  lse_img, lse_txt = first_block(zimg, ztxt, t, b)
+  @jax.checkpoint
+  def first_block(zi, zt, t, b, mi, mt):
+    return lse(t * zi @ zt.T + b, mi, mt)
+
+  lse_img, lse_txt = first_block(zimg, ztxt, t, b, m, m)
   pos = t * jnp.sum(zimg * ztxt, axis=-1) + b  # diagonal, in the offset-0 block
 
   def body(carry, _):
-    zt, lse_img, lse_txt = carry
+    zt, lse_img, lse_txt, mt = carry
     # The text shard travels together with its own running log-sum-exp (text->image).
-    zt, lse_txt = jax.lax.ppermute((zt, lse_txt), axes, perm)
-    lse_img, lse_txt = block(zimg, zt, t, b, lse_img, lse_txt)
-    return (zt, lse_img, lse_txt), None
+    zt, lse_txt, mt = jax.lax.ppermute((zt, lse_txt, mt), axes, perm)
+    lse_img, lse_txt = block(zimg, zt, t, b, lse_img, lse_txt, m, mt)
+    return (zt, lse_img, lse_txt, mt), None
 
+  mt = m
   if n_dev > 1:
-    (_, lse_img, lse_txt), _ = jax.lax.scan(
-        body, (ztxt, lse_img, lse_txt), None, length=n_dev - 1)
+    (_, lse_img, lse_txt, mt), _ = jax.lax.scan(
+        body, (ztxt, lse_img, lse_txt, m), None, length=n_dev - 1)
   # After n-1 hops every text shard's lse covers all images; it sits on another device, but
   # only the global sum over text rows is needed, which is permutation invariant.
-  local = jnp.sum(lse_img) + jnp.sum(lse_txt) - 2.0 * jnp.sum(pos)
-  return jax.lax.psum(local, axes) / (2.0 * n_global)
+  if m is None:
+    local = jnp.sum(lse_img) + jnp.sum(lse_txt) - 2.0 * jnp.sum(pos)
+  else:
+    local = (jnp.sum(jnp.where(m > 0, lse_img - 2.0 * pos, 0.0))
+             + jnp.sum(jnp.where(mt > 0, lse_txt, 0.0)))
+  return jax.lax.psum(local, axes) / (2.0 * _count(m, axes, n_global))
 
 
 # ----------------------------------------------------------------------------- pallas
@@ -608,7 +684,7 @@ def multi_positive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None
 
 def contrastive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
                      batch_axes: Sequence[str] | str = ("data", "fsdp"),
-                     implementation: str = "xla", kernel_config=None):
+                     implementation: str = "xla", kernel_config=None, valid=None):
   """Contrastive loss over the global batch; equals the full-batch reference (value and grads).
 
   Args:
@@ -621,11 +697,22 @@ def contrastive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
     implementation: "xla" (jnp, materialises logit blocks) | "pallas" (fused kernels).
     kernel_config: optional big_mm.kernels.contrastive.KernelConfig for "pallas" (tile sizes);
       None picks the running backend's defaults.
+    valid: optional presence mask [B] (bool / int / float, nonzero = present), sharded like
+      the embeddings: absent pairs' rows and columns contribute nothing (module docstring);
+      implementation="xla" only.
   Returns:
     float32 scalar, replicated.
   A ztxt of [B, k, D] (k captions per image) gives `multi_positive_loss`.
   """
+  if valid is not None and implementation != "xla":
+    raise ValueError(f"contrastive_loss(valid=...): the fused {implementation!r} kernels take no "
+                     f"presence mask; use implementation='xla' (objective.implementation) "
+                     f"when pairs may be absent")
   if jnp.ndim(ztxt) == 3:
+    if valid is not None:
+      raise ValueError(f"contrastive_loss(valid=...) takes one positive per row (ztxt [B, D]); "
+                       f"got ztxt {jnp.shape(ztxt)} (several captions per image): the "
+                       f"multi-positive loss takes no presence mask")
     return multi_positive_loss(zimg, ztxt, t, b, loss=loss, strategy=strategy, mesh=mesh,
                                batch_axes=batch_axes, implementation=implementation,
                                kernel_config=kernel_config)
@@ -638,7 +725,7 @@ def contrastive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
   if strategy == "local" or mesh is None or not axes:
     if implementation == "pallas":
       return _FUSED[loss](zimg, ztxt, t, b, config=kernel_config)
-    return _REFERENCES[loss](zimg, ztxt, t, b)
+    return _REFERENCES[loss](zimg, ztxt, t, b, valid=valid)
 
   if implementation == "xla":
     zimg, ztxt = _f32(zimg, ztxt)  # the fused kernels take bf16 as is and accumulate in f32
@@ -660,11 +747,10 @@ def contrastive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
   if implementation == "pallas":
     kw["cfg"] = kernel_config
     return _pallas_sharded_loss(zimg, ztxt, t, b, loss=loss, strategy=strategy, mesh=mesh, kw=kw)
-  fn = _SHARDED[(loss, strategy)]
-
-  def inner(zi, zt, t, b):
-    return fn(zi, zt, t, b, **kw)
-
+  fn = functools.partial(_SHARDED[(loss, strategy)], **kw)
   spec = P(axes)
-  return jax.shard_map(inner, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=P())(
+  if valid is not None:
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P(), P(), spec), out_specs=P())(
+        zimg, ztxt, t, b, _presence(valid, n_global))
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=P())(
       zimg, ztxt, t, b)
