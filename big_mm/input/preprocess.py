@@ -779,3 +779,4 @@ class Preprocessor:
 
   def __repr__(self):
     return f"Preprocessor({self.pp!r})"
+from big_mm.input import points as _points  # noqa: E402,F401  (registers the point-cloud ops)

@@ -68,6 +68,8 @@ SKIP_REASONS = {
                  "(input.box_text_column) are missing, empty or not one per box",
     "missing_codes": "the record has no token codes of a tok_* modality in input.modalities",
     "bad_codes": "a tok_* field is not 1-D non-negative int32 codes of its dataset's length",
+    "bad_points": "a point cloud is not a finite [n, 3] (or [n, >= 3], xyz first) array or .npy, "
+                  "or has too few points",
     "part_dropped": "a slot of a mixture part dropped by input.drop_failing_parts",
 }
 

@@ -28,6 +28,7 @@ import numpy as np
 from big_mm import modalities
 from big_mm.models import layers
 from big_mm.models.mlp import MlpTower
+from big_mm.models.points import PointTransformer
 from big_mm.models.text import TextTransformer
 from big_mm.models.vit import ViT, check_kwargs
 
@@ -36,6 +37,7 @@ TOWERS = {
     "vit": ViT,
     "text_transformer": TextTransformer,
     "mlp": MlpTower,
+    "point_transformer": PointTransformer,
 }
 
 
