@@ -105,6 +105,11 @@ def defaults() -> ConfigDict:
   # draws language l with p_l ~ n_l^(1/T), n_l its natural share (mixtures: the weighted share;
   # the parts keep their weights within a language) (big_mm/input/languages.py); languages:
   # a tuple of codes, only records in these languages are trained on (None: all).
+  # N-modal binding: input.modalities listing a pp-shaped modality (audio, points, vec_*)
+  # makes every listed modality optional (batch[m] zeros and batch[m + "_present"] 0 where a
+  # record lacks it; mixture parts may carry different subsets); pp_modalities = {modality:
+  # pp string} for those (its last shape-fixing op fixes the example shape, e.g. log_mel(...),
+  # sample_points(n), vector(d)); columns = {modality: record field} (None: the name).
   c.input = ConfigDict(dict(
       data="digits_captions", split="train", data_dir=None, image_column=None,
       text_column=None, tokenizer=None, text_len=16,
@@ -113,7 +118,8 @@ def defaults() -> ConfigDict:
       semseg_column=None, prefix_column=None, prefix_len=0, box_column=None,
       box_text_column=None, max_boxes=0, box_text_len=0, max_bad_fraction=0.5,
       drop_failing_parts=False, captions_per_example=1, split_long_captions=False,
-      language_column=None, language_temperature=None, languages=None,
+      language_column=None, language_temperature=None, languages=None, pp_modalities=None,
+      columns=None,
   ))
   # {name: {type: ..., ...}} (FREE_FORM): each type's keys, defaults and checks are its
   # evaluator's (big_mm/evaluators/; every_* durations: evaluators/common.py DEFAULTS).
@@ -422,7 +428,9 @@ def _validate_modalities(input_cfg) -> None:
     choice("input.modalities entry", m, modalities_lib.names())
   found = [modalities_lib.get(m) for m in modalities]
   codes = any(mod.kind == modalities_lib.CODES for mod in found)
-  if len(set(found)) != len(found) or not (modalities_lib.get("image") in found or codes):
+  if any(mod.kind in modalities_lib.PP_SHAPED for mod in found):
+    _validate_binding(input_cfg, found)
+  elif len(set(found)) != len(found) or not (modalities_lib.get("image") in found or codes):
     raise ConfigError(f"input.modalities={tuple(modalities)!r} must name each modality once "
                       f"and include 'rgb' (the batch's image) or token codes (tok_*).")
   for mod in found:
@@ -437,6 +445,49 @@ def _validate_modalities(input_cfg) -> None:
     except ValueError as e:
       kind = "token (tok_*)" if codes else "dense"
       raise ConfigError(f"input.pp_image with {kind} input.modalities: {e}") from None
+
+
+def _validate_binding(input_cfg, found) -> None:
+  """Binding mode (a pp-shaped modality listed): image, text and pp-shaped modalities only,
+  each once; input.pp_modalities has a pp string acting on each pp-shaped one's kind whose
+  shape it fixes; input.columns names listed modalities; a listed image needs a fixed size."""
+  from big_mm import modalities as modalities_lib  # pylint: disable=g-import-not-at-top
+  from big_mm.input import preprocess  # pylint: disable=g-import-not-at-top
+  names = [mod.name for mod in found]
+  allowed = {"image", "text"}
+  bad = [m for m in found if m.name not in allowed and m.kind not in modalities_lib.PP_SHAPED]
+  if bad or len(set(names)) != len(names):
+    raise ConfigError(f"input.modalities={tuple(names)!r}: with pp-shaped modalities (audio, "
+                      f"points, vec_*) each modality is named once and the others are only "
+                      f"'image' and 'text' (got {[m.name for m in bad]}).")
+  pps = dict(input_cfg.pp_modalities or {})
+  for name in [m for m in pps if m not in names]:
+    raise ConfigError(f"input.pp_modalities[{name!r}] is given but input.modalities="
+                      f"{tuple(names)!r} does not list {name!r}.")
+  for mod in found:
+    if mod.kind not in modalities_lib.PP_SHAPED:
+      continue
+    if mod.name not in pps:
+      raise ConfigError(f"input.modalities lists {mod.name!r}: set input.pp_modalities"
+                        f"[{mod.name!r}] to its pp string (ops on {mod.kind!r}: "
+                        f"{preprocess.valid_ops(mod.kind)}).")
+    try:
+      shape = preprocess.output_shape(pps[mod.name]) if preprocess.parse_pp(
+          pps[mod.name], mod.kind) else None
+    except ValueError as e:
+      raise ConfigError(f"input.pp_modalities[{mod.name!r}]: {e}") from None
+    if shape is None:
+      raise ConfigError(f"input.pp_modalities[{mod.name!r}]={pps[mod.name]!r} does not fix the "
+                        f"example shape; end it with an op that does (e.g. log_mel(frames) for "
+                        f"audio, sample_points(n) for points, vector(d) for vectors).")
+  for name, field in dict(input_cfg.columns or {}).items():
+    if name not in names or not (isinstance(field, str) and field):
+      raise ConfigError(f"input.columns[{name!r}]={field!r}: keys must be modalities that "
+                        f"input.modalities lists ({names}), values record field names.")
+  if "image" in names and preprocess.image_size(input_cfg.pp_image) is None:
+    raise ConfigError(f"input.modalities={tuple(names)!r} makes the image optional, so "
+                      f"input.pp_image must give a fixed size (end it with resize(S) or a "
+                      f"crop); got {input_cfg.pp_image!r}.")
 
 
 def _validate_pp(input_cfg) -> None:

@@ -109,6 +109,7 @@ def make_objective(config, model, mesh, tokenizer: Tokenizer | None,
       modalities=None if modalities is None else tuple(modalities),
       prefix_column=config.input.prefix_column, prefix_len=config.input.prefix_len,
       box_text_len=config.input.get("box_text_len") or 0,
+      shapes=objectives.base.modality_shapes(config.input),
       frozen=functools.partial(optim.frozen_mask, config.optim), total_steps=total_steps)
   settings = config.objective.to_dict()
   return objectives.get_objective(settings.pop("name"))(model, ctx, **settings)

@@ -166,3 +166,26 @@ def test_every_objective_declares_the_contract():
     assert cls.BATCH_KEYS and all(isinstance(k, str) for k in cls.BATCH_KEYS), name
     for method in ("loss_fn", "example_batch", "init_params"):
       assert callable(getattr(cls, method)), (name, method)
+
+
+def test_binding_mode_input_checks():
+  """input.modalities with pp-shaped modalities (audio, points, vec_*): each needs a pp
+  string in input.pp_modalities that acts on its kind and fixes its shape; input.columns and
+  pp_modalities name listed modalities only; a listed image needs a fixed size."""
+  ok = {"input.modalities": ("image", "vec_a", "text"),
+        "input.pp_modalities": {"vec_a": "vector(5)"}, "input.pp_image": "decode|resize(8)"}
+  assert _demo(**ok).input.pp_modalities.to_dict() == {"vec_a": "vector(5)"}
+  cases = [
+      ({"input.pp_modalities": None}, r"set input.pp_modalities\['vec_a'\].*vector\(dim\)"),
+      ({"input.pp_modalities": {"vec_a": "decode"}}, r"pp_modalities\['vec_a'\].*do not act on "
+                                                     r"'vector'"),
+      ({"input.pp_modalities": {"vec_a": "vector(5)", "audio": "vector(2)"}},
+       r"pp_modalities\['audio'\] is given but input.modalities.*does not list 'audio'"),
+      ({"input.columns": {"vec_b": "x"}}, r"input.columns\['vec_b'\]"),
+      ({"input.pp_image": "decode|value_range(-1,1)"}, r"makes the image optional.*fixed size"),
+      ({"input.modalities": ("image", "vec_a", "depth")}, r"the others are only 'image' and "
+                                                          r"'text' \(got \['depth'\]\)"),
+  ]
+  for change, message in cases:
+    with pytest.raises(ConfigError, match=message):
+      _demo(**{**ok, **change})

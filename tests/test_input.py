@@ -568,6 +568,76 @@ def test_modalities_missing_field_error(data_dir, scenes_dir):
                                  global_batch_size=8, seed=0, sharding=None)
 
 
+# ---- binding mode (input.modalities with audio / points / vec_*; N-modal binding) ----------
+
+def _binding_parts(tmp_path):
+  """Two jsonl sources with different subsets: (vec_a, vec_b, text) and (vec_b, image); a
+  short vector (bad) and a record with none of the modalities (missing) in the second."""
+  rng = np.random.default_rng(0)
+  png = tmp_path / "digit.png"
+  Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(png)
+  with open(tmp_path / "ab.jsonl", "w") as f:
+    for i in range(6):
+      f.write(json.dumps({"vec_a": [i, 1, 0], "vec_b": [0, i, 1], "text": f"digit {i}"}) + "\n")
+  with open(tmp_path / "bi.jsonl", "w") as f:
+    for i in range(6):
+      f.write(json.dumps({"vec_b": [9, i, 9], "image": str(png)}) + "\n")
+    f.write(json.dumps({"vec_b": [1, 2], "image": str(png)}) + "\n")
+    f.write(json.dumps({"other": 1}) + "\n")
+  return (f"jsonl:{tmp_path}/ab.jsonl", f"jsonl:{tmp_path}/bi.jsonl")
+
+
+def test_binding_batches_mix_modality_subsets(tmp_path):
+  """Every listed modality is in every batch (static shapes); absent ones are zeros with
+  "{m}_present" 0; bad values and records with none of the modalities are skipped and
+  counted."""
+  ab, bi = _binding_parts(tmp_path)
+  cfg = dict(data=((ab, 1.0), (bi, 1.0)), split="train", tokenizer=TOKENIZER, text_len=6,
+             pp_image="decode|resize(8)|value_range(-1,1)", num_workers=0, prefetch=1,
+             modalities=("image", "vec_a", "vec_b", "text"),
+             pp_modalities={"vec_a": "vector(3)", "vec_b": "vector(3)"})
+  it = pipeline.make_train_iterator(cfg, global_batch_size=8, seed=0, sharding=None)
+  rows = []
+  for _ in range(6):
+    b = next(it)
+    assert {k: v.shape for k, v in b.items()} == {
+        "image": (8, 8, 8, 3), "image_present": (8,), "vec_a": (8, 3), "vec_a_present": (8,),
+        "vec_b": (8, 3), "vec_b_present": (8,), "text": (8, 6), "text_present": (8,)}
+    rows += [{k: v[i] for k, v in b.items()} for i in range(8)]
+  first = [r for r in rows if r["vec_a_present"]]
+  second = [r for r in rows if r["image_present"]]
+  assert first and second and len(first) + len(second) == len(rows)
+  for r in first:  # (vec_a, vec_b, text): no image.
+    assert r["text_present"] == r["vec_b_present"] == 1 and r["image_present"] == 0
+    assert not r["image"].any() and r["vec_b"][2] == 1 and r["text"].any()
+  for r in second:  # (vec_b, image): no vec_a, no text.
+    assert (r["vec_a_present"], r["text_present"], r["vec_b_present"]) == (0, 0, 1)
+    assert not r["vec_a"].any() and not r["text"].any() and r["vec_b"][0] == 9
+    assert r["image"].min() < 0 < r["image"].max()
+  stats = it.stats()
+  assert stats["skipped/bad_vector"] >= 1 and stats["skipped/missing_field"] >= 1
+
+
+def test_binding_source_errors(tmp_path):
+  """A listed modality no source has, or a source with none of them, is an error naming it."""
+  ab, _ = _binding_parts(tmp_path)
+  cfg = dict(data=ab, split="train", pp_image="decode|resize(8)", num_workers=0,
+             modalities=("vec_a", "vec_c"), pp_modalities={"vec_a": "vector(3)",
+                                                          "vec_c": "vector(3)"})
+  with pytest.raises(ValueError, match=r"names 'vec_c' \(field 'vec_c'\).*columns\['vec_c'\]"):
+    pipeline.make_train_iterator(cfg, global_batch_size=4, seed=0, sharding=None)
+  cfg.update(modalities=("vec_c",), pp_modalities={"vec_c": "vector(3)"},
+             columns={"vec_c": "vec_a"})  # input.columns renames the field.
+  b = next(pipeline.make_train_iterator(cfg, global_batch_size=4, seed=0, sharding=None))
+  assert b["vec_c_present"].all() and b["vec_c"][:, 1].tolist() == [1, 1, 1, 1]
+  with pytest.raises(ValueError, match=r"a source of .* has none of them"):
+    pipeline.make_train_iterator(dict(cfg, columns=None, data=((ab, 1.0), (ab, 1.0))),
+                                 global_batch_size=4, seed=0, sharding=None)
+  with pytest.raises(sources.SpecError, match="tar shards hold image-text records"):
+    pipeline.make_train_iterator(dict(cfg, data=f"tar:{tmp_path}/x.tar"), global_batch_size=4,
+                                 seed=0, sharding=None)
+
+
 def test_text_prefix(data_dir):
   """input.prefix_column -> batch["prefix"]: the field's tokens without EOS, 0-padded to
   prefix_len; truncations counted; a missing or empty prefix is all pad."""

@@ -211,7 +211,10 @@ class _Example:
     self.optional = (preprocess.TEXT,) if keep_label else ()
     # input.modalities (MultiMAE): fields per modality, dense maps jointly augmented.
     self.modalities = tuple(_get(input_cfg, "modalities") or ())
-    if self.modalities:
+    self.binding = binding_mode(input_cfg)
+    if self.binding:
+      self._init_binding(input_cfg, pp_image or _get(input_cfg, "pp_image"))
+    elif self.modalities:
       image = modalities_lib.get("image")
       fields = {m: modalities_lib.get(m).field(input_cfg) for m in self.modalities
                 if modalities_lib.get(m) is not image}
@@ -237,6 +240,71 @@ class _Example:
     self.box_key = _get(input_cfg, "box_column")
     if self.box_key:
       self._init_boxes(input_cfg)
+
+  def _init_binding(self, input_cfg, pp_image: str) -> None:
+    """Binding mode: {modality: (field, ops, shape)} of the pp-shaped modalities; image and
+    text keep the example pp (each optional) and get zeros of their shape when absent."""
+    names = [modalities_lib.get(m).name for m in self.modalities]
+    self.shaped = {}
+    for m in names:
+      mod = modalities_lib.get(m)
+      if mod.kind in modalities_lib.PP_SHAPED:
+        pp = (_get(input_cfg, "pp_modalities") or {})[m]
+        self.shaped[m] = (mod.field(input_cfg), preprocess.parse_pp(pp, key=mod.kind),
+                          preprocess.output_shape(pp))
+    self.fields = {m: modalities_lib.get(m).field(input_cfg) for m in ("image", "text")
+                   if m in names}
+    if "image" in self.fields:
+      size = preprocess.image_size(pp_image)
+      if size is None:
+        raise ValueError(f"input.modalities={self.modalities} makes the image optional, so it "
+                         f"needs a fixed size, but pp_image {pp_image!r} keeps the source's; "
+                         "end it with resize(S) or a crop.")
+      self.image_shape = tuple(size) + (3,)
+    tokenize = [o for o in self.pp.ops if o.name == "tokenize"]
+    self.text_len = tokenize[-1].args[0] if tokenize else 0
+    if "text" in self.fields and not tokenize:
+      raise ValueError("input.modalities has 'text', but the pp has no tokenize op; set "
+                       "input.tokenizer (or input.pp_text ending in tokenize(text_len)).")
+
+  def _load_binding(self, record, index: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Binding mode: every listed modality, zeros with "{m}_present" 0 where the record
+    lacks it (absent or None); a record with none of them is bad (missing_field), as is one
+    whose present value is (the reasons of its ops)."""
+    example = {key: record.get(field) for key, field in self.fields.items()}
+    out, ctx = {}, preprocess.Context(self.pp.tokenizer)
+    try:
+      values, counts = self.pp(example, rng, optional=(preprocess.IMAGE, preprocess.TEXT),
+                               ctx=ctx)
+      for m, (field, ops, shape) in self.shaped.items():
+        value = record.get(field)
+        if value is not None:
+          values[m] = np.asarray(preprocess.apply_pp(ops, value, rng, ctx), np.float32)
+          if values[m].shape != shape:  # An op after the shape-fixing one changed it.
+            raise ValueError(f"input.pp_modalities[{m!r}] made shape {values[m].shape}, not "
+                             f"its declared {shape}: an op after the one fixing the shape "
+                             "must keep it.")
+    except preprocess.BadRecord as e:
+      return {_SKIP: e.reason, "_detail": str(e), "_index": index}
+    if not values:
+      return {_SKIP: "missing_field", "_index": index,
+              "_detail": f"none of {list(self.modalities)} in the record ({sorted(record)})"}
+    for m in list(self.fields) + list(self.shaped):
+      mod = modalities_lib.get(m)
+      if m == "image" and values.get(m) is not None:
+        out.update(image_outputs(values[m]))
+      elif m in values:
+        out[mod.batch_key] = np.asarray(values[m], mod.dtype)
+      else:
+        shape = (self.shaped[m][2] if m in self.shaped else
+                 self.image_shape if m == "image" else (self.text_len,))
+        out[mod.batch_key] = np.zeros(shape, mod.dtype)
+      out[modalities_lib.present_key(m)] = np.int32(m in values)
+    if self.keep_label and self.label_key in record:
+      out["label"] = np.asarray(record[self.label_key], np.int32)
+    if any(counts.values()):
+      out["_counts"] = dict(counts)
+    return out
 
   def _init_boxes(self, input_cfg) -> None:
     self.box_text_key = _get(input_cfg, "box_text_column")
@@ -298,6 +366,8 @@ class _Example:
       return {_SKIP: e.reason, "_detail": str(e), "_index": index}
     except Exception as e:  # A corrupt record in the file.
       return {_SKIP: "read", "_detail": f"{type(e).__name__}: {e}", "_index": index}
+    if self.binding:
+      return self._load_binding(record, index, rng)
     if self.modalities:
       return self._load_modalities(record, index, rng)
     try:
@@ -431,18 +501,44 @@ def _source_fields(source) -> set[str] | None:
   return None
 
 
+def binding_mode(input_cfg) -> bool:
+  """True when input.modalities lists a modality shaped by its own pp (audio, points, vec_*):
+  every listed modality is then optional, with its "{m}_present" flag (see _load_binding)."""
+  return any(modalities_lib.get(m).kind in modalities_lib.PP_SHAPED
+             for m in _get(input_cfg, "modalities") or ())
+
+
+def _parts(source) -> list:
+  """A mixture's parts (each unwrapped from language sampling / slicing), else [source]."""
+  if isinstance(source, files.SliceSource):
+    return _parts(source.source)
+  if isinstance(getattr(source, "sources", None), list):
+    return [p for s in source.sources for p in _parts(s)]
+  return [source]
+
+
 def check_modalities(source, input_cfg, data) -> None:
-  """ValueError if input.modalities names a modality whose field `data`'s records lack."""
+  """ValueError if input.modalities names a modality whose field `data`'s records lack (in
+  binding mode: a listed modality no part has, or a part with none of them)."""
   modalities = _get(input_cfg, "modalities")
   fields = _source_fields(source) if modalities else None
   if fields is None:
     return
   have = [name for name, mod in modalities_lib.MODALITIES.items()
           if mod.field(input_cfg) in fields]
+  if binding_mode(input_cfg):
+    wanted = {mod.field(input_cfg) for mod in map(modalities_lib.get, modalities)}
+    for part in _parts(source):
+      part_fields = _source_fields(part)
+      if part_fields is not None and not part_fields & wanted:
+        raise ValueError(f"input.modalities={tuple(modalities)} (fields {sorted(wanted)}): a "
+                         f"source of {data!r} has none of them (its fields: "
+                         f"{sorted(part_fields)}); drop it from input.data or point "
+                         "input.columns at its fields.")
   for m in modalities:
     mod = modalities_lib.get(m)
     if mod.field(input_cfg) not in fields:
-      column = mod.column_key or f"{mod.batch_key}_column"
+      column = mod.column_key or f"columns[{m!r}]"
       raise ValueError(
           f"input.modalities names {m!r} (field {mod.field(input_cfg)!r}) but dataset {data!r} "
           f"has fields {sorted(fields)}; its modalities: {', '.join(have) or 'none'}. Drop "

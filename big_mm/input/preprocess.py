@@ -615,6 +615,22 @@ def sample_captions(caps: list[str], k: int, rng: np.random.Generator) -> list[s
   return [caps[i] for i in (order[:k] if len(caps) >= k else order[np.arange(k) % len(caps)])]
 
 
+def _vector(value, rng, ctx, dim):
+  try:
+    x = np.asarray(value, np.float32).reshape(-1)
+  except (TypeError, ValueError) as e:
+    raise BadRecord("bad_vector", f"not a numeric vector: {e}") from None
+  if x.shape != (dim,) or not np.all(np.isfinite(x)):
+    raise BadRecord("bad_vector", f"expected {dim} finite values, got shape {np.shape(value)}")
+  return x
+
+
+def op_vector(dim):
+  """A feature-vector modality's value as float32 [dim] (finite, exactly dim values)."""
+  _check_int("dim", dim)
+  return functools.partial(_vector, dim=dim)
+
+
 # ---- registry and parsing --------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -641,6 +657,7 @@ OPS: dict[str, OpDef] = {
     "choose_caption": OpDef(TEXT, op_choose_caption),
     "lowercase": OpDef(TEXT, op_lowercase),
     "tokenize": OpDef(TEXT, op_tokenize),
+    "vector": OpDef("vector", op_vector, out_shape=lambda dim: (dim,)),
 }
 _FLOAT_OUTPUT = ("value_range", "normalize")  # After these, pixels are no longer uint8.
 _UINT8_INPUT = ("randaugment", "inception_crop", "normalize")
@@ -733,6 +750,18 @@ def output_shape(pp: str) -> tuple[int, ...] | None:
   it, OpDef.out_shape), or None when no op fixes it."""
   shaped = [o for o in parse_pp(pp) if OPS[o.name].out_shape is not None]
   return tuple(int(n) for n in OPS[shaped[-1].name].out_shape(*shaped[-1].args)) if shaped else None
+
+
+def image_size(pp_image: str) -> tuple[int, int] | None:
+  """(height, width) of the images `pp_image` makes, or None when they keep the source's size
+  (or it ends in naflex). Found by running its ops on two blank images of different sizes."""
+  ops = parse_pp(pp_image, IMAGE)
+  if ops[-1].name == "naflex":
+    return None
+  sizes = set()
+  for shape in ((480, 640, 3), (600, 520, 3)):
+    sizes.add(tuple(apply_pp(ops, np.zeros(shape, np.uint8), np.random.default_rng(0)).shape[:2]))
+  return sizes.pop() if len(sizes) == 1 else None
 
 
 def apply_pp(ops: list[Op], value, rng: np.random.Generator, ctx: Context | None = None):

@@ -52,7 +52,7 @@ SKIP_REASONS = {
     "read": "the record cannot be read (I/O error, corrupt file or record)",
     "malformed_record": "a jsonl / csv line, or a tar record's .json, that does not parse",
     "missing_field": "the record has no image or no caption (absent, null, wrong column / "
-                     "field name)",
+                     "field name); in binding mode, none of input.modalities",
     "empty_caption": "the caption is empty or only whitespace",
     "bad_caption_encoding": "the caption's bytes are not UTF-8, or it is not text",
     "empty_image": "the image has 0 bytes or 0 pixels",
@@ -68,6 +68,12 @@ SKIP_REASONS = {
                  "(input.box_text_column) are missing, empty or not one per box",
     "missing_codes": "the record has no token codes of a tok_* modality in input.modalities",
     "bad_codes": "a tok_* field is not 1-D non-negative int32 codes of its dataset's length",
+    "corrupt_audio": "the audio bytes do not decode (truncated, not audio) or the array is not "
+                     "[n] / [n, channels] numbers",
+    "empty_audio": "the audio has 0 bytes or 0 samples",
+    "nonfinite_audio": "the audio holds NaN or inf samples",
+    "audio_too_long": "the audio is longer than decode_audio's max_seconds",
+    "bad_vector": "a vector modality's value (vec_*) is not exactly vector(d)'s d finite numbers",
     "bad_points": "a point cloud is not a finite [n, 3] (or [n, >= 3], xyz first) array or .npy, "
                   "or has too few points",
     "part_dropped": "a slot of a mixture part dropped by input.drop_failing_parts",
@@ -398,13 +404,23 @@ def files_without_split(data) -> list[str]:
 
 
 def source_options(input_cfg) -> dict[str, Any]:
-  """The keyword options of open_source() held in an input config."""
+  """The keyword options of open_source() held in an input config (binding mode: `fields`,
+  the record fields of the listed modalities besides image and text)."""
   get = input_cfg.get if hasattr(input_cfg, "get") else lambda k, d=None: getattr(input_cfg, k, d)
-  return {"image_column": get("image_column", None), "text_column": get("text_column", None)}
+  options = {"image_column": get("image_column", None), "text_column": get("text_column", None)}
+  from big_mm import modalities  # pylint: disable=g-import-not-at-top
+  listed = [modalities.get(m) for m in get("modalities", None) or ()]
+  if any(m.kind in modalities.PP_SHAPED for m in listed):
+    options["fields"] = tuple(m.field(input_cfg) for m in listed
+                              if m.name not in ("image", "text"))
+  return options
 
 
 def _open_files(data: str, kind: str, target: str, split: str | None, **options):
   from big_mm.input import webdataset  # pylint: disable=g-import-not-at-top
+  if kind == "tar" and options.pop("fields", None):
+    raise SpecError(f"{data!r}: tar shards hold image-text records; for audio, points or "
+                    "vector modalities use TFDS or table (parquet / jsonl / csv) sources.")
   name, _ = files.parse_split(split)
   try:
     paths = files.expand(target, split=name, suffix="." + kind)
@@ -423,7 +439,8 @@ def _open_files(data: str, kind: str, target: str, split: str | None, **options)
 
 
 def open_source(data, split: str = "train", data_dir: str | None = None, *,
-                image_column: str | None = None, text_column: str | None = None):
+                image_column: str | None = None, text_column: str | None = None,
+                fields: tuple[str, ...] = ()):
   """Opens `split` of `data` (a spec, see the module docstring) as a random-access source.
 
   image_column / text_column: for tables the column names, for tar shards the image
@@ -432,6 +449,8 @@ def open_source(data, split: str = "train", data_dir: str | None = None, *,
   is missing and how to get it; SpecError that the spec itself is wrong.
   """
   options = {"image_column": image_column, "text_column": text_column}
+  if fields:  # Binding mode: tables pass these columns through, image and text optional.
+    options["fields"] = tuple(fields)
   parts = mixture_parts(data)
   if parts is not None:
     from big_mm.input import mixture  # pylint: disable=g-import-not-at-top
@@ -440,5 +459,6 @@ def open_source(data, split: str = "train", data_dir: str | None = None, *,
                                  [w for _, w in parts], [spec for spec, _ in parts])
   kind, target = parse_spec(data)
   if kind == "tfds":
+    options.pop("fields", None)  # TFDS records carry every feature.
     return TfdsSource(target, split, data_dir, **options)
   return _open_files(data, kind, target, split, **options)

@@ -129,7 +129,8 @@ def _read_table(path: str, fmt: str):
 
 
 def _pick(columns: Sequence[str], wanted: str | None, defaults: Sequence[str], what: str,
-          path: str) -> str:
+          path: str, optional: bool = False) -> str | None:
+  """The column holding `what`; None when `optional` and the file has none of the defaults."""
   if wanted:
     if wanted in columns:
       return wanted
@@ -139,6 +140,8 @@ def _pick(columns: Sequence[str], wanted: str | None, defaults: Sequence[str], w
   for name in defaults:
     if name in lower:
       return lower[name]
+  if optional:
+    return None
   raise ValueError(f"{path}: found no {what} column among {list(columns)} (looked for "
                    f"{list(defaults)}). Set input.{what}_column to the right one.")
 
@@ -172,9 +175,12 @@ class TableSource:
   """Rows of one or more tables (in file order), as image/text records."""
 
   def __init__(self, paths: Sequence[str], fmt: str, *, image_column: str | None = None,
-               text_column: str | None = None):
+               text_column: str | None = None, fields: Sequence[str] = ()):
+    """fields (N-modal binding): further columns passed through as they are; image and text
+    are then optional (a file or row without them gives None)."""
     self.paths, self.fmt = list(paths), fmt
     self.image_column, self.text_column = image_column, text_column
+    self.fields = tuple(fields)
     self._columns = None
     self._lock = threading.Lock()
     self._load()
@@ -195,14 +201,24 @@ class TableSource:
           logging.warning("%s: skipping %d malformed line(s), counted as "
                           "skipped/malformed_record: %s%s", path, len(malformed), shown, more)
         if malformed and not table.column_names:  # No line parses: nothing to pick from.
-          columns.append(([], [], malformed))
+          columns.append(([], [], malformed, {}))
           continue
-        img = _pick(table.column_names, self.image_column, IMAGE_COLUMNS, "image", path)
-        txt = _pick(table.column_names, self.text_column, TEXT_COLUMNS, "text", path)
-        images, texts = table.column(img), table.column(txt)
-        if hasattr(images, "combine_chunks"):
-          images, texts = images.combine_chunks(), texts.combine_chunks()
-        columns.append((images, texts, malformed))
+        names = ("image", "text") + self.fields
+        picked = {f: _pick(table.column_names, column, defaults, f, path,
+                           optional=bool(self.fields))
+                  for f, column, defaults in (("image", self.image_column, IMAGE_COLUMNS),
+                                              ("text", self.text_column, TEXT_COLUMNS))}
+        picked.update({f: f for f in self.fields if f in table.column_names})
+        cells = {f: table.column(c) for f, c in picked.items() if c is not None}
+        cells = {f: c.combine_chunks() if hasattr(c, "combine_chunks") else c
+                 for f, c in cells.items()}
+        if not cells:
+          raise ValueError(f"{path}: none of the columns {list(names)} (its columns: "
+                           f"{table.column_names}); set input.columns / image_column / "
+                           "text_column to the right ones.")
+        rows = len(next(iter(cells.values())))
+        columns.append((cells.get("image", [None] * rows), cells.get("text", [None] * rows),
+                        malformed, {f: cells[f] for f in self.fields if f in cells}))
       self._starts = np.cumsum([0] + [len(c[0]) + len(c[2]) for c in columns])
       self._columns = columns
 
@@ -236,11 +252,13 @@ class TableSource:
     f = int(np.searchsorted(self._starts, index, side="right")) - 1
     row = index - int(self._starts[f])
     path = self.paths[f]
-    images, texts, malformed = self._columns[f]
+    images, texts, malformed, extra = self._columns[f]
     if row >= len(images):  # A malformed line, after the file's good rows.
       number, error = malformed[row - len(images)]
       raise BadRecord("malformed_record", f"{path} line {number}: {error}")
     key = f"{path.rsplit('/', 1)[-1]}:{row}"
+    if self.fields:
+      return self._binding_record(images, texts, extra, row, files.dirname(path), key)
     text = _value(texts, row)
     if text is None:
       raise BadRecord("missing_field", f"no caption in row {key}")
@@ -251,6 +269,17 @@ class TableSource:
       text = json.dumps(text, ensure_ascii=False)
     return {"image": self._image(_value(images, row), files.dirname(path), key),
             "text": text, "key": key}
+
+  def _binding_record(self, images, texts, extra, row, folder, key) -> dict[str, Any]:
+    """A record of every column present in this row (None: absent); the caption and image
+    read as image-text records read them."""
+    record = {f: _value(c, row) for f, c in extra.items()}
+    text, image = _value(texts, row), _value(images, row)
+    record["text"] = None if text is None else _caption(text, key)
+    if isinstance(record["text"], list):
+      record["text"] = json.dumps(record["text"], ensure_ascii=False)
+    record["image"] = None if image in (None, "") else self._image(image, folder, key)
+    return {**record, "key": key}
 
   def column_values(self, name: str) -> list[Any]:
     """Column `name` of every row, in row order (None for malformed lines), reading only

@@ -60,6 +60,9 @@ class Context:
   prefix_column: str | None = None        # input.prefix_column: batch["prefix"] when set
   prefix_len: int = 0                     # batch["prefix"] is int32 [B, prefix_len]
   box_text_len: int = 0                   # batch["box_text"] is int32 [B, K, box_text_len]
+  # One example's shape of each pp-shaped modality (audio, points, vec_*) of the run:
+  # preprocess.output_shape(input.pp_modalities[m]) (modality_shapes).
+  shapes: Mapping[str, tuple[int, ...]] | None = None
   frozen: Callable[[Any], Any] | None = None
   total_steps: int | None = None          # the run's training steps (None: not training)
 
@@ -151,17 +154,19 @@ def check_loaded(ctx: Context, modalities, model, vocab_size: int | None, vocab_
 
 
 def image_size(pp_image: str) -> tuple[int, int] | None:
-  """(height, width) of the images `pp_image` makes, or None when they keep the source's size.
-  Found by running its ops on two blank images of different sizes (no data is read)."""
+  """(height, width) of the images `pp_image` makes, or None when they keep the source's size
+  (preprocess.image_size)."""
   from big_mm.input import preprocess  # pylint: disable=g-import-not-at-top
-  ops = preprocess.parse_pp(pp_image, preprocess.IMAGE)
-  if naflex_patches(pp_image):
-    return None
-  sizes = set()
-  for shape in ((480, 640, 3), (600, 520, 3)):
-    out = preprocess.apply_pp(ops, np.zeros(shape, np.uint8), np.random.default_rng(0))
-    sizes.add(tuple(out.shape[:2]))
-  return sizes.pop() if len(sizes) == 1 else None
+  return preprocess.image_size(pp_image)
+
+
+def modality_shapes(input_cfg) -> dict[str, tuple[int, ...]]:
+  """{modality: example shape} of the pp-shaped modalities input.modalities lists."""
+  from big_mm.input import preprocess  # pylint: disable=g-import-not-at-top
+  pps = input_cfg.get("pp_modalities") or {}
+  return {modalities_lib.get(m).name: preprocess.output_shape(pps[modalities_lib.get(m).name])
+          for m in input_cfg.get("modalities") or ()
+          if modalities_lib.get(m).kind in modalities_lib.PP_SHAPED}
 
 
 def naflex_patches(pp_image: str) -> tuple[int, int] | None:
@@ -191,6 +196,13 @@ def modality_example(ctx: Context, names) -> dict[str, jax.ShapeDtypeStruct]:
       out[mod.batch_key] = jax.ShapeDtypeStruct((1, n, p * p * 3), mod.dtype)
       out[modalities_lib.mask_key(name)] = jax.ShapeDtypeStruct((1, n), jnp.bool_)
       out[modalities_lib.shape_key(name)] = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+      continue
+    if mod.kind in modalities_lib.PP_SHAPED:
+      if name not in (ctx.shapes or {}):
+        raise ConfigError(f"The {name!r} tower needs input.modalities to list {name!r} and "
+                          f"input.pp_modalities[{name!r}] to fix its shape (e.g. log_mel(...) "
+                          "for audio, sample_points(n) for points, vector(d) for vectors).")
+      out[mod.batch_key] = jax.ShapeDtypeStruct((1,) + tuple(ctx.shapes[name]), mod.dtype)
       continue
     hw = image_shape(ctx)[:2] if mod.kind != modalities_lib.TOKENS else None
     out[mod.batch_key] = jax.ShapeDtypeStruct((1,) + mod.example_shape(hw, ctx.text_len),
