@@ -7,6 +7,8 @@
 No TensorFlow needed. Deterministic: building twice gives identical records.
 `--multilingual` also builds `emoji_multilingual` and `digits_multilingual` (after
 `pip install -e ".[multilingual]"`; the emoji need the Debian package fonts-noto-color-emoji).
+`--binding` also builds the N-modal binding data: `digits_speech` and `spoken_digits` (need the
+Debian package espeak-ng), `klettres_speech` (needs klettres-data) and `symile_xor`.
 The tokenizers are only trained with `--tokenizer` or when missing (data/digits_spm.model,
 data/digits_pairs_spm.model and data/digits_boxes_spm.model are committed).
 """
@@ -25,8 +27,11 @@ from data import digits_boxes  # pylint: disable=g-import-not-at-top,wrong-impor
 from data import digits_captions  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import digits_multilingual  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import digits_pairs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data import digits_speech  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import emoji_multilingual  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data import klettres_speech  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import scenes  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data import symile_xor  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tools import make_tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_TOKENIZER = os.path.join(_ROOT, "data", "digits_spm.model")
@@ -43,6 +48,8 @@ def main(argv=None):
   p.add_argument("--tokenizer_out", default=DEFAULT_TOKENIZER)
   p.add_argument("--multilingual", action="store_true",
                  help="also build emoji_multilingual and digits_multilingual")
+  p.add_argument("--binding", action="store_true",
+                 help="also build digits_speech, spoken_digits, klettres_speech, symile_xor")
   args = p.parse_args(argv)
   builds = (("digits_captions", digits_captions.build), ("digits_pairs", digits_pairs.build),
             ("digits_pairs_wide", functools.partial(digits_pairs.build, wide=True)),
@@ -50,6 +57,10 @@ def main(argv=None):
   if args.multilingual:
     builds += (("emoji_multilingual", emoji_multilingual.build),
                ("digits_multilingual", digits_multilingual.build))
+  if args.binding:
+    builds += (("digits_speech", digits_speech.build),
+               ("spoken_digits", digits_speech.build_spoken),
+               ("klettres_speech", klettres_speech.build), ("symile_xor", symile_xor.build))
   for name, build in builds:
     builder = build(args.data_dir)
     print(f"{name}: {builder.data_dir}")
