@@ -10,6 +10,7 @@ from __future__ import annotations
 from big_mm import config as config_lib
 from big_mm.evaluators import (captioning, cm3, cross_modal, dense_probe, fewshot, referring,
                                retrieval, scoring, zeroshot)
+from big_mm.evaluators import higher_order
 from big_mm.evaluators.common import Embedder, EvalContext, Evaluator
 
 __all__ = ["EVALUATORS", "Embedder", "EvalContext", "Evaluator", "build", "check",
@@ -25,6 +26,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {
     "referring": referring.Referring,
     "dense_probe": dense_probe.DenseProbe,
     "cm3": cm3.CM3Tasks,
+    "higher_order_retrieval": higher_order.HigherOrderRetrieval,
 }
 
 

@@ -89,6 +89,19 @@ class Embedder:
   def embed_texts(self):
     return self._method("embed_texts")
 
+  def embed(self, modality: str):
+    """Jitted fn(params, x) = objective.embed(params, modality, x): any tower's embedding."""
+    key = f"embed/{modality}"
+    if key not in self._jitted:
+      embed = getattr(self.objective, "embed", None)
+      if not callable(embed):
+        raise TypeError(f"{type(self.objective).__name__} has no embed(params, modality, x), "
+                        f"which evaluating {modality!r} needs: use an objective with a tower "
+                        "per modality (contrastive, binding).")
+      self._jitted[key] = jax.jit(lambda params, x: embed(params, modality, x),
+                                  out_shardings=sharding.batch_sharding(self.mesh))
+    return self._jitted[key]
+
   def texts(self, params, tokens: np.ndarray, batch_size: int) -> np.ndarray:
     """Embeds host int32 tokens [N, L] in padded, sharded batches; returns [N, D]."""
     batch_size = round_batch(batch_size, self.mesh)

@@ -12,6 +12,16 @@ names() and data/digits_multilingual.py's words() / prompts() give them):
 reports <lang>/accuracy and <lang>/balanced_accuracy per language and mean/accuracy,
 mean/balanced_accuracy: their unweighted means over the languages (every language classifies the
 same images). The images are embedded once.
+
+Other modalities (`modality`, default "image"), e.g. spoken digits against the digits' names:
+  dict(type="zeroshot", modality="audio", data="digits_speech", split="test",
+       classnames=words(), templates=("{}",), pp_modalities={"audio": "..."})
+classifies the split's `modality` inputs (read with input.modalities = (modality,), its pp
+string from input.pp_modalities unless the evaluator's pp_modalities gives one; embedded by
+its tower, objective.embed) against the prompts embedded by the text tower. The metric names
+stay as above (name the evaluator for the modality: evals.zeroshot_audio gives
+eval/zeroshot_audio/accuracy); records without the modality are skipped and counted in
+num_skipped.
 """
 from __future__ import annotations
 
@@ -20,7 +30,8 @@ import logging
 import numpy as np
 
 from big_mm import config as config_lib
-from big_mm.evaluators import common, prompts
+from big_mm import modalities as modalities_lib
+from big_mm.evaluators import common, prompts, retrieval
 from big_mm.input import sources
 
 
@@ -60,14 +71,26 @@ class ZeroShot(common.Evaluator):
   embeddings (re-normalised): accuracy@d{k}, balanced_accuracy@d{k}. An objective with its
   own similarity (FILIP, common.own_similarity) scores each class by the mean over its
   prompts of that similarity instead (logged at every evaluation)."""
-  DEFAULTS = dict(common.DEFAULTS, classnames=(), templates=("{}",), languages=())
+  DEFAULTS = dict(common.DEFAULTS, classnames=(), templates=("{}",), languages=(),
+                  modality="image", pp_modalities=None)
 
   @staticmethod
   def validate(name, ev):
     prompt_lists(name, ev)
+    config_lib.choice(f"evals.{name}.modality", ev["modality"], tuple(modalities_lib.MODALITIES))
+    retrieval.check_pp_modalities(f"evals.{name}.pp_modalities", ev["pp_modalities"])
 
   def __init__(self, name, ev, context):
     super().__init__(name, ev, context)
+    self.modality = ev.modality
+    if self.modality != "image":
+      key = f"evals.{name}.modality={self.modality!r}"
+      retrieval.check_towers(f"{key} (and 'text' for the class prompts)", context.objective,
+                             (self.modality, "text"))
+      if common.own_similarity(context):
+        raise config_lib.ConfigError(f"{key}: the objective's own (FILIP) similarity is "
+                                     "image-text only; classify images.")
+      self.input_cfg = retrieval.modality_input(name, self.input_cfg, ev, (self.modality,))
     if context.tokenizer is None:
       raise config_lib.ConfigError(f"evals.{name} (zeroshot) needs input.tokenizer (to tokenize "
                                    f"the class prompts).")
@@ -104,11 +127,20 @@ class ZeroShot(common.Evaluator):
 
   def evaluate(self, params) -> dict[str, float]:
     ev, context = self.ev, self.context
-    data = context.embedder.split(params, self.input_cfg, ev.batch_size, texts=False)
+    if self.modality == "image":
+      data, out = context.embedder.split(params, self.input_cfg, ev.batch_size, texts=False), {}
+    else:  # The modality's embeddings take the images' place ("zimg").
+      z = retrieval.embed_modalities(context, params, self.input_cfg, ev.batch_size,
+                                     (self.modality,))
+      if not len(z[self.modality]):
+        raise ValueError(f"evals.{self.name}: no record of split {ev.split!r} of "
+                         f"{self.input_cfg.data!r} has {self.modality!r}.")
+      data = {"zimg": z[self.modality], **{k: z[k] for k in ("label",) if k in z}}
+      out = {"num_skipped": float(z["num_skipped"])}
     if "label" not in data:
       raise ValueError(f"Split {ev.split!r} of {self.input_cfg.data!r} has no labels for "
                        f"zero-shot.")
-    out = {"num_examples": float(len(data["label"]))}
+    out["num_examples"] = float(len(data["label"]))
     for language, (classnames, templates) in self.prompts.items():
       prefix = "" if language is None else f"{language}/"
       accuracies = self._accuracies(params, data, classnames, templates)
