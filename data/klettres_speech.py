@@ -122,12 +122,13 @@ class KlettresSpeech(tfds.core.GeneratorBasedBuilder):
     yield from generate(self.max_per_kind, self.root)
 
 
-def build(data_dir: str | None = None, max_per_kind: int | None = None
+def build(data_dir: str | None = None, max_per_kind: int | None = None, root: str = ROOT
           ) -> tfds.core.DatasetBuilder:
-  """Builds (if needed) and returns klettres_speech; max_per_kind: a small build (tests)."""
-  clips()  # A clear error before TFDS starts when klettres-data is missing.
+  """Builds (if needed) and returns klettres_speech; max_per_kind: a small build (tests);
+  root: where the <lang>/sounds.xml files are."""
+  clips(root)  # A clear error before TFDS starts when klettres-data is missing.
   builder = KlettresSpeech(data_dir=data_dir, file_format="array_record",
-                           max_per_kind=max_per_kind)
+                           max_per_kind=max_per_kind, root=root)
   with digits_captions.deterministic_serialization():
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
