@@ -1,6 +1,8 @@
 """data/digits_speech.py: the espeak-ng voice plan, 16 kHz FLAC, and small builds of
 digits_speech and spoken_digits read back through TFDS and big_mm's source reader."""
+import glob
 import io
+import os
 import shutil
 
 import numpy as np
@@ -102,7 +104,7 @@ def test_digits_speech_small_build(built):
 
 
 @needs_espeak
-def test_spoken_digits_small_build(built):
+def test_spoken_digits_small_build(built, tmp_path):
   builder = tfds.builder("spoken_digits", data_dir=built)
   assert "image" not in builder.info.features
   assert builder.info.features["label"].names[7] == "seven"
@@ -122,3 +124,10 @@ def test_spoken_digits_small_build(built):
     clips[split] = {(r["spoken"], r["voice"]) for r in records}
     assert len(clips[split]) == 36
   assert not clips["train"] & clips["test"]
+  ds.build_spoken(str(tmp_path), per_label=PER_LABEL)  # A second build: the same bytes.
+  files = sorted(glob.glob(os.path.join(built, "spoken_digits", "*", "*.array_record*")))
+  assert len(files) == 2
+  for path in files:
+    with open(path, "rb") as f, open(os.path.join(str(tmp_path), os.path.relpath(path, built)),
+                                     "rb") as g:
+      assert f.read() == g.read(), path
