@@ -25,6 +25,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "scikit-learn>=1.4",
+        "soundfile>=0.12",
         "tensorboardX>=2.6",
     ],
     extras_require={

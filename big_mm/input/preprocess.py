@@ -809,3 +809,4 @@ class Preprocessor:
   def __repr__(self):
     return f"Preprocessor({self.pp!r})"
 from big_mm.input import points as _points  # noqa: E402,F401  (registers the point-cloud ops)
+from big_mm.input import audio as _audio  # noqa: E402,F401  (registers the audio ops)

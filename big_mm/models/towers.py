@@ -27,6 +27,7 @@ import numpy as np
 
 from big_mm import modalities
 from big_mm.models import layers
+from big_mm.models.audio import AudioTransformer
 from big_mm.models.mlp import MlpTower
 from big_mm.models.points import PointTransformer
 from big_mm.models.text import TextTransformer
@@ -37,6 +38,7 @@ TOWERS = {
     "vit": ViT,
     "text_transformer": TextTransformer,
     "mlp": MlpTower,
+    "audio_transformer": AudioTransformer,
     "point_transformer": PointTransformer,
 }
 
