@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from big_mm.input import audio, preprocess
+from big_mm.input import preprocess
 from big_mm.models.audio import AudioTransformer
 from big_mm.models.towers import Towers
 
@@ -59,6 +59,7 @@ def test_decode_averages_channels_and_scales_int_arrays():
 
 @pytest.mark.parametrize("value,reason", [
     (b"RIFF\x24\x00\x00\x00WAVEfmt not really", "corrupt_audio"),
+    (np.zeros((2, 1000), np.int16), "corrupt_audio"),  # channels first
     (b"", "empty_audio"),
     (np.zeros(0, np.int16), "empty_audio"),
     (np.array([0.1, np.nan], np.float32), "nonfinite_audio"),
@@ -186,7 +187,7 @@ def test_audio_transformer_param_tree_and_outputs():
 
 
 def test_towers_with_audio_and_text_give_normalised_embeddings():
-  model = Towers(towers={"audio": dict(TINY, pool="gap"),
+  model = Towers(towers={"audio": dict(TINY, depth=1, pool="gap"),
                          "text": dict(width=32, depth=1, num_heads=2, mlp_dim=64,
                                       vocab_size=50)}, out_dim=16)
   spec = _run("log_mel(24, 16)", _tone(440, 0.3, 16000))

@@ -14,10 +14,12 @@ encoded bytes (WAV / FLAC / OGG through soundfile) or a numpy array already at t
 Where the spectrogram is computed: in the input pipeline, with numpy / scipy, one example at a
 time in grain's worker processes (input.num_workers), like image decoding; the device gets the
 float32 [frames, n_mels] log-mel. tools/benchmark_audio.py measures the per-example cost of
-decode_audio + log_mel; on the 2-core CI machine (one thread) a 1 s clip costs ~2 ms and a 10 s
-clip ~20 ms, so a worker core feeds ~50 ten-second clips per second. log_mel's filterbank is a
-BLAS matmul: limit BLAS threads in the workers (OPENBLAS_NUM_THREADS=1) or many workers
-oversubscribe the cores (several times slower on a loaded machine).
+decode_audio + log_mel; on the 2-core CI machine (one BLAS thread, a loaded machine) a 16 kHz
+FLAC clip of 1 s costs ~1.2 ms and one of 10 s ~14 ms (half of it log_mel), so a worker core
+feeds ~70 ten-second clips per second; 44.1 kHz sources add ~3 ms per second of audio for
+resampling (store 16 kHz). log_mel's filterbank is a BLAS matmul: limit BLAS threads in the
+workers (OPENBLAS_NUM_THREADS=1), or many workers oversubscribe the cores (log_mel ~3x slower
+here with the default threads).
 
 log_mel: frames of `win_ms` every `hop_ms` (no centre padding: frame i starts at sample
 i * hop), a symmetric Hann window (numpy.hanning, Kaldi's "hanning"), the power spectrum of an
@@ -75,6 +77,9 @@ def _pcm_to_float(x: np.ndarray) -> np.ndarray:
   if x.ndim not in (1, 2):
     raise BadRecord("corrupt_audio", f"audio array of shape {x.shape} (want [n] or "
                     "[n, channels])")
+  if x.ndim == 2 and x.shape[1] > x.shape[0]:
+    raise BadRecord("corrupt_audio", f"audio array of shape {x.shape} looks channels-first; "
+                    "store [n, channels]")
   if x.dtype.kind == "i":
     x = x.astype(np.float32) / np.float32(2 ** (8 * x.dtype.itemsize - 1))
   elif x.dtype.kind == "u":
