@@ -16,11 +16,11 @@ T = 6.0
 
 
 def _zs(seed, m, n, d):
-  keys = jax.random.split(jax.random.PRNGKey(seed), m)
-  base = jax.random.normal(keys[0], (n, d))
+  rng = np.random.default_rng(seed)
+  base = rng.normal(size=(n, d))
   # Correlate the aligned rows so the positives matter.
-  zs = [base] + [jax.random.normal(k, (n, d)) + 0.7 * base for k in keys[1:]]
-  return [z / jnp.linalg.norm(z, axis=-1, keepdims=True) for z in zs]
+  zs = [base] + [rng.normal(size=(n, d)) + 0.7 * base for _ in range(m - 1)]
+  return [(z / np.linalg.norm(z, axis=-1, keepdims=True)).astype(np.float32) for z in zs]
 
 
 def _valid(n, invalid=(1, 6, 7)):
@@ -86,14 +86,14 @@ def _np_gram(zs, t, valid, anchor, ls):
 def test_symile_matches_numpy(negatives, m):
   n = 8 if m < 4 else 5
   zs, valid, rng = _zs(0, m, n, 6), _valid(n, (1, 3)), jax.random.PRNGKey(3)
-  loss = jax.jit(lambda zs, valid: ho.symile_loss(zs, T, negatives=negatives, rng=rng,
-                                                  valid=valid))
-  perms = np.asarray(ho.symile_permutations(rng, m, n))
-  want = _np_symile(zs, T, valid, negatives, perms)
-  np.testing.assert_allclose(float(loss(zs, valid)), want, rtol=1e-5)
+  loss = jax.jit(lambda zs, valid: (ho.symile_loss(zs, T, negatives=negatives, rng=rng,
+                                                   valid=valid), ho.symile_permutations(rng, m, n)))
+  got, perms = loss(zs, valid)
+  want = _np_symile(zs, T, valid, negatives, np.asarray(perms))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
   if negatives == "n":  # all valid: the paper's n x n logits with the positive on the diagonal
-    want = _np_symile(zs, T, np.ones(n), negatives, perms)
-    np.testing.assert_allclose(float(loss(zs, np.ones(n))), want, rtol=1e-5)
+    want = _np_symile(zs, T, np.ones(n), negatives, np.asarray(perms))
+    np.testing.assert_allclose(float(loss(zs, np.ones(n))[0]), want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("anchor,ls", [(0, 0.1), (2, 0.0)])
@@ -147,39 +147,46 @@ def test_all_gather_equals_local(loss):
 
 
 def test_volume_orthonormal_collinear_and_finite_grads():
-  eye = jnp.eye(5)
-  orthonormal = [eye, jnp.roll(eye, 1, 0), jnp.roll(eye, 2, 0)]
-  np.testing.assert_allclose(ho.gram_volume(orthonormal), 1.0, rtol=1e-6)
-  z, y = _zs(6, 2, 4, 5)
-  np.testing.assert_allclose(ho.gram_volume([z, y]),  # M = 2: |sin| of the angle
-                             np.sqrt(1 - np.sum(z * y, -1) ** 2), atol=1e-4)
-  collinear = [z, -z, z]
-  assert float(jnp.max(ho.gram_volume(collinear))) < 1e-3
-  for f in (lambda zs: jnp.sum(ho.gram_volume(zs)), lambda zs: ho.gram_loss(zs, T)):
-    assert all(np.all(np.isfinite(x)) for x in jax.jit(jax.grad(f))(collinear))
+  eye = np.eye(5, dtype=np.float32)
+  z, y = _zs(6, 2, 5, 5)
+  orthonormal, collinear = [eye, np.roll(eye, 1, 0), np.roll(eye, 2, 0)], [z, -z, z]
+
+  @jax.jit
+  def run(orthonormal, pair, collinear):
+    grads = [jax.grad(f)(collinear) for f in (lambda zs: jnp.sum(ho.gram_volume(zs)),
+                                              lambda zs: ho.gram_loss(zs, T))]
+    return ho.gram_volume(orthonormal), ho.gram_volume(pair), ho.gram_volume(collinear), grads
+
+  vol_orthonormal, vol_pair, vol_collinear, grads = run(orthonormal, [z, y], collinear)
+  np.testing.assert_allclose(vol_orthonormal, 1.0, rtol=1e-6)
+  # M = 2: |sin| of the angle.
+  np.testing.assert_allclose(vol_pair, np.sqrt(1 - np.sum(z * y, -1) ** 2), atol=1e-4)
+  assert float(np.max(vol_collinear)) < 1e-3
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
 def test_symile_n_deterministic_in_rng():
   zs = _zs(8, 3, 8, 4)
-  a = ho.symile_loss(zs, T, rng=jax.random.PRNGKey(1))
-  assert float(a) == float(ho.symile_loss(zs, T, rng=jax.random.PRNGKey(1)))
-  assert float(a) != float(ho.symile_loss(zs, T, rng=jax.random.PRNGKey(2)))
+  loss = jax.jit(lambda zs, rng: ho.symile_loss(zs, T, rng=rng))
+  a = float(loss(zs, jax.random.PRNGKey(1)))
+  assert a == float(loss(zs, jax.random.PRNGKey(1)))
+  assert a != float(loss(zs, jax.random.PRNGKey(2)))
 
 
 def test_symile_two_modalities_n2_is_clip():
   z1, z2 = _zs(9, 2, 8, 4)
-  np.testing.assert_allclose(ho.symile_loss([z1, z2], T, negatives="n2"),
-                             losses.softmax_loss(z1, z2, T), rtol=1e-6)
+  got, want = jax.jit(lambda z1, z2: (ho.symile_loss([z1, z2], T, negatives="n2"),
+                                      losses.softmax_loss(z1, z2, T)))(z1, z2)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_scores():
   zs = _zs(10, 3, 6, 4)
-  s = ho.symile_scores(zs[:2], zs[2][:5])
-  assert s.shape == (6, 5)
-  np.testing.assert_allclose(jnp.diag(s), ho.mip(zs)[:5], rtol=1e-5)
-  g = ho.gram_scores(zs[:2], zs[2])
-  assert g.shape == (6, 6)
-  np.testing.assert_allclose(jnp.diag(g), -ho.gram_volume(zs), rtol=1e-4)
+  s, m, g, v = jax.jit(lambda zs: (ho.symile_scores(zs[:2], zs[2][:5]), ho.mip(zs),
+                                   ho.gram_scores(zs[:2], zs[2]), ho.gram_volume(zs)))(zs)
+  assert s.shape == (6, 5) and g.shape == (6, 6)
+  np.testing.assert_allclose(np.diag(s), m[:5], rtol=1e-5)
+  np.testing.assert_allclose(np.diag(g), -v, rtol=1e-4)
 
 
 def test_invalid_arguments():

@@ -156,9 +156,8 @@ def symile_permutations(rng, n_modalities: int, n: int):
   """The "n" negatives' row permutations, int32 [M, M - 1, n]: [m, k] shuffles the k-th
   non-anchor modality when modality m is the anchor (symile/loss.py draws one `randperm` per
   non-anchor modality per anchor). Drawn on the global batch size: device-count independent."""
-  keys = jax.random.split(rng, n_modalities * (n_modalities - 1))
-  perms = jax.vmap(lambda k: jax.random.permutation(k, n))(keys)
-  return perms.reshape(n_modalities, n_modalities - 1, n).astype(jnp.int32)
+  u = jax.random.uniform(rng, (n_modalities, n_modalities - 1, n))
+  return jnp.argsort(u, axis=-1).astype(jnp.int32)
 
 
 def _symile_core(local_zs, all_zs, local_valid, all_valid, t, perms, row_offset, *, negatives):
