@@ -82,6 +82,13 @@ SKIP_REASONS = {
 # Datasets whose builder lives in this repo, with the command that builds them.
 BUILD_COMMANDS = {
     "digits_captions": "python data/build_demo.py --data_dir {data_dir}",
+    "digits_speech": "apt-get install espeak-ng klettres-data; python data/build_demo.py "
+                     "--binding --data_dir {data_dir}",
+    "spoken_digits": "apt-get install espeak-ng klettres-data; python data/build_demo.py "
+                     "--binding --data_dir {data_dir}",
+    "klettres_speech": "apt-get install espeak-ng klettres-data; python data/build_demo.py "
+                       "--binding --data_dir {data_dir}",
+    "symile_xor": "python data/build_demo.py --binding --data_dir {data_dir}",
     "digits_pairs": "python data/build_demo.py --data_dir {data_dir}",
     "digits_pairs_wide": "python data/build_demo.py --data_dir {data_dir}",
     "digits_boxes": "python data/build_demo.py --data_dir {data_dir}",

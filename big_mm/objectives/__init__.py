@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from big_mm.objectives import base
 from big_mm.objectives.base import Context
+from big_mm.objectives.binding import Binding
 from big_mm.objectives.cm3 import CM3
 from big_mm.objectives.contrastive import Contrastive
 from big_mm.objectives.filip import Filip
@@ -22,7 +23,7 @@ from big_mm.objectives.vq import VQTokenizer
 
 OBJECTIVES = {"contrastive": Contrastive, "captioning": Captioning, "coca": CoCa,
               "multimae": MultiMAE, "filip": Filip, "siglip2": Siglip2, "fourm": FourM,
-              "vq_tokenizer": VQTokenizer, "ul2": UL2, "cm3": CM3}
+              "vq_tokenizer": VQTokenizer, "ul2": UL2, "cm3": CM3, "binding": Binding}
 
 
 def get_objective(name: str):
