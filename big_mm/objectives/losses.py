@@ -99,11 +99,19 @@ def _presence(valid, n):
   return (valid != 0).astype(jnp.float32)
 
 
+def _absent_out(logits, mi, mt):
+  """A logit block for image->text (absent columns out) and for text->image (absent rows
+  out); mi / mt are the rows' / columns' 0/1 masks (None: unmasked, the block itself)."""
+  if mi is None:
+    return logits, logits
+  return (jnp.where(mt[None, :] > 0, logits, _ABSENT),
+          jnp.where(mi[:, None] > 0, logits, _ABSENT))
+
+
 def _masked_lse(logits, mi, mt):
-  """Row lse over present columns (image->text) and column lse over present rows
-  (text->image) of a logit block, mi / mt the rows' / columns' 0/1 masks."""
-  return (jax.nn.logsumexp(jnp.where(mt[None, :] > 0, logits, _ABSENT), axis=1),
-          jax.nn.logsumexp(jnp.where(mi[:, None] > 0, logits, _ABSENT), axis=0))
+  """Row lse over present columns and column lse over present rows of a logit block."""
+  rows, cols = _absent_out(logits, mi, mt)
+  return jax.nn.logsumexp(rows, axis=1), jax.nn.logsumexp(cols, axis=0)
 
 
 def _count(m, axes, n_global):
@@ -306,19 +314,16 @@ def _ring_sigmoid(zimg, ztxt, t, b, m=None, *, axes, n_global, n_dev):
 def _ring_softmax(zimg, ztxt, t, b, m=None, *, axes, n_global, n_dev):
   perm = _ring_perm(n_dev)
 
-  def lse(logits, mi, mt):
-    if mi is None:
-      return jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0)
-    return _masked_lse(logits, mi, mt)
-
   @jax.checkpoint
   def block(zi, zt, t, b, lse_img, lse_txt, mi, mt):
-    lse_i, lse_t = lse(t * zi @ zt.T + b, mi, mt)  # logits [b_img, b_txt]
-    return jnp.logaddexp(lse_img, lse_i), jnp.logaddexp(lse_txt, lse_t)
+    rows, cols = _absent_out(t * zi @ zt.T + b, mi, mt)  # logits [b_img, b_txt]
+    lse_img = jnp.logaddexp(lse_img, jax.nn.logsumexp(rows, axis=1))
+    lse_txt = jnp.logaddexp(lse_txt, jax.nn.logsumexp(cols, axis=0))
+    return lse_img, lse_txt
 
   @jax.checkpoint
   def first_block(zi, zt, t, b, mi, mt):
-    return lse(t * zi @ zt.T + b, mi, mt)
+    return _masked_lse(t * zi @ zt.T + b, mi, mt)
 
   lse_img, lse_txt = first_block(zimg, ztxt, t, b, m, m)
   pos = t * jnp.sum(zimg * ztxt, axis=-1) + b  # diagonal, in the offset-0 block
