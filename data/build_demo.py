@@ -8,7 +8,8 @@ No TensorFlow needed. Deterministic: building twice gives identical records.
 `--multilingual` also builds `emoji_multilingual` and `digits_multilingual` (after
 `pip install -e ".[multilingual]"`; the emoji need the Debian package fonts-noto-color-emoji).
 `--binding` also builds the N-modal binding data: `digits_speech` and `spoken_digits` (need the
-Debian package espeak-ng), `klettres_speech` (needs klettres-data) and `symile_xor`.
+Debian package espeak-ng), `klettres_speech` (needs klettres-data) and `symile_xor`, and the
+tokenizer data/digits_speech_spm.model (digits and letters, configs/demo_audio.py).
 The tokenizers are only trained with `--tokenizer` or when missing (data/digits_spm.model,
 data/digits_pairs_spm.model and data/digits_boxes_spm.model are committed).
 """
@@ -37,6 +38,7 @@ from tools import make_tokenizer  # pylint: disable=g-import-not-at-top,wrong-im
 DEFAULT_TOKENIZER = os.path.join(_ROOT, "data", "digits_spm.model")
 PAIRS_TOKENIZER = os.path.join(_ROOT, "data", "digits_pairs_spm.model")
 BOXES_TOKENIZER = os.path.join(_ROOT, "data", "digits_boxes_spm.model")
+SPEECH_TOKENIZER = os.path.join(_ROOT, "data", "digits_speech_spm.model")
 
 
 def main(argv=None):
@@ -75,6 +77,8 @@ def main(argv=None):
     print(f"tokenizer: {digits_pairs.train_tokenizer(PAIRS_TOKENIZER, args.data_dir)}")
   if args.tokenizer or not os.path.exists(BOXES_TOKENIZER):
     print(f"tokenizer: {digits_boxes.train_tokenizer(BOXES_TOKENIZER)}")
+  if args.binding and (args.tokenizer or not os.path.exists(SPEECH_TOKENIZER)):
+    print(f"tokenizer: {digits_speech.train_tokenizer(SPEECH_TOKENIZER, args.data_dir)}")
   return 0
 
 

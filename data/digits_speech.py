@@ -318,3 +318,17 @@ def build_spoken(data_dir: str | None = None, per_label: dict[str, int] | None =
   espeak_binary()
   return _prepare(SpokenDigits(data_dir=data_dir, file_format="array_record",
                                per_label=per_label))
+
+
+def train_tokenizer(out: str, data_dir: str | None = None) -> str:
+  """Trains the tokenizer of configs/demo_audio.py (make_tokenizer.DEMO_SETTINGS, 192 pieces)
+  on the train captions of digits_captions and spoken_digits and the zero-shot prompts (the
+  digits' held-out ones and "the letter {a..z}", so every letter has pieces); -> its path."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from tools import make_tokenizer  # pylint: disable=g-import-not-at-top
+  texts = [*make_tokenizer.texts_from_data("digits_captions", "train", data_dir),
+           *make_tokenizer.texts_from_data("spoken_digits", "train", data_dir)]
+  prompts = [t.format(w) for t in common.HELD_OUT_PROMPTS for w in common.DIGITS]
+  prompts += [f"the letter {c}" for c in LETTERS]
+  return make_tokenizer.train(texts + prompts, out,
+                              **dict(make_tokenizer.DEMO_SETTINGS, vocab_size=192))

@@ -17,7 +17,10 @@ of spoken_digits), language (the sounds.xml language code: en, en_GB, pt_BR, ...
 ("letter" or "syllable"), label (the index of the sound within its language's section:
 alphabet for letters, syllables for syllables), file (the path under /usr/share/klettres), id.
 A zero-shot audio->text evaluation that was not synthesised by espeak-ng: English letters
-("the letter a" .. "the letter z") are the spoken_digits letter captions.
+("the letter a" .. "the letter z") are the spoken_digits letter captions. Splits: test (every
+clip) and letters_en (the 52 English letters of en and en_GB, label = the letter's index in
+a..z, LETTERS; only when there are English letters), the zero-shot split of
+configs/demo_audio.py.
 Build with `python data/build_demo.py --binding [--data_dir DIR]` or `build(data_dir)`.
 """
 from __future__ import annotations
@@ -37,6 +40,8 @@ from data import digits_captions, digits_speech
 ROOT = "/usr/share/klettres"
 PACKAGE = "klettres-data"
 KINDS = {"alphabet": "letter", "syllables": "syllable"}
+LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
+ENGLISH = ("en", "en_GB")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +82,14 @@ def load(clip: Clip, root: str = ROOT) -> bytes:
   return digits_speech.to_flac(x, sr)
 
 
-def generate(max_per_kind: int | None = None, root: str = ROOT):
-  """Yields (key, example) of every clip; max_per_kind: only the first clips of each
-  (language, kind) (small builds)."""
+def generate(max_per_kind: int | None = None, root: str = ROOT, english_letters=False):
+  """Yields (key, example) of every clip (english_letters: only ENGLISH letters, labelled by
+  their index in LETTERS); max_per_kind: only the first clips of each (language, kind)
+  (small builds)."""
   chosen = [c for c in clips(root) if max_per_kind is None or c.label < max_per_kind]
+  if english_letters:
+    chosen = [dataclasses.replace(c, label=LETTERS.index(c.name.lower())) for c in chosen
+              if c.language in ENGLISH and c.kind == "letter" and c.name.lower() in LETTERS]
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
     audio = pool.map(lambda c: load(c, root), chosen)
     for i, (clip, flac) in enumerate(zip(chosen, audio)):
@@ -91,8 +100,9 @@ def generate(max_per_kind: int | None = None, root: str = ROOT):
 class KlettresSpeech(tfds.core.GeneratorBasedBuilder):
   """KLettres' recorded letters and syllables in 20 languages."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release (klettres-data 4:22.12)."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release (klettres-data 4:22.12).",
+                   "1.1.0": "The letters_en split."}
 
   def __init__(self, *, max_per_kind: int | None = None, root: str = ROOT, **kwargs):
     self.max_per_kind, self.root = max_per_kind, root
@@ -116,10 +126,13 @@ class KlettresSpeech(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: the installed klettres-data.
-    return {"test": self._generate_examples()}
+    splits = {"test": self._generate_examples()}
+    if any(c.language in ENGLISH and c.kind == "letter" for c in clips(self.root)):
+      splits["letters_en"] = self._generate_examples(english_letters=True)
+    return splits
 
-  def _generate_examples(self):
-    yield from generate(self.max_per_kind, self.root)
+  def _generate_examples(self, english_letters=False):
+    yield from generate(self.max_per_kind, self.root, english_letters)
 
 
 def build(data_dir: str | None = None, max_per_kind: int | None = None, root: str = ROOT

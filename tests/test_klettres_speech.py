@@ -70,3 +70,8 @@ def test_installed_klettres_clips_and_small_build(tmp_path):
     assert r["label"] == 0 and r["text"] == f"the {r['kind']} {r['name'].lower()}"
     x, sr = digits_speech.decode(r["audio"])
     assert sr == 16000 and 0.15 < len(x) / sr < 8 and np.abs(x).max() > 0.05
+  # letters_en: the English letters (en, en_GB) labelled by their index in a..z.
+  letters = sources.open_source("klettres_speech", "letters_en", data_dir)
+  assert sorted((r["language"], r["name"], r["label"]) for r in map(letters.__getitem__,
+                                                                      range(len(letters)))) == [
+      ("en", "A", 0), ("en_GB", "A", 0)]
