@@ -51,7 +51,8 @@ def _rules():
 
 def _init(obj):
   with jax.set_mesh(obj.ctx.mesh):
-    params = nn.unbox(obj.init_params(jax.random.key(0)))
+    # Jitted: eager init compiles each op on its own (~500 compiles, most of this file's time).
+    params = nn.unbox(jax.jit(obj.init_params)(jax.random.key(0)))
     # A teacher and centres unlike the student's, so the test sees which is used.
     extra = obj.init_extra_state(params)
   extra = jax.tree.map(lambda a: a + 0.05 * np.random.default_rng(1).normal(
