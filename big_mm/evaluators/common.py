@@ -31,7 +31,7 @@ def eval_input_config(config, ev):
   text_column). With its own data, input's column names (which describe the training data)
   do not carry over."""
   input_cfg = config.input.copy_and_resolve_references()
-  with input_cfg.unlocked():
+  with input_cfg.unlocked(), input_cfg.ignore_type():  # A mixture's data may become one name.
     if ev.get("data"):
       input_cfg.data = ev.data
       input_cfg.image_column = input_cfg.text_column = None
