@@ -15,8 +15,9 @@ Facts from salesforce/ULIP@f194ddb:
 - Optimizer (main.py defaults; scripts/pretrain_*.sh change only lr and npoints): AdamW lr 3e-3,
   betas (0.9, 0.98), eps 1e-8, wd 0.1, batch 64 per GPU on 8 A100s (README: "We pre-train ULIP
   on 8 Nvidia A100 GPUs"), 250 epochs, 1 warmup epoch, cosine to 1e-5.
-- Training pp (data/dataset_3d.py): random subset, pc_norm, random point dropout, scale
-  (0.8, 1.25), shift 0.1, small rotation perturbation, random rotation about the up axis.
+- Training pp (data/dataset_3d.py, the ShapeNet triplets): random subset, pc_norm, random point
+  dropout, scale (0.8, 1.25), shift 0.1, small rotation perturbation, random rotation about
+  the up axis (y there).
 - Zero-shot: ModelNet40's 40 class names (data/labels.json) and 64 prompt templates
   (data/templates.json "modelnet40_64"), prompt embeddings averaged.
 Expected result (README, ULIP2-PointBERT-10kxyzrgb-ensembled-objaverse-shapenet): ModelNet40
@@ -31,7 +32,7 @@ Differences here (the published numbers are a target, not a promise):
 - Points are xyz only (ULIP-2's best model reads xyz + rgb); no drop path (the tower has none);
   Point-BERT's feature (its cls token concatenated with the max over patches) is the cls token
   here; pp has no point dropout, shift or rotation perturbation ops (random subset, pc_norm,
-  scale, rotation about z).
+  scale, rotation about z: store the clouds z-up).
 - Data (`data=`): the user's triplets (ULIP-Objaverse + ULIP-ShapeNet, the SFXX/ulip Hugging
   Face dataset, converted to a TFDS / array_record / parquet source with fields "points"
   (float [n >= 10,000, 3+] or .npy bytes), "image" (encoded), "text"). `eval_data=`: ModelNet40
