@@ -19,7 +19,9 @@ clipped jitter. Evaluation: the test split, 256 farthest points.
 Metrics (eval/<name>/...): retrieval_points_text and retrieval_points_image
 (points2text / text2points / points2image / image2points R@1; class_R@1 counts a hit when the
 top candidate is a view of the same shape: chance 1/121 = 0.008), zeroshot_points/accuracy
-(3D classification of each test cloud over the 121 shape names, embedded as they are).
+(3D classification of each test cloud over the 121 shape names, embedded as they are), and
+image_text2points/image+text2points/class_R@1 (a view's rendering and name retrieve its cloud:
+by Symile's / GRAM's own score, or for pairwise binding the sum of the two cosines).
 
 Commands (from the repo root, after `python data/cgal_shapes.py`, which needs
 `apt-get install libcgal-demo`):
@@ -107,6 +109,8 @@ def get_config(arg=None):
       retrieval_points_image=dict(type="retrieval", split="test", every_steps=arg.steps,
                                   modalities=("points", "image"), pp_modalities=pp_eval,
                                   pp_image=PP_IMAGE),
+      image_text2points=dict(type="higher_order_retrieval", split="test", every_steps=arg.steps,
+                             query=("image", "text"), target="points", pp_modalities=pp_eval),
       zeroshot_points=dict(type="zeroshot", split="test", every_steps=arg.steps,
                            modality="points", pp_modalities=pp_eval, classnames=NAMES,
                            templates=("{}",)),
