@@ -109,26 +109,27 @@ def test_losses_equal_a_numpy_reference(monkeypatch):
   with jax.set_mesh(ONE):
     loss, metrics = jax.jit(part.loss)(params, batch, jax.random.key(1), None, extra=extra,
                                        step=np.int32(8))
-  vit = part.vit
+  # Jitted: eagerly, each op of each call compiled on its own.
+  apply = jax.jit(part.vit.apply, static_argnames=("posemb_shape",))
   teacher = jax.device_get(extra["teacher"])
-  t_pooled, t_out = vit.apply({"params": teacher["img"]}, images)
+  t_pooled, t_out = apply({"params": teacher["img"]}, images)
   # SILC: the student's local crops (cut by hand) against the teacher's whole image.
   crops = np.stack([images[i, int(y):int(y) + 8, int(x):int(x) + 8]
                     for i in range(8) for y, x in corners[i]])
-  s_pooled, _ = vit.apply({"params": params["img"]}, crops, posemb_shape=(4, 4))
+  s_pooled, _ = apply({"params": params["img"]}, crops, posemb_shape=(4, 4))
   s_logits = _head_ref(params["sd"]["silc_head"], np.asarray(s_pooled)).reshape(8, 2, -1)
   t_logits = _head_ref(teacher["sd"]["silc_head"], np.asarray(t_pooled))
   want_silc = _ce_ref(s_logits, t_logits[:, None], extra["center"]["silc"]).mean()
   np.testing.assert_allclose(metrics["silc_loss"], want_silc, rtol=2e-5)
   # TIPS: masked patch embeddings are the mask token; the loss at masked positions only.
   img = {**params["img"], "mask_token": params["sd"]["mask_token"] + 0.3}
-  _, s_out = vit.apply({"params": img}, images, patch_mask=mask)
-  _, plain = vit.apply({"params": params["img"]}, images)
+  _, s_out = apply({"params": img}, images, patch_mask=mask)
+  _, plain = apply({"params": params["img"]}, images)
   posemb = np.asarray(params["img"]["pos_embedding"])[0]
   np.testing.assert_allclose(s_out["with_posemb"][mask], (posemb + 0.3)[np.nonzero(mask)[1]],
                              rtol=1e-6)
   np.testing.assert_array_equal(s_out["with_posemb"][~mask], plain["with_posemb"][~mask])
-  _, s_out = vit.apply({"params": {**params["img"],
+  _, s_out = apply({"params": {**params["img"],
                                    "mask_token": params["sd"]["mask_token"]}},
                        images, patch_mask=mask)
   s_logits = _head_ref(params["sd"]["tips_head"], np.asarray(s_out["pre_logits_2d"]).reshape(
