@@ -168,7 +168,7 @@ def test_naflex_trains_sharded_and_with_gradcache_like_one_device(data_dir):
       for b in batches:
         state, metrics = step(state, jax.device_put(b, sharding.batch_sharding(setup.mesh)))
         out.append(float(metrics["loss"]))
-      z = setup.objective.embed_images(state["params"], {
+      z = jax.jit(setup.objective.embed_images)(state["params"], {  # eager compiles op by op
           "x": batches[0]["image"], "mask": batches[0]["image_mask"],
           "shape": batches[0]["image_shape"]})
     return out, z
