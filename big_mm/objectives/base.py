@@ -216,14 +216,16 @@ def image_text_example(ctx: Context) -> dict[str, jax.ShapeDtypeStruct]:
 
 def zeros(example: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
   """Zeros shaped like `example`, except that a padded input is one real position (its
-  "_mask" True at 0, its "_shape" all 1: a one-patch NaFlex image), so it stays valid."""
+  "_mask" True at 0, its "_shape" all 1: a one-patch NaFlex image), so it stays valid. Behind
+  an optimization barrier: under jit, XLA would otherwise constant-fold the init's forward
+  pass of these constants (seconds of compile for a point tower's farthest-point sampling)."""
   out = {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()}
   for k, v in example.items():
     if k.endswith("_mask"):
       out[k] = out[k].at[..., 0].set(True)
     elif k.endswith("_shape"):
       out[k] = jnp.ones(v.shape, v.dtype)
-  return out
+  return jax.lax.optimization_barrier(out)
 
 
 class ImageTextInit:
