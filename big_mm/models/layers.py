@@ -61,6 +61,16 @@ def logical(init, names):
   return nn.with_logical_partitioning(init, tuple(names))
 
 
+def head(num_classes: int, *, zeroinit: bool = False, dtype=jnp.float32, use_bias: bool = True,
+         in_axis: str = "embed") -> nn.Dense:
+  """A tower's output head `head/{kernel [D, num_classes], bias}` (kernel zeros with zeroinit,
+  else LeCun normal; float32 params); create it inside the tower's compact __call__."""
+  kinit = nn.initializers.zeros if zeroinit else nn.initializers.lecun_normal()
+  return nn.Dense(num_classes, dtype=dtype, param_dtype=jnp.float32, name="head",
+                  use_bias=use_bias, kernel_init=logical(kinit, (in_axis, None)),
+                  bias_init=logical(nn.initializers.zeros, (None,)))
+
+
 def constrain(x):
   """Activation sharding constraint at block boundaries ([B, L, D] only)."""
   if x.ndim == 3:

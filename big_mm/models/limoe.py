@@ -116,10 +116,7 @@ class _Tower(nn.Module):
       x = jnp.mean(x, axis=1)
     x = out["pre_logits"] = x
     if self.num_classes:
-      x = out["logits"] = nn.Dense(
-          self.num_classes, dtype=dtype, param_dtype=jnp.float32, name="head",
-          kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", None)),
-          bias_init=layers.logical(nn.initializers.zeros, (None,)))(x)
+      x = out["logits"] = layers.head(self.num_classes, dtype=dtype)(x)
     return x, out
 
 

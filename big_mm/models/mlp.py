@@ -34,10 +34,6 @@ class MlpTower(nn.Module):
       x = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(x))
     out["pre_logits"] = x
     if self.num_classes:
-      kernel_init = (nn.initializers.zeros if self.head_zeroinit
-                     else nn.initializers.lecun_normal())
-      x = nn.Dense(self.num_classes, name="head",
-                   kernel_init=layers.logical(kernel_init, ("mlp", None)),
-                   bias_init=layers.logical(nn.initializers.zeros, (None,)))(x)
+      x = layers.head(self.num_classes, zeroinit=self.head_zeroinit, in_axis="mlp")(x)
       out["logits"] = x
     return x, out

@@ -150,9 +150,6 @@ class PointTransformer(nn.Module):
       x = jnp.max(x, axis=1)
     out["head_input"] = out["pre_logits"] = x
     if self.num_classes:
-      kinit = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-      x = out["logits"] = nn.Dense(
-          self.num_classes, dtype=dtype, param_dtype=jnp.float32, name="head",
-          kernel_init=layers.logical(kinit, ("embed", None)),
-          bias_init=layers.logical(nn.initializers.zeros, (None,)))(x)
+      x = out["logits"] = layers.head(self.num_classes, zeroinit=self.head_zeroinit,
+                                      dtype=dtype)(x)
     return x, out

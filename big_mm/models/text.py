@@ -150,9 +150,5 @@ class TextTransformer(nn.Module):
     out["pre_logits"] = x
 
     if self.num_classes:
-      x = out["logits"] = nn.Dense(
-          self.num_classes, dtype=dtype, param_dtype=jnp.float32, name="head",
-          use_bias=self.head_bias,
-          kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", None)),
-          bias_init=layers.logical(nn.initializers.zeros, (None,)))(x)
+      x = out["logits"] = layers.head(self.num_classes, dtype=dtype, use_bias=self.head_bias)(x)
     return x, out

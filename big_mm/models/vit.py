@@ -275,11 +275,8 @@ class ViT(nn.Module):
     out["pre_logits"] = x
 
     if self.num_classes:
-      kinit = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-      head = nn.Dense(self.num_classes, dtype=dtype, param_dtype=jnp.float32, name="head",
-                      use_bias=self.head_bias,
-                      kernel_init=layers.logical(kinit, ("embed", None)),
-                      bias_init=layers.logical(nn.initializers.zeros, (None,)))
+      head = layers.head(self.num_classes, zeroinit=self.head_zeroinit, dtype=dtype,
+                         use_bias=self.head_bias)
       out["logits_2d"] = head(x_2d)
       x = out["logits"] = head(x)
     return x, out
