@@ -234,8 +234,24 @@ def _query(query_zs):
 # ----------------------------------------------------------------------------- GRAM
 
 
+def _det(g):
+  """det of [..., M, M]: the cofactor formulas for M <= 3 (cheaper than jnp.linalg.det's
+  batched LU over the B^2 small matrices of a GRAM loss: loss and gradient at B = 1,000,
+  M = 3, D = 16 took 1.8 s instead of 2.6 s on the shared 2-core CPU), else jnp.linalg.det."""
+  m = g.shape[-1]
+  if m == 1:
+    return g[..., 0, 0]
+  if m == 2:
+    return g[..., 0, 0] * g[..., 1, 1] - g[..., 0, 1] * g[..., 1, 0]
+  if m == 3:
+    return (g[..., 0, 0] * (g[..., 1, 1] * g[..., 2, 2] - g[..., 1, 2] * g[..., 2, 1])
+            - g[..., 0, 1] * (g[..., 1, 0] * g[..., 2, 2] - g[..., 1, 2] * g[..., 2, 0])
+            + g[..., 0, 2] * (g[..., 1, 0] * g[..., 2, 1] - g[..., 1, 1] * g[..., 2, 0]))
+  return jnp.linalg.det(g)
+
+
 def _volume_of_gram(g, eps):
-  return jnp.sqrt(jnp.maximum(jnp.linalg.det(g), 0.0) + eps)
+  return jnp.sqrt(jnp.maximum(_det(g), 0.0) + eps)
 
 
 def gram_volume(zs: Sequence, eps: float = VOLUME_EPS):
