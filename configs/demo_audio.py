@@ -8,14 +8,17 @@ Data (`python data/build_demo.py --binding`, Debian packages espeak-ng and klett
   digits_speech    (image, audio, text): each digit image with the digit spoken.
   klettres_speech  letters_en: 52 real human recordings of the English letters (KLettres).
 
-Two setups (`data=`):
+Setups (`data=`):
   emergent  (default) LanguageBind's claim: train on (image, text) from digits_captions and
             (audio, text) from spoken_digits only (a 1:1 mixture; a batch mixes both, the
             missing modality masked out of every loss), pairs (image, text) and (audio, text).
             Audio and image never meet, yet audio<->image retrieval on digits_speech's test
             split is measured (class_R@1: the top candidate shows / says the same digit;
-            chance 0.1). LanguageBind freezes a pretrained text tower; here the three towers
-            train jointly from scratch (the tokenizer is this demo's own).
+            chance 0.1). From scratch, the three towers train jointly. With `init=WORKDIR` (a
+            finished `data=image_text` run) it is LanguageBind's recipe: the image and text
+            towers start from that run and the text tower is frozen, so the audio tower is
+            bound to a language space that image-text training already made.
+  image_text  (image, text) pairs of digits_captions only: the first stage of that recipe.
   trimodal  digits_speech's train split (all three modalities on every record), the same
             budget, objective=pairwise (the three pairs), symile or gram: the two-to-one
             retrievals (image+text -> audio, audio+text -> image, image+audio -> text).
@@ -33,6 +36,8 @@ SpecAugment in training; an AST-style audio transformer on
 Commands (from the repo root; a few minutes each on 2 CPU cores):
 
   python -m big_mm.train --config configs/demo_audio.py --workdir /tmp/bind_emergent
+  python -m big_mm.train --config configs/demo_audio.py:data=image_text --workdir /tmp/bind_it
+  python -m big_mm.train --config configs/demo_audio.py:init=/tmp/bind_it --workdir /tmp/bind_lb
   python -m big_mm.train --config configs/demo_audio.py:data=trimodal --workdir /tmp/bind_pairs
   python -m big_mm.train --config configs/demo_audio.py:data=trimodal,objective=symile \
       --workdir /tmp/bind_symile
@@ -41,8 +46,8 @@ Commands (from the repo root; a few minutes each on 2 CPU cores):
 
 README.md and docs/benchmarks.md give the measured metrics.
 
-Arguments: data (emergent|trimodal), objective (pairwise|symile|gram), loss (sigmoid|softmax),
-steps, batch.
+Arguments: data (emergent|image_text|trimodal), objective (pairwise|symile|gram), loss
+(sigmoid|softmax), init (a data=image_text run's workdir: LanguageBind), steps, batch.
 """
 from big_mm import config as config_lib
 from configs import common
@@ -81,17 +86,18 @@ def binding_evals() -> dict:
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="emergent", objective="pairwise", loss="sigmoid",
-                             steps=600, batch=128)
+                             init="", steps=600, batch=128)
   c = config_lib.ConfigDict()
   c.seed = 0
   c.batch_size = arg.batch
   c.total_steps = arg.steps
   c.log_every_steps = 50
 
-  data = ((("digits_captions", 1.0), ("spoken_digits", 1.0)) if arg.data == "emergent"
-          else "digits_speech")
-  c.input = dict(common.digits_train_input(), data=data, tokenizer=TOKENIZER, text_len=16,
-                 modalities=MODALITIES, pp_modalities={"audio": AUDIO_TRAIN})
+  data = {"emergent": (("digits_captions", 1.0), ("spoken_digits", 1.0)),
+          "image_text": "digits_captions", "trimodal": "digits_speech"}[arg.data]
+  c.input = dict(common.digits_train_input(), data=data, tokenizer=TOKENIZER, text_len=16)
+  if arg.data != "image_text":  # image_text: no audio at all, an image-text model.
+    c.input.update(modalities=MODALITIES, pp_modalities={"audio": AUDIO_TRAIN})
 
   c.model_name = "towers"
   c.model = dict(
@@ -105,9 +111,13 @@ def get_config(arg=None):
       ),
       out_dim=64, temperature_init=10.0,
       bias_init=-10.0 if arg.loss == "sigmoid" else None)
+  if arg.data == "image_text":
+    del c.model.towers["audio"]
 
   if arg.data == "emergent":
     pairs = (("image", "text", 1.0), ("audio", "text", 1.0))
+  elif arg.data == "image_text":
+    pairs = (("image", "text", 1.0),)
   else:
     pairs = (("image", "text", 1.0), ("audio", "text", 1.0), ("audio", "image", 1.0))
   c.objective = dict(name="binding", loss=arg.loss, strategy="all_gather")
@@ -118,6 +128,11 @@ def get_config(arg=None):
 
   c.optim = dict(name="adamw", lr=3e-3, b1=0.9, b2=0.95, wd=1e-4, clip_norm=1.0,
                  schedule=dict(name="cosine", warmup_steps=min(50, arg.steps // 10)))
+  if arg.init:  # LanguageBind: image and text towers (and t, b) from the run, text frozen.
+    c.init = dict(workdir=arg.init, include=r"(img|txt)/.*|t|b")
+    c.optim.lr_mults = ((r"txt/.*", 0.0), (r".*", 1.0))
   c.evals = binding_evals()
+  if arg.data == "image_text":
+    c.evals = {k: v for k, v in c.evals.items() if k in ("zeroshot_image", "retrieval_image_text")}
   c.checkpoint = dict(every_steps=200, keep=2)
   return c
