@@ -67,6 +67,15 @@ class Context:
   total_steps: int | None = None          # the run's training steps (None: not training)
 
 
+def stop_frozen(ctx: Context, params):
+  """params with the frozen ones (ctx.frozen: lr multiplier 0, e.g. LiT's image tower) behind
+  stop_gradient, so no gradient is computed for them at all."""
+  if ctx.frozen is None:
+    return params
+  return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
+                      ctx.frozen(params))
+
+
 def fill(cls, given: Mapping[str, Any]) -> dict:
   """cls.SETTINGS with `given` on top, checked by cls.check_settings. An unknown key fails,
   naming the closest valid ones, or which objective has it (its HINTS, if any)."""

@@ -134,14 +134,8 @@ class Binding:
     inputs = {m: modalities_lib.model_input(example, m) for m in self.model.towers}
     return self.model.init({"params": rng}, inputs, train=False)["params"]
 
-  def _stop_frozen(self, params):
-    if self.ctx.frozen is None:
-      return params
-    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
-                        self.ctx.frozen(params))
-
   def loss_fn(self, params, batch, rng):
-    params = self._stop_frozen(params)
+    params = base.stop_frozen(self.ctx, params)
     rng_dropout, rng_negatives = jax.random.split(rng)
     inputs = {m: modalities_lib.model_input(batch, m) for m in self.modalities}
     (z, out), aux = aux_loss.apply(self.model, params, inputs, train=True,

@@ -244,11 +244,6 @@ class Contrastive:
       return jax.tree.map(lambda _: False, params)
     return self.ctx.frozen(params)
 
-  def _stop_frozen(self, params):
-    # Frozen params (lr multiplier 0, e.g. LiT's image tower) get no gradient computed at all.
-    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
-                        self._frozen(params))
-
   def _frozen_towers(self, params):
     """(a, b): True where every param of that contrasted tower is frozen."""
     frozen = self._frozen(params)
@@ -331,7 +326,7 @@ class Contrastive:
     """The full-batch loss. With micro_batches > 1 the embeddings are computed micro-batch
     by micro-batch (micro-batch i with dropout rng fold_in(rng, i)), exactly as in
     `value_and_grad`; differentiating this directly keeps every micro-batch's activations."""
-    params = self._stop_frozen(params)
+    params = base.stop_frozen(self.ctx, params)
     za, zb, aux = self._embed(params, batch, rng)
     return aux_loss.add(*self._loss_from_embeddings(za, zb, params), aux)
 
@@ -340,7 +335,7 @@ class Contrastive:
     docstring): full-batch negatives, one micro-batch's tower activations at a time."""
     if self.micro_batches == 1:
       return jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch, rng)
-    params = self._stop_frozen(params)
+    params = base.stop_frozen(self.ctx, params)
     # (a) Full-batch embeddings, no gradients built.
     za, zb, aux = self._embed(params, batch, rng)
     # (b) Full-batch loss; gradients w.r.t. the embeddings and the params (only t, b non-zero).

@@ -129,7 +129,7 @@ class Filip(Contrastive):
   # ----------------------------------------------------------------------- loss
 
   def loss_fn(self, params, batch, rng):
-    params = self._stop_frozen(params)
+    params = base.stop_frozen(self.ctx, params)
     rng_dropout, rng_tokens = jax.random.split(rng)
     features, aux = self._token_features(
         params, {"image": batch["image"], "text": batch["text"]}, train=True, rng=rng_dropout)

@@ -162,7 +162,7 @@ class Siglip2(Contrastive):
     return aux_loss.add(loss, metrics, aux)
 
   def loss_fn(self, params, batch, rng, extra=None, step=None):
-    params = self._stop_frozen(params)
+    params = base.stop_frozen(self.ctx, params)
     if self.unmasked_model is None or step is None:
       return self._loss(self.model, params, batch, rng, extra, step)
     unmasked = jnp.asarray(step) >= self.unmasked_from
