@@ -43,9 +43,11 @@ CODES = "codes"    # int32 [N] a tokenizer's code grid of an image-like modality
 AUDIO = "audio"    # float32 [frames, mels] a log-mel spectrogram (big_mm/input/audio.py)
 POINTS = "points"  # float32 [N, 3] a point cloud (big_mm/input/points.py)
 VECTOR = "vector"  # float32 [d] a feature vector (precomputed features, Symile's bits)
+VIDEO = "video"    # float32 [T, H, W, 3] a clip, or [V, T, H, W, 3]: V test views (clips x
+                   # crops) whose tower features are averaged (big_mm/input/video.py)
 # Kinds whose example shape is fixed by their own pp string (input.pp_modalities[name]; see
 # preprocess.output_shape), not by the image size or text length.
-PP_SHAPED = (AUDIO, POINTS, VECTOR)
+PP_SHAPED = (AUDIO, POINTS, VECTOR, VIDEO)
 KINDS = (IMAGE, TOKENS, DENSE, CODES) + PP_SHAPED
 
 
@@ -132,6 +134,8 @@ register(Modality("audio", "audio", AUDIO, np.float32, tower="audio_transformer"
                   param_scope="aud"))
 register(Modality("points", "points", POINTS, np.float32, tower="point_transformer",
                   param_scope="pts"))
+# Video (VideoMAE V2, video-text contrastive and captioning).
+register(Modality("video", "video", VIDEO, np.float32, tower="video_vit", param_scope="vid"))
 # Generic feature vectors, e.g. Symile's synthetic XOR bits (data/symile_xor.py).
 for _name in ("vec_a", "vec_b", "vec_c"):
   register(Modality(_name, _name, VECTOR, np.float32, tower="mlp"))
