@@ -26,6 +26,7 @@ setup(
         "pillow>=10",
         "scikit-learn>=1.4",
         "soundfile>=0.12",
+        "av>=14",
         "tensorboardX>=2.6",
     ],
     extras_require={
