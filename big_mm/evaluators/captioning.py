@@ -65,7 +65,8 @@ class Captioning(common.Evaluator):
     for index, (batch, mask) in enumerate(batches):
       # The text prefix of a prefix-LM captioner, passed only when the data has one.
       prefix = {"prefix": batch["prefix"]} if "prefix" in batch else {}
-      images = modalities.model_input(batch, "image")  # NaFlex's mask and shape included
+      # NaFlex's mask and shape included; objective.modality: e.g. a video captioner's clips.
+      images = modalities.model_input(batch, getattr(objective, "modality", "image"))
       sum_logp, count = self.log_likelihood(params, images, batch["text"], **prefix)
       nll -= float(np.sum(common.gather(sum_logp)[mask], dtype=np.float64))
       num_tokens += int(np.sum(common.gather(count)[mask]))

@@ -20,13 +20,21 @@ and predicts argmax(x_eval W) on the eval split, with x_eval whitened by the sam
 Reports `{k}shot_accuracy` (the mean over repeats) and `num_examples` (eval). A Matryoshka
 objective (objective.matryoshka_dims) adds the probes on each smaller prefix dim d of the
 features (re-normalised): `{k}shot_accuracy@d{d}`.
+
+Other modalities (`modality`, default "image"), e.g. a linear probe on video features:
+  dict(type="fewshot", modality="video", pp_modalities={"video": "...|video_views(2, 3)"})
+reads both splits with input.modalities = (modality,) (its pp string from input.pp_modalities
+unless the evaluator's pp_modalities gives one) and embeds them with objective.embed (its
+tower; a video tower averages the pooled features of multi-view [V, T, H, W, 3] examples);
+records without the modality are skipped.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from big_mm import config as config_lib
-from big_mm.evaluators import common
+from big_mm import modalities as modalities_lib
+from big_mm.evaluators import common, retrieval
 
 BIAS_FEATURE = 100.0
 STD_EPS = 1e-5
@@ -77,9 +85,9 @@ def fewshot_accuracies(train_x, train_y, test_x, test_y, *, shots, l2_reg: float
 
 
 class FewShot(common.Evaluator):
-  """k-shot ridge probes on frozen image features; see the module docstring."""
+  """k-shot ridge probes on frozen image (or `modality`) features; see the module docstring."""
   DEFAULTS = dict(common.DEFAULTS, train_split="train", shots=(1, 5, 10), l2_reg=2.0**10,
-                  repeats=3, seed=0)
+                  repeats=3, seed=0, modality="image", pp_modalities=None)
 
   @staticmethod
   def validate(name, ev):
@@ -98,6 +106,24 @@ class FewShot(common.Evaluator):
     if not isinstance(ev["train_split"], str) or not ev["train_split"]:
       raise config_lib.ConfigError(f"evals.{name}.train_split must be a split name, e.g. "
                                    f"'train' or 'train[:10000]'; got {ev['train_split']!r}.")
+    config_lib.choice(f"evals.{name}.modality", ev["modality"], tuple(modalities_lib.MODALITIES))
+    retrieval.check_pp_modalities(f"evals.{name}.pp_modalities", ev["pp_modalities"])
+
+  def __init__(self, name, ev, context):
+    super().__init__(name, ev, context)
+    self.modality = ev.modality
+    if self.modality != "image":
+      retrieval.check_towers(f"evals.{name}.modality={self.modality!r}", context.objective,
+                             (self.modality,))
+      self.input_cfg = retrieval.modality_input(name, self.input_cfg, ev, (self.modality,))
+
+  def _features(self, params, input_cfg):
+    """{"zimg": features [N, D], "label": [N]} of the split's records (with the modality)."""
+    if self.modality == "image":
+      return self.context.embedder.split(params, input_cfg, self.ev.batch_size, texts=False)
+    z = retrieval.embed_modalities(self.context, params, input_cfg, self.ev.batch_size,
+                                   (self.modality,))
+    return {"zimg": z[self.modality], **{k: z[k] for k in ("label",) if k in z}}
 
   def evaluate(self, params) -> dict[str, float]:
     ev = self.ev
@@ -106,7 +132,7 @@ class FewShot(common.Evaluator):
       train_cfg.split = ev.train_split
     data = {}
     for name, cfg in (("train", train_cfg), ("test", self.input_cfg)):
-      data[name] = self.context.embedder.split(params, cfg, ev.batch_size, texts=False)
+      data[name] = self._features(params, cfg)
       if "label" not in data[name] or not len(data[name]["label"]):
         raise ValueError(f"The fewshot evaluator needs labelled examples, but split "
                          f"{cfg.split!r} of {cfg.data!r} has none with a label.")

@@ -1,6 +1,9 @@
 """Generative image-text models: Captioner (CapPa / Cap, or a prefix-LM) and CoCa.
 
-Captioner param tree: `img/...` (ViT, pool="none": its tokens), `dec/...` (decoder.Decoder;
+Captioner param tree: `img/...` (the encoder: a ViT by default, pool="none": its tokens;
+`model.image["tower"]` picks another tower of big_mm.models.towers.TOWERS, e.g. "video_vit" for
+video tokens, still under `img/` so image captioners' checkpoints keep their names),
+`dec/...` (decoder.Decoder;
 `dec/prefix_pos_embedding` [1, text_prefix_len, D] with prefix_lm and text_prefix_len > 0),
 `img_proj` (prefix_lm only: image tokens -> decoder width), `txt/...` (text.TextTransformer, the
 encoder-decoder's text prefix encoder: prefix_lm=False and text_prefix_len > 0).
@@ -46,12 +49,29 @@ import numpy as np
 from big_mm.models import layers
 from big_mm.models.decoder import Decoder, shift_right
 from big_mm.models.text import TextTransformer
-from big_mm.models.towers import l2_normalize
-from big_mm.models.vit import ViT, check_kwargs
+from big_mm.models.towers import TOWERS, l2_normalize
+from big_mm.models.vit import check_kwargs
+
+
+def encoder_spec(image_kw, what: str = "model.image") -> tuple[type, dict]:
+  """(tower class, kwargs) of a captioner's / CoCa's encoder: the "tower" key of `image_kw`
+  (a TOWERS name, default "vit"; e.g. "video_vit" for video) and its other kwargs, checked."""
+  kwargs = dict(image_kw or {})
+  name = kwargs.pop("tower", "vit")
+  if name not in TOWERS:
+    raise ValueError(f"{what}.tower={name!r} is not a tower; choose one of {sorted(TOWERS)} "
+                     "(big_mm/models/towers.py TOWERS).")
+  cls = TOWERS[name]
+  check_kwargs(cls, kwargs, what)
+  if "pool" not in cls.__dataclass_fields__:
+    raise ValueError(f"{what}.tower={name!r} has no pool option, so it cannot give the token "
+                     "sequence a decoder attends to (pool='none'); use a ViT-like tower.")
+  return cls, kwargs
 
 
 def _image_tower(image_kw):
-  return ViT(**{**dict(image_kw or {}), "pool": "none", "num_classes": None}, name="img")
+  cls, kwargs = encoder_spec(image_kw)
+  return cls(**{**kwargs, "pool": "none", "num_classes": None}, name="img")
 
 
 # The text prefix encoder's kwargs the captioner sets (width: the image tokens').
@@ -60,7 +80,8 @@ _FIXED_TEXT_ENCODER_KEYS = ("width", "vocab_size", "pool", "pool_type", "pad_mas
 
 
 class Captioner(nn.Module):
-  """image: ViT kwargs (pool is forced to "none"); decoder: Decoder kwargs. text_prefix_len:
+  """image: the encoder's kwargs (a ViT's unless its "tower" key names another tower; pool is
+  forced to "none"); decoder: Decoder kwargs. text_prefix_len:
   the text prefix slots (0 = none); text_encoder: TextTransformer kwargs of the
   encoder-decoder's text prefix encoder (prefix_lm=False, text_prefix_len > 0)."""
   image: Optional[Any] = None
@@ -70,7 +91,7 @@ class Captioner(nn.Module):
   text_encoder: Optional[Any] = None
 
   def __post_init__(self):
-    check_kwargs(ViT, dict(self.image or {}), "model.image")
+    encoder_spec(self.image)
     check_kwargs(Decoder, dict(self.decoder or {}), "model.decoder")
     if "text_prefix_len" in dict(self.decoder or {}):
       raise ValueError("Set model.text_prefix_len, not model.decoder.text_prefix_len.")
@@ -184,9 +205,10 @@ class Captioner(nn.Module):
 
 
 class CoCa(nn.Module):
-  """image: ViT kwargs (tokens); text: unimodal Decoder kwargs (vocab_size, max_len, widths);
-  multimodal: Decoder kwargs of the multimodal decoder (depth, num_heads, mlp_dim; width and
-  vocab come from `text`). out_dim: the contrastive embedding size."""
+  """image: the encoder's kwargs, as the Captioner's (its tokens); text: unimodal Decoder
+  kwargs (vocab_size, max_len, widths); multimodal: Decoder kwargs of the multimodal decoder
+  (depth, num_heads, mlp_dim; width and vocab come from `text`). out_dim: the contrastive
+  embedding size."""
   image: Optional[Any] = None
   text: Optional[Any] = None
   multimodal: Optional[Any] = None
@@ -195,7 +217,7 @@ class CoCa(nn.Module):
   bias_init: Optional[float] = None
 
   def __post_init__(self):
-    check_kwargs(ViT, dict(self.image or {}), "model.image")
+    encoder_spec(self.image)
     check_kwargs(Decoder, dict(self.text or {}), "model.text")
     check_kwargs(Decoder, dict(self.multimodal or {}), "model.multimodal")
     if not self.temperature_init > 0:

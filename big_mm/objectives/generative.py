@@ -26,12 +26,22 @@ so the loss and log-likelihoods cover the caption tokens only. prefix=None: no t
 (all pad). Models without a text prefix reject a prefix. Config: input.prefix_column and
 input.prefix_len > 0 go together and need a "captioner" with text_prefix_len >=
 input.prefix_len (checked when the objective is built).
+
+Other inputs (`objective.modality`, default "image"; big_mm/modalities.py): the encoder reads
+batch[that modality's batch key], shaped by the contract (a pp-shaped kind by
+input.pp_modalities, objectives.Context.shapes), e.g. video captioning:
+  model.image = {"tower": "video_vit", ...}, objective.modality = "video",
+  input.modalities = ("video", "text"), input.pp_modalities = {"video": "..."}.
+`images` in the decoding API is then that input (a video batch [B, T, H, W, 3]). In binding
+mode (every listed modality optional) rows without the input (`<key>_present` 0) get no
+caption loss.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from big_mm import modalities as modalities_lib
 from big_mm import sharding
 from big_mm.models import aux_loss
 from big_mm.objectives import base, losses
@@ -86,6 +96,13 @@ def check_token_settings(settings) -> None:
   if not 0.0 <= base.number("label_smoothing", settings["label_smoothing"]) < 1.0:
     raise base.ConfigError(f"objective.label_smoothing must be in [0, 1), got "
                            f"{settings['label_smoothing']!r}.")
+  try:
+    kind = modalities_lib.get(settings["modality"]).kind
+  except ValueError as e:
+    raise base.ConfigError(f"objective.modality: {e}") from None
+  if kind in (modalities_lib.TOKENS, modalities_lib.CODES):
+    raise base.ConfigError(f"objective.modality={settings['modality']!r} is token ids; the "
+                           "encoder reads an image-like input, e.g. 'image' or 'video'.")
 
 
 class DecodingAPI:
@@ -130,9 +147,10 @@ class DecodingAPI:
         jnp.int32)
 
 
-class _Generative(DecodingAPI, base.ImageTextInit):
+class _Generative(DecodingAPI):
   """What Captioning and CoCa share besides DecodingAPI. Reads the context's
-  mesh, text_len and tokenizer (required: its vocabulary must be the model's, `VOCAB_KEY`)."""
+  mesh, text_len and tokenizer (required: its vocabulary must be the model's, `VOCAB_KEY`), and
+  the encoder's input, objective.modality (its batch key; Context.shapes for pp-shaped kinds)."""
   BATCH_KEYS = ("image", "text")
 
   def __init__(self, model, ctx: base.Context, **settings):
@@ -145,6 +163,27 @@ class _Generative(DecodingAPI, base.ImageTextInit):
     self.max_text_len = int(ctx.text_len)
     self.label_smoothing = float(settings["label_smoothing"])
     self.settings = settings
+    self.modality = modalities_lib.get(settings["modality"]).name
+    self.input_key = modalities_lib.get(self.modality).batch_key
+
+  def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    return base.modality_example(self.ctx, (self.modality, "text"))
+
+  def init_params(self, rng):
+    example = base.zeros(self.example_batch())
+    return self.model.init({"params": rng}, example[self.input_key], example["text"],
+                           train=False)["params"]
+
+  def _inputs(self, batch):
+    """(the encoder's input, the caption tokens, valid [B] or None): in binding mode `valid`
+    marks the rows with both the input and a caption, and the others' tokens are all pad (no
+    targets)."""
+    flags = [batch[k] for k in (modalities_lib.present_key(self.modality),
+                                modalities_lib.present_key("text")) if k in batch]
+    if not flags:
+      return batch[self.input_key], batch["text"], None
+    valid = jnp.prod(jnp.stack(flags), axis=0) > 0
+    return batch[self.input_key], jnp.where(valid[:, None], batch["text"], 0), valid
 
 
 class Captioning(_Generative):
@@ -154,7 +193,7 @@ class Captioning(_Generative):
   VOCAB_KEY = "model.decoder.vocab_size"
   # parallel_fraction: fraction of examples trained with CapPa's parallel prediction (all
   # decoder inputs [MASK], no causal mask; CapPa 0.75); label_smoothing of the token loss.
-  SETTINGS = dict(parallel_fraction=0.0, label_smoothing=0.0)
+  SETTINGS = dict(parallel_fraction=0.0, label_smoothing=0.0, modality="image")
   BATCH_KEYS = ("image", "text", "prefix")
 
   @classmethod
@@ -181,12 +220,12 @@ class Captioning(_Generative):
 
   def loss_fn(self, params, batch, rng):
     """Token loss on the caption (batch["text"]); batch["prefix"], if any, only conditions."""
-    text = batch["text"]
+    inputs, text, _ = self._inputs(batch)
     rng_parallel, rng_dropout = jax.random.split(rng)
     parallel = None
     if self.parallel_fraction > 0:
       parallel = jax.random.uniform(rng_parallel, (text.shape[0],)) < self.parallel_fraction
-    (logits, _), aux = aux_loss.apply(self.model, params, batch["image"], text,
+    (logits, _), aux = aux_loss.apply(self.model, params, inputs, text,
                                       parallel=parallel, train=True,
                                       rngs={"dropout": rng_dropout},
                                       **self._prefix_kw(batch.get("prefix")))
@@ -203,7 +242,8 @@ class CoCa(_Generative):
   # loss = contrastive_weight * contrastive (loss / strategy / implementation as the
   # contrastive objective's) + caption_weight * captioning (label_smoothing).
   SETTINGS = dict(loss="sigmoid", strategy="all_gather", implementation="xla",
-                  label_smoothing=0.0, contrastive_weight=1.0, caption_weight=2.0)
+                  label_smoothing=0.0, contrastive_weight=1.0, caption_weight=2.0,
+                  modality="image")
 
   @classmethod
   def check_settings(cls, settings) -> None:
@@ -230,14 +270,15 @@ class CoCa(_Generative):
 
   def loss_parts(self, params, batch, rng):
     """-> (contrastive loss, caption loss, metrics with the model's aux_loss/* terms)."""
-    (zimg, ztxt, logits, out), aux = aux_loss.apply(self.model, params, batch["image"],
-                                                    batch["text"], train=True,
-                                                    rngs={"dropout": rng})
+    inputs, text, valid = self._inputs(batch)
+    (zimg, ztxt, logits, out), aux = aux_loss.apply(self.model, params, inputs, text,
+                                                    train=True, rngs={"dropout": rng})
     contrastive = losses.contrastive_loss(
         zimg, ztxt, out["t"], out["b"], loss=self.loss_name, strategy=self.strategy,
         implementation=self.implementation, mesh=self.mesh,
-        batch_axes=sharding.batch_axes(self.mesh) if self.mesh is not None else ())
-    caption, metrics = token_loss(logits, batch["text"], self.label_smoothing)
+        batch_axes=sharding.batch_axes(self.mesh) if self.mesh is not None else (),
+        valid=valid)
+    caption, metrics = token_loss(logits, text, self.label_smoothing)
     metrics.update(out)
     metrics["contrastive_loss"] = contrastive
     metrics["caption_loss"] = caption
