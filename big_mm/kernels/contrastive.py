@@ -25,7 +25,8 @@ mode, feature padding, all chosen in that one function).
 
 Status: checked in CPU interpret mode against the references (tests/test_kernels_contrastive.py)
 and, compiled through Triton, on an H200 (`tools/benchmark_kernels.py check-gpu`, results in
-docs/benchmarks.md); the Mosaic (TPU) lowering has not been run yet.
+docs/benchmarks.md). The Mosaic (TPU) lowering is exported on CPU for the configs' shapes
+(tests/test_tpu_lowering.py); it has not been compiled by libtpu or run on a TPU.
 
 How a pass works: a 1-D "own" axis of tiles (rows of zi, or rows of zt) is the parallel grid
 axis; the "other" axis is reduced over, either as a second, sequential grid axis whose
@@ -100,9 +101,13 @@ class KernelConfig:
   feature_multiple: int = 1  # pad d to a multiple of this (TPU lanes)
   feature_pow2: bool = False  # pad d to a power of two (Triton block shapes)
   num_warps: int = 4
+  tpu_interpret: bool = False  # run the TPU config in Mosaic's interpreter (tests, on CPU)
 
   @property
   def interpret(self):
+    if self.tpu_interpret:
+      from jax.experimental.pallas import tpu as pltpu
+      return pltpu.InterpretParams()
     return self.backend == "cpu"
 
 
@@ -137,6 +142,11 @@ def kernel_config(backend: str | None = None, *, dim: int | None = None, dtype=N
   cfg.update(overrides)
   if cfg["mode"] not in MODES:
     raise ValueError(f"Unknown kernel mode {cfg['mode']!r}; valid: {', '.join(MODES)}")
+  if backend == "tpu" and (cfg["tile_rows"] % 8 or cfg["tile_cols"] % 128):
+    raise ValueError(f"TPU tiles must be multiples of 8 rows and 128 columns: Mosaic tiles a "
+                     f"block's last two dims by (8, 128) and the column statistics travel as "
+                     f"[1, tile_cols] blocks; got tile_rows={cfg['tile_rows']}, "
+                     f"tile_cols={cfg['tile_cols']} (tests/test_tpu_lowering.py).")
   if backend == "gpu" and cfg["mode"] == "grid":
     raise ValueError("mode 'grid' needs sequential grid steps (TPU, CPU interpret); Triton runs "
                      "grid steps in parallel: use mode 'loop' on GPU.")
