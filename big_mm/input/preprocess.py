@@ -640,6 +640,10 @@ class OpDef:
   # Ops that fix their output's shape: out_shape(*args) -> that shape (args as `make` takes
   # them, defaults filled). Ops after it on the same key must keep the shape.
   out_shape: Callable[..., tuple[int, ...]] | None = None
+  # compose=True: out_shape(shape_before, *args) gets the shape the ops before it made (None:
+  # not fixed) and may leave entries None (not fixed yet), e.g. a video sampler fixes the
+  # frames and a crop after it the size (big_mm/input/video.py).
+  compose: bool = False
 
 
 OPS: dict[str, OpDef] = {
@@ -747,9 +751,14 @@ def parse_pp(pp: str, key: str | None = None) -> list[Op]:
 
 def output_shape(pp: str) -> tuple[int, ...] | None:
   """The example shape a pp string's output has whatever the input (the last op that fixes
-  it, OpDef.out_shape), or None when no op fixes it."""
-  shaped = [o for o in parse_pp(pp) if OPS[o.name].out_shape is not None]
-  return tuple(int(n) for n in OPS[shaped[-1].name].out_shape(*shaped[-1].args)) if shaped else None
+  it, OpDef.out_shape; composing ops build on the shape before them), or None when no op
+  fixes it (or an entry of it)."""
+  shape = None
+  for o in parse_pp(pp):
+    d = OPS[o.name]
+    if d.out_shape is not None:
+      shape = d.out_shape(shape, *o.args) if d.compose else d.out_shape(*o.args)
+  return None if shape is None or None in shape else tuple(int(n) for n in shape)
 
 
 def image_size(pp_image: str) -> tuple[int, int] | None:
@@ -810,3 +819,4 @@ class Preprocessor:
     return f"Preprocessor({self.pp!r})"
 from big_mm.input import points as _points  # noqa: E402,F401  (registers the point-cloud ops)
 from big_mm.input import audio as _audio  # noqa: E402,F401  (registers the audio ops)
+from big_mm.input import video as _video  # noqa: E402,F401  (registers the video ops)

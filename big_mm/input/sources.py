@@ -76,6 +76,11 @@ SKIP_REASONS = {
     "bad_vector": "a vector modality's value (vec_*) is not exactly vector(d)'s d finite numbers",
     "bad_points": "a point cloud is not a finite [n, 3] (or [n, >= 3], xyz first) array or .npy, "
                   "or has too few points",
+    "corrupt_video": "the video does not decode (truncated, not a video, a needed frame "
+                     "missing) or the frame array / list is not frames",
+    "empty_video": "the video has 0 bytes, no video stream or no frames",
+    "video_too_short": "the video is shorter than sample_clip's span (with short='skip')",
+    "video_too_long": "the video is longer than decode_video's max_seconds / max_frames",
     "part_dropped": "a slot of a mixture part dropped by input.drop_failing_parts",
 }
 
@@ -425,9 +430,14 @@ def source_options(input_cfg) -> dict[str, Any]:
 
 def _open_files(data: str, kind: str, target: str, split: str | None, **options):
   from big_mm.input import webdataset  # pylint: disable=g-import-not-at-top
-  if kind == "tar" and options.pop("fields", None):
-    raise SpecError(f"{data!r}: tar shards hold image-text records; for audio, points or "
-                    "vector modalities use TFDS or table (parquet / jsonl / csv) sources.")
+  fields = options.pop("fields", None) if kind == "tar" else None
+  if fields and tuple(fields) != ("video",):
+    raise SpecError(f"{data!r}: tar shards hold image-text records, or video-text records "
+                    f"(field 'video': .mp4 / .webm / .avi / .mkv members; binding fields "
+                    f"{tuple(fields)}); for audio, points or vector modalities use TFDS or "
+                    "table (parquet / jsonl / csv) sources.")
+  if fields:
+    options["video"] = True
   name, _ = files.parse_split(split)
   try:
     paths = files.expand(target, split=name, suffix="." + kind)

@@ -11,6 +11,10 @@ Bad records raise `BadRecord(reason)` (sources.SKIP_REASONS), which the pipeline
 counts, as for every source: no image or no caption -> missing_field, an empty one ->
 empty_caption, a `.txt` that is not UTF-8 -> bad_caption_encoding, a `.json` that does
 not parse -> malformed_record.
+Video shards (`TarSource(video=True)`, binding mode with input.modalities listing "video"):
+`{key}.mp4|.webm|.avi|.mkv` is the record's "video" (encoded bytes, decoded by
+big_mm/input/video.py); video and caption are each optional, a key with neither is
+missing_field. Sidecars index image shards only; video shards are scanned.
 
 Index. Opening scans each shard's tar headers once (tarfile seeks past the data; shards
 are scanned in parallel threads) and keeps (offset, size) per member in memory, cached
@@ -39,6 +43,7 @@ from big_mm.input import files
 from big_mm.input.preprocess import BadRecord
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTS = ("mp4", "webm", "avi", "mkv")
 CAPTION_FIELDS = ("caption", "text")
 SIDECAR_SUFFIX = ".index.json"
 _SIDECAR_FORMAT = "big_mm.tar_index.v1"
@@ -76,9 +81,10 @@ def _split_name(name: str) -> tuple[str, str]:
   return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def scan_shard(path: str, image_ext: str | None = None) -> ShardIndex:
-  """Reads the tar headers of `path` -> its ShardIndex (records in first-seen key order)."""
-  image_exts = (image_ext,) if image_ext else IMAGE_EXTS
+def scan_shard(path: str, image_ext: str | tuple[str, ...] | None = None) -> ShardIndex:
+  """Reads the tar headers of `path` -> its ShardIndex (records in first-seen key order).
+  image_ext: the media member's extension, or extensions in order of preference."""
+  image_exts = (image_ext,) if isinstance(image_ext, str) else tuple(image_ext or IMAGE_EXTS)
   rows: dict[str, list[list[int]]] = {}
   exts: dict[str, str] = {}
   fs, fs_path = fsspec.core.url_to_fs(path)
@@ -162,12 +168,15 @@ class TarSource:
   """All records of a list of tar shards, in shard order then key order."""
 
   def __init__(self, shards: Sequence[str], *, image_column: str | None = None,
-               text_column: str | None = None, num_threads: int = 16):
+               text_column: str | None = None, num_threads: int = 16, video: bool = False):
     """image_column: image extension to use (default: jpg, jpeg, png, webp in that order of
     preference); text_column: caption field of `{key}.json`, or "txt" (default: `{key}.txt`,
-    else json "caption" / "text")."""
-    self.shards = list(shards)
+    else json "caption" / "text"); video: read video members (VIDEO_EXTS, or image_column's
+    extension) as the optional field "video" instead of the image, the caption optional."""
+    self.shards, self.video = list(shards), video
     self.image_ext = image_column.lower().lstrip(".") if image_column else None
+    if video and not self.image_ext:
+      self.image_ext = VIDEO_EXTS
     self.text_column = text_column
     workers = max(1, min(num_threads, len(self.shards)))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -212,6 +221,8 @@ class TarSource:
     s = int(np.searchsorted(self._starts, index, side="right")) - 1
     shard, ix, i = self.shards[s], self._indexes[s], index - int(self._starts[s])
     key, offsets, sizes = ix.keys[i], ix.offsets[i], ix.sizes[i]
+    if self.video:
+      return self._video_record(shard, key, offsets, sizes)
     if offsets[_IMAGE] < 0:
       want = self.image_ext or "|".join(IMAGE_EXTS)
       raise BadRecord("missing_field", f"no image ({want}) for key {key!r} in {shard}")
@@ -224,6 +235,19 @@ class TarSource:
       raise BadRecord("empty_caption", f"empty caption for key {key!r} in {shard}")
     image = files.read_range(shard, offsets[_IMAGE], sizes[_IMAGE])
     return {"image": image, "text": text, "key": key}
+
+  def _video_record(self, shard: str, key: str, offsets, sizes) -> dict[str, Any]:
+    """{"video": bytes | None, "text": caption | None, "key"}; neither: missing_field."""
+    text = self._caption(shard, key, offsets, sizes)
+    if text == "":
+      raise BadRecord("empty_caption", f"empty caption for key {key!r} in {shard}")
+    video = (files.read_range(shard, offsets[_IMAGE], sizes[_IMAGE]) if offsets[_IMAGE] >= 0
+             else None)
+    if video is None and text is None:
+      exts = (self.image_ext,) if isinstance(self.image_ext, str) else self.image_ext
+      raise BadRecord("missing_field", f"no video ({'|'.join(exts)}) and no caption for key "
+                      f"{key!r} in {shard}")
+    return {"video": video, "text": text, "key": key}
 
   def __repr__(self):
     return f"TarSource({len(self.shards)} shards, {len(self)} records)"
