@@ -1,7 +1,7 @@
 """Models. Lookups are explicit: `MODELS[name]` / `get_model(name, **kwargs)`."""
 import difflib
 
-from big_mm.models import captioner, fourm, limoe, lm, multimae, towers, vq
+from big_mm.models import captioner, fourm, limoe, lm, multimae, towers, videomae, vq
 from big_mm.models.vit import check_kwargs
 
 MODELS = {
@@ -13,6 +13,7 @@ MODELS = {
     "limoe": limoe.LIMoE,
     "vq_tokenizer": vq.VQTokenizer,
     "lm": lm.LanguageModel,
+    "videomae": videomae.VideoMAE,
 }
 
 

@@ -19,11 +19,13 @@ from big_mm.objectives.generative import CoCa, Captioning
 from big_mm.objectives.masked import MultiMAE
 from big_mm.objectives.siglip2 import Siglip2
 from big_mm.objectives.ul2 import UL2
+from big_mm.objectives.videomae import VideoMAE
 from big_mm.objectives.vq import VQTokenizer
 
 OBJECTIVES = {"contrastive": Contrastive, "captioning": Captioning, "coca": CoCa,
               "multimae": MultiMAE, "filip": Filip, "siglip2": Siglip2, "fourm": FourM,
-              "vq_tokenizer": VQTokenizer, "ul2": UL2, "cm3": CM3, "binding": Binding}
+              "vq_tokenizer": VQTokenizer, "ul2": UL2, "cm3": CM3, "binding": Binding,
+              "videomae": VideoMAE}
 
 
 def get_objective(name: str):
