@@ -10,6 +10,8 @@ No TensorFlow needed. Deterministic: building twice gives identical records.
 `--binding` also builds the N-modal binding data: `digits_speech` and `spoken_digits` (need the
 Debian package espeak-ng), `klettres_speech` (needs klettres-data) and `symile_xor`, and the
 tokenizer data/digits_speech_spm.model (digits and letters, configs/demo_audio.py).
+`--video` also builds `moving_digits` (captioned clips of moving digits; needs PyAV, `av`) and
+its tokenizer data/moving_digits_spm.model (the video demos).
 The tokenizers are only trained with `--tokenizer` or when missing (data/digits_spm.model,
 data/digits_pairs_spm.model and data/digits_boxes_spm.model are committed).
 """
@@ -31,6 +33,7 @@ from data import digits_pairs  # pylint: disable=g-import-not-at-top,wrong-impor
 from data import digits_speech  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import emoji_multilingual  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import klettres_speech  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data import moving_digits  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import scenes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import symile_xor  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tools import make_tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -39,6 +42,7 @@ DEFAULT_TOKENIZER = os.path.join(_ROOT, "data", "digits_spm.model")
 PAIRS_TOKENIZER = os.path.join(_ROOT, "data", "digits_pairs_spm.model")
 BOXES_TOKENIZER = os.path.join(_ROOT, "data", "digits_boxes_spm.model")
 SPEECH_TOKENIZER = os.path.join(_ROOT, "data", "digits_speech_spm.model")
+VIDEO_TOKENIZER = os.path.join(_ROOT, "data", "moving_digits_spm.model")
 
 
 def main(argv=None):
@@ -52,6 +56,7 @@ def main(argv=None):
                  help="also build emoji_multilingual and digits_multilingual")
   p.add_argument("--binding", action="store_true",
                  help="also build digits_speech, spoken_digits, klettres_speech, symile_xor")
+  p.add_argument("--video", action="store_true", help="also build moving_digits")
   args = p.parse_args(argv)
   builds = (("digits_captions", digits_captions.build), ("digits_pairs", digits_pairs.build),
             ("digits_pairs_wide", functools.partial(digits_pairs.build, wide=True)),
@@ -63,6 +68,8 @@ def main(argv=None):
     builds += (("digits_speech", digits_speech.build),
                ("spoken_digits", digits_speech.build_spoken),
                ("klettres_speech", klettres_speech.build), ("symile_xor", symile_xor.build))
+  if args.video:
+    builds += (("moving_digits", moving_digits.build),)
   for name, build in builds:
     builder = build(args.data_dir)
     print(f"{name}: {builder.data_dir}")
@@ -79,6 +86,8 @@ def main(argv=None):
     print(f"tokenizer: {digits_boxes.train_tokenizer(BOXES_TOKENIZER)}")
   if args.binding and (args.tokenizer or not os.path.exists(SPEECH_TOKENIZER)):
     print(f"tokenizer: {digits_speech.train_tokenizer(SPEECH_TOKENIZER, args.data_dir)}")
+  if args.video and (args.tokenizer or not os.path.exists(VIDEO_TOKENIZER)):
+    print(f"tokenizer: {moving_digits.train_tokenizer(VIDEO_TOKENIZER)}")
   return 0
 
 
