@@ -209,6 +209,7 @@ def test_every_skip_reason(tmp_path):
       (mp4[: len(mp4) // 2], "decode_video", "corrupt_video"),  # Index (moov) cut off.
       (mkv[: len(mkv) // 2], "decode_video|sample_clip(4, 1, 'uniform')", "corrupt_video"),
       (np.zeros((4, 8, 8, 3), np.float32), "decode_video", "corrupt_video"),
+      (np.zeros((8, 8, 3), np.uint8), "decode_video", "corrupt_video"),  # An image.
       ([_png(_frames(1)[0]), b"junk"], "decode_video|sample_clip(2)", "corrupt_video"),
       (str(tmp_path / "missing.mp4"), "decode_video", "read"),
       (mp4, short, "video_too_short"),

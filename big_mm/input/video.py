@@ -40,6 +40,7 @@ Ops, in pp order:
   indices modulo n: the video replays from its start) or "skip" (BadRecord video_too_short).
   uniform / segment modes on a short video repeat frames in place (slow motion) unless
   short="skip". Output uint8 [num_frames, H, W, 3], or [clips, num_frames, H, W, 3].
+  (Without decode_video first, sample_clip opens the value itself, with no length limits.)
 - Spatial ops on [..., H, W, 3] (a clip or several), one draw for every frame of an example:
   video_resize(size), video_resize_small(size), video_central_crop(size),
   video_random_crop(size), video_inception_crop(size, ...), video_flip_lr,
@@ -47,6 +48,14 @@ Ops, in pp order:
 - `video_views(crops, size)`: `crops` size x size crops of each clip, evenly spaced along the
   longer side and centred along the shorter (3: left / centre / right, SlowFast's
   uniform_crop), -> [clips * crops, T, size, size, 3] (clip-major).
+
+Cost (tools/benchmark_input.py --video; the 2-core CI machine, loaded by other jobs): the
+training pp above on 10 s 224x224 25 fps H.264 sources costs ~40 ms per clip on one thread
+(sample_clip ~27 ms: ~60 frames decoded from the keyframe before the clip with a keyframe
+every 12 frames, ~185 with x264's default of one per 250; inception crop ~6 ms;
+value_range ~3 ms), and the grain pipeline gives ~15 clips/s per worker process; 64x64
+sources ~40-55 clips/s per worker. Frames that the clip does not need are decoded (to
+reach it) but not converted to RGB.
 
 Shapes compose (preprocess.OpDef.compose): the sampler fixes T (and clips), a crop / resize /
 video_views fixes the size, so `preprocess.output_shape` of the strings above is the example
@@ -98,11 +107,9 @@ class Video:
 
 
 class ArrayVideo(Video):
-  """Frames already decoded: uint8 [N, H, W, 3] (or [N, H, W] grey)."""
+  """Frames already decoded: uint8 [N, H, W, 3]."""
 
   def __init__(self, frames: np.ndarray):
-    if frames.ndim == 3:
-      frames = np.repeat(frames[..., None], 3, axis=-1)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
       raise BadRecord("corrupt_video", f"frame array of shape {frames.shape} and dtype "
                       f"{frames.dtype} (want uint8 [N, H, W, 3])")
@@ -236,6 +243,8 @@ class EncodedVideo(Video):
 
   def read(self, indices):
     want = set(int(i) for i in indices)
+    if min(want) < 0 or max(want) >= self.num_frames:
+      raise IndexError(f"frame indices {sorted(want)} outside 0..{self.num_frames - 1}")
     out = {}
     for i in sorted(want):
       k = self._keyframe_before(i)
