@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from big_mm import config as config_lib
 from big_mm.input import pipeline, preprocess, video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -269,3 +270,16 @@ def test_tar_and_table_sources_through_the_pipeline(tmp_path):
     assert it.stats()[f"skipped/{bad}"] >= 1, (data, it.stats())
     if data.startswith("tar"):
       assert 0 in present  # Key 005 has a caption but no video.
+      batches = list(pipeline.make_eval_batches(cfg, "test", 4, None))  # Every record once.
+      assert all(b["video"].shape == (4, 4, 16, 16, 3) for b in batches)
+      assert sum(b["mask"].sum() for b in batches) == 5  # Record 001 is corrupt.
+      assert sum(b["video_present"].sum() for b in batches) == 4
+
+
+def test_config_checks_the_video_pp():
+  ok = {"input.modalities": ("video", "text"),
+        "input.pp_modalities": {"video": "decode_video|sample_clip(4)|video_central_crop(16)"}}
+  assert config_lib.load("configs/demo.py", ok).input.modalities == ("video", "text")
+  with pytest.raises(config_lib.ConfigError, match="does not fix the example shape"):
+    config_lib.load("configs/demo.py", {**ok, "input.pp_modalities": {
+        "video": "decode_video|sample_clip(4)"}})
