@@ -22,12 +22,13 @@ Ops, in pp order:
   image lists are not read yet. Over max_seconds (the header's duration) or max_frames:
   BadRecord video_too_long, before anything is decoded.
 - `sample_clip(num_frames, stride, mode, short, clips)` picks frame indices (`clip_indices`)
-  and decodes only those: for each needed frame it seeks to the last keyframe at or before it
-  unless decoding forward from where the decoder is is shorter, and decodes forward to it; a
-  clip late in a long file costs at most one GOP more than its own frames. Modes:
+  and decodes only what they need: for each needed frame it seeks to the last keyframe at or
+  before it (unless the decoder is already between that keyframe and the frame) and decodes
+  forward to it; a clip late in a long file costs at most one GOP more than its own span.
+  Modes:
     random   start ~ U{0 .. n - span} (span = (num_frames - 1) * stride + 1): training jitter;
     center   the central span; clips=C > 1: C spans with starts evenly spaced from 0 to
-             n - span (first and last included; SlowFast's multi-clip test sampling);
+             n - span (first and last included; multi-clip testing);
     uniform  num_frames frames evenly spaced over the whole video, ends included
              (round(linspace(0, n - 1, num_frames)); stride must be 1);
     segment  TSN (Wang et al. 2016, sec. 3.1): n split into num_frames equal segments, one
@@ -36,7 +37,7 @@ Ops, in pp order:
              clip c takes the frame at fraction (c + 0.5) / C of each segment (evaluation).
   A video shorter than the span (random / center; for uniform / segment: fewer than
   num_frames frames) follows `short`: "repeat_last" (frames 0, stride, 2 * stride, ... clamped
-  to the last frame, which then repeats: SlowFast's clamped index rule), "loop" (the same
+  to the last frame, which then repeats), "loop" (the same
   indices modulo n: the video replays from its start) or "skip" (BadRecord video_too_short).
   uniform / segment modes on a short video repeat frames in place (slow motion) unless
   short="skip". Output uint8 [num_frames, H, W, 3], or [clips, num_frames, H, W, 3].
@@ -46,8 +47,8 @@ Ops, in pp order:
   video_random_crop(size), video_inception_crop(size, ...), video_flip_lr,
   video_value_range(lo, hi), video_normalize(mean, std).
 - `video_views(crops, size)`: `crops` size x size crops of each clip, evenly spaced along the
-  longer side and centred along the shorter (3: left / centre / right, SlowFast's
-  uniform_crop), -> [clips * crops, T, size, size, 3] (clip-major).
+  longer side and centred along the shorter (3: left / centre / right, as SlowFast's 3-crop
+  testing), -> [clips * crops, T, size, size, 3] (clip-major).
 
 Cost (tools/benchmark_input.py --video; the 2-core CI machine, loaded by other jobs): the
 training pp above on 10 s 224x224 25 fps H.264 sources costs ~40 ms per clip on one thread
@@ -61,8 +62,8 @@ Shapes compose (preprocess.OpDef.compose): the sampler fixes T (and clips), a cr
 video_views fixes the size, so `preprocess.output_shape` of the strings above is the example
 shape. A string whose frames keep the source's size (no crop or resize) fixes no shape.
 
-Bad data raises BadRecord: corrupt_video (undecodable or truncated: a needed frame does not
-decode), empty_video (0 bytes, no video stream, no frames), video_too_short (short="skip"),
+Bad data raises BadRecord: corrupt_video (undecodable, or truncated: fewer than 90% of the
+frames the header announces, or a needed frame that does not decode), empty_video (0 bytes, no video stream, no frames), video_too_short (short="skip"),
 video_too_long (over decode_video's limits), read (a path that cannot be read), and
 too_small (a crop larger than the frames).
 """
