@@ -63,9 +63,10 @@ video_views fixes the size, so `preprocess.output_shape` of the strings above is
 shape. A string whose frames keep the source's size (no crop or resize) fixes no shape.
 
 Bad data raises BadRecord: corrupt_video (undecodable, or truncated: fewer than 90% of the
-frames the header announces, or a needed frame that does not decode), empty_video (0 bytes, no video stream, no frames), video_too_short (short="skip"),
-video_too_long (over decode_video's limits), read (a path that cannot be read), and
-too_small (a crop larger than the frames).
+frames the header announces, or a needed frame that does not decode), empty_video (0 bytes,
+no video stream, no frames), video_too_short (short="skip"), video_too_long (over
+decode_video's limits), read (a path that cannot be read), and too_small (a crop larger than
+the frames).
 """
 from __future__ import annotations
 
