@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from big_mm import config as config_lib
-from big_mm import objectives, sharding
+from big_mm import objectives, sharding, train
 from big_mm.models import get_model
 from big_mm.models import videomae as videomae_lib
 from big_mm.objectives import videomae
@@ -210,3 +210,13 @@ def test_model_and_objective_refuse_wrong_pairings():
     videomae.VideoMAE(get_model("towers", towers={"text": {"vocab_size": 8}}), ctx)
   with pytest.raises(config_lib.ConfigError, match="input.pp_modalities"):
     videomae.VideoMAE(get_model("videomae"), objectives.Context())
+
+
+def test_paper_config_builds_the_v2_b16_token_budget():
+  config = config_lib.load("configs/videomae_v2_b16.py", {})
+  setup = train.build(config, devices=jax.devices()[:1])
+  obj = setup.objective
+  # 16 frames at 224 px in 2x16x16 tubelets: 8x14x14; 20 of 196 positions visible per slice,
+  # half of the 1,408 masked tokens reconstructed (VideoMAE V2's ViT-B recipe).
+  assert (obj.grid, obj.num_visible, obj.num_targets) == ((8, 14, 14), 160, 704)
+  assert config.total_examples == 200 * 240_436 * 4 and config.batch_size == 4096
