@@ -1,0 +1,266 @@
+"""Video evaluation, captioning and export: the fewshot probe, zero-shot and retrieval on video
+features (multi-view test inputs through the tower), a captioner / CoCa over video tokens and
+the export refusal. The eval splits are fake binding-mode batches of tiny synthetic clips: a
+square moving left or right, whose frames alone do not tell the direction."""
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from big_mm import config as config_lib, decoding, evaluators, export, sharding
+from big_mm.evaluators import fewshot
+from big_mm.input import pipeline
+from big_mm.input.tokenizer import Tokenizer
+from big_mm.models import get_model
+from big_mm.models.towers import Towers
+from big_mm.objectives import Context, get_objective
+from conftest import ROOT, TOKENIZER
+
+T, S, VIEWS, L = 4, 16, 2, 8  # frames, pixels, test views (clips x crops), text length
+VIDEO_TOWER = dict(tower="video_vit", width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=4,
+                   tubelet_size=2)
+TEXT_TOWER = dict(width=32, depth=1, mlp_dim=64, num_heads=2, vocab_size=128)
+# The eval pp (never run: the fake split stands for it): 2 centre clips, [2, 4, 16, 16, 3].
+PP = ("decode_video|sample_clip(4, 1, 'center', clips=2)|video_resize(16)|"
+      "video_value_range(-1, 1)")
+
+
+def clips(labels, rng, views=VIEWS):
+  """float32 [N, views, T, S, S, 3] (views=0: [N, T, S, S, 3]) on -1: a 4 x 4 square at
+  x = c - 3, c - 1, c + 1, c + 3 over the frames (label 1: moving right) or the reverse (0:
+  left), c and its row random per view; both directions show the same frames."""
+  out = np.full((len(labels), max(views, 1), T, S, S, 3), -1.0, np.float32)
+  for i, label in enumerate(labels):
+    for v in range(max(views, 1)):
+      c, row = rng.integers(3, S - 6), rng.integers(0, S - 4)
+      for t in range(T):
+        x = c + (2 * t - 3) * (1 if label else -1)
+        out[i, v, t, row:row + 4, x:x + 4] = 1.0
+  return out if views else out[:, 0]
+
+
+class _FakeSplits:
+  """make_eval_batches in binding mode over {split: records} ({"video", "text", "label"},
+  any subset): the modalities input_cfg.modalities lists with their `<m>_present` flags."""
+
+  def __init__(self, monkeypatch, splits):
+    self.splits, self.asked = splits, []
+    monkeypatch.setattr(pipeline, "make_eval_batches", self)
+
+  def __call__(self, input_cfg, split, batch_size, batch_sharding, **kwargs):
+    assert not kwargs and batch_sharding is not None
+    self.asked.append(input_cfg)
+    records, names = self.splits[split], tuple(input_cfg.modalities)
+    zero = {"video": np.zeros((VIEWS, T, S, S, 3), np.float32),
+            "text": np.zeros(L, np.int32)}
+
+    def row(r):
+      out = {"mask": np.int32(r is not None), "label": np.int32((r or {}).get("label", 0))}
+      for m in names:
+        out[m] = (r or {}).get(m, zero[m])
+        out[m + "_present"] = np.int32(m in (r or {}))
+      return out
+
+    class Batches:
+      num_examples = len(records)
+
+      def __iter__(self):
+        for start in range(0, len(records), batch_size):
+          rows = [row(r) for r in records[start:start + batch_size]]
+          rows += [row(None)] * (batch_size - len(rows))
+          yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    return Batches()
+
+
+@pytest.fixture(scope="module")
+def contrastive():
+  """A video-text Contrastive objective (random init) and its params."""
+  model = Towers(towers={"video": VIDEO_TOWER, "text": TEXT_TOWER}, out_dim=16)
+  objective = get_objective("contrastive")(
+      model, Context(text_len=L, shapes={"video": (T, S, S, 3)}), modalities=("video", "text"))
+  params = sharding.unbox(jax.jit(objective.init_params)(jax.random.key(0)))
+  return objective, params
+
+
+def _evaluate(contrastive, ev):
+  objective, params = contrastive
+  config = config_lib.load(ml_collections.ConfigDict(dict(
+      total_steps=1, input=dict(data="tar:clips-{split}-*.tar", tokenizer=TOKENIZER, text_len=L),
+      evals={"e": dict(ev, batch_size=16)})))
+  context = evaluators.EvalContext(config, sharding.make_mesh(config.mesh), objective,
+                                   Tokenizer(TOKENIZER))
+  return evaluators.build("e", config.evals.e, context)(params)
+
+
+def _embed(contrastive, modality, x):
+  objective, params = contrastive
+  return np.asarray(jax.jit(objective.embed, static_argnums=1)(params, modality, x))
+
+
+def test_fewshot_probe_on_video_features_separates_motion(contrastive, monkeypatch):
+  """A random space-time tower's features already hold the direction (its tubelets span two
+  frames), so the linear probe separates the classes; the evaluator's numbers are the probe on
+  the tower's multi-view embeddings of both splits."""
+  rng = np.random.default_rng(0)
+  y_train, y_test = np.tile([0, 1], 24), np.tile([0, 1], 16)
+  x_train, x_test = clips(y_train, rng), clips(y_test, rng)
+  splits = {"train": [{"video": x, "label": y} for x, y in zip(x_train, y_train)],
+            "test": [{"video": x, "label": y} for x, y in zip(x_test, y_test)]}
+  splits["test"].insert(3, {"label": 0})  # no video: skipped
+  fake = _FakeSplits(monkeypatch, splits)
+  probe = dict(shots=(2, 20), l2_reg=1.0, repeats=2, seed=0)
+  out = _evaluate(contrastive, dict(type="fewshot", modality="video", pp_modalities={
+      "video": PP}, **probe))
+  assert [(c.split, tuple(c.modalities), dict(c.pp_modalities)) for c in fake.asked] == [
+      ("train", ("video",), {"video": PP}), ("test", ("video",), {"video": PP})]
+  expected = fewshot.fewshot_accuracies(
+      _embed(contrastive, "video", x_train), y_train, _embed(contrastive, "video", x_test),
+      y_test, **probe)
+  assert out == pytest.approx({"eval/e/2shot_accuracy": expected["2shot_accuracy"],
+                               "eval/e/20shot_accuracy": expected["20shot_accuracy"],
+                               "eval/e/num_examples": 32.0})
+  assert out["eval/e/20shot_accuracy"] >= 0.9
+
+
+def test_zeroshot_and_retrieval_on_multiview_video(contrastive, monkeypatch):
+  """Both evaluators embed [B, V, T, H, W, 3] test views with the video tower and rank as a
+  direct computation does; a record without video is skipped and counted."""
+  rng = np.random.default_rng(1)
+  labels = np.array([0, 1, 1, 0, 1, 0])
+  videos = clips(labels, rng)
+  texts = rng.integers(2, 128, (len(labels), L)).astype(np.int32)
+  records = [{"video": v, "text": t, "label": y} for v, t, y in zip(videos, texts, labels)]
+  records.insert(2, {"text": texts[0], "label": 1})
+  fake = _FakeSplits(monkeypatch, {"test": records})
+  zv, zt = _embed(contrastive, "video", videos), _embed(contrastive, "text", texts)
+  sim = zv @ zt.T
+  out = _evaluate(contrastive, dict(type="retrieval", modalities=("video", "text"), ks=(1,),
+                                    pp_modalities={"video": PP}))
+  assert tuple(fake.asked[-1].modalities) == ("video", "text")
+  rows = np.arange(len(labels))
+  assert out == pytest.approx({
+      "eval/e/video2text/R@1": np.mean(sim.argmax(1) == rows),
+      "eval/e/text2video/R@1": np.mean(sim.argmax(0) == rows),
+      "eval/e/video2text/class_R@1": np.mean(labels[sim.argmax(1)] == labels),
+      "eval/e/text2video/class_R@1": np.mean(labels[sim.argmax(0)] == labels),
+      "eval/e/num_examples": 6.0, "eval/e/num_skipped": 1.0})
+
+  templates = ("{}", "a square moving {}")
+  out = _evaluate(contrastive, dict(type="zeroshot", modality="video",
+                                    classnames=("left", "right"), templates=templates,
+                                    pp_modalities={"video": PP}))
+  assert tuple(fake.asked[-1].modalities) == ("video",)
+  prompts = Tokenizer(TOKENIZER).encode([t.format(c) for c in ("left", "right")
+                                         for t in templates], L)
+  classes = _embed(contrastive, "text", prompts).reshape(2, 2, -1).mean(1)
+  pred = (zv @ classes.T).argmax(1)  # normalising the class means changes no argmax
+  assert out == pytest.approx({
+      "eval/e/accuracy": np.mean(pred == labels),
+      "eval/e/balanced_accuracy": np.mean([np.mean(pred[labels == c] == c) for c in (0, 1)]),
+      "eval/e/num_examples": 6.0, "eval/e/num_skipped": 1.0})
+
+
+DECODER = dict(width=32, depth=1, mlp_dim=64, num_heads=2, vocab_size=128, max_len=L)
+CAPTIONS = np.array([[5, 6, 7, 1, 0, 0, 0, 0], [5, 9, 1, 0, 0, 0, 0, 0]], np.int32)  # left/right
+GENERATIVE = {
+    "captioning": ("captioner", dict(image=dict(VIDEO_TOWER), decoder=DECODER)),
+    "coca": ("coca", dict(image=dict(VIDEO_TOWER), text=DECODER,
+                          multimodal=dict(depth=1), out_dim=16)),
+}
+
+
+def _generative(name):
+  model_name, kwargs = GENERATIVE[name]
+  objective = get_objective(name)(
+      get_model(model_name, **kwargs),
+      Context(batch_size=4, text_len=L, tokenizer=Tokenizer(TOKENIZER),
+              shapes={"video": (T, S, S, 3)}), modality="video")
+  return objective, sharding.unbox(jax.jit(objective.init_params)(jax.random.key(0)))
+
+
+def test_video_captioner_trains_and_decodes():
+  """The captioner's encoder is the video tower (model.image.tower, params under img/); a few
+  steps fit the direction captions, which greedy decoding of the clips then gives back."""
+  objective, params = _generative("captioning")
+  assert params["img"]["embedding"]["kernel"].shape == (2, 4, 4, 3, 32)  # a tubelet kernel
+  assert objective.example_batch()["video"].shape == (1, T, S, S, 3)
+  labels = np.array([0, 1, 1, 0])
+  batch = {"video": jnp.asarray(clips(labels, np.random.default_rng(2), views=0)),
+           "text": jnp.asarray(CAPTIONS[labels])}
+  opt = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, state, rng):
+    (loss, _), grads = jax.value_and_grad(objective.loss_fn, has_aux=True)(params, batch, rng)
+    updates, state = opt.update(grads, state)
+    return optax.apply_updates(params, updates), state, loss
+
+  state, losses = opt.init(params), []
+  for i in range(40):
+    params, state, loss = step(params, state, jax.random.key(i))
+    losses.append(float(loss))
+  assert losses[-1] < 0.1 * losses[0]
+  tokens = decoding.decode(objective, params, batch["video"], method="greedy", max_len=L)
+  np.testing.assert_array_equal(np.asarray(tokens), CAPTIONS[labels])
+
+
+@pytest.mark.parametrize("name", ["captioning", "coca"])
+def test_binding_mode_rows_without_video_or_caption_are_left_out(name):
+  """With video_present / text_present (input.modalities lists video), the rows lacking either
+  change nothing (CoCa's contrastive term too), whatever they hold."""
+  objective, params = _generative(name)
+  labels = np.array([0, 1, 1, 0])
+  video = clips(labels, np.random.default_rng(3), views=0)
+  text = CAPTIONS[labels]
+  present = {"video_present": np.array([1, 1, 0, 1], np.int32),
+             "text_present": np.array([1, 1, 1, 0], np.int32)}
+  loss_fn = jax.jit(objective.loss_fn)
+  loss, _ = loss_fn(params, {"video": video, "text": text, **present}, jax.random.key(0))
+  other, _ = loss_fn(params, {"video": video[[0, 1, 3, 2]], "text": text[[0, 1, 3, 2]],
+                              **present}, jax.random.key(0))
+  np.testing.assert_allclose(other, loss, rtol=1e-5)
+  every, _ = loss_fn(params, {"video": video, "text": text, **{k: np.ones(4, np.int32)
+                                                               for k in present}},
+                     jax.random.key(0))
+  assert abs(float(every) - float(loss)) > 1e-4  # the present flags do change the loss
+
+
+def _export_tool():
+  spec = importlib.util.spec_from_file_location("export_tool",
+                                                os.path.join(ROOT, "tools", "export.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("model_name,model,objective", [
+    ("towers", dict(towers={"video": VIDEO_TOWER, "text": TEXT_TOWER}, out_dim=16),
+     dict(name="contrastive", modalities=("video", "text"))),
+    ("captioner", dict(image=VIDEO_TOWER, decoder=DECODER),
+     dict(name="captioning", modality="video")),
+])
+def test_export_refuses_video_towers(contrastive, monkeypatch, tmp_path, model_name, model,
+                                     objective):
+  """tools/export.py: hf and open_clip refuse with the reason and the alternatives; npz keeps
+  every param (of the towers model here), read back by export.load_params."""
+  tool = _export_tool()
+  params = contrastive[1]
+  monkeypatch.setattr(tool, "restore_params", lambda workdir, step: (params, 1))
+  config = ml_collections.ConfigDict(dict(model_name=model_name, model=model,
+                                          objective=objective, evals={},
+                                          input=dict(tokenizer=TOKENIZER, pp_image=None)))
+  for fmt in ("hf", "open_clip"):
+    with pytest.raises(export.ExportError, match=r"(?s)video tower.*hf / open_clip cannot hold.*"
+                       r"Keep the big_mm checkpoint.*--format npz"):
+      tool.run(config, "workdir", fmt, str(tmp_path / fmt))
+  if model_name == "towers":
+    path = tool.run(config, "workdir", "npz", str(tmp_path / "video.npz"))
+    flat, back = export.flatten(params), export.load_params(path)
+    assert sorted(back) == sorted(flat) and any(k.startswith("vid/") for k in back)
+    for k, v in flat.items():
+      np.testing.assert_array_equal(back[k], v)
