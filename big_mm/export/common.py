@@ -139,6 +139,7 @@ def model_kwargs(config) -> dict:
   from big_mm.models import towers
   m = config.model if hasattr(config, "model") else config
   m = dict(m.to_dict() if hasattr(m, "to_dict") else m)
+  refuse_video(m, config.get("objective") if hasattr(config, "model") else None)
   if "towers" not in m:
     m = towers.from_two_towers(m)
   m["towers"] = {k: dict(v or {}) for k, v in dict(m["towers"]).items()}
@@ -176,6 +177,33 @@ def resolved_arch(model_kwargs_: Mapping) -> tuple[dict, dict, tuple]:
     return fields
 
   return opts("image"), opts("text"), (dims["image"], dims["text"])
+
+
+def refuse_video(model: Mapping, objective: Mapping | None = None) -> None:
+  """Refuses a model with a video tower (config.model: a towers entry for a video modality or
+  with a video tower, or a captioner / CoCa whose model.image["tower"] is one or whose
+  objective.modality is video): the HF and open_clip formats hold image and text towers only."""
+  from big_mm import modalities  # pylint: disable=g-import-not-at-top
+
+  def is_video(name):
+    return name in modalities.MODALITIES and modalities.get(name).kind == modalities.VIDEO
+
+  video_towers = {mod.tower for mod in modalities.MODALITIES.values()
+                  if mod.kind == modalities.VIDEO}
+  found = [f"model.towers.{m}" for m, kw in dict(model.get("towers") or {}).items()
+           if is_video(m) or dict(kw or {}).get("tower") in video_towers]
+  encoder = dict(model.get("image") or {}).get("tower")
+  if encoder in video_towers or is_video(dict(objective or {}).get("modality")):
+    found.append(f"model.image (tower {encoder or 'vit'!r} over video)")
+  if found:
+    raise ExportError(
+        f"This big_mm model has a video tower ({', '.join(found)}), which --format hf / "
+        "open_clip cannot hold: Hugging Face SigLIP / CLIP and open_clip models have image and "
+        "text towers only (no tubelet embedding, time position embedding or averaging of test "
+        "views), so no exported file would compute it. Keep the big_mm checkpoint (WORKDIR: "
+        "big_mm.evaluate runs it; config.init.workdir starts a run from it), or --format npz "
+        "for its params alone (every param kept, no architecture; config.init.path and "
+        "export.load_params read it back).")
 
 
 _MOE_LAYER = re.compile(r"^(.*?(?:^|/)MoeMlp_\d+)/")
