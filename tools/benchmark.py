@@ -16,6 +16,11 @@ Both include whatever the step runs besides the model, e.g. a SigLIP 2 teacher's
 Also reported: `num_active_params` (the params one token uses: all but the mixture-of-experts
 expert params, plus top_k / num_experts of those; `active_params`), each tower's
 `<scope>/moe_dropped` of the last step, and the collectives in the compiled step's HLO.
+Inputs the objective reads beyond image and text (video clips, audio, points: its
+example_batch) are synthetic too, e.g. VideoMAE V2 with and without decoder masking:
+
+  python tools/benchmark.py --config configs/videomae_v2_b16.py --config.batch_size=2 \
+      --config.model.encoder.scan=False --config.objective.decoder_mask_ratio=0
 
 Mixture-of-experts mode: `--moe_mesh=1,2,4,8` runs the config (some tower with a `moe` dict)
 with mesh expert=e, data=the rest, for each e, after the same config with every `moe` removed
@@ -74,6 +79,20 @@ def synthetic_batch(config, image_size: int, mesh) -> dict[str, jax.Array]:
   return {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
 
 
+def objective_inputs(setup, batch: dict) -> dict[str, jax.Array]:
+  """The objective's example-batch inputs that `batch` lacks (pp-shaped modalities: video
+  clips, audio, points), uniform in [-1, 1] (integer keys: ones), at the global batch size."""
+  rng = np.random.default_rng(1)
+  out = {}
+  for key, spec in setup.objective.example_batch().items():
+    if key not in batch:
+      shape = (setup.config.batch_size,) + tuple(spec.shape[1:])
+      x = (rng.uniform(-1, 1, shape) if np.issubdtype(spec.dtype, np.floating)
+           else np.ones(shape)).astype(spec.dtype)
+      out[key] = jax.device_put(x, sharding.batch_sharding(setup.mesh))
+  return out
+
+
 def active_params(params, config) -> int:
   """Params one token uses: every param but the experts' (`.../MoeMlp_k/Dense_*`, leading axis
   E), plus the share of those a token goes through: top_k / E (token choice), capacity_factor /
@@ -120,6 +139,7 @@ def run(config, *, steps: int, image_size: int | None) -> dict:
   setup = train.build(config)
   image_size = image_size or image_size_from_pp(config.input.pp_image)
   batch = synthetic_batch(config, image_size, setup.mesh)
+  batch.update(objective_inputs(setup, batch))
   ts = train.make_train_state(setup)
   with train.use_mesh(setup):
     state = ts.init(jax.random.key(0))
