@@ -20,7 +20,8 @@ Inputs the objective reads beyond image and text (video clips, audio, points: it
 example_batch) are synthetic too, e.g. VideoMAE V2 with and without decoder masking:
 
   python tools/benchmark.py --config configs/videomae_v2_b16.py --config.batch_size=2 \
-      --config.model.encoder.scan=False --config.objective.decoder_mask_ratio=0
+      --config.model.encoder.scan=False --config.optim.schedule.warmup_examples=0 \
+      --config.objective.decoder_mask_ratio=0
 
 Mixture-of-experts mode: `--moe_mesh=1,2,4,8` runs the config (some tower with a `moe` dict)
 with mesh expert=e, data=the rest, for each e, after the same config with every `moe` removed
