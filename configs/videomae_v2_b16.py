@@ -1,8 +1,8 @@
 r"""VideoMAE V2 ViT-B/16 self-supervised pretraining (Wang et al., CVPR 2023, arXiv 2303.16727):
 tube masking (90%) for the encoder, running-cell dual masking (50%) for the decoder.
 
-  python -m big_mm.train --config configs/videomae_v2_b16.py:data=tar:/data/k400/{000000..000999}.tar \
-      --workdir gs://bucket/videomae_v2_b16
+  python -m big_mm.train --workdir gs://bucket/videomae_v2_b16 \
+      --config configs/videomae_v2_b16.py:data=tar:/data/k400/{000000..000999}.tar
 
 Intended hardware: the recipe's scale, 32 GPUs (OpenGVLab/VideoMAEv2@29eab1e
 scripts/pretrain/vit_b_hybrid_pt.sh; docs/PRETRAIN.md names 64 A100-80G for ViT-g), i.e. 32
