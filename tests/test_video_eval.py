@@ -13,10 +13,11 @@ import optax
 import pytest
 
 from big_mm import config as config_lib, decoding, evaluators, export, sharding
+from big_mm import tree_paths
 from big_mm.evaluators import fewshot
 from big_mm.input import pipeline
 from big_mm.input.tokenizer import Tokenizer
-from big_mm.models import get_model
+from big_mm.models import get_model, video
 from big_mm.models.towers import Towers
 from big_mm.objectives import Context, get_objective
 from conftest import ROOT, TOKENIZER
@@ -264,3 +265,30 @@ def test_export_refuses_video_towers(contrastive, monkeypatch, tmp_path, model_n
     assert sorted(back) == sorted(flat) and any(k.startswith("vid/") for k in back)
     for k, v in flat.items():
       np.testing.assert_array_equal(back[k], v)
+
+
+def test_video_siglip_config_inflates_from_an_hf_siglip_b16():
+  """configs/video_siglip_b16.py loads, and every param of its towers comes from an HF SigLIP
+  B/16 import (the towers export/hf.py builds for it; shapes only): vid/ inflated from img/
+  (the time embedding zeros), txt/, t and b as they are."""
+  config = config_lib.load(os.path.join(ROOT, "configs", "video_siglip_b16.py"))
+  assert (config.init.inflate, config.objective.modalities) == ("average", ("video", "text"))
+
+  def shapes(model, inputs):
+    params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), inputs)["params"]
+    return {n: v.shape for n, v in tree_paths.flat_dict(sharding.unbox(params)).items()}
+
+  text = jax.ShapeDtypeStruct((1, config.input.text_len), jnp.int32)
+  towers = config.model.to_dict()
+  targets = shapes(Towers(**towers), {"video": jax.ShapeDtypeStruct((1, 16, 224, 224, 3),
+                                                                     jnp.float32),
+                                      "text": text})
+  b16 = dict(width=768, depth=12, mlp_dim=3072, num_heads=12, scan=True)
+  hf = Towers(towers=dict(image=dict(b16, patch_size=(16, 16), posemb="learn", pool="map"),
+                          text=dict(b16, vocab_size=32_000, pool="last_position")),
+              out_dim=dict(image=0, text=768))
+  source = {n: np.zeros(s, np.float32) for n, s in shapes(hf, {
+      "image": jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32), "text": text}).items()}
+  inflated, fresh = video.inflate(source, targets, config.init.inflate)
+  assert not fresh and {n: inflated[n].shape for n in targets} == targets
+  assert targets["vid/embedding/kernel"] == (2, 16, 16, 3, 768)
