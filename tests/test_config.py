@@ -140,9 +140,9 @@ def test_objective_section_is_the_named_objectives_settings():
   coca = _demo(**{"objective.name": "coca", "objective.caption_weight": 1})
   assert coca.objective.to_dict() == dict(
       name="coca", loss="sigmoid", strategy="all_gather", implementation="xla",
-      label_smoothing=0.0, contrastive_weight=1.0, caption_weight=1)
+      label_smoothing=0.0, contrastive_weight=1.0, caption_weight=1, modality="image")
   assert config_lib.load("configs/demo_cappa.py").objective.to_dict() == dict(
-      name="captioning", parallel_fraction=0.5, label_smoothing=0.0)
+      name="captioning", parallel_fraction=0.5, label_smoothing=0.0, modality="image")
 
 
 def test_objective_keys_of_another_objective_are_unknown():

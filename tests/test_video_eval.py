@@ -292,3 +292,12 @@ def test_video_siglip_config_inflates_from_an_hf_siglip_b16():
   inflated, fresh = video.inflate(source, targets, config.init.inflate)
   assert not fresh and {n: inflated[n].shape for n in targets} == targets
   assert targets["vid/embedding/kernel"] == (2, 16, 16, 3, 768)
+
+
+def test_objective_modality_config_errors():
+  for value, error in (("txt", r"objective.modality: Unknown modality 'txt'.*Did you mean "
+                                r"'text'"),
+                       ("text", r"objective.modality='text' is token ids")):
+    with pytest.raises(config_lib.ConfigError, match=error):
+      config_lib.load(os.path.join(ROOT, "configs", "demo_cappa.py"),
+                      {"objective.modality": value})

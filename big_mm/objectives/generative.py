@@ -96,6 +96,10 @@ def check_token_settings(settings) -> None:
   if not 0.0 <= base.number("label_smoothing", settings["label_smoothing"]) < 1.0:
     raise base.ConfigError(f"objective.label_smoothing must be in [0, 1), got "
                            f"{settings['label_smoothing']!r}.")
+
+
+def check_modality(settings) -> None:
+  """objective.modality: a registered modality the encoder can read (not token ids)."""
   try:
     kind = modalities_lib.get(settings["modality"]).kind
   except ValueError as e:
@@ -203,6 +207,7 @@ class Captioning(_Generative):
           f"objective.parallel_fraction must be in [0, 1] (the fraction of examples trained "
           f"with parallel prediction), got {settings['parallel_fraction']!r}.")
     check_token_settings(settings)
+    check_modality(settings)
 
   def __init__(self, model, ctx: base.Context, **settings):
     super().__init__(model, ctx, **settings)
@@ -249,6 +254,7 @@ class CoCa(_Generative):
   def check_settings(cls, settings) -> None:
     check_loss_settings(settings)
     check_token_settings(settings)
+    check_modality(settings)
     for key in ("contrastive_weight", "caption_weight"):
       if base.number(key, settings[key]) < 0:
         raise base.ConfigError(f"objective.{key} must be >= 0, got {settings[key]!r}.")
