@@ -154,6 +154,20 @@ def test_embed_pools_every_token_and_averages_views():
     obj.embed(params, "image", video)
 
 
+def test_param_tree_mirrors_a_video_tower_and_the_decoder():
+  obj = _objective()
+  learn = videomae.VideoMAE(videomae_lib.VideoMAE(
+      encoder=dict(width=32, depth=1, num_heads=2, patch_size=4),
+      decoder=dict(width=16, depth=1, num_heads=2, posemb="learn")), obj.ctx)
+  shapes = jax.tree.map(lambda x: x.shape, sharding.unbox(
+      jax.eval_shape(learn.init_params, jax.random.key(0))))
+  assert shapes["vid"]["embedding"]["kernel"] == (2, 4, 4, 3, 32)  # VideoViT's, scope vid
+  assert shapes["vid"]["pos_embedding"] == (1, 16, 32) and "head" not in shapes["vid"]
+  assert shapes["dec"]["pos_embedding"] == (1, 64, 16)  # one per token of the 4x4x4 grid
+  assert shapes["dec"]["head"]["kernel"] == (16, 2 * 4 * 4 * 3)
+  assert "pos_embedding" not in jax.eval_shape(obj.init_params, jax.random.key(0))["dec"]
+
+
 def test_sharded_loss_and_grad_equal_single_device():
   obj, params, grad_fn = _default()
   batch = _batch(seed=1, present=[1, 1, 1, 0, 1, 1, 1, 1])
@@ -205,6 +219,8 @@ def test_model_and_objective_refuse_wrong_pairings():
     get_model("videomae", encoder=dict(pool="gap"))
   with pytest.raises(TypeError, match="Invalid model.decoder option"):
     get_model("videomae", decoder=dict(heads=2))
+  with pytest.raises(ValueError, match="model.decoder.posemb='rope'; use 'sincos' or 'learn'"):
+    get_model("videomae", decoder=dict(posemb="rope"))
   ctx = objectives.Context(modalities=("video",), shapes={"video": SHAPE})
   with pytest.raises(config_lib.ConfigError, match="needs model_name='videomae'"):
     videomae.VideoMAE(get_model("towers", towers={"text": {"vocab_size": 8}}), ctx)

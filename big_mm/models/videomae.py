@@ -119,6 +119,7 @@ class VideoMAE(nn.Module):
     bad = sorted(set(dict(self.decoder or {})) - set(DECODER_KEYS))
     if bad:
       raise TypeError(f"Invalid model.decoder option(s) {bad}; valid: {list(DECODER_KEYS)}.")
+    self.decoder_arch()
     super().__post_init__()
 
   # ---- static shapes -------------------------------------------------------------------
