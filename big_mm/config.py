@@ -133,7 +133,8 @@ def defaults() -> ConfigDict:
   c.checkpoint = ConfigDict(dict(every_steps=None, every_epochs=None, every_examples=None,
                                  keep=3, async_save=True))
   # Initialise (part of) the params from another run, e.g. LiT's pretrained image tower.
-  c.init = ConfigDict(dict(workdir=None, path=None, step=None, include=".*"))
+  c.init = ConfigDict(dict(workdir=None, path=None, step=None, include=".*",
+                           inflate=None))
   return c
 
 

@@ -49,6 +49,7 @@ from big_mm import config as config_lib
 from big_mm import evaluators, metrics as metrics_lib, models, objectives, optim, sharding
 from big_mm import tree_paths
 from big_mm.models import moe
+from big_mm.models import video as video_lib
 from big_mm.input import pipeline, sources
 from big_mm.input.tokenizer import Tokenizer
 
@@ -286,7 +287,9 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
   source has nothing of (`txt/...` from `file.npz:img`, `b` from a CLIP checkpoint) keeps its
   init, said in the log; one missing from a scope the source has is an error.
   Sparse upcycling: a mixture-of-experts param missing from a dense source gets the dense MLP
-  copied into every expert (big_mm/models/moe.py `upcycle`); the routers keep their init."""
+  copied into every expert (big_mm/models/moe.py `upcycle`); the routers keep their init.
+  `init.inflate` ("average" | "central"): the video tower's `vid/` params are inflated from the
+  source's image tower `img/` (big_mm/models/video.py `inflate`)."""
   path = config.init.get("path")
   if not config.init.workdir and not path:
     return state
@@ -298,6 +301,13 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
   flat_loaded, step = read_params(workdir=config.init.workdir, path=path, step=config.init.step,
                                   scan=scan)
   source = path or config.init.workdir
+  fresh = set()
+  if config.init.get("inflate"):
+    targets = {n: v.shape for n, v in tree_paths.flat_dict(state["params"]).items()}
+    try:
+      flat_loaded, fresh = video_lib.inflate(flat_loaded, targets, config.init.inflate)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
   pattern = re.compile(config.init.include)
   covered = {n.split("/")[0] for n in flat_loaded}
   copied, kept = [], []
@@ -313,7 +323,7 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
       if experts is not None:  # sparse upcycling: a dense MLP copied into every expert
         upcycled.append(name)
         return jax.device_put(experts.astype(current.dtype), target_sharding)
-      if name.split("/")[0] not in covered or moe.is_router(name):
+      if name.split("/")[0] not in covered or moe.is_router(name) or name in fresh:
         (routers if moe.is_router(name) else kept).append(name)
         return current
       raise config_lib.ConfigError(f"init: param {name!r} matches init.include="

@@ -31,7 +31,7 @@ from big_mm.models.audio import AudioTransformer
 from big_mm.models.mlp import MlpTower
 from big_mm.models.points import PointTransformer
 from big_mm.models.text import TextTransformer
-from big_mm.models.video import VideoViT
+from big_mm.models.video import FrameViT, VideoViT
 from big_mm.models.vit import ViT, check_kwargs
 
 # Tower name -> module class: `cls(num_classes=D, **kwargs)(x, train=) -> (pooled [B, D], out)`.
@@ -42,6 +42,7 @@ TOWERS = {
     "audio_transformer": AudioTransformer,
     "point_transformer": PointTransformer,
     "video_vit": VideoViT,
+    "frame_vit": FrameViT,
 }
 
 

@@ -1,6 +1,6 @@
 """Video towers: a space-time ViT over tubelets ("video_vit") and a frame-wise image ViT with
 temporal mean pooling ("frame_vit"); `inflate` builds a video tower's params from an image
-tower's.
+tower's (config `init.inflate`, big_mm/train.py `load_init`).
 
 VideoViT (ViViT, Arnab et al. 2021, "ViViT: A Video Vision Transformer"): a clip [B, T, H, W, 3]
 is cut into t x p x p tubelets (section 3.2 "tubelet embedding"; VideoMAE's 2 x 16 x 16, Tong
@@ -48,8 +48,9 @@ import numpy as np
 
 from big_mm.kernels import attention as attention_kernels
 from big_mm.models import layers
-from big_mm.models.vit import resolve_arch
+from big_mm.models.vit import ViT, resolve_arch
 
+INFLATE_METHODS = ("average", "central")
 POOL_TYPES = ("gap", "tok", "map", "none")
 POSEMB_TYPES = ("learn", "sincos")
 ATTENTION_TYPES = ("joint", "factorised")
@@ -296,3 +297,102 @@ class VideoViT(nn.Module):
       x = out["logits"] = layers.head(self.num_classes, zeroinit=self.head_zeroinit,
                                       dtype=dtype)(x)
     return x, out
+
+
+class FrameViT(ViT):
+  """CLIP4Clip's mean-pooling baseline ("meanP", Luo et al. 2021, "CLIP4Clip: An Empirical
+  Study of CLIP for End to End Video Clip Retrieval", section 3.3 "parameter-free type"): the
+  image ViT (same fields and params, so an image checkpoint loads as-is) on every frame, its
+  outputs averaged over the frames (and test views). The head is affine, so averaging its
+  outputs equals the head of the averaged pooled features.
+
+  `FrameViT(...)(x [B, T, H, W, 3] or [B, V, T, H, W, 3], train=False) -> (x, out)`: out holds
+  ViT's keys averaged over frames and views ("head_input", "pre_logits", "logits"), and "stem"
+  [B(*V), T, h, w, D] and "encoded" [B(*V), T * N, D] (every frame's tokens, frame-major)."""
+
+  def __call__(self, x, *, train: bool = False):
+    if self.pooling()["pool"] == "none":
+      raise ValueError("FrameViT averages pooled frame features; pool='none' has none. Use "
+                       "pool='gap', 'map', 'tok' or '0'.")
+    views = _check_video(x, "FrameViT")
+    clips = x.reshape(-1, *x.shape[-4:])
+    n, frames = clips.shape[:2]
+    y, vit_out = super().__call__(clips.reshape(n * frames, *clips.shape[2:]), train=train)
+    group = frames * max(views, 1)
+    out = {k: jnp.mean(vit_out[k].reshape(-1, group, *vit_out[k].shape[1:]), axis=1)
+           for k in ("head_input", "pre_logits", "logits") if k in vit_out}
+    out["stem"] = vit_out["stem"].reshape(n, frames, *vit_out["stem"].shape[1:])
+    out["encoded"] = vit_out["encoded"].reshape(n, -1, vit_out["encoded"].shape[-1])
+    return jnp.mean(y.reshape(-1, group, y.shape[-1]), axis=1), out
+
+
+def _inflate_kernel(kernel: np.ndarray, shape: tuple, method: str) -> np.ndarray:
+  """Image patch kernel [p, p, 3, D] -> tubelet kernel `shape` [t, p, p, 3, D]: "average"
+  repeats kernel / t over t, "central" puts the kernel at frame t // 2 and zeros elsewhere
+  (ViViT section 3.4 "initialisation by inflation" / "central frame initialisation"). Either
+  way a static clip gets the image's patch embedding."""
+  t = shape[0]
+  if method == "average":
+    return np.repeat(kernel[None] / t, t, axis=0)
+  out = np.zeros(shape, kernel.dtype)
+  out[t // 2] = kernel
+  return out
+
+
+def _resize_posemb(posemb: np.ndarray, length: int, name: str) -> np.ndarray:
+  """Position embeddings [1, N, D] of a square grid -> [1, length, D] (square), bilinear as
+  ViT's posemb_shape resize."""
+  src, dst = int(round(posemb.shape[1] ** 0.5)), int(round(length ** 0.5))
+  if src * src != posemb.shape[1] or dst * dst != length:
+    raise ValueError(f"inflate: {name} has {posemb.shape[1]} positions in the source and "
+                     f"{length} here; resizing needs square grids. Use square crops or give "
+                     "the video tower the image tower's grid.")
+  d = posemb.shape[-1]
+  resized = jax.image.resize(jnp.asarray(posemb, jnp.float32).reshape(1, src, src, d),
+                             (1, dst, dst, d), "bilinear")
+  return np.asarray(resized, posemb.dtype).reshape(1, length, d)
+
+
+def inflate(flat: dict, targets: dict, method: str = "average", src: str = "img",
+            dst: str = "vid") -> tuple[dict, set]:
+  """Video tower params from an image tower's, for `train.load_init` (`init.inflate`).
+
+  flat: a source's flat params {"img/...": array} (a big_mm run, a big_vision npz, an HF
+  SigLIP / CLIP export; `train.read_params`); targets: this model's flat param shapes {name:
+  shape}. Returns (flat plus a "vid/..." entry for every target under `dst/` with a source
+  under `src/`, the target names to keep at their init). A VideoViT's tubelet kernel is
+  inflated by `method` ("average" | "central", `_inflate_kernel`); `pos_embedding` (space) is
+  resized to the new grid; `time_embedding` is zeros; the factorised blocks' time attention
+  (TimeAttention, LayerNorm_time) keeps its init (its zero `out` makes it the identity);
+  everything else is copied, shapes must agree. A FrameViT's params are the image ViT's
+  (copied). So a static clip gets the image tower's output (tests/test_video_models.py)."""
+  if method not in INFLATE_METHODS:
+    raise ValueError(f"init.inflate={method!r}; valid: {INFLATE_METHODS}.")
+  mine = {n: tuple(s) for n, s in targets.items() if n.startswith(f"{dst}/")}
+  if not any(n.startswith(f"{src}/") for n in flat):
+    raise ValueError(f"init.inflate: the source has no {src}/ params to inflate into {dst}/ "
+                     f"(it has {sorted({n.split('/')[0] for n in flat})}).")
+  out, fresh = dict(flat), set()
+  for name, shape in mine.items():
+    rel = name[len(dst) + 1:]
+    parts = rel.split("/")
+    if rel == "time_embedding":
+      out[name] = np.zeros(shape, np.float32)
+      continue
+    if "TimeAttention" in parts or "LayerNorm_time" in parts:
+      fresh.add(name)
+      continue
+    source = f"{src}/{rel}"
+    if source not in flat:
+      continue  # load_init reports it (an error, as for any param the source lacks)
+    value = np.asarray(flat[source])
+    if tuple(value.shape) == shape:
+      out[name] = value
+    elif rel == "embedding/kernel" and shape[1:] == value.shape:
+      out[name] = _inflate_kernel(value, shape, method)
+    elif rel == "pos_embedding" and value.ndim == 3 and shape[2] == value.shape[2]:
+      out[name] = _resize_posemb(value, shape[1], source)
+    else:
+      raise ValueError(f"init.inflate: {source} has shape {tuple(value.shape)}, which does not "
+                       f"inflate to {name} {shape} (patch size and width must match).")
+  return out, fresh
