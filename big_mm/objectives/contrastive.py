@@ -105,9 +105,12 @@ def matryoshka_loss(loss_fn, za, zb, dims, weights):
 
 def _has_positives_axis(x, modality: str) -> bool:
   """x holds k inputs per example: one axis more than [B] + the modality's example shape (a
-  padded input, {"x", "mask", "shape"}, has one per example)."""
-  return x is not None and not isinstance(x, dict) and x.ndim == len(
-      modalities_lib.get(modality).example_shape((1, 1), 1)) + 2
+  padded input, {"x", "mask", "shape"}, has one per example; a pp-shaped kind's rank is its
+  pp's, e.g. a video's test views [B, V, T, H, W, 3], which its tower averages)."""
+  mod = modalities_lib.get(modality)
+  if x is None or isinstance(x, dict) or mod.kind in modalities_lib.PP_SHAPED:
+    return False
+  return x.ndim == len(mod.example_shape((1, 1), 1)) + 2
 
 
 def flatten_positives(xa, xb, modalities):
