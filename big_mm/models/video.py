@@ -15,13 +15,13 @@ Param tree (ViT's names, big_mm/models/vit.py, so an image checkpoint inflates):
   pos_embedding [1, h * w, D]                     space (posemb="learn", init as ViT's)
   time_embedding [1, t, D]                        time (posemb="learn", init zeros: the tower
                                                   starts as a ViT on every slice, as
-                                                  TimeSformer's time_embed)
+                                                  TimeSformer's time_embed, same file)
   cls [1, 1, D]                                   (pool="tok")
   Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
     MlpBlock_0}, Transformer/encoder_norm          (scan: encoderblock/... with a layers axis)
     attention="factorised" adds LayerNorm_time and TimeAttention (query/key/value/out as
     MultiHeadDotProductAttention; `out` init zeros, so the time attention starts as the
-    identity: TimeSformer's zero-initialised temporal_fc, facebookresearch/TimeSformer
+    identity: TimeSformer's zero-initialised temporal_fc, facebookresearch/TimeSformer@b96c47a
     timesformer/models/vit.py)
   MAPHead_0/...                                   (pool="map")
   head/{kernel [D, num_classes], bias}            (num_classes set)
@@ -365,7 +365,10 @@ def inflate(flat: dict, targets: dict, method: str = "average", src: str = "img"
   resized to the new grid; `time_embedding` is zeros; the factorised blocks' time attention
   (TimeAttention, LayerNorm_time) keeps its init (its zero `out` makes it the identity);
   everything else is copied, shapes must agree. A FrameViT's params are the image ViT's
-  (copied). So a static clip gets the image tower's output (tests/test_video_models.py)."""
+  (copied). A static clip then gets the image tower's output (tests/test_video_models.py)
+  exactly with gap / map pooling or factorised attention; with pool="tok" and joint attention
+  the cls token attends over t copies of every patch, which shifts its softmax weight (close,
+  not equal)."""
   if method not in INFLATE_METHODS:
     raise ValueError(f"init.inflate={method!r}; valid: {INFLATE_METHODS}.")
   mine = {n: tuple(s) for n, s in targets.items() if n.startswith(f"{dst}/")}
