@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from big_mm import config as config_lib, decoding, evaluators, export, sharding
+from big_mm import config as config_lib, evaluators, export, sharding
 from big_mm import tree_paths
 from big_mm.evaluators import fewshot
 from big_mm.input import pipeline
@@ -57,8 +57,8 @@ class _FakeSplits:
     assert not kwargs and batch_sharding is not None
     self.asked.append(input_cfg)
     records, names = self.splits[split], tuple(input_cfg.modalities)
-    zero = {"video": np.zeros((VIEWS, T, S, S, 3), np.float32),
-            "text": np.zeros(L, np.int32)}
+    video = next(r["video"] for r in records if r and "video" in r)
+    zero = {"video": np.zeros_like(video), "text": np.zeros(L, np.int32)}
 
     def row(r):
       out = {"mask": np.int32(r is not None), "label": np.int32((r or {}).get("label", 0))}
@@ -88,10 +88,12 @@ def contrastive():
   return objective, params
 
 
-def _evaluate(contrastive, ev):
+def _evaluate(contrastive, ev, **inputs):
+  """evals.e = ev of a run with `inputs` (input.* overrides) over the fake splits."""
   objective, params = contrastive
   config = config_lib.load(ml_collections.ConfigDict(dict(
-      total_steps=1, input=dict(data="tar:clips-{split}-*.tar", tokenizer=TOKENIZER, text_len=L),
+      total_steps=1, input=dict(data="tar:clips-{split}-*.tar", tokenizer=TOKENIZER, text_len=L,
+                                **inputs),
       evals={"e": dict(ev, batch_size=16)})))
   context = evaluators.EvalContext(config, sharding.make_mesh(config.mesh), objective,
                                    Tokenizer(TOKENIZER))
@@ -184,9 +186,10 @@ def _generative(name):
   return objective, sharding.unbox(jax.jit(objective.init_params)(jax.random.key(0)))
 
 
-def test_video_captioner_trains_and_decodes():
+def test_video_captioner_trains_and_decodes(monkeypatch):
   """The captioner's encoder is the video tower (model.image.tower, params under img/); a few
-  steps fit the direction captions, which greedy decoding of the clips then gives back."""
+  steps fit the direction captions, which the captioning evaluator's greedy decoding of the
+  clips (input.modalities = (video, text)) then gives back."""
   objective, params = _generative("captioning")
   assert params["img"]["embedding"]["kernel"].shape == (2, 4, 4, 3, 32)  # a tubelet kernel
   assert objective.example_batch()["video"].shape == (1, T, S, S, 3)
@@ -206,8 +209,12 @@ def test_video_captioner_trains_and_decodes():
     params, state, loss = step(params, state, jax.random.key(i))
     losses.append(float(loss))
   assert losses[-1] < 0.1 * losses[0]
-  tokens = decoding.decode(objective, params, batch["video"], method="greedy", max_len=L)
-  np.testing.assert_array_equal(np.asarray(tokens), CAPTIONS[labels])
+  _FakeSplits(monkeypatch, {"test": [{"video": v, "text": t, "label": y} for v, t, y in zip(
+      np.asarray(batch["video"]), CAPTIONS[labels], labels)]})
+  out = _evaluate((objective, params), dict(type="captioning"), modalities=("video", "text"),
+                  pp_modalities={"video": PP.replace(", clips=2", "")})
+  assert out["eval/e/exact_match"] == 1.0 and out["eval/e/num_decoded"] == 4.0
+  assert out["eval/e/perplexity"] < 1.2
 
 
 def test_binding_mode_rows_without_video_or_caption_are_left_out():
