@@ -22,7 +22,7 @@ objective (objective.matryoshka_dims) adds the probes on each smaller prefix dim
 features (re-normalised): `{k}shot_accuracy@d{d}`.
 
 Other modalities (`modality`, default "image"), e.g. a linear probe on video features:
-  dict(type="fewshot", modality="video", pp_modalities={"video": "...|video_views(2, 3)"})
+  dict(type="fewshot", modality="video", pp_modalities={"video": "...|video_views(3, 224)|..."})
 reads both splits with input.modalities = (modality,) (its pp string from input.pp_modalities
 unless the evaluator's pp_modalities gives one) and embeds them with objective.embed (its
 tower; a video tower averages the pooled features of multi-view [V, T, H, W, 3] examples);
