@@ -204,6 +204,19 @@ def test_video_captioner_trains_and_decodes(monkeypatch):
     updates, state = opt.update(grads, state)
     return optax.apply_updates(params, updates), state, loss
 
+  # Binding mode (input.modalities lists video): rows without the clip or the caption change
+  # nothing, whatever they hold.
+  present = {"video_present": np.array([1, 1, 0, 1], np.int32),
+             "text_present": np.array([1, 1, 1, 0], np.int32)}
+  loss_fn = jax.jit(objective.loss_fn)
+  masked = [loss_fn(params, {"video": batch["video"][rows], "text": batch["text"][rows],
+                             **present}, jax.random.key(0))[0]
+            for rows in (np.array([0, 1, 2, 3]), np.array([0, 1, 3, 2]))]
+  np.testing.assert_allclose(masked[0], masked[1], rtol=1e-5)
+  every, _ = loss_fn(params, {**batch, **{k: np.ones(4, np.int32) for k in present}},
+                     jax.random.key(0))
+  assert abs(float(every) - float(masked[0])) > 1e-4  # the flags do change the loss
+
   state, losses = opt.init(params), []
   for i in range(40):
     params, state, loss = step(params, state, jax.random.key(i))
@@ -217,25 +230,23 @@ def test_video_captioner_trains_and_decodes(monkeypatch):
   assert out["eval/e/perplexity"] < 1.2
 
 
-def test_binding_mode_rows_without_video_or_caption_are_left_out():
-  """With video_present / text_present (input.modalities lists video), the rows lacking either
-  change nothing in CoCa's loss (its caption term, as the captioner's, and its contrastive
-  term), whatever they hold."""
-  objective, params = _generative("coca")
-  labels = np.array([0, 1, 1, 0])
-  video = clips(labels, np.random.default_rng(3), views=0)
-  text = CAPTIONS[labels]
-  present = {"video_present": np.array([1, 1, 0, 1], np.int32),
-             "text_present": np.array([1, 1, 1, 0], np.int32)}
-  loss_fn = jax.jit(objective.loss_fn)
-  loss, _ = loss_fn(params, {"video": video, "text": text, **present}, jax.random.key(0))
-  other, _ = loss_fn(params, {"video": video[[0, 1, 3, 2]], "text": text[[0, 1, 3, 2]],
-                              **present}, jax.random.key(0))
-  np.testing.assert_allclose(other, loss, rtol=1e-5)
-  every, _ = loss_fn(params, {"video": video, "text": text, **{k: np.ones(4, np.int32)
-                                                               for k in present}},
-                     jax.random.key(0))
-  assert abs(float(every) - float(loss)) > 1e-4  # the present flags do change the loss
+def test_coca_over_video_tokens():
+  """CoCa takes the video encoder and objective.modality too (shapes only: its loss in
+  binding mode, with present flags, traces)."""
+  model_name, kwargs = GENERATIVE["coca"]
+  objective = get_objective("coca")(
+      get_model(model_name, **kwargs),
+      Context(batch_size=4, text_len=L, tokenizer=Tokenizer(TOKENIZER),
+              shapes={"video": (T, S, S, 3)}), modality="video")
+  params = jax.eval_shape(objective.init_params, jax.random.key(0))
+  assert params["img"]["embedding"]["kernel"].value.shape == (2, 4, 4, 3, 32)
+  batch = {"video": jax.ShapeDtypeStruct((4, T, S, S, 3), jnp.float32),
+           "text": jax.ShapeDtypeStruct((4, L), jnp.int32),
+           "video_present": jax.ShapeDtypeStruct((4,), jnp.int32),
+           "text_present": jax.ShapeDtypeStruct((4,), jnp.int32)}
+  loss, metrics = jax.eval_shape(objective.loss_fn, sharding.unbox(params), batch,
+                                 jax.random.key(0))
+  assert loss.shape == () and "contrastive_loss" in metrics
 
 
 def _export_tool():
