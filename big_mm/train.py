@@ -288,8 +288,9 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
   init, said in the log; one missing from a scope the source has is an error.
   Sparse upcycling: a mixture-of-experts param missing from a dense source gets the dense MLP
   copied into every expert (big_mm/models/moe.py `upcycle`); the routers keep their init.
-  `init.inflate` ("average" | "central"): the video tower's `vid/` params are inflated from the
-  source's image tower `img/` (big_mm/models/video.py `inflate`)."""
+  `init.inflate` ("average" | "central"): the video tower's `vid/` params (a captioner's video
+  encoder: `img/`) are inflated from the source's image tower `img/` (big_mm/models/video.py
+  `inflate`)."""
   path = config.init.get("path")
   if not config.init.workdir and not path:
     return state
@@ -304,8 +305,10 @@ def load_init(config, ts: TrainState, state: dict) -> dict:
   fresh = set()
   if config.init.get("inflate"):
     targets = {n: v.shape for n, v in tree_paths.flat_dict(state["params"]).items()}
+    # A towers model's video tower is vid/; a captioner's / CoCa's video encoder is img/.
+    dst = "vid" if any(n.startswith("vid/") for n in targets) else "img"
     try:
-      flat_loaded, fresh = video_lib.inflate(flat_loaded, targets, config.init.inflate)
+      flat_loaded, fresh = video_lib.inflate(flat_loaded, targets, config.init.inflate, dst=dst)
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from None
   pattern = re.compile(config.init.include)

@@ -239,6 +239,13 @@ def test_load_init_inflates_an_image_text_checkpoint(tmp_path):
   for k, v in image.items():
     if k.startswith("img/") and "embedding/kernel" not in k:
       np.testing.assert_array_equal(loaded["vid/" + k[4:]], v, err_msg=k)
+  # A captioner's video encoder lives under img/: inflated in place.
+  captioner = {"img": params["vid"]}
+  ts.shardings["params"] = jax.tree.map(lambda _: None, captioner)
+  loaded = _flat(train.load_init(config, ts, {"params": captioner})["params"])
+  np.testing.assert_allclose(loaded["img/embedding/kernel"][0],
+                             image["img/embedding/kernel"] / 2)
+  np.testing.assert_array_equal(loaded["img/time_embedding"], 0)
   config.init.inflate = "middle"
   with pytest.raises(config_lib.ConfigError, match="init.inflate"):
     train.load_init(config, ts, {"params": params})
