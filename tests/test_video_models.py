@@ -1,6 +1,7 @@
 """Video towers (big_mm/models/video.py): VideoViT, FrameViT and inflation from an image ViT."""
 import functools
 import itertools
+import os
 import types
 
 import jax
@@ -16,6 +17,7 @@ from big_mm.models.towers import Towers
 from big_mm.models.video import FrameViT, VideoViT
 from big_mm.models.vit import ViT
 
+TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "data", "moving_digits_spm.model")
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=4)
 B, T, S = 2, 4, 8  # clips of T frames of S x S: a 2 x 2 x 2 tubelet grid with 2 x 4 x 4 tubelets
 
@@ -249,3 +251,46 @@ def test_load_init_inflates_an_image_text_checkpoint(tmp_path):
   config.init.inflate = "middle"
   with pytest.raises(config_lib.ConfigError, match="init.inflate"):
     train.load_init(config, ts, {"params": params})
+
+
+def test_video_text_steps_on_8_devices_equal_one_device(tmp_path):
+  """Video-text SigLIP (the contrastive objective over objective.modalities=("video",
+  "text"), ring strategy): two steps on 8 devices (data 4 x fsdp 2) equal 1 device, metrics
+  and params."""
+  from conftest import train_steps
+  table = tmp_path / "clips.jsonl"
+  table.write_text('{"video": "a.mp4", "text": "a clip"}\n')
+  rng = np.random.default_rng(0)
+  batches = [{"video": rng.normal(size=(8, T, S, S, 3)).astype(np.float32),
+              "video_present": np.ones(8, np.int32),
+              "text": rng.integers(1, 20, size=(8, 6)).astype(np.int32),
+              "text_present": np.ones(8, np.int32)} for _ in range(2)]
+
+  def config(**mesh):
+    video_kw = dict(TINY, depth=1, tubelet_size=2)
+    return config_lib.load(ConfigDict(dict(
+        seed=0, batch_size=8, total_steps=2, log_every_steps=1,
+        input=dict(data=f"jsonl:{table}", modalities=("video", "text"), num_workers=0,
+                   text_len=6, tokenizer=TOKENIZER,
+                   pp_modalities={"video": f"decode_video|sample_clip({T})|video_resize({S})"}),
+        model_name="towers",
+        model=dict(towers=dict(video=video_kw, text=dict(width=16, depth=1, num_heads=2,
+                                                         vocab_size=224)),
+                   out_dim=8, temperature_init=10.0, bias_init=-10.0),
+        objective=dict(name="contrastive", modalities=("video", "text"), loss="sigmoid",
+                       strategy="ring"),
+        optim=dict(lr=1e-2, eps=1e-6, schedule=dict(name="constant", warmup_steps=0)),
+        evals={}, checkpoint=dict(every_steps=100, keep=1), mesh={"data": -1, "fsdp": 1, **mesh})))
+
+  _, one, p1, _ = train_steps(config(), jax.devices()[:1], batches)
+  _, eight, p8, _ = train_steps(config(data=4, fsdp=2), jax.devices()[:8], batches)
+  for m1, m8 in zip(one, eight):
+    for key in m1:
+      np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, atol=1e-6, err_msg=key)
+  # Attention key biases have an exactly-zero true gradient (softmax ignores a constant per
+  # query), so Adam turns their float noise into updates that differ between layouts; for the
+  # rest, Adam's normalised step (1e-2) turns float noise in tiny gradients into ~1e-6.
+  flat1, flat8 = tree_paths.flat_dict(p1), tree_paths.flat_dict(p8)
+  for name, value in flat1.items():
+    if not name.endswith("key/bias"):
+      np.testing.assert_allclose(flat8[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
