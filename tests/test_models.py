@@ -370,7 +370,7 @@ def test_invalid_kwargs_messages():
     get_model("tower")
   assert MODELS["towers"] is Towers
   assert set(MODELS) == {"towers", "captioner", "coca", "multimae", "limoe", "fourm",
-                         "vq_tokenizer", "lm"}
+                         "vq_tokenizer", "lm", "videomae"}
   with pytest.raises(ValueError, match=r"Unknown pool 'avg'"):
     ViT(**dict(IMG, pool="avg")).init(jax.random.PRNGKey(0), _images())
 
