@@ -235,17 +235,3 @@ def zeros(example: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
     elif k.endswith("_shape"):
       out[k] = jnp.ones(v.shape, v.dtype)
   return jax.lax.optimization_barrier(out)
-
-
-class ImageTextInit:
-  """example_batch / init_params of an objective whose model is `model(image, text,
-  train=)`, built with `self.ctx` and `self.model`."""
-
-  def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-    return image_text_example(self.ctx)
-
-  def init_params(self, rng):
-    """Initial (boxed) params, from zeros shaped like `example_batch()` (image and text)."""
-    example = zeros(self.example_batch())
-    return self.model.init({"params": rng}, example["image"], example["text"],
-                           train=False)["params"]
