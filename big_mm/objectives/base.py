@@ -32,7 +32,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from big_mm import config as config_lib
 from big_mm import modalities as modalities_lib
