@@ -13,6 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["big_mm", "big_mm.*"]),
+    package_data={"big_mm.kernels": ["tuning.json"]},  # the autotuner's table, once measured
     install_requires=[
         "jax>=0.6,<0.12",
         "flax>=0.10,<0.13",

@@ -1,6 +1,8 @@
-"""Fused contrastive kernels (Pallas, interpret mode on CPU) equal the jnp references.
+"""Fused contrastive kernels (Pallas, interpret mode on CPU) and their XLA "chunked" mode
+equal the jnp references.
 
-Block sizes are odd and not multiples of the tiles, so padding and masking are exercised.
+Block sizes are odd and not multiples of the tiles (or chunks), so padding and masking are
+exercised.
 """
 import functools
 
@@ -86,11 +88,12 @@ def test_block_sigmoid_sum_matches_reference(mode):
 
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_loss_matches_reference(loss, dtype):
+@pytest.mark.parametrize("mode", ["grid", "chunked"])
+def test_fused_loss_matches_reference(loss, dtype, mode):
   zi, zt = _emb(2, 67, 67, 48, jnp.dtype(dtype))
   t, b = TB[loss]
   fused = {"sigmoid": kc.sigmoid_loss_fused, "softmax": kc.softmax_loss_fused}[loss]
-  fused = functools.partial(fused, config=_cfg(rows=32, cols=16))
+  fused = functools.partial(fused, config=_cfg(mode, rows=32, cols=16))
   reference = {"sigmoid": losses.sigmoid_loss, "softmax": losses.softmax_loss}[loss]
   got_v, got_g = jax.jit(jax.value_and_grad(fused, ARGS))(zi, zt, t, b)
   want_v, want_g = jax.value_and_grad(reference, ARGS)(zi, zt, t, b)
@@ -115,18 +118,22 @@ def _mesh(name):
 
 
 @functools.lru_cache(maxsize=None)
-def _sharded_value_and_grad(loss, strategy, mesh_name):
+def _sharded_value_and_grad(loss, strategy, mesh_name, implementation):
   mesh = _mesh(mesh_name)
+  mode = "chunked" if implementation == "chunked" else "grid"
   fn = functools.partial(losses.contrastive_loss, loss=loss, strategy=strategy, mesh=mesh,
-                         implementation="pallas", kernel_config=_cfg(rows=16, cols=16))
+                         implementation=implementation,
+                         kernel_config=_cfg(mode, rows=16, cols=16))
   return mesh, jax.jit(jax.value_and_grad(fn, ARGS))
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("strategy,mesh_name", [
-    ("ring", "data8"), ("all_gather", "data8"), ("ring", "data4_fsdp2")])
-def test_sharded_pallas_equals_reference(loss, strategy, mesh_name):
-  mesh, value_and_grad = _sharded_value_and_grad(loss, strategy, mesh_name)
+@pytest.mark.parametrize("strategy,mesh_name,implementation", [
+    ("ring", "data8", "pallas"), ("all_gather", "data8", "pallas"),
+    ("ring", "data4_fsdp2", "pallas"), ("ring", "data8", "chunked"),
+    ("all_gather", "data4_fsdp2", "chunked")])
+def test_sharded_fused_equals_reference(loss, strategy, mesh_name, implementation):
+  mesh, value_and_grad = _sharded_value_and_grad(loss, strategy, mesh_name, implementation)
   axes = losses.batch_axes_of(mesh, ("data", "fsdp"))
   n = 72  # 9 rows per device: not a multiple of the 16-row tile
   zi, zt = _emb(3, n, n, 32)
@@ -175,9 +182,42 @@ def test_local_pallas_strategy_uses_fused_loss():
   assert _pallas_calls(xla, zi, zt, t, b) == 0
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_chunked_never_builds_the_logits(loss):
+  """The chunked loss's compiled forward+backward holds no [B, B] array (its largest
+  logit-sized value is a [chunk, B] slab), calls no Pallas kernel, and equals the reference."""
+  n, chunk = 96, 16
+  zi, zt = _emb(6, n, n, 8)
+  t, b = TB[loss]
+  fn = functools.partial(losses.contrastive_loss, loss=loss, strategy="local",
+                         implementation="chunked",
+                         kernel_config=kc.kernel_config("cpu", mode="chunked", tile_rows=chunk))
+  grad = jax.value_and_grad(fn, ARGS)
+  hlo = jax.jit(grad).lower(zi, zt, t, b).compile().as_text()
+  assert f"[{chunk},{n}]" in hlo
+  assert f"[{n},{n}]" not in hlo
+  assert _pallas_calls(grad, zi, zt, t, b) == 0
+  reference = {"sigmoid": losses.sigmoid_loss, "softmax": losses.softmax_loss}[loss]
+  dense_hlo = jax.jit(jax.value_and_grad(reference, ARGS)).lower(zi, zt, t, b).compile().as_text()
+  assert f"[{n},{n}]" in dense_hlo  # the check above can fail
+  _close(jax.jit(fn)(zi, zt, t, b), reference(zi, zt, t, b), 1e-5)
+
+
+def test_implementation_and_kernel_config_must_agree():
+  zi, zt = _emb(7, 8, 8, 4)
+  with pytest.raises(ValueError, match="implementation='chunked' got a kernel_config of mode"):
+    losses.contrastive_loss(zi, zt, 1.0, 0.0, loss="sigmoid", strategy="local",
+                            implementation="chunked", kernel_config=_cfg())
+  with pytest.raises(ValueError, match="implementation='pallas' got a kernel_config of mode"):
+    losses.contrastive_loss(zi, zt, 1.0, 0.0, loss="sigmoid", strategy="local",
+                            implementation="pallas", kernel_config=_cfg("chunked"))
+  with pytest.raises(ValueError, match="tile_rows >= 1"):
+    kc.kernel_config("cpu", mode="chunked", tile_rows=0)
+
+
 def test_invalid_arguments():
   zi, zt = _emb(5, 8, 8, 4)
-  with pytest.raises(ValueError, match="implementation 'triton'; valid: xla, pallas"):
+  with pytest.raises(ValueError, match="implementation 'triton'; valid: xla, pallas, chunked"):
     losses.contrastive_loss(zi, zt, 1.0, 0.0, loss="sigmoid", strategy="local",
                             implementation="triton")
   with pytest.raises(ValueError, match="Unknown kernel mode"):

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-MODES = ("grid", "loop")
+MODES = ("grid", "loop", "chunked")
 
 # ----------------------------------------------------------------------------- similarity
 
@@ -93,7 +93,10 @@ DOT_PRODUCT = DotProduct()
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-  """Static kernel settings. backend: "tpu" | "gpu" | "cpu" (cpu runs interpret mode)."""
+  """Static kernel settings. backend: "tpu" | "gpu" | "cpu" (cpu runs interpret mode).
+
+  mode "chunked" is plain XLA, not Pallas: tile_rows rows of zi at a time against all of zt
+  (tile_cols is unused)."""
   backend: str
   tile_rows: int
   tile_cols: int
@@ -115,19 +118,32 @@ class KernelConfig:
 # H200. Two [32, 1024] float32 tiles (d = 768 padded to 1024) ask for 256 KiB and fail
 # (measured on an H200, docs/gpu_results/check_contrastive.log), so such rows get 16-row tiles.
 _GPU_TILE_BYTES = 64 * 1024
+# Mode "chunked": rows of zi per step. A step holds a few float32 [rows, n_cols] slabs (1 GiB
+# each at B = 65,536 rows of 4,096: ~4 KiB per row per 1,000 columns); the autotuner's table
+# (big_mm/kernels/tuning.py) overrides it per device.
+CHUNK_ROWS = 1024
 
 
 def kernel_config(backend: str | None = None, *, dim: int | None = None, dtype=None,
+                  loss: str | None = None, batch: int | None = None,
                   **overrides) -> KernelConfig:
   """Tile sizes and loop mode per backend (the one place to tune them); overrides win.
 
   dim / dtype (the embeddings' feature size and dtype), when given, let the GPU tiles shrink
-  to fit shared memory."""
+  to fit shared memory, and select the autotuner's stored entry for this device (with loss
+  and the global batch where given; big_mm/kernels/tuning.py), which beats the defaults.
+  mode="chunked" gives the XLA chunked implementation's settings on any backend."""
   backend = backend or jax.default_backend()
-  if backend == "tpu":
-    cfg = dict(tile_rows=256, tile_cols=256, mode="grid", feature_multiple=128)
-  elif backend in ("gpu", "cuda", "rocm"):
+  chunked = overrides.get("mode") == "chunked"
+  if backend in ("cuda", "rocm"):
     backend = "gpu"
+  if backend not in ("tpu", "gpu", "cpu"):
+    raise ValueError(f"No Pallas contrastive kernel for backend {backend!r}; use tpu, gpu or cpu.")
+  if chunked:
+    cfg = dict(tile_rows=CHUNK_ROWS, tile_cols=CHUNK_ROWS, mode="chunked")
+  elif backend == "tpu":
+    cfg = dict(tile_rows=256, tile_cols=256, mode="grid", feature_multiple=128)
+  elif backend == "gpu":
     # Small tiles: with d = 768 (padded to 1024) a [32, 1024] bf16 tile and its f32 gradient
     # accumulator already fill much of the registers / shared memory of a Triton program.
     cfg = dict(tile_rows=32, tile_cols=32, mode="loop", feature_pow2=True, num_warps=4)
@@ -135,13 +151,20 @@ def kernel_config(backend: str | None = None, *, dim: int | None = None, dtype=N
       row_bytes = (1 << max(0, math.ceil(math.log2(dim)))) * jnp.dtype(dtype).itemsize
       if 32 * row_bytes > _GPU_TILE_BYTES:
         cfg.update(tile_rows=16, tile_cols=16)
-  elif backend == "cpu":
-    cfg = dict(tile_rows=128, tile_cols=128, mode="grid")
   else:
-    raise ValueError(f"No Pallas contrastive kernel for backend {backend!r}; use tpu, gpu or cpu.")
+    cfg = dict(tile_rows=128, tile_cols=128, mode="grid")
+  if dim is not None and dtype is not None:
+    from big_mm.kernels import tuning
+    cfg.update(tuning.lookup("chunked" if chunked else "pallas", dim=dim, dtype=dtype,
+                             loss=loss, batch=batch, backend=backend))
   cfg.update(overrides)
   if cfg["mode"] not in MODES:
     raise ValueError(f"Unknown kernel mode {cfg['mode']!r}; valid: {', '.join(MODES)}")
+  if cfg["mode"] == "chunked":
+    if cfg["tile_rows"] < 1:
+      raise ValueError(f"mode 'chunked' needs tile_rows >= 1 (rows of zi per step); got "
+                       f"{cfg['tile_rows']}.")
+    return KernelConfig(backend=backend, **cfg)
   if backend == "tpu" and (cfg["tile_rows"] % 8 or cfg["tile_cols"] % 128):
     raise ValueError(f"TPU tiles must be multiples of 8 rows and 128 columns: Mosaic tiles a "
                      f"block's last two dims by (8, 128) and the column statistics travel as "
@@ -402,12 +425,104 @@ _BWD = {
     "sigmoid": (_backward_rows(_dlogits_sigmoid), _backward_cols(_dlogits_sigmoid)),
 }
 
+# ----------------------------------------------------------------------------- mode "chunked"
+# Plain XLA: a `lax.scan` over chunks of cfg.tile_rows rows of zi, each against all of zt, so
+# a step's similarity is one large matmul (cuBLAS / the MXU at full size) and only O(chunk *
+# n_cols) of the logits exist at a time. One sweep gives the row and the column statistics,
+# and one backward sweep gives both gradients (dzt accumulates across chunks): the loss
+# costs 4 matmuls of the B x B x d logits (forward, recompute, dzi, dzt) where XLA's dense
+# loss costs 3 and the Pallas kernels 5 (the backward recomputes once per pass).
+
+
+def _chunks(zi, vecs, cfg):
+  """zi [n, d] and [n] row vectors -> ([k, c, d], [k, c] vectors, [k, c] row indices): zero
+  rows pad n up to k whole chunks of c = min(tile_rows, n) rows."""
+  n = zi.shape[0]
+  c = min(cfg.tile_rows, n)
+  k = -(-n // c)
+  pad = lambda x: jnp.pad(x, ((0, k * c - n),) + ((0, 0),) * (x.ndim - 1))
+  return (pad(zi).reshape(k, c, *zi.shape[1:]),
+          [pad(v.astype(jnp.float32)).reshape(k, c) for v in vecs],
+          jnp.arange(k * c).reshape(k, c))
+
+
+def _chunk_tile(zc, zt, ids, params, row_vecs, col_vecs, n_rows, similarity):
+  """A _Tile of one chunk of rows (with their indices `ids` [c]) against all of zt."""
+  t, b, g, offset = params[0], params[1], params[2], params[3].astype(jnp.int32)
+  s = similarity(zc, zt)
+  cols = lax.broadcasted_iota(jnp.int32, (1, zt.shape[0]), 1)
+  return _Tile(zi=zc, zt=zt, s=s, logits=t * s + b, t=t, g=g,
+               valid=(ids < n_rows)[:, None], pos=cols == ids[:, None] + offset,
+               rows=[v[:, None] for v in row_vecs], cols=[v[None, :] for v in col_vecs],
+               similarity=similarity)
+
+
+def _chunked_lse(zi, zt, params, rows, cols, similarity, cfg):
+  n_rows, n_cols = zi.shape[0], zt.shape[0]
+  chunks, _, ids = _chunks(zi, [], cfg)
+
+  def step(carry, x):
+    zc, ids_c = x
+    tile = _chunk_tile(zc, zt, ids_c, params, [], [], n_rows, similarity)
+    m_r, s_r = lse_rows(tile, jnp.full((zc.shape[0], 1), -jnp.inf), jnp.zeros((zc.shape[0], 1)))
+    carry = lse_cols(tile, *carry) if cols else carry
+    return carry, (m_r + jnp.log(s_r))[:, 0] if rows else None
+
+  init = (jnp.full((1, n_cols), -jnp.inf), jnp.zeros((1, n_cols)))
+  (m_c, s_c), lse_r = lax.scan(step, init, (chunks, ids))
+  return (lse_r.reshape(-1)[:n_rows] if rows else None,
+          (m_c + jnp.log(s_c))[0] if cols else None)
+
+
+def _chunked_sigmoid_sum(zi, zt, params, similarity, cfg):
+  chunks, _, ids = _chunks(zi, [], cfg)
+
+  def step(total, x):
+    zc, ids_c = x
+    tile = _chunk_tile(zc, zt, ids_c, params, [], [], zi.shape[0], similarity)
+    (acc,) = sigmoid_rows(tile, 0.0)
+    return total + jnp.sum(acc), None
+
+  return lax.scan(step, jnp.zeros((), jnp.float32), (chunks, ids))[0]
+
+
+def _chunked_backward(kind, zi, zt, params, row_vecs, col_vecs, similarity, cfg, rows, cols,
+                      dzi_acc, dzt_acc):
+  n_rows = zi.shape[0]
+  dlogits = _dlogits_lse if kind == "lse" else _dlogits_sigmoid
+  chunks, row_chunks, ids = _chunks(zi, row_vecs, cfg)
+
+  def step(carry, x):
+    zc, ids_c, rv = x
+    dzt, dt, db = carry
+    tile = _chunk_tile(zc, zt, ids_c, params, rv, col_vecs, n_rows, similarity)
+    dl = dlogits(tile)
+    ds = tile.t * dl
+    if cols:
+      dzt = dzt + similarity.grad_b(zc, zt, ds)
+    dt, db = dt + jnp.sum(dl * tile.s), db + jnp.sum(dl)
+    return (dzt, dt, db), similarity.grad_a(zc, zt, ds) if rows else None
+
+  dzt0 = (jnp.zeros(zt.shape, jnp.float32) if dzt_acc is None
+          else dzt_acc.astype(jnp.float32)) if cols else 0.0
+  zero = jnp.zeros((), jnp.float32)
+  (dzt, dt, db), dzi = lax.scan(step, (dzt0, zero, zero), (chunks, ids, row_chunks))
+  if rows:
+    dzi = dzi.reshape(-1, zi.shape[1])[:n_rows]
+    dzi = dzi if dzi_acc is None else dzi + dzi_acc.astype(jnp.float32)
+  return (dzi if rows else None, dzt if cols else None,
+          dt if rows else None, db if rows else None)
+
+
 # ----------------------------------------------------------------------------- raw fwd / bwd
 
 
-def _prepare(zi, zt, cfg):
+def _check_shapes(zi, zt):
   if zi.ndim != 2 or zt.ndim != 2 or zi.shape[1] != zt.shape[1]:
     raise ValueError(f"Expected zi [bi, d] and zt [bt, d]; got {zi.shape} and {zt.shape}.")
+
+
+def _prepare(zi, zt, cfg):
   d = _features(zi.shape[1], cfg)
   return (_pad_to(zi, _round_up(zi.shape[0], cfg.tile_rows), d),
           _pad_to(zt, _round_up(zt.shape[0], cfg.tile_cols), d))
@@ -435,6 +550,9 @@ def lse_fwd(zi, zt, t, b, *, rows=True, cols=True, similarity=DOT_PRODUCT, confi
   rows / cols = False skips that pass (its entry is then None).
   """
   cfg = _config(config, zi)
+  _check_shapes(zi, zt)
+  if cfg.mode == "chunked":
+    return _chunked_lse(zi, zt, _params(t, b), rows, cols, similarity, cfg)
   n_rows, n_cols = zi.shape[0], zt.shape[0]
   zi_p, zt_p = _prepare(zi, zt, cfg)
   kw = dict(params=_params(t, b), zi=zi_p, zt=zt_p, row_vecs=[], col_vecs=[],
@@ -451,6 +569,10 @@ def lse_fwd(zi, zt, t, b, *, rows=True, cols=True, similarity=DOT_PRODUCT, confi
 
 def _backward(kind, zi, zt, params, row_vecs, col_vecs, similarity, cfg, rows, cols,
               dzi_acc=None, dzt_acc=None):
+  _check_shapes(zi, zt)
+  if cfg.mode == "chunked":
+    return _chunked_backward(kind, zi, zt, params, row_vecs, col_vecs, similarity, cfg, rows,
+                             cols, dzi_acc, dzt_acc)
   n_rows, n_cols = zi.shape[0], zt.shape[0]
   zi_p, zt_p = _prepare(zi, zt, cfg)
   mi, mt, d = zi_p.shape[0], zt_p.shape[0], zi_p.shape[1]
@@ -499,11 +621,15 @@ def _offset(pos_offset, n_cols):
 def sigmoid_sum_fwd(zi, zt, t, b, pos_offset=None, *, similarity=DOT_PRODUCT, config=None):
   """sum_ij -log_sigmoid(z_ij * logits_ij), z = +1 iff j == i + pos_offset; float32 scalar."""
   cfg = _config(config, zi)
+  _check_shapes(zi, zt)
+  params = _params(t, b, 0.0, _offset(pos_offset, zt.shape[0]))
+  if cfg.mode == "chunked":
+    return _chunked_sigmoid_sum(zi, zt, params, similarity, cfg)
   n_rows, n_cols = zi.shape[0], zt.shape[0]
   zi_p, zt_p = _prepare(zi, zt, cfg)
   (rows,) = _tiled_pass(
       sigmoid_rows, (0.0,), [(zi_p.shape[0], 1)], over="rows",
-      params=_params(t, b, 0.0, _offset(pos_offset, n_cols)), zi=zi_p, zt=zt_p, row_vecs=[],
+      params=params, zi=zi_p, zt=zt_p, row_vecs=[],
       col_vecs=[], n_rows=n_rows, n_cols=n_cols, similarity=similarity, cfg=cfg)
   return jnp.sum(rows)
 

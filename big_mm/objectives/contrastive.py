@@ -44,7 +44,8 @@ from big_mm.objectives import base, losses
 
 LOSSES = ("sigmoid", "softmax")
 STRATEGIES = ("local", "all_gather", "ring")
-IMPLEMENTATIONS = ("xla", "pallas")  # "pallas": fused kernel, never builds the B x B logits
+# "pallas": fused kernels, never build the B x B logits; "chunked": XLA over chunks of rows.
+IMPLEMENTATIONS = ("xla", "pallas", "chunked")
 
 
 def check_loss_settings(settings) -> None:

@@ -52,6 +52,13 @@ Implementations (`implementation=`):
             is O(b*d + tile^2) whatever the global batch.
             `kernel_config` (a big_mm.kernels.contrastive.KernelConfig) overrides the
             per-backend tile sizes.
+  "chunked" the same blocks and strategies as "pallas", in plain XLA (the kernels' mode
+            "chunked"): a scan over chunks of rows, each against all columns of the block
+            as one large matmul, so O(chunk * columns) of the logits exist at a time. For
+            GPUs, where the Pallas (Triton) kernels lose to XLA's matmuls; `kernel_config`'s
+            tile_rows is the chunk (default kernels.CHUNK_ROWS, or the autotuner's table).
+  With kernel_config=None both take `kernels.kernel_config` for the running backend, the
+  embeddings' dim and dtype, the loss and the global batch (stored autotuner entries win).
 
 Autodiff notes for "xla" (jax >= 0.7 shard_map with check_vma=True, the default): `psum` of a
 device-varying value gives a device-invariant result and transposes to `pvary` (no extra
@@ -73,7 +80,7 @@ from big_mm.kernels import contrastive as kernels
 
 LOSSES = ("sigmoid", "softmax")
 STRATEGIES = ("local", "all_gather", "ring")
-IMPLEMENTATIONS = ("xla", "pallas")
+IMPLEMENTATIONS = ("xla", "pallas", "chunked")
 
 
 def _f32(*xs):
@@ -351,7 +358,7 @@ def _ring_softmax(zimg, ztxt, t, b, m=None, *, axes, n_global, n_dev):
 
 # ----------------------------------------------------------------------------- pallas
 #
-# The sharded pallas strategies are a `jax.custom_vjp` around two shard_maps: a forward that
+# The sharded pallas (and chunked) strategies are a `jax.custom_vjp` around two shard_maps: a forward that
 # returns the loss plus O(b) residuals per device and a backward written out by hand from the
 # blocks' raw fwd/bwd halves (nothing is differentiated through the shard_map, so it runs with
 # check_vma=False, which Pallas interpret mode needs). Per-device functions below return
@@ -515,7 +522,7 @@ _PALLAS_SHARDED = {  # (loss, strategy) -> (per-device fwd, per-device bwd)
 }
 
 
-def _pallas_sharded_loss(zimg, ztxt, t, b, *, loss, strategy, mesh, kw):
+def _fused_sharded_loss(zimg, ztxt, t, b, *, loss, strategy, mesh, kw):
   fwd_local, bwd_local = _PALLAS_SHARDED[(loss, strategy)]
   spec = P(kw["axes"])
   res_specs = {"sigmoid": (), "softmax": (spec, spec)}[loss]
@@ -687,6 +694,21 @@ def multi_positive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None
 # ----------------------------------------------------------------------------- public entry
 
 
+def _kernel_config(implementation, config, zimg, loss):
+  """The KernelConfig of a "pallas" / "chunked" loss: the given one (its mode must match)
+  or the running backend's for these embeddings, loss and global batch."""
+  chunked = implementation == "chunked"
+  if config is None:
+    return kernels.kernel_config(dim=zimg.shape[-1], dtype=zimg.dtype, loss=loss,
+                                 batch=zimg.shape[0], **({"mode": "chunked"} if chunked else {}))
+  if (config.mode == "chunked") != chunked:
+    raise ValueError(f"implementation={implementation!r} got a kernel_config of mode "
+                     f"{config.mode!r}; use mode 'chunked' with implementation 'chunked' and "
+                     f"a Pallas mode (grid, loop) with 'pallas'")
+  return config
+
+
+
 def contrastive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
                      batch_axes: Sequence[str] | str = ("data", "fsdp"),
                      implementation: str = "xla", kernel_config=None, valid=None):
@@ -699,9 +721,10 @@ def contrastive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
     loss: "sigmoid" | "softmax". strategy: "local" | "all_gather" | "ring".
     mesh: jax.sharding.Mesh; None means "local".
     batch_axes: mesh axes over which the batch is sharded; absent ones are ignored.
-    implementation: "xla" (jnp, materialises logit blocks) | "pallas" (fused kernels).
-    kernel_config: optional big_mm.kernels.contrastive.KernelConfig for "pallas" (tile sizes);
-      None picks the running backend's defaults.
+    implementation: "xla" (jnp, materialises logit blocks) | "pallas" (fused kernels) |
+      "chunked" (XLA, chunks of rows; module docstring).
+    kernel_config: optional big_mm.kernels.contrastive.KernelConfig for "pallas" / "chunked"
+      (tile sizes, the chunk); None picks the running backend's (module docstring).
     valid: optional presence mask [B] (bool / int / float, nonzero = present), sharded like
       the embeddings: absent pairs' rows and columns contribute nothing (module docstring);
       implementation="xla" only.
@@ -727,8 +750,10 @@ def contrastive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
       raise ValueError("sigmoid loss requires a bias b")
     b = 0.0
   axes = batch_axes_of(mesh, batch_axes)
+  if implementation != "xla":
+    kernel_config = _kernel_config(implementation, kernel_config, zimg, loss)
   if strategy == "local" or mesh is None or not axes:
-    if implementation == "pallas":
+    if implementation != "xla":
       return _FUSED[loss](zimg, ztxt, t, b, config=kernel_config)
     return _REFERENCES[loss](zimg, ztxt, t, b, valid=valid)
 
@@ -749,9 +774,9 @@ def contrastive_loss(zimg, ztxt, t, b, *, loss: str, strategy: str, mesh=None,
   kw = dict(axes=axes, n_global=n_global)
   if strategy == "ring":
     kw["n_dev"] = n_dev
-  if implementation == "pallas":
+  if implementation != "xla":
     kw["cfg"] = kernel_config
-    return _pallas_sharded_loss(zimg, ztxt, t, b, loss=loss, strategy=strategy, mesh=mesh, kw=kw)
+    return _fused_sharded_loss(zimg, ztxt, t, b, loss=loss, strategy=strategy, mesh=mesh, kw=kw)
   fn = functools.partial(_SHARDED[(loss, strategy)], **kw)
   spec = P(axes)
   if valid is not None:
