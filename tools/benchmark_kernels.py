@@ -3,16 +3,22 @@ attention speed (GPU), and a correctness check of the compiled Pallas kernels (G
 interpret mode). Prints a table; --json PATH also writes the rows.
 
   python tools/benchmark_kernels.py memory [--batches 16384 65536] [--dim 768] [--devices 8]
-      [--dtype float32|bfloat16] [--cpu-scheduler memory|concurrency]
-  python tools/benchmark_kernels.py contrastive-gpu [--batch 65536] [--dim 768] [--iters 10]
+      [--dtype float32|bfloat16] [--cpu-scheduler memory|concurrency] [--variants V ..]
+      [--chunk 1024]
+  python tools/benchmark_kernels.py contrastive-gpu [--batches 32768 65536] [--dim 768]
+      [--implementations xla pallas chunked] [--iters 10]
+  python tools/benchmark_kernels.py autotune [--batches 65536] [--implementations chunked pallas]
+      [--max-gib 1.5] [--write big_mm/kernels/tuning.json]
   python tools/benchmark_kernels.py attention-gpu [--iters 10]
   python tools/benchmark_kernels.py check-gpu [--only attention contrastive] [--filter SUB..]
       [--tiny] [--budget-s S]
 
 memory: compiles (never runs) the loss forward+backward (grads wrt zimg, ztxt, t, b) on
   simulated CPU devices and reports XLA's compiled memory_analysis() per device: temp,
-  argument and output bytes, for all_gather (xla), ring (xla) and ring (pallas, interpret
-  mode), sigmoid and softmax; plus the ratio of each to ring+pallas and how temp grows with
+  argument and output bytes, for each --variants strategy+implementation (default: ring+pallas
+  (interpret mode), all_gather+xla, ring+xla, ring+pallas-opaque, ring+chunked with --chunk
+  rows per step; local+... on --devices 1 compares the single-device losses), sigmoid and
+  softmax; plus the ratio of each to the first variant and how temp grows with
   the batch (x4 batch: ~x4 is linear, ~x16 quadratic). ring+pallas-opaque compiles the same
   ring with each Pallas pass replaced by an opaque call of the same operands and outputs:
   interpret mode copies every operand into its grid loop, a compiled TPU/GPU kernel does not,
@@ -28,8 +34,15 @@ memory: compiles (never runs) the loss forward+backward (grads wrt zimg, ztxt, t
   bfloat16 on CPU: XLA:CPU widens bf16 collective-permutes to float32 (two f32 [b, d] staging
   buffers per ring step); TPU/GPU permute bf16 as is.
 contrastive-gpu: SigLIP and CLIP loss fwd+bwd on one GPU (strategy "local", bf16 inputs),
-  xla reference vs pallas fused: median wall time after warm-up and the process's peak GPU
-  memory; each variant runs in its own subprocess (--variant-timeout) so the peaks do not mix.
+  xla (dense logits) vs pallas (fused) vs chunked (XLA over row chunks), each with the config
+  kernel_config gives it (the stored tuning table's entry where one matches): median wall
+  time after warm-up and the process's peak GPU memory; each variant runs in its own
+  subprocess (--variant-timeout) so the peaks do not mix.
+autotune: the same measurement for each candidate setting (AUTOTUNE_CANDIDATES, or
+  --candidates '{"tile_rows": 512}' ...) of each implementation and loss at one batch; the
+  fastest within --max-gib peak memory becomes an entry of the tuning table
+  (big_mm/kernels/tuning.py: keyed by device kind, implementation, loss, dim, dtype, batch),
+  added to --write. --cpu runs either command on CPU (plumbing only: tests).
 attention-gpu: fwd+bwd TFLOP/s of big_mm.kernels.attention.dot_product_attention for each
   implementation and of jax.nn.dot_product_attention (xla, cudnn) as baselines. FLOPs:
   4*B*H*Lq*Lk*D forward (halved when causal), backward 2.5x forward.
@@ -117,8 +130,8 @@ def _versions():
 
 # ----------------------------------------------------------------------------- memory (CPU)
 
-MEMORY_VARIANTS = (("all_gather", "xla"), ("ring", "xla"), ("ring", "pallas"),
-                   ("ring", "pallas-opaque"))
+MEMORY_VARIANTS = ("ring+pallas", "all_gather+xla", "ring+xla", "ring+pallas-opaque",
+                   "ring+chunked")
 
 
 def _opaque_kernels(kernels):
@@ -157,6 +170,7 @@ def memory(args):
   mesh = jax.make_mesh((args.devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   cfg = kernels.kernel_config("cpu", **({"tile_rows": args.tile, "tile_cols": args.tile}
                                         if args.tile else {}))
+  chunked_cfg = kernels.kernel_config("cpu", mode="chunked", tile_rows=args.chunk)
   dtype = jnp.dtype(args.dtype)
   rows = []
   for batch in args.batches:
@@ -164,9 +178,12 @@ def memory(args):
                                sharding=NamedSharding(mesh, P("data")))
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
     for loss in args.losses:
-      for strategy, impl in MEMORY_VARIANTS:
+      for variant in args.variants:
+        strategy, impl = variant.split("+")
+        chunked = impl == "chunked"
         fn = functools.partial(losses.contrastive_loss, loss=loss, strategy=strategy, mesh=mesh,
-                               implementation=impl.split("-")[0], kernel_config=cfg)
+                               implementation=impl.split("-")[0],
+                               kernel_config=chunked_cfg if chunked else cfg)
         start = time.perf_counter()
         real_pass = kernels._tiled_pass
         if impl == "pallas-opaque":
@@ -177,7 +194,7 @@ def memory(args):
         finally:
           kernels._tiled_pass = real_pass
         mem = compiled.memory_analysis()
-        row = dict(batch=batch, loss=loss, variant=f"{strategy}+{impl}",
+        row = dict(batch=batch, loss=loss, variant=variant,
                    temp_MiB=mem.temp_size_in_bytes / 2**20,
                    arg_MiB=mem.argument_size_in_bytes / 2**20,
                    out_MiB=mem.output_size_in_bytes / 2**20,
@@ -186,18 +203,20 @@ def memory(args):
         print(f"compiled {row['variant']} {loss} B={batch}: temp {row['temp_MiB']:.1f} MiB "
               f"in {row['compile_s']:.1f} s", flush=True)
 
-  # Ratios against ring+pallas at the same batch, and growth with the batch.
-  fused = {(r["batch"], r["loss"]): r["temp_MiB"] for r in rows if r["variant"] == "ring+pallas"}
+  # Ratios against the first variant at the same batch, and growth with the batch.
+  base_variant = args.variants[0]
+  fused = {(r["batch"], r["loss"]): r["temp_MiB"] for r in rows if r["variant"] == base_variant}
   first = {(r["loss"], r["variant"]): r for r in rows if r["batch"] == args.batches[0]}
   for r in rows:
-    r["temp_vs_ring+pallas"] = r["temp_MiB"] / max(fused[(r["batch"], r["loss"])], 1e-9)
+    r[f"temp_vs_{base_variant}"] = r["temp_MiB"] / max(fused[(r["batch"], r["loss"])], 1e-9)
     base = first[(r["loss"], r["variant"])]
     r["temp_growth"] = r["temp_MiB"] / max(base["temp_MiB"], 1e-9)
   print(f"\nPer-device compiled memory, fwd+bwd, d={args.dim}, {args.dtype}, "
         f"{args.devices} simulated CPU devices, pallas tile {cfg.tile_rows}x{cfg.tile_cols}, "
+        f"chunk {args.chunk} rows, "
         f"{args.cpu_scheduler} scheduler (temp_growth: vs batch {args.batches[0]})")
   _print_table(rows, ["batch", "loss", "variant", "temp_MiB", "arg_MiB", "out_MiB",
-                      "temp_vs_ring+pallas", "temp_growth", "compile_s"])
+                      f"temp_vs_{base_variant}", "temp_growth", "compile_s"])
   _write_json(args.json, {"benchmark": "memory", "dim": args.dim, "dtype": args.dtype,
                           "devices": args.devices, "tile": [cfg.tile_rows, cfg.tile_cols],
                           "cpu_scheduler": args.cpu_scheduler,
@@ -237,69 +256,151 @@ def _median_time(fn, args, iters, warmup):
 
 
 def _contrastive_one(args):
-  """One (loss, implementation) variant; prints one JSON line (run in a subprocess)."""
-  device = _require_gpu()
+  """One (loss, implementation[, kernel config]) variant; prints one JSON line (run in a
+  subprocess, so each variant's peak memory is its own)."""
+  device = _require_gpu() if not args.cpu else None
   import jax
   import jax.numpy as jnp
 
+  from big_mm.kernels import contrastive as kernels
+
   losses = _losses()
   loss, impl = args.one
+  overrides = json.loads(args.kernel_config) if args.kernel_config else {}
   k1, k2 = jax.random.split(jax.random.key(0))
-  norm = lambda x: (x / jnp.linalg.norm(x, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+  norm = lambda x: (x / jnp.linalg.norm(x, axis=-1, keepdims=True)).astype(args.dtype)
   zimg = norm(jax.random.normal(k1, (args.batch, args.dim), jnp.float32))
   ztxt = norm(jax.random.normal(k2, (args.batch, args.dim), jnp.float32))
   t, b = (jnp.float32(v) for v in TEMPERATURE_BIAS[loss])
-  fn = jax.jit(jax.value_and_grad(functools.partial(
-      losses.contrastive_loss, loss=loss, strategy="local", implementation=impl), ARGNUMS))
-  row = dict(loss=loss, implementation=impl, batch=args.batch, dim=args.dim,
+  row = dict(loss=loss, implementation=impl, batch=args.batch, dim=args.dim, dtype=args.dtype,
              versions=_versions())
   try:
+    cfg = None
+    if impl != "xla":  # the config the loss will run with: stored table entry, then overrides
+      mode = {"mode": "chunked"} if impl == "chunked" else {}
+      cfg = kernels.kernel_config(dim=args.dim, dtype=zimg.dtype, loss=loss, batch=args.batch,
+                                  **mode, **overrides)
+      row["config"] = {k: getattr(cfg, k) for k in ("tile_rows", "tile_cols", "num_warps")}
+    fn = jax.jit(jax.value_and_grad(functools.partial(
+        losses.contrastive_loss, loss=loss, strategy="local", implementation=impl,
+        kernel_config=cfg), ARGNUMS))
     row["ms"] = 1e3 * _median_time(fn, (zimg, ztxt, t, b), args.iters, args.warmup)
-    stats = device.memory_stats() or {}
-    row["peak_GiB"] = stats.get("peak_bytes_in_use", float("nan")) / 2**30
+    stats = (device.memory_stats() if device else None) or {}
+    row["peak_GiB"] = stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
   except Exception as e:  # noqa: BLE001 -- report OOM / lowering errors per variant
     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
   print("ROW " + json.dumps(row), flush=True)
 
 
+def _variant(args, loss, impl, kernel_config=None, batch=None):
+  """Runs one `contrastive-gpu --one` variant in a subprocess; its row, or an error row."""
+  cmd = [sys.executable, os.path.abspath(__file__), "contrastive-gpu", "--one", loss, impl,
+         "--batches", str(batch or args.batches[0]), "--dim", str(args.dim),
+         "--dtype", args.dtype, "--iters", str(args.iters), "--warmup", str(args.warmup)]
+  cmd += ["--kernel-config", json.dumps(kernel_config)] if kernel_config else []
+  cmd += ["--cpu"] if args.cpu else []
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout,
+                          env=args.child_env)
+    out, err, rc = proc.stdout, proc.stderr, proc.returncode
+  except subprocess.TimeoutExpired as e:
+    out, err, rc = e.stdout or "", e.stderr or "", f"timeout {args.variant_timeout} s"
+    out, err = (x.decode() if isinstance(x, bytes) else x for x in (out, err))
+  lines = [l for l in out.splitlines() if l.startswith("ROW ")]
+  if lines:
+    return json.loads(lines[-1][4:])
+  tail = (err or out).strip().splitlines()[-3:] or ["no output"]
+  print("\n".join((err or out).strip().splitlines()[-15:]), flush=True)
+  return dict(loss=loss, implementation=impl, batch=batch, config=kernel_config,
+              error=f"rc {rc}: {' | '.join(tail)}")
+
+
+def _start_parent(args):
+  """The parent starts JAX without pre-allocating GPU memory (by default it takes 75% of it,
+  leaving each variant's subprocess only the rest); children keep the environment given."""
+  args.child_env = dict(os.environ)
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  if not args.cpu:
+    _require_gpu()
+
+
 def contrastive_gpu(args):
   if args.one:
+    args.batch = args.batches[0]
     return _contrastive_one(args)
-  # The parent starts JAX's GPU backend without pre-allocating (by default it takes 75% of
-  # the GPU's memory, leaving each variant's subprocess only the rest); children keep the
-  # environment they were given.
-  child_env = dict(os.environ)
-  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-  _require_gpu()
+  _start_parent(args)
   rows = []
-  payload = {"benchmark": "contrastive-gpu", "batch": args.batch, "dim": args.dim, "rows": rows}
-  for loss in args.losses:
-    for impl in ("xla", "pallas"):
-      cmd = [sys.executable, os.path.abspath(__file__), "contrastive-gpu", "--one", loss, impl,
-             "--batch", str(args.batch), "--dim", str(args.dim), "--iters", str(args.iters),
-             "--warmup", str(args.warmup)]
-      try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout,
-                              env=child_env)
-        out, err, rc = proc.stdout, proc.stderr, proc.returncode
-      except subprocess.TimeoutExpired as e:
-        out, err, rc = e.stdout or "", e.stderr or "", f"timeout {args.variant_timeout} s"
-        out, err = (x.decode() if isinstance(x, bytes) else x for x in (out, err))
-      lines = [l for l in out.splitlines() if l.startswith("ROW ")]
-      if lines:
-        row = json.loads(lines[-1][4:])
-        payload.setdefault("versions", row.pop("versions", None))
+  payload = {"benchmark": "contrastive-gpu", "batches": args.batches, "dim": args.dim,
+             "dtype": args.dtype, "rows": rows}
+  for batch in args.batches:
+    for loss in args.losses:
+      for impl in args.implementations:
+        row = _variant(args, loss, impl, batch=batch)
+        payload.setdefault("versions", row.get("versions"))
         row.pop("versions", None)
-      else:
-        tail = (err or out).strip().splitlines()[-3:] or ["no output"]
-        row = dict(loss=loss, implementation=impl, error=f"rc {rc}: {' | '.join(tail)}")
-        print("\n".join((err or out).strip().splitlines()[-15:]), flush=True)
-      rows.append(row)
-      print(f"done {loss} {impl}: {json.dumps(row)}", flush=True)
-      _write_json(args.json, payload, quiet=True)
-  print(f"\nContrastive loss fwd+bwd, strategy local, B={args.batch}, d={args.dim}, bf16 inputs")
-  _print_table(rows, ["loss", "implementation", "ms", "peak_GiB", "error"])
+        rows.append(row)
+        print(f"done B={batch} {loss} {impl}: {json.dumps(row)}", flush=True)
+        _write_json(args.json, payload, quiet=True)
+  print(f"\nContrastive loss fwd+bwd, strategy local, d={args.dim}, {args.dtype} inputs")
+  _print_table(rows, ["batch", "loss", "implementation", "config", "ms", "peak_GiB", "error"])
   _write_json(args.json, payload)
+
+
+# Candidate settings per implementation. Triton keeps a program's zi / zt row tiles (the
+# padded feature dim) in shared memory, so large tiles at d = 768 may fail to compile: those
+# candidates come back as error rows and are not chosen.
+AUTOTUNE_CANDIDATES = {
+    "chunked": [{"tile_rows": r} for r in (256, 512, 1024, 2048, 4096)],
+    "pallas": [{"tile_rows": r, "tile_cols": c, "num_warps": w}
+               for r, c, w in ((16, 16, 4), (32, 32, 4), (32, 32, 8), (64, 32, 4), (64, 64, 8))],
+}
+
+
+def autotune(args):
+  """Times every candidate of each implementation and loss at one batch, in subprocesses;
+  the fastest whose peak memory is within --max-gib becomes a table entry
+  (big_mm/kernels/tuning.py), written to --write (else only printed)."""
+  _start_parent(args)
+  from big_mm.kernels import tuning
+
+  batch = args.batches[0]
+  rows, entries = [], []
+  payload = {"benchmark": "autotune", "batch": batch, "dim": args.dim, "dtype": args.dtype,
+             "max_gib": args.max_gib, "rows": rows}
+  for impl in args.implementations:
+    for loss in args.losses:
+      tried = []
+      for candidate in (json.loads(c) for c in args.candidates) if args.candidates else \
+          AUTOTUNE_CANDIDATES[impl]:
+        row = _variant(args, loss, impl, kernel_config=candidate, batch=batch)
+        versions = row.pop("versions", None)
+        row["candidate"] = candidate
+        rows.append(row)
+        tried.append((row, versions))
+        print(f"tried {impl} {loss} {candidate}: {row.get('ms')} ms, "
+              f"{row.get('peak_GiB')} GiB {row.get('error') or ''}", flush=True)
+        _write_json(args.json, payload, quiet=True)
+      fits = [(r, v) for r, v in tried if "ms" in r and (
+          r.get("peak_GiB") is None or r["peak_GiB"] <= args.max_gib)]
+      if not fits:
+        print(f"no {impl} {loss} candidate ran within {args.max_gib} GiB: no entry", flush=True)
+        continue
+      best, versions = min(fits, key=lambda rv: rv[0]["ms"])
+      best["chosen"] = True
+      entries.append(dict(
+          device_kind=tuning.device_kind(), implementation=impl, loss=loss, dim=args.dim,
+          dtype=args.dtype, batch=batch, config=best["candidate"], ms=best["ms"],
+          peak_GiB=best.get("peak_GiB"), versions=versions,
+          date=time.strftime("%Y-%m-%d")))
+  payload["entries"] = entries
+  print(f"\nAutotune, B={batch}, d={args.dim}, {args.dtype}; chosen: fastest within "
+        f"{args.max_gib} GiB")
+  _print_table(rows, ["implementation", "loss", "candidate", "ms", "peak_GiB", "chosen",
+                      "error"])
+  if args.write and entries:
+    print(f"wrote {len(entries)} entries to {tuning.record(entries, args.write)}")
+  _write_json(args.json, payload)
+  return 0 if entries else 1
 
 
 # ----------------------------------------------------------------------------- attention (GPU)
@@ -509,9 +610,10 @@ def _contrastive_checks(tiny, backend):
   from big_mm.kernels import contrastive as kernels
 
   losses = _losses()
-  configs = [("default", None)]
+  configs = [("default", "pallas", None),
+             ("chunk128", "chunked", kernels.kernel_config(mode="chunked", tile_rows=128))]
   if backend == "cpu":  # also the GPU's tiling and fori_loop mode, in interpret mode
-    configs.append(("gpu-like", kernels.kernel_config(
+    configs.append(("gpu-like", "pallas", kernels.kernel_config(
         "cpu", tile_rows=32, tile_cols=32, mode="loop", feature_pow2=True)))
   shapes = ([(256, 48), (100, 128)] if tiny else
             [(256, 128), (256, 768), (1000, 128), (1000, 768), (600, 768)])
@@ -526,12 +628,12 @@ def _contrastive_checks(tiny, backend):
       zi, zt = norm(zi), norm(zt)
       for loss in ("sigmoid", "softmax"):
         t, b = (jnp.float32(x) for x in TEMPERATURE_BIAS[loss])
-        for cfg_name, cfg in configs:
+        for cfg_name, impl, cfg in configs:
           meta = dict(kernel="contrastive", case=f"{loss}_{cfg_name}", dtype=dname,
-                      dims=f"B{batch} D{dim}", tol=tol, impl="pallas")
+                      dims=f"B{batch} D{dim}", tol=tol, impl=impl)
           name = f"contrastive/{loss}/{dname}/B{batch}/d{dim}/{cfg_name}"
 
-          def check(loss=loss, cfg=cfg, operands=(zi, zt, t, b), tol=tol):
+          def check(loss=loss, cfg=cfg, impl=impl, operands=(zi, zt, t, b), tol=tol):
             def run(impl):
               fn = functools.partial(losses.contrastive_loss, loss=loss, strategy="local",
                                      implementation=impl, kernel_config=cfg)
@@ -540,7 +642,7 @@ def _contrastive_checks(tiny, backend):
                                       (value,) + grads)))
             want = jax.device_get(run("xla"))
             atol = {"db": SOFTMAX_DB_ATOL} if loss == "softmax" else None
-            return _compare(run("pallas"), want, tol, atol)
+            return _compare(run(impl), want, tol, atol)
 
           yield name, meta, check
 
@@ -622,19 +724,44 @@ def main(argv=None):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--losses", nargs="+", default=["sigmoid", "softmax"])
   p.add_argument("--tile", type=int, default=None, help="pallas tile (default: CPU config)")
+  p.add_argument("--chunk", type=int, default=1024, help="rows per step of 'chunked'")
+  p.add_argument("--variants", nargs="+", default=list(MEMORY_VARIANTS),
+                 help="strategy+implementation (first: the ratios' base); strategies local, "
+                      "all_gather, ring; implementations xla, pallas, pallas-opaque, chunked")
   p.add_argument("--cpu-scheduler", default="memory", choices=["memory", "concurrency"],
                  help="XLA:CPU instruction scheduler: memory-minimising (default, the closer "
                       "model of TPU/GPU) or XLA:CPU's own concurrency-optimised default")
   p.set_defaults(run=memory)
 
-  p = sub.add_parser("contrastive-gpu", help="contrastive loss time / peak memory (GPU)")
-  p.add_argument("--batch", type=int, default=32768)
-  p.add_argument("--dim", type=int, default=768)
-  p.add_argument("--losses", nargs="+", default=["sigmoid", "softmax"])
-  p.add_argument("--one", nargs=2, metavar=("LOSS", "IMPL"), help=argparse.SUPPRESS)
-  p.add_argument("--variant-timeout", type=float, default=90,
-                 help="seconds allowed to each variant's subprocess")
-  p.set_defaults(run=contrastive_gpu)
+  for name, run, batches, impls, about in (
+      ("contrastive-gpu", contrastive_gpu, [32768], ["xla", "pallas", "chunked"],
+       "contrastive loss time / peak memory (GPU)"),
+      ("autotune", autotune, [65536], ["chunked", "pallas"],
+       "time kernel settings, store the fastest (GPU)")):
+    p = sub.add_parser(name, help=about)
+    p.add_argument("--batches", type=int, nargs="+", default=batches,
+                   help="global batches (autotune: the first)")
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--losses", nargs="+", default=["sigmoid", "softmax"])
+    p.add_argument("--implementations", nargs="+", default=impls,
+                   choices=["xla", "pallas", "chunked"])
+    p.add_argument("--variant-timeout", type=float, default=90,
+                   help="seconds allowed to each variant's subprocess")
+    p.add_argument("--cpu", action="store_true",
+                   help="run on CPU (the plumbing only: interpret-mode Pallas, no peak memory)")
+    p.set_defaults(run=run)
+  p.add_argument("--max-gib", type=float, default=1.5,
+                 help="the chosen setting's peak device memory must be within this")
+  p.add_argument("--candidates", nargs="+", default=None,
+                 help="JSON kernel configs to try instead of the built-in candidates")
+  p.add_argument("--write", default=None,
+                 help="the tuning table to add the chosen entries to (big_mm/kernels/"
+                      "tuning.json is the one kernel_config reads)")
+  contrastive_parser = sub.choices["contrastive-gpu"]
+  contrastive_parser.add_argument("--one", nargs=2, metavar=("LOSS", "IMPL"),
+                                  help=argparse.SUPPRESS)
+  contrastive_parser.add_argument("--kernel-config", default=None, help=argparse.SUPPRESS)
 
   p = sub.add_parser("attention-gpu", help="attention fwd+bwd TFLOP/s (GPU)")
   p.set_defaults(run=attention_gpu)

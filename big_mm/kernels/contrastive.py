@@ -118,10 +118,11 @@ class KernelConfig:
 # H200. Two [32, 1024] float32 tiles (d = 768 padded to 1024) ask for 256 KiB and fail
 # (measured on an H200, docs/gpu_results/check_contrastive.log), so such rows get 16-row tiles.
 _GPU_TILE_BYTES = 64 * 1024
-# Mode "chunked": rows of zi per step. A step holds a few float32 [rows, n_cols] slabs (1 GiB
-# each at B = 65,536 rows of 4,096: ~4 KiB per row per 1,000 columns); the autotuner's table
-# (big_mm/kernels/tuning.py) overrides it per device.
-CHUNK_ROWS = 1024
+# Mode "chunked": rows of zi per step. A step holds a few float32 [rows, n_cols] slabs: XLA:CPU
+# compiles the B = 65,536, d = 768 bf16 loss's fwd+bwd to 0.93 / 1.28 / 1.60 GiB of temp at
+# 256 / 512 / 1,024 rows (`tools/benchmark_kernels.py memory --devices 1`); a [512, 768] x
+# [768, B] matmul still fills a GPU. The autotuner's table (tuning.py) overrides it per device.
+CHUNK_ROWS = 512
 
 
 def kernel_config(backend: str | None = None, *, dim: int | None = None, dtype=None,
