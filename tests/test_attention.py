@@ -131,6 +131,36 @@ def test_block_config(platform, lq, lk, blocks):
   assert (cfg.block_q, cfg.block_k) == blocks
 
 
+@pytest.mark.parametrize("lq,lk,causal,masked", [
+    (257, 257, False, False), (257, 257, True, False), (13, 65, True, True),
+    (77, 257, False, True), (33, 64, True, False)])
+def test_pad_to_even_equals_unpadded(lq, lk, causal, masked):
+  """cuDNN's odd-length path (pad by one, mask the padded keys, slice the padded queries)
+  run around the xla attention: values and gradients equal the unpadded attention, and the
+  inner attention only sees even lengths. (A query with no visible key differs: its
+  uniform average then includes the padded key.)"""
+  q, k, v, cot = _inputs(2, lq, lk, 2, 16, seed=lq + lk)
+  mask = (jax.random.uniform(jax.random.PRNGKey(1), (2, 1, 1, lk)) > 0.3) if masked else None
+  seen = []
+
+  def attend(q, k, v, mask, causal):
+    seen.append((q.shape[1], k.shape[1]))
+    return attn._attention_xla(q, k, v, mask, causal)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+
+  padded = lambda q, k, v: attn.pad_to_even(attend, q, k, v, mask, causal)
+  plain = lambda q, k, v: attn.dot_product_attention(q, k, v, mask=mask, causal=causal)
+  got = jax.value_and_grad(loss(padded), (0, 1, 2))(q, k, v)
+  want = jax.value_and_grad(loss(plain), (0, 1, 2))(q, k, v)
+  assert all(a % 2 == 0 and b % 2 == 0 for a, b in seen)
+  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), **F32_TOL)
+  for g, w in zip(got[1], want[1]):
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, w, **F32_TOL)
+
+
 def test_auto_picks_xla_on_cpu(caplog):
   q, k, v, _ = _inputs(1, 8, 8, 2, 64)
   with caplog.at_level(logging.INFO):

@@ -24,17 +24,21 @@ Implementations (all match "xla" in meaning; see tests/test_attention.py):
     TPU (Mosaic) and GPU (Triton); on CPU it runs in interpret mode (tests only, slow).
     dtypes float32/bfloat16/float16, head_dim in flash_attention.SUPPORTED_HEAD_DIMS.
   "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPU only,
-    bfloat16/float16, head_dim a multiple of 8 up to 128, even sequence lengths (jax refuses
-    odd ones for training; "auto" then picks "pallas"). causal maps to is_causal when
+    bfloat16/float16, head_dim a multiple of 8 up to 128. jax refuses odd sequence lengths
+    for training, so an odd Lq / Lk is padded by one (`pad_to_even`): padded keys are
+    masked out, padded queries attend to the real keys (finite rows whose zero cotangent
+    adds nothing to the gradients) and are sliced off. causal maps to is_causal when
     Lq == Lk (else it is folded into the mask; cuDNN's own causal is top-left aligned);
     masks and prefix_len are passed as a boolean mask. key_value_seq_lengths is not used:
     `mask` is an array whose valid keys need not be a contiguous prefix (it is broadcast to
     [B, H, Lq, Lk], the bias shape cuDNN needs). Checked against "xla" on an H200
     (tools/benchmark_kernels.py check-gpu; docs/benchmarks.md), not in CI (no GPU); that
     cuDNN matches the reference on fully masked rows and NaN inputs is unverified.
-  "auto": CPU -> "xla". GPU -> "cudnn" when supported (see above), else "pallas" when
-    supported, else "xla". TPU -> "pallas" when supported, else "xla". The choice and
-    the reason are logged (logging.info) once per distinct choice.
+  "auto": CPU -> "xla". GPU -> "cudnn" when supported at even lengths (see above), else
+    "pallas" when supported (odd lengths: measured faster than xla at ViT's 257 tokens on
+    an H200; padded cuDNN is not measured yet), else "xla". TPU -> "pallas" when
+    supported, else "xla". The choice and the reason are logged (logging.info) once per
+    distinct choice.
     No GPU or TPU was available when this rule was written, so it rests on documented
     kernel support (cuDNN flash attention is NVIDIA's tuned kernel; Pallas flash avoids
     the Lq x Lk logits in HBM), not on measurements; re-measure with
@@ -137,11 +141,40 @@ def _cudnn_unsupported_reason(q, k, v) -> str | None:
   d = q.shape[-1]
   if d % 8 or d > _CUDNN_MAX_HEAD_DIM:
     return f"cuDNN attention needs head_dim a multiple of 8 up to {_CUDNN_MAX_HEAD_DIM}; got {d}"
-  if q.shape[1] % 2 or k.shape[1] % 2:
-    # jax's cuDNN path refuses odd lengths for training (seen with jax 0.11.2 / cuDNN 9.19 on
-    # an H200 for ViT's 257 tokens: docs/gpu_results/attention_gpu.log).
-    return f"jax's cuDNN attention needs even sequence lengths; got {q.shape[1]}, {k.shape[1]}"
   return None
+
+
+def _odd_lengths(q, k) -> bool:
+  # jax's cuDNN path refuses odd lengths for training (seen with jax 0.11.2 / cuDNN 9.19 on
+  # an H200 for ViT's 257 tokens: docs/gpu_results/attention_gpu.log).
+  return bool(q.shape[1] % 2 or k.shape[1] % 2)
+
+
+def pad_to_even(attend, q, k, v, mask, causal):
+  """attend(q, k, v, mask, causal) at even lengths: Lq / Lk padded by one where odd.
+
+  The causal pattern is folded into the mask at the real lengths (so its end alignment
+  holds); padded keys are masked out and padded query rows see every real key, then are
+  sliced off. A real query with no visible key averages over the padded key too (such rows
+  have no meaningful value in any implementation)."""
+  lq, lk = q.shape[1], k.shape[1]
+  pq, pk = lq % 2, lk % 2
+  if causal:
+    cm = causal_mask(lq, lk)
+    mask = cm if mask is None else jnp.logical_and(mask, cm)
+  mask = jnp.ones((1, 1, lq, lk), bool) if mask is None else mask
+  mask = jnp.broadcast_to(mask, mask.shape[:2] + (lq, lk))
+  mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pq), (0, pk)), constant_values=False)
+  mask = mask.at[:, :, lq:, :lk].set(True)
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+  return attend(pad(q, pq), pad(k, pk), pad(v, pk), mask, False)[:, :lq]
+
+
+def _cudnn_call(q, k, v, mask, causal):
+  if mask is not None:  # cuDNN takes the mask as a bias of full [.., Lq, Lk] size.
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[1], k.shape[1]))
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                      implementation="cudnn")
 
 
 def _attention_cudnn(q, k, v, mask, causal, prefix_len):
@@ -154,10 +187,9 @@ def _attention_cudnn(q, k, v, mask, causal, prefix_len):
     cm = causal_mask(lq, lk)
     mask = cm if mask is None else jnp.logical_and(mask, cm)
     causal = False
-  if mask is not None:  # cuDNN takes the mask as a bias of full [.., Lq, Lk] size.
-    mask = jnp.broadcast_to(mask, mask.shape[:2] + (lq, lk))
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                      implementation="cudnn")
+  if _odd_lengths(q, k):
+    return pad_to_even(_cudnn_call, q, k, v, mask, causal)
+  return _cudnn_call(q, k, v, mask, causal)
 
 
 def _choose_implementation(q, k, v) -> tuple[str, str]:
@@ -165,6 +197,9 @@ def _choose_implementation(q, k, v) -> tuple[str, str]:
   backend = jax.default_backend()
   if backend == "gpu":
     cudnn_reason = _cudnn_unsupported_reason(q, k, v)
+    if cudnn_reason is None and _odd_lengths(q, k):
+      cudnn_reason = (f"odd lengths {q.shape[1]}, {k.shape[1]} run cuDNN padded, not measured "
+                      f"against Pallas yet")
     if cudnn_reason is None:
       return "cudnn", "GPU and cuDNN supports this dtype/head_dim"
     pallas_reason = flash_attention.unsupported_reason(q, k, v)
