@@ -36,7 +36,8 @@ from typing import Optional
 import numpy as np
 
 # How a modality's examples are shaped (drives example shapes, MultiMAE adapters, dense ops):
-IMAGE = "image"    # float32 [H, W, 3] (the pipeline's pp_image output)
+IMAGE = "image"    # float32 [H, W, 3] (the pipeline's pp_image output), or uint8 [0, 255]
+                   # when pp_image has keep_uint8 (the tower maps it to its pixel_range)
 TOKENS = "tokens"  # int32 [text_len] token ids (0 = padding)
 DENSE = "dense"    # [H, W] per-pixel maps aligned with the image (depth, segmentation)
 CODES = "codes"    # int32 [N] a tokenizer's code grid of an image-like modality, row-major
@@ -54,8 +55,9 @@ KINDS = (IMAGE, TOKENS, DENSE, CODES) + PP_SHAPED
 @dataclasses.dataclass(frozen=True)
 class Modality:
   """name: the config name. batch_key: its key in batches. kind: one of KINDS.
-  dtype: the batch dtype. column_key: the `input.*` key naming its record field (None: the
-  source renames its column to `batch_key` itself, as image_column / text_column do).
+  dtype: the batch dtype (image: float32, or uint8 with the pp op keep_uint8). column_key:
+  the `input.*` key naming its record field (None: the source renames its column to
+  `batch_key` itself, as image_column / text_column do).
   default_field: the record field when column_key is unset. tower: the default tower of a
   towers model (big_mm.models.towers.TOWERS; None: none yet). param_scope: the towers
   model's param subtree for it. aliases: other accepted names (MultiMAE's "rgb")."""

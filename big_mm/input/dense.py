@@ -65,7 +65,7 @@ OP_KINDS = {
     "decode": DECODE, "resize": GEOMETRIC, "resize_small": GEOMETRIC,
     "central_crop": GEOMETRIC, "random_crop": GEOMETRIC, "inception_crop": GEOMETRIC,
     "flip_lr": GEOMETRIC, "randaugment": RANDAUGMENT, "value_range": PHOTOMETRIC,
-    "normalize": PHOTOMETRIC, "naflex": PATCHES,
+    "normalize": PHOTOMETRIC, "keep_uint8": PHOTOMETRIC, "naflex": PATCHES,
 }
 # Geometric ops allowed with token codes when they leave the image's size unchanged (then
 # they are the identity); every other GEOMETRIC / RANDAUGMENT / PATCHES op moves pixels.

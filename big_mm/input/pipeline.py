@@ -208,6 +208,7 @@ class _Example:
       self.pp = _SampledCaptions(self.pp, captions_per_example, split_long_captions)
     self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
     self.keep_label = keep_label
+    self.uint8 = preprocess.keeps_uint8(self.pp.pp)  # images stay uint8 (pp op keep_uint8)
     self.optional = (preprocess.TEXT,) if keep_label else ()
     # input.modalities (MultiMAE): fields per modality, dense maps jointly augmented.
     self.modalities = tuple(_get(input_cfg, "modalities") or ())
@@ -292,13 +293,14 @@ class _Example:
     for m in list(self.fields) + list(self.shaped):
       mod = modalities_lib.get(m)
       if m == "image" and values.get(m) is not None:
-        out.update(image_outputs(values[m]))
+        out.update(image_outputs(values[m], self.uint8))
       elif m in values:
         out[mod.batch_key] = np.asarray(values[m], mod.dtype)
       else:
         shape = (self.shaped[m][2] if m in self.shaped else
                  self.image_shape if m == "image" else (self.text_len,))
-        out[mod.batch_key] = np.zeros(shape, mod.dtype)
+        out[mod.batch_key] = np.zeros(shape, np.uint8 if m == "image" and self.uint8 else
+                                      mod.dtype)
       out[modalities_lib.present_key(m)] = np.int32(m in values)
     if self.keep_label and self.label_key in record:
       out["label"] = np.asarray(record[self.label_key], np.int32)
@@ -379,7 +381,7 @@ class _Example:
                                  rng, optional=self.optional)
     except preprocess.BadRecord as e:
       return {_SKIP: e.reason, "_detail": str(e), "_index": index}
-    out = image_outputs(values[preprocess.IMAGE])
+    out = image_outputs(values[preprocess.IMAGE], self.uint8)
     if self.box_key:
       out["boxes"], out["box_text"] = boxes, box_text
     if self.prefix_key:
@@ -409,7 +411,7 @@ class _Example:
       values, counts = self.joint(example, rng, optional=(preprocess.TEXT,))
     except preprocess.BadRecord as e:
       return {_SKIP: e.reason, "_detail": str(e), "_index": index}
-    out = {"image": np.asarray(values[preprocess.IMAGE], np.float32)}
+    out = image_outputs(values[preprocess.IMAGE], self.uint8)
     for m, value in codes.items():
       out[modalities_lib.get(m).batch_key] = value
       out[modalities_lib.present_key(m)] = np.int32(1)
@@ -426,13 +428,16 @@ class _Example:
     return out
 
 
-def image_outputs(image) -> dict[str, np.ndarray]:
-  """The batch entries of a processed image: "image" float32 [H, W, 3], or for NaFlex
-  patches (the naflex op) "image" [N, p*p*3], "image_mask" [N] and "image_shape" [2]."""
+def image_outputs(image, uint8: bool = False) -> dict[str, np.ndarray]:
+  """The batch entries of a processed image: "image" float32 [H, W, 3] (uint8 with `uint8`:
+  the pp has keep_uint8), or for NaFlex patches (the naflex op) "image" [N, p*p*3] (same
+  dtypes), "image_mask" [N] and "image_shape" [2]."""
+  dtype = np.uint8 if uint8 else np.float32
   if isinstance(image, preprocess.Patches):
-    return {"image": image.data, modalities_lib.mask_key("image"): image.mask,
+    return {"image": np.asarray(image.data, dtype),
+            modalities_lib.mask_key("image"): image.mask,
             modalities_lib.shape_key("image"): image.shape}
-  return {"image": np.asarray(image, np.float32)}
+  return {"image": np.asarray(image, dtype)}
 
 
 def _check_codes(value, name: str, length: int) -> np.ndarray:

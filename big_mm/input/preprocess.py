@@ -251,8 +251,8 @@ def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int,
 
 @dataclasses.dataclass(frozen=True)
 class Patches:
-  """A NaFlex image: data float32 [N, p * p * 3] (patches in row-major grid order, each
-  (row, col, channel) flattened), mask bool [N] (False: padding), shape int32 [2] (the
+  """A NaFlex image: data [N, p * p * 3] (the pixels' dtype; patches in row-major grid order,
+  each (row, col, channel) flattened), mask bool [N] (False: padding), shape int32 [2] (the
   patch grid's rows and columns)."""
   data: np.ndarray
   mask: np.ndarray
@@ -264,10 +264,10 @@ def _naflex(image, rng, ctx, max_num_patches, patch_size, lengths):
   _require_array(image, "naflex")
   budget = int(lengths[rng.integers(len(lengths))]) if lengths else max_num_patches
   h, w = naflex_size(image.shape[0], image.shape[1], patch_size, budget)
-  image = _resize_to(image, h, w).astype(np.float32)
+  image = _resize_to(image, h, w)  # uint8 stays uint8 (keep_uint8); image_outputs casts
   gh, gw, p = h // patch_size, w // patch_size, patch_size
   patches = image.reshape(gh, p, gw, p, 3).transpose(0, 2, 1, 3, 4).reshape(gh * gw, p * p * 3)
-  data = np.zeros((max_num_patches, p * p * 3), np.float32)
+  data = np.zeros((max_num_patches, p * p * 3), image.dtype)
   data[:gh * gw] = patches
   return Patches(data, np.arange(max_num_patches) < gh * gw, np.array([gh, gw], np.int32))
 
@@ -410,6 +410,24 @@ def op_value_range(lo, hi, in_lo=0, in_hi=255):
     raise ValueError("in_lo and in_hi must differ")
   return functools.partial(_value_range, lo=float(lo), hi=float(hi),
                            in_lo=float(in_lo), in_hi=float(in_hi))
+
+
+def _keep_uint8(image, rng, ctx):
+  del rng, ctx
+  _require_array(image, "keep_uint8", uint8=True)
+  return image
+
+
+def op_keep_uint8():
+  """Ship the pixels as uint8 [0, 255] (1 byte per value, not float32's 4): the image tower
+  maps them to its pixel_range (default (-1, 1), as value_range(-1,1)) on the device. Replaces
+  value_range at the end of pp_image (before naflex, whose patches then stay uint8)."""
+  return _keep_uint8
+
+
+def keeps_uint8(pp: str) -> bool:
+  """Whether pp's images reach the batch as uint8 (it has keep_uint8)."""
+  return any(o.name == "keep_uint8" for o in parse_pp(pp))
 
 
 def _normalize(image, rng, ctx, mean, std):
@@ -658,13 +676,14 @@ OPS: dict[str, OpDef] = {
     "randaugment": OpDef(IMAGE, op_randaugment),
     "value_range": OpDef(IMAGE, op_value_range),
     "normalize": OpDef(IMAGE, op_normalize),
+    "keep_uint8": OpDef(IMAGE, op_keep_uint8),
     "choose_caption": OpDef(TEXT, op_choose_caption),
     "lowercase": OpDef(TEXT, op_lowercase),
     "tokenize": OpDef(TEXT, op_tokenize),
     "vector": OpDef("vector", op_vector, out_shape=lambda dim: (dim,)),
 }
 _FLOAT_OUTPUT = ("value_range", "normalize")  # After these, pixels are no longer uint8.
-_UINT8_INPUT = ("randaugment", "inception_crop", "normalize")
+_UINT8_INPUT = ("randaugment", "inception_crop", "normalize", "keep_uint8")
 
 
 def signature(name: str) -> str:
@@ -726,6 +745,9 @@ def _check_order(pp: str, ops: list[Op]) -> None:
     late = [n for n in image[:i] if n in _FLOAT_OUTPUT]
     if name in _UINT8_INPUT and late:
       raise ValueError(f"pp {pp!r}: {name!r} needs uint8 pixels; move it before {late[0]!r}")
+  if "keep_uint8" in image and image[image.index("keep_uint8") + 1:] not in ([], ["naflex"]):
+    raise ValueError(f"pp {pp!r}: 'keep_uint8' must be the last image op (or come just before "
+                     "'naflex')")
   text = [o.name for o in ops if o.key == TEXT]
   if "tokenize" in text[:-1]:
     raise ValueError(f"pp {pp!r}: 'tokenize' must be the last text op")

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from big_mm.models import layers, moe, naflex
 
@@ -97,6 +98,15 @@ def check_kwargs(cls, kwargs: dict, what: str) -> None:
       raise TypeError(f"Invalid {what} option {k!r}.{hint} Valid options: {', '.join(valid)}.")
 
 
+def scale_pixels(image, pixel_range, dtype):
+  """uint8 pixels [0, 255] (pp op keep_uint8) -> `dtype` values in pixel_range (lo, hi),
+  mapped in float32 as the host's value_range(lo, hi) maps them; any other dtype: cast only."""
+  if jnp.dtype(image.dtype) == jnp.uint8:
+    lo, hi = (float(v) for v in pixel_range)
+    image = image.astype(jnp.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
+  return jnp.asarray(image, dtype)
+
+
 class ViT(nn.Module):
   """ViT. Architecture from `variant` (e.g. "B/16"); explicit fields override it."""
   variant: Optional[str] = None
@@ -124,6 +134,7 @@ class ViT(nn.Module):
   attn_implementation: str = "xla"
   dtype: Any = "float32"             # compute dtype; params stay float32
   moe: Optional[Mapping[str, Any]] = None  # mixture-of-experts MLPs (big_mm/models/moe.py)
+  pixel_range: Sequence[float] = (-1.0, 1.0)  # uint8 input [0, 255] -> this range, on device
 
   def arch(self) -> dict:
     a = resolve_arch(self, dict(width=768, depth=12, mlp_dim=None, num_heads=12,
@@ -180,7 +191,9 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, image, *, train: bool = False, mask=None, shape=None, patch_mask=None,
                posemb_shape=None):
-    """image [B, H, W, 3]; or NaFlex patches [B, N, p*p*3] with mask [B, N] (True: real) and
+    """image [B, H, W, 3] (uint8 [0, 255] is mapped to pixel_range here, on the device: the
+    pipeline's keep_uint8 ships 1 byte per value); or NaFlex patches [B, N, p*p*3] (same
+    dtypes) with mask [B, N] (True: real) and
     shape [B, 2] (each image's patch grid), big_mm/models/naflex.py: the position embeddings
     are resized to each grid and padding is masked in attention and MAP pooling.
 
@@ -193,7 +206,7 @@ class ViT(nn.Module):
     a = self.arch()
     dtype = layers.to_dtype(self.dtype)
     out = {}
-    image = jnp.asarray(image, dtype)
+    image = scale_pixels(image, self.pixel_range, dtype)
     embedding = nn.Conv(
         a["width"], a["patch_size"], strides=a["patch_size"], padding="VALID",
         dtype=dtype, param_dtype=jnp.float32, name="embedding",
