@@ -53,6 +53,18 @@ def test_vit_scales_uint8_on_device_as_value_range_does_on_the_host(pixel_range)
                              stem(np.full((1, 8, 8, 3), pixel_range[1], np.float32)), atol=1e-6)
 
 
+def test_limoe_image_stem_scales_uint8_as_vit_does():
+  from big_mm.models import get_model  # pylint: disable=g-import-not-at-top
+  model = get_model("limoe", towers={"image": {"patch_size": 4}, "text": {"vocab_size": 20}},
+                    out_dim=8, width=16, depth=1, mlp_dim=32, num_heads=2)
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+  text = np.ones((2, 4), np.int32)
+  params = model.init(jax.random.key(0), {"image": _value_range(pixels), "text": text})
+  want, got = (model.apply(params, {"image": x, "text": text})[0]["image"]
+               for x in (_value_range(pixels), pixels))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_naflex_patches_stay_uint8_and_embed_as_the_float_ones():
   """decode|keep_uint8|naflex: uint8 patches whose tower output equals value_range(-1,1)|
   naflex's (padding differs: 0 -> -1 on device, but it is masked)."""

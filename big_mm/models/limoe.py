@@ -45,10 +45,11 @@ import numpy as np
 from big_mm import modalities
 from big_mm.models import layers, moe, text
 from big_mm.models import towers as towers_lib
-from big_mm.models.vit import resolve_arch
+from big_mm.models.vit import resolve_arch, scale_pixels
 
 # Per-modality kwargs and their defaults (None: from the variant / (16, 16) / 32,000).
-TOWER_KWARGS = {"image": dict(patch_size=None, posemb="learn", pool="gap"),
+TOWER_KWARGS = {"image": dict(patch_size=None, posemb="learn", pool="gap",
+                              pixel_range=(-1.0, 1.0)),  # uint8 input -> this range (ViT's)
                 "text": dict(vocab_size=32_000, pool="last")}
 POOLS = {"image": ("gap", "map"), "text": ("last",)}
 AUX_COLLECTIONS = (layers.AUX_LOSS, layers.AUX_METRIC)
@@ -90,7 +91,8 @@ class _Tower(nn.Module):
           width, kw["patch_size"], strides=kw["patch_size"], padding="VALID", dtype=dtype,
           param_dtype=jnp.float32, name="embedding",
           kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-          bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(jnp.asarray(x, dtype))
+          bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(
+              scale_pixels(x, kw["pixel_range"], dtype))
       n, h, w, _ = x.shape
       x = x.reshape(n, h * w, width)
       x = x + layers.get_posemb(self, kw["posemb"], (h, w), width, "pos_embedding", dtype)
