@@ -343,6 +343,23 @@ def _decay_and_scale(wd_tree, mult_tree, schedule_fn):
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def clip_by_global_norm(max_norm):
+  """optax.clip_by_global_norm, which also takes the updates' global norm as the extra argument
+  `global_norm` (`tx.update(grads, state, params, global_norm=...)`: the norm of the trainable
+  grads) where the caller has it already (the trainer's step): one pass over the grads less."""
+  inner = optax.clip_by_global_norm(max_norm)
+
+  def update_fn(updates, state, params=None, *, global_norm=None, **extra_args):
+    del extra_args
+    if global_norm is None:
+      return inner.update(updates, state, params)
+    trigger = global_norm < max_norm  # as optax's, with its norm given
+    clip = lambda t: jax.lax.select(trigger, t, (t / global_norm.astype(t.dtype)) * max_norm)
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
 def make_optimizer(optim_cfg, params, total_steps):
   """Builds `(tx, schedule_fn)` from the `optim` config; see the module docstring."""
   name = _get(optim_cfg, "name", "adamw")
@@ -360,7 +377,7 @@ def make_optimizer(optim_cfg, params, total_steps):
 
   clip_norm = _get(optim_cfg, "clip_norm", None)
   trainable = optax.chain(
-      optax.clip_by_global_norm(float(clip_norm)) if clip_norm else optax.identity(),
+      clip_by_global_norm(float(clip_norm)) if clip_norm else optax.identity(),
       OPTIMIZERS[name](optim_cfg),
       _decay_and_scale(wd_tree, mults, schedule_fn),
   )

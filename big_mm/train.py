@@ -205,6 +205,17 @@ def make_train_step(setup: Setup, ts: TrainState):
   has_extra = ts.init_extra is not None
   update_extra = getattr(objective, "update_extra_state", None)
   takes_step = getattr(objective, "TAKES_STEP", False)
+  # optim's clipping is given the norm it clips by (the trainable grads': grad_norm itself
+  # where no param is frozen), computed outside the cond below, where it was before.
+  clips = bool(setup.optim_cfg.get("clip_norm"))
+  frozen = jax.tree.leaves(optim.frozen_mask(setup.optim_cfg, ts.abstract["params"]))
+
+  def clip_kwargs(grads, grad_norm):
+    if not clips:
+      return {}
+    if any(frozen):
+      grad_norm = optax.tree.norm([g for g, f in zip(jax.tree.leaves(grads), frozen) if not f])
+    return {"global_norm": grad_norm}
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -214,26 +225,33 @@ def make_train_step(setup: Setup, ts: TrainState):
     (loss, aux), grads = grad_fn(state["params"], batch, rng, **extra_kwargs)
     aux = dict(aux)
     stats = aux.pop(objectives.base.EXTRA_STATS, None)  # for update_extra, not logged
-    updates, opt = ts.tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient never reaches the params: the update is skipped and
     # recorded; the host then applies config.nan_policy (skip: go on; stop: save and stop).
+    # Skipped by lax.cond, not by jnp.where(finite, new, old) over params and opt: XLA made
+    # that where one more pass over the optimizer state (tools/benchmark_step.py).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    kwargs = clip_kwargs(grads, grad_norm)
+
+    def update(params, opt):
+      updates, opt = ts.tx.update(grads, opt, params, **kwargs)
+      return optax.apply_updates(params, updates), opt
+
+    params, opt = jax.lax.cond(finite, update, lambda params, opt: (params, opt),
+                               state["params"], state["opt"])
     bad = state["nonfinite"]
     nonfinite = {"count": bad["count"] + (~finite).astype(jnp.int32),
                  "last_step": jnp.where(finite, bad["last_step"], state["step"] + 1),
                  "loss": jnp.where(finite, bad["loss"], loss),
                  "grad_norm": jnp.where(finite, bad["grad_norm"], grad_norm)}
-    params = keep(params, state["params"])
     metrics = {"loss": loss, "lr": ts.schedule(state["step"]), "grad_norm": grad_norm,
                "param_norm": optax.tree.norm(params), "nonfinite_skipped": nonfinite["count"],
                **aux}
-    new_state = {**state, "params": params, "opt": keep(opt, state["opt"]),
+    new_state = {**state, "params": params, "opt": opt,
                  "step": state["step"] + 1, "nonfinite": nonfinite}
     if has_extra and update_extra:
       stats_arg = () if stats is None else (stats,)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
       new_state["extra"] = keep(update_extra(state["extra"], params, new_state["step"],
                                              *stats_arg), state["extra"])
     return new_state, metrics
