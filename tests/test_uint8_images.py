@@ -129,3 +129,18 @@ def test_training_and_evaluators_on_uint8_batches_match_the_float_run(data_dir, 
   assert [sorted(r) for r in got] == [sorted(r) for r in want]
   for w, g in zip(want, got):
     assert g == pytest.approx(w, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("config_path,call", [
+    ("configs/demo_multimae.py", lambda obj, batch: obj.inputs(batch)),
+    ("configs/demo_4m_tokenizer.py",
+     lambda obj, batch: obj.loss_fn(None, batch, None, extra=None, step=0)),
+])
+def test_pixel_target_objectives_refuse_uint8_images(config_path, call):
+  """MultiMAE and the VQ tokenizers read pixel values as targets: a uint8 batch (keep_uint8)
+  is an error naming the fix, not 0-255 targets."""
+  from big_mm import config as config_lib, train
+  objective = train.build(config_lib.load(config_path, {})).objective
+  batch = {"image": np.zeros((2, 32, 32, 3), np.uint8)}
+  with pytest.raises(ValueError, match=r"uint8 images from pp op keep_uint8.*value_range"):
+    call(objective, batch)

@@ -127,6 +127,16 @@ def positive_int(key: str, value, meaning: str = "") -> int:
 
 # ---- checks against the model and the input -------------------------------------------------
 
+def float_pixels(x, who: str):
+  """x itself; a ValueError if it holds uint8 pixels (pp op keep_uint8), which `who` (an
+  objective whose targets or tokenizer read pixel values) cannot take."""
+  if getattr(x, "dtype", None) == jnp.uint8:
+    raise ValueError(f"{who} reads float pixels (its targets / tokens are pixel values), but the "
+                     f"batch holds uint8 images from pp op keep_uint8 (only ViT image towers "
+                     f"scale those): end input.pp_image in value_range(-1, 1) instead.")
+  return x
+
+
 def check_vocab(ctx: Context, vocab_size: int | None, key: str, *,
                 needed_by: str | None = None) -> None:
   """Fails fast unless the tokenizer's vocabulary is the model's (`key`: the config key that

@@ -399,7 +399,8 @@ class FourM:
         raise ValueError(f"The batch has no {m!r} (keys: {sorted(batch)}); add it to "
                          f"input.modalities, or give objective.tokenizers a {name!r} "
                          f"tokenizer to encode batch[{RAW_KEY.get(name)!r}].")
-      tokens[m] = jnp.asarray(self.tokenizers[name].encode(batch[RAW_KEY[name]]), jnp.int32)
+      tokens[m] = jnp.asarray(self.tokenizers[name].encode(
+          base.float_pixels(batch[RAW_KEY[name]], "4M's modality tokenizers")), jnp.int32)
     return {m: tokens[m] for m in inputs}
 
   def generate(self, params, batch, *, inputs, targets, rng=None) -> dict:

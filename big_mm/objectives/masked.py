@@ -132,7 +132,8 @@ class MultiMAE:
     return self.model.apply({"params": params}, *args, **kw)
 
   def inputs(self, batch) -> dict:
-    return {m: batch[batch_key(m)] for m in self.modalities if batch_key(m) in batch}
+    return {m: base.float_pixels(batch[batch_key(m)], "MultiMAE") for m in self.modalities
+            if batch_key(m) in batch}
 
   def available(self, batch, allowed=None) -> dict:
     """{m: bool [B, N_m]}: tokens that exist (modality in the batch, present, not text pad)."""

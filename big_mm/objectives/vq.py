@@ -156,7 +156,7 @@ class VQTokenizer:
 
   def loss_fn(self, params, batch, rng, *, extra, step):
     del rng  # no dropout; the dead codes' targets are fixed by pull_targets
-    x = batch[self.key]
+    x = base.float_pixels(batch[self.key], "A VQ tokenizer")
     out = self._apply(params, x)
     recon_loss = self.recon_loss(out["recon"], x)
     loss = recon_loss
@@ -207,5 +207,5 @@ class VQTokenizer:
       raise ValueError(f"A {self.modality} tokenizer only reconstructs its modality: predict "
                        f"with inputs=targets=({self.modality!r},), not inputs={tuple(inputs)} "
                        f"targets={tuple(targets)}.")
-    recon = self._apply(params, batch[self.key])["recon"]
+    recon = self._apply(params, base.float_pixels(batch[self.key], "A VQ tokenizer"))["recon"]
     return {self.modality: self.model.to_output(recon)}
