@@ -346,11 +346,15 @@ def _decay_and_scale(wd_tree, mult_tree, schedule_fn):
 def clip_by_global_norm(max_norm):
   """optax.clip_by_global_norm, which also takes the updates' global norm as the extra argument
   `global_norm` (`tx.update(grads, state, params, global_norm=...)`: the norm of the trainable
-  grads) where the caller has it already (the trainer's step): one pass over the grads less."""
+  grads) where the caller has it already, and leaves the updates as they are given
+  `clipped=True` (the caller clipped them already with this function). The trainer's step does
+  both: its grad_norm is the norm, and it clips before skipping a non-finite update."""
   inner = optax.clip_by_global_norm(max_norm)
 
-  def update_fn(updates, state, params=None, *, global_norm=None, **extra_args):
+  def update_fn(updates, state, params=None, *, global_norm=None, clipped=False, **extra_args):
     del extra_args
+    if clipped:
+      return updates, state
     if global_norm is None:
       return inner.update(updates, state, params)
     trigger = global_norm < max_norm  # as optax's, with its norm given

@@ -205,17 +205,21 @@ def make_train_step(setup: Setup, ts: TrainState):
   has_extra = ts.init_extra is not None
   update_extra = getattr(objective, "update_extra_state", None)
   takes_step = getattr(objective, "TAKES_STEP", False)
-  # optim's clipping is given the norm it clips by (the trainable grads': grad_norm itself
-  # where no param is frozen), computed outside the cond below, where it was before.
-  clips = bool(setup.optim_cfg.get("clip_norm"))
+  # The gradient clipping of ts.tx (optim.clip_by_global_norm) is done before the cond below,
+  # by the norm it clips by (the trainable grads': grad_norm itself where no param is frozen):
+  # no second pass for the norm, and the clipped grads enter the cond in the layout it takes
+  # (raw grads are copied into it). Frozen grads get clipped too, then zeroed by tx.
+  clip_norm = setup.optim_cfg.get("clip_norm")
   frozen = jax.tree.leaves(optim.frozen_mask(setup.optim_cfg, ts.abstract["params"]))
 
-  def clip_kwargs(grads, grad_norm):
-    if not clips:
-      return {}
+  def clip(grads, grad_norm):
+    if not clip_norm:
+      return grads, {}
     if any(frozen):
       grad_norm = optax.tree.norm([g for g, f in zip(jax.tree.leaves(grads), frozen) if not f])
-    return {"global_norm": grad_norm}
+    grads, _ = optim.clip_by_global_norm(float(clip_norm)).update(
+        grads, optax.EmptyState(), global_norm=grad_norm)
+    return grads, {"clipped": True}
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -231,10 +235,10 @@ def make_train_step(setup: Setup, ts: TrainState):
     # Skipped by lax.cond, not by jnp.where(finite, new, old) over params and opt: XLA made
     # that where one more pass over the optimizer state (tools/benchmark_step.py).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    kwargs = clip_kwargs(grads, grad_norm)
+    clipped, kwargs = clip(grads, grad_norm)
 
     def update(params, opt):
-      updates, opt = ts.tx.update(grads, opt, params, **kwargs)
+      updates, opt = ts.tx.update(clipped, opt, params, **kwargs)
       return optax.apply_updates(params, updates), opt
 
     params, opt = jax.lax.cond(finite, update, lambda params, opt: (params, opt),

@@ -18,11 +18,12 @@ Variants (each adds its piece to the one before it; percentages are against bare
   nonfinite    + the nonfinite record (count, last_step, loss, grad_norm)
   param_norm   + the param_norm metric (of the new params)
   metrics      + lr, nonfinite_skipped and the loss's aux metrics: the trainer's step as it
-               was written before the guard was folded into the update (`step_fn` up to
-               commit 551ad69)
+               was written before it skipped by lax.cond (`step_fn` up to commit 551ad69)
   trainer      train.make_train_step as it is now
 Every variant takes and returns the trainer's state (donated), so one state is threaded
 through them all. The objective's extra state (init_extra_state) is not supported.
+XLA counts a scanned layer stack once, so the model's share of the cost analysis is too small
+with `scan`; unroll it (--config.model.towers.image.scan=False, same for text) for the shares.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ LADDER = ("bare", "clip", "grad_norm", "guard_params", "guard_opt", "nonfinite",
 
 def ladder_step(setup, ts, level: str):
   """The step with the pieces of LADDER up to `level` (the trainer's step as it was written
-  before its guard was folded into the update, at level "metrics")."""
+  before it skipped by lax.cond, at level "metrics")."""
   tx = ts.tx
   if level == "bare" and setup.optim_cfg.get("clip_norm"):
     cfg = setup.optim_cfg.copy_and_resolve_references()
