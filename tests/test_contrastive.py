@@ -308,7 +308,7 @@ def _mrl_reference(loss, zi, zt, t, b):
   return sum(w * ref(prefix(zi, d), prefix(zt, d), t, b) for d, w in zip(MRL_DIMS, MRL_WEIGHTS))
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("implementation", ["xla", "pallas", "chunked"])
 @pytest.mark.parametrize("strategy", ["one_device", "local", "all_gather", "ring"])
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
 def test_matryoshka_loss_equals_reference(loss, strategy, implementation):
@@ -334,7 +334,9 @@ def test_matryoshka_loss_equals_reference(loss, strategy, implementation):
       *args)
   np.testing.assert_allclose(got_v, want_v, rtol=1e-5, atol=1e-6)
   for name, g, w in zip(("zimg", "ztxt", "t", "b"), got_g, want_g):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6,
+    # Softmax does not depend on b: its gradient is 0 up to the rounding of sums of ~1.
+    atol = 1e-5 if (loss, name) == ("softmax", "b") else 1e-6
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=atol,
                                err_msg=f"grad {name}")
   # Each prefix's own (unweighted) loss is reported.
   ref = losses.sigmoid_loss if loss == "sigmoid" else losses.softmax_loss

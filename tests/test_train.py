@@ -95,6 +95,23 @@ def test_pallas_kernels_from_config_train_like_xla(data_dir, host_batches, singl
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
 
 
+def test_chunked_loss_from_config_trains_like_xla(data_dir, host_batches, single_device_run,
+                                                  monkeypatch):
+  """objective.implementation="chunked" (all_gather over 8 devices) trains like the jnp loss
+  and really runs the chunked blocks."""
+  from big_mm.kernels import contrastive as contrastive_kernels
+  traced = []
+  original = contrastive_kernels._chunked_sigmoid_sum
+  monkeypatch.setattr(contrastive_kernels, "_chunked_sigmoid_sum",
+                      lambda *a, **k: (traced.append(1), original(*a, **k))[1])
+  ref_losses, _, _ = single_device_run
+  config = tiny_config(data_dir, mesh=dict(data=8, fsdp=1, tensor=1), **{
+      "objective.implementation": "chunked", "objective.strategy": "all_gather"})
+  losses, _, _ = run_steps(config, jax.devices(), host_batches)
+  assert traced
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+
+
 def test_softmax_loss_trains_sharded(data_dir, host_batches):
   single = tiny_config(data_dir, mesh=dict(data=1, fsdp=1, tensor=1),
                        **{"objective.loss": "softmax", "model.bias_init": None})
